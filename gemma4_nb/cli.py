@@ -1,0 +1,84 @@
+"""The ``gemma4-nb`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import Gemma4Error
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory or Hugging Face repo id (default: $GEMMA4_NB_MODEL)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="weight dtype (default: bf16 on CUDA, fp32 on CPU if it fits)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-context", type=int, help="longest prompt plus reply, in tokens")
+    p.add_argument("--download", action="store_true", help="download a repo id that is not in the local cache")
+
+
+def _cmd_generate(args) -> int:
+    from .runtime import load
+
+    model = load(args.model, dtype=args.dtype, device=args.device, max_context=args.max_context,
+                 download=args.download)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    seed=args.seed, stop=args.stop or None, max_new_tokens=args.max_new_tokens, stream=True)
+    if args.raw or not model.tokenizer.chat_template:
+        stream = model.generate(args.prompt, **sampling)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.prompt})
+        stream = model.chat(messages, **sampling)
+    try:
+        for delta in stream:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.usage.finish_reason = "interrupted"
+    sys.stdout.write("\n")
+    u = stream.usage
+    print(
+        f"\nprompt tokens: {u.prompt_tokens}  generated tokens: {u.generated_tokens}  "
+        f"prefill: {u.prefill_tokens_per_second:.1f} tok/s  decode: {u.decode_tokens_per_second:.1f} tok/s  "
+        f"(finish: {u.finish_reason})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma4-nb", description="Gemma 4 in your notebook kernel")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="stream a reply to a prompt")
+    _add_model_args(gen)
+    gen.add_argument("prompt", help="the prompt (a user message, or raw text with --raw)")
+    gen.add_argument("--raw", action="store_true", help="continue the text as is, without the chat template")
+    gen.add_argument("--system", help="system message (chat mode)")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, help="0 for greedy (default: the checkpoint's setting)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--min-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.set_defaults(func=_cmd_generate)
+
+    tiny = sub.add_parser("tiny", help="write a tiny random Gemma 4 checkpoint (for smoke tests)")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=lambda a: print(__import__("gemma4_nb.tiny", fromlist=["x"]).write_tiny_checkpoint(a.out_dir, a.seed)) or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Gemma4Error as exc:
+        print(f"gemma4-nb: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

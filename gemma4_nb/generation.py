@@ -1,0 +1,159 @@
+"""The generation loop: prefill, decode, stop conditions, streaming text and usage figures."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import ContextLengthError, PromptError
+from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str | None = None  # "eos", "stop_string", "length", "interrupted"
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # the first generated token comes from the prefill; the rest from decode steps
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.prefill_seconds
+
+    def summary(self) -> str:
+        return (
+            f"prompt {self.prompt_tokens} tokens, generated {self.generated_tokens} tokens | "
+            f"prefill {self.prefill_tokens_per_second:.1f} tok/s, decode {self.decode_tokens_per_second:.1f} tok/s"
+            f" | finish: {self.finish_reason}"
+        )
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+
+
+def check_request(req: GenerationRequest, context_length: int) -> int:
+    """Validate a request; return how many tokens may be generated."""
+    n = len(req.prompt_ids)
+    if n == 0:
+        raise PromptError("the prompt is empty: give some text to continue or a user message")
+    if n >= context_length:
+        raise ContextLengthError(
+            f"the prompt has {n} tokens but the context holds {context_length} "
+            f"(no room for a reply); shorten the prompt or load the model with a longer max_context"
+        )
+    if req.max_new_tokens < 1:
+        raise PromptError(f"max_new_tokens must be at least 1, got {req.max_new_tokens}")
+    return min(req.max_new_tokens, context_length - n)
+
+
+def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usage) -> Iterator[int]:
+    """Yield generated token ids one by one (stop tokens are not yielded); fills ``usage``."""
+    budget = check_request(req, context_length)
+    sampler = Sampler(req.sampling)
+    cache = model.new_cache()
+    usage.prompt_tokens = len(req.prompt_ids)
+    t0 = time.perf_counter()
+    out = model.forward(torch.tensor(req.prompt_ids, dtype=torch.long), cache)
+    token = sampler(out.logits[-1])
+    usage.prefill_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    try:
+        for step in range(budget):
+            if token in req.stop_token_ids:
+                usage.finish_reason = "eos"
+                return
+            usage.generated_tokens += 1
+            yield token
+            if step + 1 == budget:
+                break
+            out = model.forward(torch.tensor([token], dtype=torch.long), cache)
+            token = sampler(out.logits[-1])
+            usage.decode_seconds = time.perf_counter() - t1
+        usage.finish_reason = "length"
+    except KeyboardInterrupt:
+        usage.finish_reason = "interrupted"
+        raise
+    finally:
+        usage.decode_seconds = time.perf_counter() - t1
+
+
+class TextStream:
+    """Iterator of text deltas for one generation; ``text``, ``token_ids`` and ``usage`` when done.
+
+    Stop strings are honoured across token boundaries: text that could begin a stop string is
+    held back until it is known not to.
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer, req: GenerationRequest, context_length: int) -> None:
+        self.usage = Usage()
+        self.token_ids: list[int] = []
+        self.text = ""
+        self._req = req
+        check_request(req, context_length)  # fail now, not at first iteration
+        self._ids = generate_ids(model, req, context_length, self.usage)
+        self._decoder = StreamDecoder(tokenizer)
+        self._iter = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._iter)
+
+    def _stop_hit(self, text: str) -> int | None:
+        hits = [i for s in self._req.stop_strings if (i := text.find(s)) >= 0]
+        return min(hits) if hits else None
+
+    def _holdback(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self._req.stop_strings:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    best = max(best, k)
+                    break
+        return best
+
+    def _run(self) -> Iterator[str]:
+        pending = ""  # decoded but not yet emitted
+        for token in self._ids:
+            self.token_ids.append(token)
+            pending += self._decoder.push(token)
+            # Emitted text never ends in a stop-string prefix, so a stop starts inside `pending`.
+            cut = self._stop_hit(self.text + pending) if self._req.stop_strings else None
+            if cut is not None:
+                pending = pending[: cut - len(self.text)]
+                self._ids.close()
+                self.usage.finish_reason = "stop_string"
+                break
+            keep = self._holdback(pending)
+            emit, pending = (pending[: len(pending) - keep], pending[len(pending) - keep :]) if keep else (pending, "")
+            if emit:
+                self.text += emit
+                yield emit
+        else:
+            pending += self._decoder.flush()
+        if pending:
+            self.text += pending
+            yield pending

@@ -1,0 +1,143 @@
+"""The Gemma text decoder: one functional implementation driven by :class:`ModelConfig`.
+
+Weights live in a flat dict keyed by canonical names (the checkpoint names without the text
+prefix). Layers call the kernels in :mod:`gemma4_nb.kernels`; nothing here depends on how a
+weight is stored, so quantized weights and fused kernels plug in behind the same calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import SimpleKVCache
+from .config import LayerSpec, ModelConfig
+from .kernels import torch_ops as ops
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor | None  # [N, vocab] fp32 for the requested positions
+    hidden: torch.Tensor  # [N, hidden] final-normed hidden state for the same positions
+
+
+@dataclass
+class SoftTokens:
+    """Embeddings that replace the token embeddings at ``mask`` positions (images, audio)."""
+
+    mask: torch.Tensor  # bool [T]
+    embeddings: torch.Tensor  # [mask.sum(), hidden]
+
+
+class GemmaModel:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        self.cfg = cfg
+        self.weights = weights
+        self.embed_weight = weights["embed_tokens.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed_weight)
+        self.dtype = self.embed_weight.dtype
+        self.device = self.embed_weight.device
+        # The reference casts the sqrt(hidden) scale to the weight dtype before multiplying.
+        self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype)
+        self.layer_weights = [self._layer_weights(s) for s in cfg.layers]
+        self._inv_freq = {s.rope: s.rope.inv_freq().to(self.device) for s in cfg.layers}
+
+    def _layer_weights(self, spec: LayerSpec) -> dict[str, torch.Tensor | None]:
+        p = f"layers.{spec.index}."
+        get = self.weights.get
+        return {
+            "input_norm": get(p + "input_layernorm.weight"),
+            "q_proj": get(p + "self_attn.q_proj.weight"),
+            "q_norm": get(p + "self_attn.q_norm.weight"),
+            "k_proj": get(p + "self_attn.k_proj.weight"),
+            "k_norm": get(p + "self_attn.k_norm.weight"),
+            "v_proj": get(p + "self_attn.v_proj.weight"),
+            "o_proj": get(p + "self_attn.o_proj.weight"),
+            "post_attn_norm": get(p + "post_attention_layernorm.weight"),
+            "pre_ffn_norm": get(p + "pre_feedforward_layernorm.weight"),
+            "post_ffn_norm": get(p + "post_feedforward_layernorm.weight"),
+            "gate": get(p + "mlp.gate_proj.weight"),
+            "up": get(p + "mlp.up_proj.weight"),
+            "down": get(p + "mlp.down_proj.weight"),
+            "layer_scalar": get(p + "layer_scalar"),
+        }
+
+    def new_cache(self) -> SimpleKVCache:
+        return SimpleKVCache(self.cfg, self.device)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def embed(self, ids: torch.Tensor, soft: SoftTokens | None = None) -> torch.Tensor:
+        if soft is not None:
+            ids = torch.where(soft.mask, self.cfg.pad_token_id, ids)
+        x = self.embed_weight[ids] * self.embed_scale
+        if soft is not None:
+            x = x.clone()
+            x[soft.mask] = soft.embeddings.to(x.dtype)
+        return x
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return ops.rms_norm(x, weight, self.cfg.rms_norm_eps, self.cfg.family.norm_offset)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return ops.softcap(ops.linear(hidden, self.lm_head).float(), self.cfg.final_softcap)
+
+    def _attention(self, spec: LayerSpec, w, h, rope, q_pos, cache) -> torch.Tensor:
+        cfg = self.cfg
+        t = h.shape[0]
+        cos, sin = rope
+        q = ops.linear(h, w["q_proj"]).view(t, cfg.num_heads, spec.head_dim)
+        q = ops.apply_rope(self.norm(q, w["q_norm"]), cos, sin)
+        if spec.owns_kv:
+            raw = ops.linear(h, w["k_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
+            v = raw if spec.k_eq_v else ops.linear(h, w["v_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
+            k = ops.apply_rope(self.norm(raw, w["k_norm"]), cos, sin)
+            if cfg.family.has_v_norm:
+                v = ops.rms_norm(v, None, cfg.rms_norm_eps)
+            k_all, v_all, k_pos = cache.update(spec.index, k.transpose(0, 1), v.transpose(0, 1))
+        else:
+            k_all, v_all, k_pos = cache.read(spec.kv_source)
+        mask = ops.attention_mask(q_pos, k_pos, spec.window)
+        out = ops.attention(q.transpose(0, 1), k_all, v_all, mask, cfg.query_scale)
+        return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
+
+    def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache) -> torch.Tensor:
+        w = self.layer_weights[spec.index]
+        attn = self._attention(spec, w, self.norm(x, w["input_norm"]), rope, q_pos, cache)
+        x = x + self.norm(attn, w["post_attn_norm"])
+        mlp = ops.gated_mlp(self.norm(x, w["pre_ffn_norm"]), w["gate"], w["up"], w["down"])
+        x = x + self.norm(mlp, w["post_ffn_norm"])
+        if w["layer_scalar"] is not None:
+            x = x * w["layer_scalar"]
+        return x
+
+    # -- forward ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache,
+        *,
+        soft: SoftTokens | None = None,
+        outputs: str = "last",
+        logits: bool = True,
+    ) -> ForwardOutput:
+        """Run ``ids`` (1-D, the next positions after ``cache.length``) through the decoder.
+
+        ``outputs``: ``"last"`` returns the last position only, ``"all"`` every position.
+        The cache is updated and committed.
+        """
+        ids = ids.to(self.device)
+        t = ids.shape[0]
+        q_pos = torch.arange(cache.length, cache.length + t, device=self.device)
+        x = self.embed(ids, soft)
+        ropes = {r: ops.rope_cos_sin(q_pos, f, self.dtype) for r, f in self._inv_freq.items()}
+        for spec in self.cfg.layers:
+            x = self._layer(spec, x, ropes[spec.rope], q_pos, cache)
+        cache.commit(t)
+        if outputs == "last":
+            x = x[-1:]
+        hidden = self.norm(x, self.weights["norm.weight"])
+        return ForwardOutput(self.logits(hidden) if logits else None, hidden)

@@ -1,0 +1,179 @@
+"""The user-facing runtime: :func:`load` a checkpoint, then ``generate`` or ``chat``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .chat_template import validate_messages
+from .checkpoint import load_checkpoint
+from .config import ModelConfig, load_config
+from .errors import ContextLengthError, Gemma4Error, PromptError
+from .generation import GenerationRequest, TextStream, Usage
+from .model import GemmaModel
+from .resolve import resolve_model_dir
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def choose_device_dtype(cfg: ModelConfig, device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """bf16 on CUDA; on CPU fp32 when it fits comfortably in memory, else bf16."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Gemma4Error("device='cuda' was asked for but PyTorch sees no CUDA GPU; use device='cpu'")
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise Gemma4Error(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype is None:
+        if device.type == "cuda":
+            dtype = torch.bfloat16
+        else:
+            fits = cfg.parameter_count() * 4 < _available_memory() // 2
+            dtype = torch.float32 if fits else torch.bfloat16
+    return device, dtype
+
+
+class Model:
+    """A loaded model with its tokenizer, ready to ``generate`` and ``chat``."""
+
+    def __init__(self, model_dir: Path, cfg: ModelConfig, net: GemmaModel, tokenizer: Tokenizer,
+                 generation_config: dict, max_context: int) -> None:
+        self.model_dir = model_dir
+        self.config = cfg
+        self.net = net
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.max_context = max_context
+        self.default_sampling = SamplingParams.from_generation_config(generation_config)
+        eos = set(cfg.eos_token_ids)
+        gen_eos = generation_config.get("eos_token_id")
+        eos.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        self.stop_token_ids = frozenset(eos)
+        self.last_usage: Usage | None = None
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"<gemma4_nb.Model {self.model_dir.name}: {cfg.model_type}, {cfg.num_layers} layers, "
+                f"{cfg.parameter_count() / 1e9:.2f}B params, {self.net.dtype}, {self.net.device}>")
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a raw prompt, starting with BOS as Gemma expects."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        bos = self.config.bos_token_id
+        if text and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def chat_prompt(self, messages: list[dict], *, enable_thinking: bool = False, tools=None) -> str:
+        return self.tokenizer.render_chat(messages, add_generation_prompt=True,
+                                          enable_thinking=enable_thinking, tools=tools)
+
+    def chat_ids(self, messages: list[dict], **kwargs) -> list[int]:
+        return self.tokenizer.encode(self.chat_prompt(messages, **kwargs), add_special_tokens=False)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _request(self, prompt_ids: list[int], max_new_tokens: int, stop: str | Iterable[str] | None,
+                 **sampling) -> GenerationRequest:
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return GenerationRequest(
+            prompt_ids=list(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            sampling=self.default_sampling.updated(**sampling),
+            stop_token_ids=self.stop_token_ids,
+            stop_strings=tuple(s for s in stops if s),
+        )
+
+    def _run(self, req: GenerationRequest, stream: bool):
+        text_stream = TextStream(self.net, self.tokenizer, req, self.max_context)
+        self.last_usage = text_stream.usage
+        if stream:
+            return text_stream
+        for _ in text_stream:
+            pass
+        return text_stream.text
+
+    def generate(self, prompt: str | list[int], *, max_new_tokens: int = 256, stream: bool = False,
+                 stop: str | Iterable[str] | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 seed: int | None = None):
+        """Continue a raw prompt (text or token ids). Returns the text, or a stream of deltas."""
+        if isinstance(prompt, str) and not prompt.strip():
+            raise PromptError("the prompt is empty: give some text to continue")
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        req = self._request(ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, seed=seed)
+        return self._run(req, stream)
+
+    def chat(self, messages: list[dict], *, max_new_tokens: int = 512, stream: bool = False,
+             enable_thinking: bool = False, tools=None, stop: str | Iterable[str] | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, seed: int | None = None):
+        """Answer a conversation rendered with the checkpoint's chat template."""
+        messages = validate_messages(messages)
+        if not any(_has_content(m) for m in messages):
+            raise PromptError("the messages are empty: give at least one message with some content")
+        ids = self.chat_ids(messages, enable_thinking=enable_thinking, tools=tools)
+        req = self._request(ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, seed=seed)
+        return self._run(req, stream)
+
+
+def _has_content(message: dict) -> bool:
+    content = message.get("content")
+    if isinstance(content, str):
+        return bool(content.strip())
+    return bool(content) or bool(message.get("tool_calls"))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Gemma4Error(f"{path}: not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max_context: int | None = None,
+         progress: bool = True, download: bool = False) -> Model:
+    """Load a Gemma checkpoint from a directory, a repo id in the local HF cache, or ``$GEMMA4_NB_MODEL``.
+
+    ``dtype``: ``"bf16"`` or ``"fp32"`` (default: bf16 on CUDA, fp32 on CPU when it fits).
+    ``max_context``: the longest prompt plus reply to allow (default: the model's maximum).
+    ``download=True`` fetches a repo id from the Hugging Face Hub when it is not cached.
+    """
+    model_dir = resolve_model_dir(model, download=download)
+    cfg = load_config(model_dir)
+    limit = cfg.max_position_embeddings
+    if max_context is None:
+        max_context = limit
+    if not 1 < max_context <= limit:
+        raise ContextLengthError(
+            f"max_context={max_context} is outside what this model supports (2 to {limit} tokens)"
+        )
+    device, dtype = choose_device_dtype(cfg, device, dtype)
+    tokenizer = Tokenizer(model_dir)
+    weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
+    generation_config = _read_json(model_dir / "generation_config.json")
+    return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context)

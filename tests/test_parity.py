@@ -1,0 +1,76 @@
+"""The runtime against transformers 5.23 (the specification) on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemma4_nb
+from gemma4_nb.generation import GenerationRequest, Usage, generate_ids
+
+VARIANTS = ["a", "b", "c"]
+
+
+def prompt_ids(n: int, seed: int, vocab: int = 512) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(30, vocab, (n - 1,), generator=gen).tolist()
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoints):
+    return {name: gemma4_nb.load(path, dtype="fp32", progress=False) for name, (path, _) in hf_checkpoints.items()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prompt_logits_match_transformers(variant, hf_checkpoints, loaded):
+    _, ref = hf_checkpoints[variant]
+    model = loaded[variant]
+    ids = prompt_ids(80, seed=1)
+    assert len(ids) > 64 and model.config.layers[0].window < len(ids)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids])).logits[0].float()
+    got = model.net.forward(torch.tensor(ids), model.net.new_cache(), outputs="all").logits
+    assert got.shape == expected.shape
+    diff = (got - expected).abs().max().item()
+    assert diff <= 1e-4, f"max |logit difference| {diff:.2e}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_incremental_decode_equals_full_forward(variant, loaded):
+    net = loaded[variant].net
+    ids = torch.tensor(prompt_ids(72, seed=2))
+    full = net.forward(ids, net.new_cache(), outputs="all").logits
+    cache = net.new_cache()
+    steps = [net.forward(ids[:20], cache, outputs="all").logits]
+    for i in range(20, len(ids)):
+        steps.append(net.forward(ids[i : i + 1], cache).logits)
+    incremental = torch.cat(steps)
+    assert cache.length == len(ids)
+    diff = (incremental - full).abs().max().item()
+    assert diff <= 1e-4, f"max |logit difference| {diff:.2e}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_tokens_match_transformers_generate(variant, hf_checkpoints, loaded):
+    _, ref = hf_checkpoints[variant]
+    model = loaded[variant]
+    ids = prompt_ids(64, seed=3)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    expected = out[0, len(ids):].tolist()
+    req = GenerationRequest(prompt_ids=ids, max_new_tokens=32)  # no stop tokens, like eos_token_id=None
+    got = list(generate_ids(model.net, req, model.max_context, Usage()))
+    assert got == expected
+
+
+def test_bf16_forward_close_to_fp32(hf_checkpoints):
+    path, _ = hf_checkpoints["a"]
+    m32 = gemma4_nb.load(path, dtype="fp32", progress=False)
+    m16 = gemma4_nb.load(path, dtype="bf16", progress=False)
+    assert m16.net.dtype == torch.bfloat16
+    ids = torch.tensor(prompt_ids(40, seed=4))
+    l32 = m32.net.forward(ids, m32.net.new_cache(), outputs="all").logits
+    l16 = m16.net.forward(ids, m16.net.new_cache(), outputs="all").logits
+    agree = (l32.argmax(-1) == l16.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"bf16 top-1 agreement {agree:.2f}"
