@@ -18,7 +18,7 @@ def prompt_ids(n: int, seed: int, vocab: int = 512) -> list[int]:
 
 @pytest.fixture(scope="module")
 def loaded(hf_checkpoints):
-    return {name: gemma4_nb.load(path, dtype="fp32", progress=False) for name, (path, _) in hf_checkpoints.items()}
+    return {name: gemma4_nb.load(path, device="cpu", dtype="fp32", progress=False) for name, (path, _) in hf_checkpoints.items()}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -66,8 +66,8 @@ def test_greedy_tokens_match_transformers_generate(variant, hf_checkpoints, load
 
 def test_bf16_forward_close_to_fp32(hf_checkpoints):
     path, _ = hf_checkpoints["a"]
-    m32 = gemma4_nb.load(path, dtype="fp32", progress=False)
-    m16 = gemma4_nb.load(path, dtype="bf16", progress=False)
+    m32 = gemma4_nb.load(path, device="cpu", dtype="fp32", progress=False)
+    m16 = gemma4_nb.load(path, device="cpu", dtype="bf16", progress=False)
     assert m16.net.dtype == torch.bfloat16
     ids = torch.tensor(prompt_ids(40, seed=4))
     l32 = m32.net.forward(ids, m32.net.new_cache(), outputs="all").logits

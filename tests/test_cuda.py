@@ -1,0 +1,35 @@
+"""The runtime on a CUDA GPU (skipped where PyTorch sees none, as in CI)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemma4_nb
+from gemma4_nb.generation import GenerationRequest, Usage, generate_ids
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_cuda_default_is_bf16_and_matches_cpu(hf_checkpoints):
+    path, ref = hf_checkpoints["b"]
+    gpu = gemma4_nb.load(path, progress=False)
+    assert gpu.net.device.type == "cuda" and gpu.net.dtype == torch.bfloat16
+    gpu32 = gemma4_nb.load(path, device="cuda", dtype="fp32", progress=False)
+    ids = [2] + list(range(40, 120))
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids])).logits[0].float()
+    got32 = gpu32.net.forward(torch.tensor(ids), gpu32.net.new_cache(), outputs="all").logits.cpu()
+    assert (got32 - expected).abs().max().item() <= 1e-3
+    got16 = gpu.net.forward(torch.tensor(ids), gpu.net.new_cache(), outputs="all").logits.cpu()
+    agree = (got16.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"bf16 top-1 agreement {agree:.2f}"
+
+
+def test_cuda_greedy_generation_matches_cpu(hf_checkpoints):
+    path, _ = hf_checkpoints["a"]
+    cpu = gemma4_nb.load(path, device="cpu", dtype="fp32", progress=False)
+    gpu = gemma4_nb.load(path, device="cuda", dtype="fp32", progress=False)
+    req = GenerationRequest(prompt_ids=[2] + list(range(50, 114)), max_new_tokens=32)
+    assert list(generate_ids(gpu.net, req, gpu.max_context, Usage())) == list(
+        generate_ids(cpu.net, req, cpu.max_context, Usage()))
