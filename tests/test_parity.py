@@ -74,3 +74,43 @@ def test_bf16_forward_close_to_fp32(hf_checkpoints):
     l16 = m16.net.forward(ids, m16.net.new_cache(), outputs="all").logits
     agree = (l32.argmax(-1) == l16.argmax(-1)).float().mean().item()
     assert agree >= 0.9, f"bf16 top-1 agreement {agree:.2f}"
+
+
+def test_bare_text_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
+    """`gemma4_unified_text` (Gemma4UnifiedForCausalLM) checkpoints load with their own prefix."""
+    import shutil
+
+    from transformers import Gemma4UnifiedForCausalLM, Gemma4UnifiedTextConfig
+
+    from conftest import VARIANTS, randomize_
+
+    ref = Gemma4UnifiedForCausalLM(Gemma4UnifiedTextConfig(**VARIANTS["a"]["text"])).eval()
+    randomize_(ref, seed=11)
+    ref.save_pretrained(tmp_path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    model = gemma4_nb.load(tmp_path, device="cpu", dtype="fp32", progress=False)
+    assert model.config.model_type == "gemma4_unified_text"
+    ids = prompt_ids(70, seed=5)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor([ids])).logits[0]
+    got = model.net.forward(torch.tensor(ids), model.net.new_cache(), outputs="all").logits
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_soft_tokens_replace_embeddings(loaded):
+    """The embedding step takes overrides (how image and audio embeddings enter the decoder)."""
+    from gemma4_nb.model import SoftTokens
+
+    net = loaded["a"].net
+    ids = torch.tensor(prompt_ids(20, seed=6))
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[5:9] = True
+    plain = net.forward(ids, net.new_cache(), outputs="all").logits
+    same = SoftTokens(mask, net.embed(ids)[mask])
+    assert torch.allclose(net.forward(ids, net.new_cache(), soft=same, outputs="all").logits, plain, atol=1e-6)
+    placeholder = torch.where(mask, 100_000, ids)  # out-of-vocabulary placeholder ids are fine
+    other = SoftTokens(mask, torch.randn(4, net.cfg.hidden_size))
+    changed = net.forward(placeholder, net.new_cache(), soft=other, outputs="all").logits
+    assert torch.allclose(changed[:5], plain[:5], atol=1e-6)  # causal: earlier positions unaffected
+    assert not torch.allclose(changed[5:], plain[5:], atol=1e-3)
