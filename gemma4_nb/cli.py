@@ -46,6 +46,13 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_tiny(args) -> int:
+    from .tiny import write_tiny_checkpoint
+
+    print(write_tiny_checkpoint(args.out_dir, args.seed))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma4-nb", description="Gemma 4 in your notebook kernel")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="write a tiny random Gemma 4 checkpoint (for smoke tests)")
     tiny.add_argument("out_dir")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=lambda a: print(__import__("gemma4_nb.tiny", fromlist=["x"]).write_tiny_checkpoint(a.out_dir, a.seed)) or 0)
+    tiny.set_defaults(func=_cmd_tiny)
     return parser
 
 

@@ -29,7 +29,8 @@ class Family:
     scales_queries: bool  # attention scale query_pre_attn_scalar**-0.5 (Gemma 3) instead of 1.0
 
 
-GEMMA4 = Family("gemma4", norm_offset=0.0, has_v_norm=True, has_layer_scalar=True, supports_k_eq_v=True, scales_queries=False
+GEMMA4 = Family(
+    "gemma4", norm_offset=0.0, has_v_norm=True, has_layer_scalar=True, supports_k_eq_v=True, scales_queries=False
 )
 
 FAMILIES = {"gemma4": GEMMA4}
