@@ -8,7 +8,11 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: demo test install install-test clean
+# llama.cpp for `make bench`, built without AMX (its AMX kernels crash on this machine's VM).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+
+.PHONY: demo test bench install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +37,15 @@ demo: install
 
 test: install-test
 	cd tests && ../$(BIN)/python -m pytest -q -p no:cacheprovider --rootdir=.. ..
+
+$(VENV)/.deps-bench: $(VENV)/.deps
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet "llama-cpp-python==0.3.36"
+	touch $@
+
+# Benchmarks (not part of CI): load times of the embedded model, agreement and speed vs llama.cpp.
+bench: install $(VENV)/.deps-bench
+	$(BIN)/python -m gemma4_nb.bench --load-time
+	$(BIN)/python -m gemma4_nb.bench --agreement llama.cpp --threads 2
 
 clean:
 	rm -rf $(VENV) build dist

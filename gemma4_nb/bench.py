@@ -1,9 +1,12 @@
-"""Prefill/decode speed of the runtime, on a checkpoint or on random weights of a known shape.
+"""Speed and agreement figures for the runtime.
 
     python -m gemma4_nb.bench --model PATH [--prompt 512] [--decode 64]
     python -m gemma4_nb.bench --shape gemma4-12b --device cuda      # random weights, no download
+    python -m gemma4_nb.bench --load-time                           # embedded GGUF: first and cached load
+    python -m gemma4_nb.bench --agreement llama.cpp [--model X.gguf] # top-1 agreement and speed vs llama.cpp
 
-Prints time to first token, prefill and decode tokens/s, and peak memory.
+Prints time to first token, prefill and decode tokens/s, and peak memory. ``--agreement`` needs
+the ``bench`` extra (llama-cpp-python).
 """
 
 from __future__ import annotations
@@ -66,6 +69,99 @@ def run(net: GemmaModel, prompt_len: int, decode: int) -> dict:
             "decode_tok_s": decode / dec, "peak_gpu_gib": peak / 2**30 if peak else None}
 
 
+AGREEMENT_TEXT = """\
+import pandas as pd
+import matplotlib.pyplot as plt
+
+# Load the quarterly sales report and look at its structure.
+sales = pd.read_csv("sales_2024.csv", parse_dates=["date"])
+print(sales.shape)
+print(sales.dtypes)
+sales.head()
+
+# Revenue per region and quarter, then the growth from one quarter to the next.
+quarterly = (
+    sales.assign(quarter=sales["date"].dt.to_period("Q"))
+    .groupby(["region", "quarter"], as_index=False)["revenue"]
+    .sum()
+)
+quarterly["growth"] = quarterly.groupby("region")["revenue"].pct_change()
+best = quarterly[quarterly["quarter"] == quarterly["quarter"].max()].nlargest(3, "growth")
+print(best)
+
+The table shows that the western region grew fastest in the last quarter, while the northern
+region, which had led the previous year, fell back. A line chart of revenue per region makes the
+turning point easy to see, and a bar chart of the growth rates ranks the regions at a glance.
+fig, ax = plt.subplots(figsize=(8, 4))
+for region, frame in quarterly.groupby("region"):
+    ax.plot(frame["quarter"].astype(str), frame["revenue"], marker="o", label=region)
+ax.set_title("Revenue per region")
+ax.legend()
+plt.show()
+"""
+
+
+def load_time() -> None:
+    """First (converting) and cached load of the embedded GGUF, in fresh processes."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import time; t = time.perf_counter(); import gemma4_nb; t1 = time.perf_counter(); "
+            "gemma4_nb.load(progress=False); print(f'{time.perf_counter() - t1:.2f} {t1 - t:.2f}')")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, GEMMA4_NB_CACHE=cache)
+        env.pop("GEMMA4_NB_MODEL", None)
+        for label in ("first load (converts GGUF, builds tokenizer)", "cached load", "cached load"):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            load_s, import_s = out.stdout.split()
+            print(f"{label:<46} {float(load_s):6.2f} s   (import gemma4_nb {float(import_s):.2f} s)")
+
+
+def agreement_llama_cpp(model_ref: str | None, threads: int, positions: int = 256, decode: int = 64) -> None:
+    """Teacher-forced top-1 agreement with llama.cpp on one GGUF, and both speeds side by side."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("llama-cpp-python is not installed: pip install 'gemma4-nb[bench]'") from None
+    import numpy as np
+
+    from .resolve import resolve_model
+    from .runtime import load
+
+    gguf = resolve_model(model_ref)
+    if gguf.suffix != ".gguf":
+        raise SystemExit(f"--agreement needs a GGUF model, got {gguf}")
+    torch.set_num_threads(threads)
+    ours = load(str(gguf), device="cpu", dtype="fp32", progress=False)
+    ids = ours.encode(AGREEMENT_TEXT)
+    if len(ids) < positions:
+        raise SystemExit(f"the agreement text has only {len(ids)} tokens")
+    ids = ids[:positions]
+    llm = Llama(model_path=str(gguf), n_ctx=max(2048, positions + decode + 8), n_threads=threads,
+                n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = np.asarray(llm.scores[: len(ids)]).argmax(-1)
+    mine = ours.net.forward(torch.tensor(ids), ours.net.new_cache(), outputs="all").logits.argmax(-1).numpy()
+    agree = float((theirs == mine).mean())
+    print(f"model: {gguf.name}   threads: {threads}")
+    print(f"top-1 agreement with llama.cpp, teacher-forced over {len(ids)} positions: {agree * 100:.1f}%")
+
+    # speed, side by side in this run: prefill the same prompt, then greedy decode
+    llm.reset()
+    t = time.perf_counter(); llm.eval(ids); lc_prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(decode):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    lc_decode = time.perf_counter() - t
+    r = run(ours.net, len(ids), decode)
+    print(f"{'':14}{'prefill tok/s':>15}{'decode tok/s':>15}")
+    print(f"{'llama.cpp':14}{len(ids) / lc_prefill:15.1f}{decode / lc_decode:15.1f}")
+    print(f"{'gemma4-nb':14}{r['prefill_tok_s']:15.1f}{r['decode_tok_s']:15.1f}")
+    print(f"{'ratio':14}{r['prefill_tok_s'] / (len(ids) / lc_prefill):15.2f}{r['decode_tok_s'] / (decode / lc_decode):15.2f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gemma4_nb.bench")
     p.add_argument("--model")
@@ -74,7 +170,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--prompt", type=int, nargs="+", default=[512])
     p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--load-time", action="store_true", help="first and cached load of the embedded GGUF")
+    p.add_argument("--agreement", choices=["llama.cpp"], help="top-1 agreement and speed against llama.cpp")
     args = p.parse_args(argv)
+    if args.load_time:
+        load_time()
+        return 0
+    if args.agreement:
+        agreement_llama_cpp(args.model, args.threads)
+        return 0
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.shape:
         net = random_model(args.shape, args.device, dtype)

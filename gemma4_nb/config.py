@@ -33,12 +33,18 @@ GEMMA4 = Family(
     "gemma4", norm_offset=0.0, has_v_norm=True, has_layer_scalar=True, supports_k_eq_v=True, scales_queries=False
 )
 
-FAMILIES = {"gemma4": GEMMA4}
+GEMMA3 = Family(
+    "gemma3", norm_offset=1.0, has_v_norm=False, has_layer_scalar=False, supports_k_eq_v=False, scales_queries=True
+)
+
+FAMILIES = {"gemma4": GEMMA4, "gemma3": GEMMA3}
 
 # model_type -> (family, where the text config lives, checkpoint prefix of text weights)
 MODEL_TYPES: dict[str, tuple[Family, str | None, str]] = {
     "gemma4_unified": (GEMMA4, "text_config", "model.language_model."),
     "gemma4_unified_text": (GEMMA4, None, "model."),
+    "gemma3": (GEMMA3, "text_config", "model.language_model."),
+    "gemma3_text": (GEMMA3, None, "model."),
 }
 
 SUPPORTED_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new")
@@ -88,6 +94,7 @@ class ModelConfig:
     layers: tuple[LayerSpec, ...]
     rms_norm_eps: float
     query_scale: float
+    attn_softcap: float | None
     final_softcap: float | None
     max_position_embeddings: int
     tie_word_embeddings: bool
@@ -124,6 +131,17 @@ def _as_id_list(value) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(int(v) for v in value)
+
+
+def _legacy_rope_parameters(text: dict) -> dict:
+    """Older configs: ``rope_theta`` (full layers), ``rope_local_base_freq`` and ``rope_scaling``."""
+    full = {"rope_type": "default", "rope_theta": float(text.get("rope_theta", 1_000_000.0))}
+    scaling = text.get("rope_scaling")
+    if scaling:
+        full.update(scaling)
+        full["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+    sliding = {"rope_type": "default", "rope_theta": float(text.get("rope_local_base_freq", 10_000.0))}
+    return {"full_attention": full, "sliding_attention": sliding}
 
 
 def _need(text: dict, key: str, where: str):
@@ -166,7 +184,8 @@ def parse_config(data: dict[str, Any], where: str = "config.json") -> ModelConfi
 
     layer_types = text.get("layer_types")
     if layer_types is None:
-        layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n_layers)]
+        pattern = int(text.get("sliding_window_pattern", 6))
+        layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)]
     layer_types = list(layer_types)
     if len(layer_types) != n_layers:
         raise ConfigError(f"{where}: layer_types has {len(layer_types)} entries for {n_layers} layers")
@@ -187,7 +206,7 @@ def parse_config(data: dict[str, Any], where: str = "config.json") -> ModelConfi
             full_override["num_key_value_heads"] = int(text["num_global_key_value_heads"])
         overrides = {i: full_override for i, t in enumerate(layer_types) if t == "full_attention"}
 
-    rope_params = text.get("rope_parameters") or {}
+    rope_params = text.get("rope_parameters") or _legacy_rope_parameters(text)
     n_shared = int(text.get("num_kv_shared_layers", 0) or 0)
     double_wide = bool(text.get("use_double_wide_mlp", False))
     first_shared = n_layers - n_shared
@@ -203,10 +222,12 @@ def parse_config(data: dict[str, Any], where: str = "config.json") -> ModelConfi
         theta = float(params.get("rope_theta", 10_000.0))
         if rope_type == "default":
             return Rope(theta, hd, hd // 2)
+        if rope_type == "linear":
+            return Rope(theta, hd, hd // 2, float(params.get("factor", 1.0)))
         if rope_type == "proportional":
             pairs = int(float(params.get("partial_rotary_factor", 1.0)) * hd // 2)
             return Rope(theta, hd, pairs, float(params.get("factor", 1.0)))
-        raise ConfigError(f"{where}: rope_type {rope_type!r} is not supported (default, proportional)")
+        raise ConfigError(f"{where}: rope_type {rope_type!r} is not supported (default, linear, proportional)")
 
     # KV sharing: from `first_shared` on, layers reuse the K/V of the last earlier layer of their type.
     last_owner: dict[str, int] = {}
@@ -249,6 +270,7 @@ def parse_config(data: dict[str, Any], where: str = "config.json") -> ModelConfi
         layers=tuple(specs),
         rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
         query_scale=query_scale,
+        attn_softcap=(float(text["attn_logit_softcapping"]) if text.get("attn_logit_softcapping") else None),
         final_softcap=(float(text["final_logit_softcapping"]) if text.get("final_logit_softcapping") else None),
         max_position_embeddings=int(text.get("max_position_embeddings", 131072)),
         tie_word_embeddings=bool(data.get("tie_word_embeddings", text.get("tie_word_embeddings", True))),

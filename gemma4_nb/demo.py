@@ -1,42 +1,41 @@
-"""``make demo``: stream a pandas-flavoured chat reply and print the speed.
+"""``make demo``: stream a pandas-flavoured reply and print the speed.
 
-Uses ``$GEMMA4_NB_MODEL`` when set. Otherwise it writes a tiny random Gemma 4 checkpoint to the
-user cache and runs that (the text is noise: it shows the plumbing, not the model).
+With ``$GEMMA4_NB_MODEL`` set (Gemma 4 12B, say) it asks a chat question. Without it, it runs
+the embedded Gemma 3 270M (a base model) on a code-completion prompt, which suits a base model.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from .errors import Gemma4Error
 from .resolve import ENV_VAR
 from .runtime import load
 
-PROMPT = "I have a pandas DataFrame `sales` with columns region, quarter and revenue. How do I find the region with the highest revenue growth last quarter?"
+CHAT_PROMPT = ("I have a pandas DataFrame `sales` with columns region, quarter and revenue. "
+               "How do I find the region with the highest revenue growth last quarter?")
+COMPLETION_PROMPT = '''import pandas as pd
 
+sales = pd.read_csv("sales.csv", parse_dates=["date"])
+sales["quarter"] = sales["date"].dt.to_period("Q")
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "gemma4-nb"
+# Total revenue per region and quarter, then the growth from one quarter to the next
+'''
 
 
 def main() -> int:
-    model_ref = os.environ.get(ENV_VAR)
-    if not model_ref:
-        from .tiny import write_tiny_checkpoint
-
-        target = cache_dir() / "tiny-random-gemma4"
-        if not (target / "model.safetensors").is_file():
-            write_tiny_checkpoint(target)
-        print(f"{ENV_VAR} is not set: running a tiny RANDOM Gemma 4 checkpoint ({target}).\n"
-              f"Its text is noise. Point {ENV_VAR} at a Gemma 4 12B directory or repo id for real answers.\n")
-        model_ref = str(target)
+    configured = bool(os.environ.get(ENV_VAR))
     try:
-        model = load(model_ref)
-        print(f"{model}\n\nuser> {PROMPT}\nmodel> ", end="", flush=True)
-        stream = model.chat([{"role": "user", "content": PROMPT}], max_new_tokens=96, stream=True, seed=0)
+        model = load()
+        print(model, flush=True)
+        if configured and model.tokenizer.chat_template:
+            print(f"\nuser> {CHAT_PROMPT}\nmodel> ", end="", flush=True)
+            stream = model.chat([{"role": "user", "content": CHAT_PROMPT}], max_new_tokens=200, stream=True)
+        else:
+            print(f"\n--- completing this prompt (greedy) ---\n{COMPLETION_PROMPT}--- model output ---")
+            stream = model.generate(COMPLETION_PROMPT, max_new_tokens=80, temperature=0, stream=True,
+                                    stop=["\n\n\n"])
         for delta in stream:
             print(delta, end="", flush=True)
         print(f"\n\n[{stream.usage.summary()}]")

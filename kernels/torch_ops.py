@@ -53,17 +53,19 @@ def attention(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     scale: float,
+    cap: float | None = None,
 ) -> torch.Tensor:
     """Grouped-query attention.
 
     ``q``: ``[Hq, Tq, D]``; ``k``, ``v``: ``[Hkv, Tk, D]``; ``mask``: boolean ``[Tq, Tk]`` or None
-    (all visible). Scores and softmax in fp32. Returns ``[Tq, Hq, D]``.
+    (all visible). ``cap`` soft-caps the scores (Gemma 2 style). Scores and softmax in fp32.
+    Returns ``[Tq, Hq, D]``.
     """
     hq, hkv = q.shape[0], k.shape[0]
     groups = hq // hkv
     qg = q.reshape(hkv, groups * q.shape[1], q.shape[2])  # heads sharing a KV head side by side
     scores = torch.matmul(qg.float(), k.float().transpose(1, 2)) * scale  # [Hkv, G*Tq, Tk]
-    scores = scores.view(hkv, groups, q.shape[1], k.shape[1])
+    scores = softcap(scores, cap).view(hkv, groups, q.shape[1], k.shape[1])
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
     probs = torch.softmax(scores, dim=-1).to(v.dtype).view(hkv, groups * q.shape[1], k.shape[1])

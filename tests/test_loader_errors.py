@@ -58,7 +58,7 @@ def test_unknown_model_type_lists_supported(hf_checkpoints, fresh_copy):
     cfg = json.loads((path / "config.json").read_text())
     cfg["model_type"] = "llama"
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"'llama' is not supported\. Supported model types: gemma4_unified, gemma4_unified_text"):
+    with pytest.raises(ConfigError, match=r"'llama' is not supported\. Supported model types: gemma3, gemma3_text, gemma4_unified, gemma4_unified_text"):
         gemma4_nb.load(path, progress=False)
 
 
@@ -104,6 +104,12 @@ def test_prompt_longer_than_context(tiny_dir):
     # the reply is clipped to what still fits
     model.generate(list(range(2, 30)), max_new_tokens=100, temperature=0)
     assert model.last_usage.prompt_tokens + model.last_usage.generated_tokens <= 32
+
+
+def test_out_of_range_token_ids(tiny_dir):
+    model = gemma4_nb.load(tiny_dir, progress=False)
+    with pytest.raises(PromptError, match=r"token ids must be integers in \[0, 512\); got \[512, -1\]"):
+        model.generate([2, 512, -1])
 
 
 def test_bad_sampling_settings(tiny_dir):

