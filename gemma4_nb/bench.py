@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -119,12 +120,37 @@ def load_time() -> None:
             print(f"{label:<46} {float(load_s):6.2f} s   (import gemma4_nb {float(import_s):.2f} s)")
 
 
+def _f32_gguf(src, dst) -> None:
+    """The same model with every tensor dequantized to F32 (llama.cpp then runs it in F32, without
+    quantizing activations): separates llama.cpp's arithmetic from differences in the model."""
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(src))
+    writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+    for t in reader.tensors:
+        data = t.data if t.tensor_type == GGMLQuantizationType.F32 else dequantize(t.data, t.tensor_type)
+        writer.add_tensor(t.name, data.astype("float32").reshape([int(d) for d in reversed(t.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def agreement_llama_cpp(model_ref: str | None, threads: int, positions: int = 256, decode: int = 64) -> None:
     """Teacher-forced top-1 agreement with llama.cpp on one GGUF, and both speeds side by side."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise SystemExit("llama-cpp-python is not installed: pip install 'gemma4-nb[bench]'") from None
+    import tempfile
+
     import numpy as np
 
     from .resolve import resolve_model
@@ -139,23 +165,42 @@ def agreement_llama_cpp(model_ref: str | None, threads: int, positions: int = 25
     if len(ids) < positions:
         raise SystemExit(f"the agreement text has only {len(ids)} tokens")
     ids = ids[:positions]
-    llm = Llama(model_path=str(gguf), n_ctx=max(2048, positions + decode + 8), n_threads=threads,
-                n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = np.asarray(llm.scores[: len(ids)]).argmax(-1)
-    mine = ours.net.forward(torch.tensor(ids), ours.net.new_cache(), outputs="all").logits.argmax(-1).numpy()
-    agree = float((theirs == mine).mean())
-    print(f"model: {gguf.name}   threads: {threads}")
-    print(f"top-1 agreement with llama.cpp, teacher-forced over {len(ids)} positions: {agree * 100:.1f}%")
+    mine = ours.net.forward(torch.tensor(ids), ours.net.new_cache(), outputs="all").logits.numpy()
+    top2 = np.sort(mine, -1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+
+    def llama(path, **kw):
+        return Llama(model_path=str(path), n_ctx=max(1024, positions + decode + 8), n_threads=threads,
+                     n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False, **kw)
+
+    print(f"model: {gguf.name}   threads: {threads}   text: {len(ids)} positions, teacher-forced")
+    print(f"median top-1/top-2 margin of our logits: {np.median(margin):.2f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        f32 = Path(tmp) / "f32.gguf"
+        _f32_gguf(gguf, f32)
+        runs = [("llama.cpp, Q4_K_M weights, F16 KV cache (default)", gguf, {}),
+                ("llama.cpp, Q4_K_M weights, F32 KV cache", gguf, {"type_k": 0, "type_v": 0}),
+                ("llama.cpp, same weights dequantized to F32, F32 KV", f32, {"type_k": 0, "type_v": 0})]
+        for label, path, kw in runs:
+            llm = llama(path, **kw)
+            llm.eval(ids)
+            theirs = np.asarray(llm.scores[: len(ids)])
+            agree = theirs.argmax(-1) == mine.argmax(-1)
+            worst = margin[~agree].max() if (~agree).any() else 0.0
+            rel = np.median(np.abs(theirs - mine).mean(-1) / np.abs(mine).mean(-1))
+            print(f"  {label:<52} top-1 agreement {agree.mean() * 100:5.1f}%   "
+                  f"largest margin at a disagreement {worst:.3f}   median relative |logit diff| {rel * 100:.2f}%")
+            del llm
 
     # speed, side by side in this run: prefill the same prompt, then greedy decode
-    llm.reset()
+    llm = llama(gguf)
     t = time.perf_counter(); llm.eval(ids); lc_prefill = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(decode):
         llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
     lc_decode = time.perf_counter() - t
     r = run(ours.net, len(ids), decode)
+    print(f"\nspeed ({len(ids)}-token prompt, {decode} decode steps)")
     print(f"{'':14}{'prefill tok/s':>15}{'decode tok/s':>15}")
     print(f"{'llama.cpp':14}{len(ids) / lc_prefill:15.1f}{decode / lc_decode:15.1f}")
     print(f"{'gemma4-nb':14}{r['prefill_tok_s']:15.1f}{r['decode_tok_s']:15.1f}")

@@ -365,12 +365,23 @@ def prepare_gguf(path: Path, progress: bool = True) -> Path:
         return target
     if progress:
         print(f"gemma4-nb: converting {path.name} once (cached in {target})", file=sys.stderr, flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    except OSError as exc:
+        raise CheckpointError(f"cannot create the conversion cache {target.parent} ({exc}); set GEMMA4_NB_CACHE") from None
     try:
         convert(path, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        try:
+            tmp.rename(target)  # atomic: a directory with config.json is always complete
+        except OSError:
+            if not (target / "config.json").is_file():  # not merely another process finishing first
+                raise
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot write the converted model to {target.parent} ({exc}); free disk space "
+            "(about 4 bytes per parameter) or point GEMMA4_NB_CACHE elsewhere"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
