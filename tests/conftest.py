@@ -66,6 +66,16 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 b.copy_(0.5 + torch.rand(b.shape, generator=gen))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def conversion_cache(tmp_path_factory):
+    """GGUF conversions go to a per-session directory, never the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("gemma4nb-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GEMMA4_NB_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokenizer")

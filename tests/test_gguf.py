@@ -29,13 +29,9 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="session")
-def gguf_cache(tmp_path_factory):
-    """A fresh conversion cache for this test session (CI converts from scratch)."""
-    path = tmp_path_factory.mktemp("gemma4nb-cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GEMMA4_NB_CACHE", str(path))
-    yield path
-    mp.undo()
+def gguf_cache(conversion_cache):
+    """The session's conversion cache (conftest): CI converts from scratch."""
+    return conversion_cache
 
 
 @pytest.fixture(scope="session")
