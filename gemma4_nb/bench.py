@@ -207,6 +207,47 @@ def agreement_llama_cpp(model_ref: str | None, threads: int, positions: int = 25
     print(f"{'ratio':14}{r['prefill_tok_s'] / (len(ids) / lc_prefill):15.2f}{r['decode_tok_s'] / (decode / lc_decode):15.2f}")
 
 
+def long_context(total: int = 262144, depths=(1024, 8192, 32768, 131072, 262144), chunk: int = 2048,
+                 decode_steps: int = 8, device: str = "cpu") -> None:
+    """Fill the whole context of a tiny model: memory per layer type, prefill and decode times."""
+    from .cache import PrefixCache
+    from .generation import prefill
+    from .memory import plan_memory
+
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+                 num_global_key_value_heads=1, sliding_window=1024, max_position_embeddings=total)
+    cfg = parse_config(tiny_config(**shape))
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for name, dims in expected_tensors(cfg).items():
+        t = torch.randn(dims, generator=gen)
+        key = name[len(cfg.weight_prefix):] if name.startswith(cfg.weight_prefix) else name
+        weights[key] = (1 + 0.1 * t if ("norm" in name or "layer_scalar" in name) else 0.05 * t).to(device)
+    net = GemmaModel(cfg, weights)
+    print(f"tiny Gemma 4 model: {cfg.num_layers} layers (5 sliding, window 1024; 1 full, K=V, head_dim 64), "
+          f"fp32, {device}, {torch.get_num_threads()} threads; prefill chunk {chunk}")
+    prefix = PrefixCache(lambda: net.new_cache())
+    ids = torch.randint(10, 512, (total,), generator=gen).tolist()
+    prefix.prepare(ids + [0])
+    done, t_prefill = 0, 0.0
+    print(f"{'depth':>8} {'prefill s (cum.)':>17} {'decode ms/token':>16} {'KV sliding':>11} {'KV full':>11} {'planned full':>13}")
+    for depth in depths:
+        t = time.perf_counter()
+        prefill(net, ids[done:depth], prefix, chunk)
+        t_prefill += time.perf_counter() - t
+        done = depth
+        t = time.perf_counter()
+        for i in range(decode_steps):
+            net.forward(torch.tensor([ids[i]]), prefix.kv)
+        step_ms = (time.perf_counter() - t) / decode_steps * 1000
+        prefix.kv.truncate(depth)
+        mem = prefix.kv.memory()
+        plan = plan_memory(cfg, context=depth, weights="fp32", kv="fp32")
+        print(f"{depth:>8} {t_prefill:>17.1f} {step_ms:>16.2f} {mem['sliding'] / 2**20:>8.2f} MiB "
+              f"{mem['full'] / 2**20:>7.2f} MiB {plan.kv_full / 2**20:>9.2f} MiB")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gemma4_nb.bench")
     p.add_argument("--model")
@@ -218,7 +259,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--load-time", action="store_true", help="first and cached load of the embedded GGUF")
     p.add_argument("--agreement", choices=["llama.cpp"], help="top-1 agreement and speed against llama.cpp")
+    p.add_argument("--long-context", type=int, metavar="TOKENS", help="fill a tiny model's context to TOKENS")
     args = p.parse_args(argv)
+    if args.long_context:
+        depths = [d for d in (1024, 8192, 32768, 131072, 262144) if d < args.long_context] + [args.long_context]
+        long_context(args.long_context, depths, device=args.device)
+        return 0
     if args.load_time:
         load_time()
         return 0

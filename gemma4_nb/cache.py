@@ -1,77 +1,268 @@
-"""KV cache for incremental decoding.
+"""The KV cache: fixed-size chunks allocated on demand from per-geometry pools.
 
-The model talks to a cache through four calls, so the chunked cache can replace this one:
+The model talks to a cache through a narrow interface:
 
 * ``length`` -- how many positions are committed;
-* ``update(layer, k, v)`` -- append this forward's K/V (``[kv_heads, T, head_dim]``) for a layer and
-  return everything that layer may attend to, with the key positions;
-* ``read(layer)`` -- the same without appending (layers that share another layer's K/V);
-* ``commit(n)`` -- the forward is done: ``n`` more positions are committed;
-* ``truncate(n)`` -- forget every position from ``n`` on.
+* ``begin(t)`` -- a forward of ``t`` tokens starts; returns their positions (a ``range``);
+* ``update(layer, k, v)`` -- store this forward's K/V (``[kv_heads, t, head_dim]``; ``k=None`` for
+  K=V layers, which keep one tensor) and return everything the layer may attend to,
+  ``(k_all | None, v_all, key_positions)`` with the positions as a ``range``;
+* ``read(layer)`` -- the same without storing (layers that share another layer's K/V);
+* ``commit()`` -- the forward finished: its positions are committed, and sliding-window layers
+  hand back chunks no query can see any more. A forward that fails before ``commit`` leaves the
+  committed state as it was;
+* ``truncate(n)`` -- forget every position from ``n`` on (speculative-decoding rollback, prefix reuse).
+
+Sliding layers keep ``window + max_rollback`` positions (rounded to chunks): their memory is
+bounded at any context length. Full layers keep every position. With ``kv_dtype="int8"`` each
+token and head is stored as int8 with one scale.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .config import ModelConfig
+from .errors import Gemma4Error
+
+DEFAULT_CHUNK = 256
+DEFAULT_MAX_ROLLBACK = 64
 
 
-class _Buffer:
-    """A growable ``[heads, capacity, dim]`` tensor (capacity doubles: amortized O(1) append)."""
-
-    def __init__(self) -> None:
-        self.data: torch.Tensor | None = None
-        self.used = 0
-
-    def append(self, x: torch.Tensor, at: int) -> torch.Tensor:
-        need = at + x.shape[1]
-        if self.data is None or need > self.data.shape[1]:
-            cap = max(need, 2 * (self.data.shape[1] if self.data is not None else 16))
-            grown = x.new_empty((x.shape[0], cap, x.shape[2]))
-            if self.data is not None:
-                grown[:, :at] = self.data[:, :at]
-            self.data = grown
-        self.data[:, at:need] = x
-        self.used = need
-        return self.data[:, :need]
-
-    def view(self) -> torch.Tensor:
-        assert self.data is not None, "layer has no cached K/V yet"
-        return self.data[:, : self.used]
+class CacheRollbackError(Gemma4Error):
+    """A truncation reached positions a sliding-window layer has already let go of."""
 
 
-class SimpleKVCache:
-    """Every position of every layer, contiguous per layer. Memory grows with the context."""
+class ChunkPool:
+    """Storage for chunks of ``chunk`` positions x ``heads`` x ``dim``; grows by doubling."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
-        self.cfg = cfg
-        self.device = torch.device(device)
+    def __init__(self, chunk: int, heads: int, dim: int, dtype: torch.dtype, device, quantized: bool) -> None:
+        self.chunk, self.heads, self.dim = chunk, heads, dim
+        self.dtype, self.device, self.quantized = dtype, torch.device(device), quantized
+        self.data = torch.empty((0, chunk, heads, dim), dtype=torch.int8 if quantized else dtype, device=self.device)
+        self.scale = torch.empty((0, chunk, heads), dtype=torch.float32, device=self.device) if quantized else None
+        self.free: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.data.shape[0]
+
+    def _grow(self) -> None:
+        old = self.capacity
+        new = max(4, 2 * old)
+        data = self.data.new_empty((new, *self.data.shape[1:]))
+        data[:old] = self.data
+        self.data = data
+        if self.scale is not None:
+            scale = self.scale.new_empty((new, *self.scale.shape[1:]))
+            scale[:old] = self.scale
+            self.scale = scale
+        self.free.extend(range(new - 1, old - 1, -1))
+
+    def alloc(self) -> int:
+        if not self.free:
+            self._grow()
+        return self.free.pop()
+
+    def release(self, slots) -> None:
+        self.free.extend(slots)
+
+    def write(self, slot: int, offset: int, x: torch.Tensor) -> None:
+        """Store ``x`` (``[n, heads, dim]``) at positions ``offset:offset+n`` of chunk ``slot``."""
+        n = x.shape[0]
+        if self.quantized:
+            xf = x.float()
+            scale = xf.abs().amax(-1).clamp_min(1e-12) / 127.0
+            self.data[slot, offset : offset + n] = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+            self.scale[slot, offset : offset + n] = scale
+        else:
+            self.data[slot, offset : offset + n] = x.to(self.dtype)
+
+    def gather(self, slots: list[int], skip: int, length: int) -> torch.Tensor:
+        """Positions ``skip : skip + length`` of the concatenated chunks, as ``[heads, length, dim]``."""
+        index = torch.tensor(slots, device=self.device)
+        x = self.data.index_select(0, index).flatten(0, 1)[skip : skip + length]
+        if self.quantized:
+            scale = self.scale.index_select(0, index).flatten(0, 1)[skip : skip + length]
+            x = (x.float() * scale[..., None]).to(self.dtype)
+        return x.transpose(0, 1)
+
+    def nbytes_per_chunk(self) -> int:
+        n = self.chunk * self.heads * self.dim * self.data.element_size()
+        return n + (self.chunk * self.heads * 4 if self.quantized else 0)
+
+    def nbytes_allocated(self) -> int:
+        return self.capacity * self.nbytes_per_chunk()
+
+
+@dataclass
+class _LayerKV:
+    kind: str
+    window: int | None
+    k_pool: ChunkPool | None  # None for K=V layers
+    v_pool: ChunkPool
+    slots: list[int] = field(default_factory=list)
+    first: int = 0  # position where slots[0] starts (a multiple of the chunk size)
+
+
+class KVCache:
+    """Chunked KV cache for one sequence (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32, *,
+                 chunk: int = DEFAULT_CHUNK, kv_dtype: str | None = None,
+                 max_rollback: int = DEFAULT_MAX_ROLLBACK) -> None:
+        if kv_dtype not in (None, "int8"):
+            raise Gemma4Error(f"kv_dtype {kv_dtype!r} is not supported (None for the model dtype, or 'int8')")
+        self.cfg, self.chunk, self.max_rollback = cfg, chunk, max_rollback
+        self.device, self.dtype, self.kv_dtype = torch.device(device), dtype, kv_dtype
         self.length = 0
-        self._k = [_Buffer() for _ in cfg.layers]
-        self._v = [_Buffer() for _ in cfg.layers]
+        self._end = 0  # end of the forward in progress
+        self.pools: dict[tuple, ChunkPool] = {}
+        self.layers: list[_LayerKV | None] = []
+        for spec in cfg.layers:
+            if not spec.owns_kv:
+                self.layers.append(None)
+                continue
+            pool = self._pool(spec.kind, spec.num_kv_heads, spec.head_dim)
+            self.layers.append(_LayerKV(spec.kind, spec.window, None if spec.k_eq_v else pool, pool))
 
-    def _positions(self, n: int) -> torch.Tensor:
-        return torch.arange(n, device=self.device)
+    def _pool(self, kind: str, heads: int, dim: int) -> ChunkPool:
+        key = (kind, heads, dim)
+        if key not in self.pools:
+            self.pools[key] = ChunkPool(self.chunk, heads, dim, self.dtype, self.device, self.kv_dtype == "int8")
+        return self.pools[key]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        k_all = self._k[layer].append(k, self.length)
-        v_all = self._v[layer].append(v, self.length)
-        return k_all, v_all, self._positions(k_all.shape[1])
+    # -- the interface the model uses --------------------------------------------------------
+
+    def begin(self, t: int) -> range:
+        self._end = self.length + t
+        return range(self.length, self._end)
+
+    def update(self, layer: int, k: torch.Tensor | None, v: torch.Tensor):
+        lay = self.layers[layer]
+        start, end = self.length, self._end
+        assert v.shape[1] == end - start, "update() must follow begin() with the same length"
+        need = -(-(end - lay.first) // self.chunk)
+        while len(lay.slots) < need * (1 if lay.k_pool is None else 2):
+            lay.slots.append(lay.v_pool.alloc())
+        pos = start
+        while pos < end:  # write chunk by chunk
+            c, off = divmod(pos - lay.first, self.chunk)
+            n = min(self.chunk - off, end - pos)
+            rows = slice(pos - start, pos - start + n)
+            if lay.k_pool is None:
+                lay.v_pool.write(lay.slots[c], off, v[:, rows].transpose(0, 1))
+            else:
+                lay.k_pool.write(lay.slots[2 * c], off, k[:, rows].transpose(0, 1))
+                lay.v_pool.write(lay.slots[2 * c + 1], off, v[:, rows].transpose(0, 1))
+            pos += n
+        return self._read(lay, end)
 
     def read(self, layer: int):
-        k_all = self._k[layer].view()
-        return k_all, self._v[layer].view(), self._positions(k_all.shape[1])
+        return self._read(self.layers[layer], self._end)
 
-    def commit(self, n: int) -> None:
-        self.length += n
+    def _read(self, lay: _LayerKV, end: int):
+        # sliding layers only need the window of the earliest query of this forward
+        lo = lay.first
+        if lay.window is not None:
+            lo = max(lo, self.length - lay.window + 1)
+        skip, n = lo - lay.first, end - lo
+        positions = range(lo, end)
+        if lay.k_pool is None:
+            return None, lay.v_pool.gather(lay.slots, skip, n), positions
+        return (lay.k_pool.gather(lay.slots[0::2], skip, n), lay.v_pool.gather(lay.slots[1::2], skip, n), positions)
+
+    def commit(self) -> None:
+        self.length = self._end
+        for lay in self.layers:
+            if lay is not None and lay.window is not None:
+                keep_from = self.length - lay.window - self.max_rollback
+                self._drop_before(lay, keep_from)
+
+    def _drop_before(self, lay: _LayerKV, position: int) -> None:
+        per = 1 if lay.k_pool is None else 2
+        whole = max(0, (position - lay.first) // self.chunk)
+        if whole:
+            lay.v_pool.release(lay.slots[: whole * per])
+            del lay.slots[: whole * per]
+            lay.first += whole * self.chunk
 
     def truncate(self, n: int) -> None:
+        """Forget positions ``n`` and later. Raises CacheRollbackError if a sliding layer no longer
+        holds the window that position ``n`` needs (the caller then recomputes from scratch)."""
         if not 0 <= n <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {n}")
-        self.length = n
-        for buf in (*self._k, *self._v):
-            buf.used = min(buf.used, n)
+        for lay in self.layers:
+            if lay is not None and lay.window is not None and n > 0 and lay.first > max(0, n - lay.window):
+                raise CacheRollbackError(
+                    f"cannot roll back to position {n}: sliding layers keep positions from {lay.first} on"
+                )
+        self.length = self._end = n
+        for lay in self.layers:
+            if lay is None:
+                continue
+            per = 1 if lay.k_pool is None else 2
+            keep = -(-(n - lay.first) // self.chunk) * per if n > lay.first else 0
+            lay.v_pool.release(lay.slots[keep:])
+            del lay.slots[keep:]
+            if not lay.slots:
+                lay.first = (n // self.chunk) * self.chunk
 
-    def nbytes(self) -> int:
-        return sum(b.data.numel() * b.data.element_size() for b in (*self._k, *self._v) if b.data is not None)
+    def can_truncate(self, n: int) -> bool:
+        return all(lay is None or lay.window is None or n == 0 or lay.first <= max(0, n - lay.window)
+                   for lay in self.layers)
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held by each layer type's chunks (allocated to layers), plus pool totals."""
+        out = {"sliding": 0, "full": 0}
+        for lay in self.layers:
+            if lay is not None:
+                out[lay.kind] += len(lay.slots) * lay.v_pool.nbytes_per_chunk()
+        out["pool_allocated"] = sum(p.nbytes_allocated() for p in self.pools.values())
+        return out
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    """One KV cache and the token ids it holds, reused by the next request that shares a prefix
+    (chat history, notebook context that stays the same across cells)."""
+
+    def __init__(self, make_cache) -> None:
+        self._make = make_cache
+        self.kv: KVCache | None = None
+        self.ids: list[int] = []
+
+    def prepare(self, prompt_ids: list[int]) -> int:
+        """Keep the longest cached prefix of ``prompt_ids`` (at least one token is left to run, for
+        its logits) and return its length; start over when the cache cannot roll back that far."""
+        if self.kv is None:
+            self.kv = self._make()
+        keep = min(common_prefix(self.ids, prompt_ids), len(prompt_ids) - 1)
+        if keep < self.kv.length and not self.kv.can_truncate(keep):
+            keep = 0
+        self.kv.truncate(min(keep, self.kv.length))
+        self.ids = self.ids[: self.kv.length]
+        return self.kv.length
+
+    def appended(self, ids: list[int]) -> None:
+        """Record tokens that a committed forward added."""
+        self.ids.extend(ids)
+        assert len(self.ids) == self.kv.length
+
+    def clear(self) -> None:
+        self.kv = None
+        self.ids = []

@@ -16,6 +16,7 @@ from .tokenizer import StreamDecoder, Tokenizer
 @dataclass
 class Usage:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the previous request's cache
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -23,7 +24,8 @@ class Usage:
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -36,8 +38,9 @@ class Usage:
         return self.prefill_seconds
 
     def summary(self) -> str:
+        reused = f" ({self.cached_tokens} reused)" if self.cached_tokens else ""
         return (
-            f"prompt {self.prompt_tokens} tokens, generated {self.generated_tokens} tokens | "
+            f"prompt {self.prompt_tokens} tokens{reused}, generated {self.generated_tokens} tokens | "
             f"prefill {self.prefill_tokens_per_second:.1f} tok/s, decode {self.decode_tokens_per_second:.1f} tok/s"
             f" | finish: {self.finish_reason}"
         )
@@ -67,14 +70,35 @@ def check_request(req: GenerationRequest, context_length: int) -> int:
     return min(req.max_new_tokens, context_length - n)
 
 
-def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usage) -> Iterator[int]:
-    """Yield generated token ids one by one (stop tokens are not yielded); fills ``usage``."""
+def prefill(model, ids: list[int], prefix, chunk: int):
+    """Run ``ids`` through the model ``chunk`` tokens at a time (bounded activation memory);
+    logits only for the last position. Each finished chunk is recorded in ``prefix`` at once,
+    so an interrupted prefill leaves a consistent, reusable cache."""
+    out = None
+    for start in range(0, len(ids), chunk):
+        piece = ids[start : start + chunk]
+        out = model.forward(torch.tensor(piece, dtype=torch.long), prefix.kv, logits=start + chunk >= len(ids))
+        prefix.appended(piece)
+    return out
+
+
+def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usage, *,
+                 prefix=None, prefill_chunk: int = 512) -> Iterator[int]:
+    """Yield generated token ids one by one (stop tokens are not yielded); fills ``usage``.
+
+    ``prefix`` (a :class:`~gemma4_nb.cache.PrefixCache`) keeps the cache between requests so a
+    shared prompt prefix is not recomputed; without it a fresh cache is used.
+    """
+    from .cache import PrefixCache
+
     budget = check_request(req, context_length)
     sampler = Sampler(req.sampling)
-    cache = model.new_cache()
+    prefix = prefix or PrefixCache(model.new_cache)
     usage.prompt_tokens = len(req.prompt_ids)
     t0 = time.perf_counter()
-    out = model.forward(torch.tensor(req.prompt_ids, dtype=torch.long), cache)
+    usage.cached_tokens = prefix.prepare(req.prompt_ids)
+    todo = req.prompt_ids[usage.cached_tokens :]
+    out = prefill(model, todo, prefix, prefill_chunk)
     token = sampler(out.logits[-1])
     usage.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -87,9 +111,9 @@ def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usag
             yield token
             if step + 1 == budget:
                 break
-            out = model.forward(torch.tensor([token], dtype=torch.long), cache)
+            out = model.forward(torch.tensor([token], dtype=torch.long), prefix.kv)
+            prefix.appended([token])
             token = sampler(out.logits[-1])
-            usage.decode_seconds = time.perf_counter() - t1
         usage.finish_reason = "length"
     except KeyboardInterrupt:
         usage.finish_reason = "interrupted"
@@ -105,13 +129,13 @@ class TextStream:
     held back until it is known not to.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, req: GenerationRequest, context_length: int) -> None:
+    def __init__(self, model, tokenizer: Tokenizer, req: GenerationRequest, context_length: int, **kw) -> None:
         self.usage = Usage()
         self.token_ids: list[int] = []
         self.text = ""
         self._req = req
         check_request(req, context_length)  # fail now, not at first iteration
-        self._ids = generate_ids(model, req, context_length, self.usage)
+        self._ids = generate_ids(model, req, context_length, self.usage, **kw)
         self._decoder = StreamDecoder(tokenizer)
         self._iter = self._run()
 

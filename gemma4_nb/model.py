@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import SimpleKVCache
+from .cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK, KVCache
 from .config import LayerSpec, ModelConfig
 from .kernels import torch_ops as ops
 
@@ -41,7 +41,8 @@ class GemmaModel:
         # The reference casts the sqrt(hidden) scale to the weight dtype before multiplying.
         self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype)
         self.layer_weights = [self._layer_weights(s) for s in cfg.layers]
-        self._inv_freq = {s.rope: s.rope.inv_freq().to(self.device) for s in cfg.layers}
+        self._rope = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
+                      for s in cfg.layers}
 
     def _layer_weights(self, spec: LayerSpec) -> dict[str, torch.Tensor | None]:
         p = f"layers.{spec.index}."
@@ -63,8 +64,9 @@ class GemmaModel:
             "layer_scalar": get(p + "layer_scalar"),
         }
 
-    def new_cache(self) -> SimpleKVCache:
-        return SimpleKVCache(self.cfg, self.device)
+    def new_cache(self, *, chunk: int = DEFAULT_CHUNK, kv_dtype: str | None = None,
+                  max_rollback: int = DEFAULT_MAX_ROLLBACK) -> KVCache:
+        return KVCache(self.cfg, self.device, self.dtype, chunk=chunk, kv_dtype=kv_dtype, max_rollback=max_rollback)
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -83,6 +85,13 @@ class GemmaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return ops.softcap(ops.linear(hidden, self.lm_head).float(), self.cfg.final_softcap)
 
+    def _keys_from_values(self, layer: int, v_all: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """K=V layers store V = rmsnorm(k_proj(x)) once; K = rope(V * k_norm weight) is rebuilt here."""
+        spec = self.cfg.layers[layer]
+        w = self.layer_weights[layer]["k_norm"].float() + self.cfg.family.norm_offset
+        cos, sin = self._rope[spec.rope].get(k_pos)
+        return ops.apply_rope((v_all.float() * w).to(self.dtype), cos, sin, seq_dim=1)
+
     def _attention(self, spec: LayerSpec, w, h, rope, q_pos, cache) -> torch.Tensor:
         cfg = self.cfg
         t = h.shape[0]
@@ -91,15 +100,21 @@ class GemmaModel:
         q = ops.apply_rope(self.norm(q, w["q_norm"]), cos, sin)
         if spec.owns_kv:
             raw = ops.linear(h, w["k_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
-            v = raw if spec.k_eq_v else ops.linear(h, w["v_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
-            k = ops.apply_rope(self.norm(raw, w["k_norm"]), cos, sin)
-            if cfg.family.has_v_norm:
-                v = ops.rms_norm(v, None, cfg.rms_norm_eps)
-            k_all, v_all, k_pos = cache.update(spec.index, k.transpose(0, 1), v.transpose(0, 1))
+            if spec.k_eq_v:  # V is the raw projection (weight-free norm); K is rebuilt from it
+                v = ops.rms_norm(raw, None, cfg.rms_norm_eps)
+                k_all, v_all, k_pos = cache.update(spec.index, None, v.transpose(0, 1))
+            else:
+                v = ops.linear(h, w["v_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
+                k = ops.apply_rope(self.norm(raw, w["k_norm"]), cos, sin)
+                if cfg.family.has_v_norm:
+                    v = ops.rms_norm(v, None, cfg.rms_norm_eps)
+                k_all, v_all, k_pos = cache.update(spec.index, k.transpose(0, 1), v.transpose(0, 1))
         else:
             k_all, v_all, k_pos = cache.read(spec.kv_source)
-        mask = ops.attention_mask(q_pos, k_pos, spec.window)
-        out = ops.attention(q.transpose(0, 1), k_all, v_all, mask, cfg.query_scale, cfg.attn_softcap)
+        if k_all is None:
+            k_all = self._keys_from_values(spec.kv_source, v_all, k_pos)
+        out = ops.attention(q.transpose(0, 1), k_all, v_all, q_pos, k_pos, spec.window, cfg.query_scale,
+                            cfg.attn_softcap)
         return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
 
     def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache) -> torch.Tensor:
@@ -130,13 +145,12 @@ class GemmaModel:
         The cache is updated and committed.
         """
         ids = ids.to(self.device)
-        t = ids.shape[0]
-        q_pos = torch.arange(cache.length, cache.length + t, device=self.device)
+        q_pos = cache.begin(ids.shape[0])
         x = self.embed(ids, soft)
-        ropes = {r: ops.rope_cos_sin(q_pos, f, self.dtype) for r, f in self._inv_freq.items()}
+        ropes = {r: table.get(q_pos) for r, table in self._rope.items()}
         for spec in self.cfg.layers:
             x = self._layer(spec, x, ropes[spec.rope], q_pos, cache)
-        cache.commit(t)
+        cache.commit()
         if outputs == "last":
             x = x[-1:]
         hidden = self.norm(x, self.weights["norm.weight"])

@@ -13,7 +13,9 @@ from .chat_template import validate_messages
 from .checkpoint import load_checkpoint
 from .config import ModelConfig, load_config
 from .errors import ContextLengthError, Gemma4Error, PromptError
+from .cache import DEFAULT_CHUNK, PrefixCache
 from .generation import GenerationRequest, TextStream, Usage
+from .memory import GiB, MemoryPlanError, available_memory, plan_memory
 from .model import GemmaModel
 from .resolve import resolve_model
 from .sampling import SamplingParams
@@ -54,7 +56,8 @@ class Model:
     """A loaded model with its tokenizer, ready to ``generate`` and ``chat``."""
 
     def __init__(self, model_dir: Path, cfg: ModelConfig, net: GemmaModel, tokenizer: Tokenizer,
-                 generation_config: dict, max_context: int, source: Path | None = None) -> None:
+                 generation_config: dict, max_context: int, source: Path | None = None, *,
+                 kv_dtype: str | None = None, kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None) -> None:
         self.model_dir = model_dir
         self.source = source or model_dir  # what the user pointed at (a GGUF is converted to model_dir)
         self.config = cfg
@@ -68,6 +71,33 @@ class Model:
         eos.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
         self.stop_token_ids = frozenset(eos)
         self.last_usage: Usage | None = None
+        self.kv_dtype, self.kv_chunk = kv_dtype, kv_chunk
+        self.prefill_chunk = prefill_chunk or (2048 if net.device.type == "cuda" else 512)
+        self.cache = PrefixCache(lambda: net.new_cache(chunk=kv_chunk, kv_dtype=kv_dtype))
+
+    def reset(self) -> None:
+        """Drop the KV cache (it is rebuilt on the next request)."""
+        self.cache.clear()
+
+    def memory_plan(self, context: int):
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.net.dtype]
+        return plan_memory(self.config, context=context, weights=dtype, kv=self.kv_dtype or dtype,
+                           chunk=self.kv_chunk, prefill_chunk=self.prefill_chunk)
+
+    def _check_memory(self, req: GenerationRequest) -> None:
+        """Refuse a request whose KV cache and activations will not fit, before allocating them."""
+        context = min(len(req.prompt_ids) + req.max_new_tokens, self.max_context)
+        plan = self.memory_plan(context)
+        held = self.cache.kv.memory()["pool_allocated"] if self.cache.kv is not None else 0
+        need = plan.kv + plan.activations - held
+        free = available_memory(self.net.device)
+        if need > free:
+            raise MemoryPlanError(
+                f"this request needs about {need / GiB:.2f} GiB more memory ({len(req.prompt_ids)} prompt tokens + "
+                f"{req.max_new_tokens} new: KV cache {plan.kv / GiB:.2f} GiB, activations {plan.activations / GiB:.2f} GiB) "
+                f"but only {free / GiB:.2f} GiB is available on {self.net.device}. Shorten the prompt or "
+                f"max_new_tokens, or load with kv_dtype='int8'."
+            )
 
     def __repr__(self) -> str:
         cfg = self.config
@@ -109,7 +139,9 @@ class Model:
         )
 
     def _run(self, req: GenerationRequest, stream: bool):
-        text_stream = TextStream(self.net, self.tokenizer, req, self.max_context)
+        self._check_memory(req)
+        text_stream = TextStream(self.net, self.tokenizer, req, self.max_context, prefix=self.cache,
+                                 prefill_chunk=self.prefill_chunk)
         self.last_usage = text_stream.usage
         if stream:
             return text_stream
@@ -161,13 +193,16 @@ def _read_json(path: Path) -> dict:
 
 
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max_context: int | None = None,
-         progress: bool = True, download: bool = False) -> Model:
+         progress: bool = True, download: bool = False, kv_dtype: str | None = None,
+         kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None) -> Model:
     """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, or
     ``$GEMMA4_NB_MODEL``; with none of these, the embedded Gemma 3 270M.
 
     ``dtype``: ``"bf16"`` or ``"fp32"`` (default: bf16 on CUDA, fp32 on CPU when it fits).
     ``max_context``: the longest prompt plus reply to allow (default: the model's maximum).
     ``download=True`` fetches a repo id from the Hugging Face Hub when it is not cached.
+    ``kv_dtype="int8"`` halves the KV cache; ``kv_chunk`` is its chunk size in positions;
+    ``prefill_chunk`` how many prompt tokens run per forward (default 512 on CPU, 2048 on CUDA).
     """
     model_dir = source = resolve_model(model, download=download)
     if model_dir.suffix == ".gguf":
@@ -183,7 +218,17 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"max_context={max_context} is outside what this model supports (2 to {limit} tokens)"
         )
     device, dtype = choose_device_dtype(cfg, device, dtype)
+    if kv_dtype not in (None, "int8"):
+        raise Gemma4Error(f"kv_dtype {kv_dtype!r} is not supported: use None (the model dtype) or 'int8'")
+    weight_bytes = cfg.parameter_count() * torch.tensor([], dtype=dtype).element_size()
+    free = available_memory(device)
+    if weight_bytes > free:
+        raise MemoryPlanError(
+            f"{cfg.model_type} weights need {weight_bytes / GiB:.1f} GiB in {dtype} but only {free / GiB:.1f} GiB is "
+            f"available on {device}; free memory, use dtype='bf16', or a smaller model"
+        )
     tokenizer = Tokenizer(model_dir)
     weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     generation_config = _read_json(model_dir / "generation_config.json")
-    return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source)
+    return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source,
+                 kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk)

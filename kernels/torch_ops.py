@@ -25,18 +25,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: f
     return out.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin tables of shape ``[T, head_dim]`` for rotate-half RoPE (zero frequencies pass through)."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+class RopeTable:
+    """cos/sin of ``position * inv_freq`` for the rotated pairs only, computed once per position
+    (fp32 math, stored in the model dtype as the reference casts them) and grown by doubling."""
+
+    def __init__(self, inv_freq: torch.Tensor, rotated_pairs: int, dtype: torch.dtype, device) -> None:
+        self.inv_freq = inv_freq[:rotated_pairs].to(device=device, dtype=torch.float32)
+        self.dtype, self.device = dtype, device
+        self.cos = self.sin = torch.empty((0, rotated_pairs), dtype=dtype, device=device)
+
+    def get(self, span: range) -> tuple[torch.Tensor, torch.Tensor]:
+        if span.stop > self.cos.shape[0]:
+            n = max(span.stop, 2 * self.cos.shape[0], 256)
+            freqs = torch.arange(n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
+            self.cos, self.sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+        return self.cos[span.start : span.stop], self.sin[span.start : span.stop]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on ``x`` of shape ``[T, heads, head_dim]`` (dim j pairs with j + d/2)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int = 0) -> torch.Tensor:
+    """Rotate-half RoPE (dim j pairs with j + d/2) on ``x`` of shape ``[T, heads, head_dim]``
+    (``seq_dim=0``) or ``[heads, T, head_dim]`` (``seq_dim=1``). ``cos``/``sin``: ``[T, pairs]``
+    for the first ``pairs`` frequencies; the dims of the other pairs pass through unchanged."""
+    half, pairs = x.shape[-1] // 2, cos.shape[-1]
+    if seq_dim == 0:
+        cos, sin = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x[..., :pairs], x[..., half : half + pairs]
+    r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    if pairs == half:
+        return torch.cat((r1, r2), dim=-1)
+    return torch.cat((r1, x[..., pairs:half], r2, x[..., half + pairs :]), dim=-1)
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -47,30 +64,59 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
     return allowed
 
 
+# Scores of one block are at most this many elements (fp32): bounds prefill memory at any depth.
+SCORE_BLOCK_ELEMENTS = 1 << 24
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    window: int | None,
     scale: float,
     cap: float | None = None,
 ) -> torch.Tensor:
-    """Grouped-query attention.
+    """Causal (optionally sliding-window) grouped-query attention.
 
-    ``q``: ``[Hq, Tq, D]``; ``k``, ``v``: ``[Hkv, Tk, D]``; ``mask``: boolean ``[Tq, Tk]`` or None
-    (all visible). ``cap`` soft-caps the scores (Gemma 2 style). Scores and softmax in fp32.
+    ``q``: ``[Hq, Tq, D]``; ``k``, ``v``: ``[Hkv, Tk, D]``; ``q_pos``/``k_pos``: absolute positions
+    (tensors or ``range``s).
+    ``cap`` soft-caps the scores (Gemma 2 style). Scores and softmax in fp32. Keys are processed in
+    blocks with an online softmax, so memory stays bounded however long the context.
     Returns ``[Tq, Hq, D]``.
     """
-    hq, hkv = q.shape[0], k.shape[0]
+    hq, tq, d = q.shape
+    hkv, tk = k.shape[0], k.shape[1]
+    q_pos = torch.arange(q_pos.start, q_pos.stop, device=q.device) if isinstance(q_pos, range) else q_pos
+    k_pos = torch.arange(k_pos.start, k_pos.stop, device=q.device) if isinstance(k_pos, range) else k_pos
     groups = hq // hkv
-    qg = q.reshape(hkv, groups * q.shape[1], q.shape[2])  # heads sharing a KV head side by side
-    scores = torch.matmul(qg.float(), k.float().transpose(1, 2)) * scale  # [Hkv, G*Tq, Tk]
-    scores = softcap(scores, cap).view(hkv, groups, q.shape[1], k.shape[1])
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -math.inf)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(hkv, groups * q.shape[1], k.shape[1])
-    out = torch.matmul(probs, v).view(hq, q.shape[1], v.shape[2])
-    return out.transpose(0, 1)
+    qg = q.reshape(hkv, groups * tq, d).float()  # query heads sharing a KV head side by side
+    block = max(1, SCORE_BLOCK_ELEMENTS // (hq * tq))
+    if block >= tk:
+        scores = softcap(torch.matmul(qg, k.float().transpose(1, 2)) * scale, cap).view(hkv, groups, tq, tk)
+        scores = scores.masked_fill(~attention_mask(q_pos, k_pos, window), -math.inf)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype).view(hkv, groups * tq, tk)
+        return torch.matmul(probs, v).view(hq, tq, v.shape[2]).transpose(0, 1)
+    m = torch.full((hkv, groups, tq, 1), -math.inf, device=q.device)
+    l = torch.zeros((hkv, groups, tq, 1), device=q.device)
+    acc = torch.zeros((hkv, groups * tq, v.shape[2]), device=q.device)
+    for start in range(0, tk, block):
+        kb, vb, pb = k[:, start : start + block], v[:, start : start + block], k_pos[start : start + block]
+        mask = attention_mask(q_pos, pb, window)
+        if not bool(mask.any()):
+            continue
+        s = softcap(torch.matmul(qg, kb.float().transpose(1, 2)) * scale, cap).view(hkv, groups, tq, -1)
+        s = s.masked_fill(~mask, -math.inf)
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - m_safe)
+        correction = torch.exp(m - m_safe)
+        l = l * correction + p.sum(-1, keepdim=True)
+        acc = acc * correction.view(hkv, groups * tq, 1) + torch.matmul(p.view(hkv, groups * tq, -1), vb.float())
+        m = m_new
+    out = (acc / l.view(hkv, groups * tq, 1)).to(v.dtype)
+    return out.view(hq, tq, v.shape[2]).transpose(0, 1)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

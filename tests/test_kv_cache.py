@@ -1,0 +1,164 @@
+"""The chunked KV cache: equality with a full forward, rollback, prefix reuse, int8, long context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gemma4_nb
+from gemma4_nb.cache import CacheRollbackError, PrefixCache
+from gemma4_nb.generation import prefill
+from gemma4_nb.memory import MemoryPlanError, plan_memory
+from gemma4_nb.tiny import write_tiny_checkpoint
+
+SMALL = dict(chunk=4, max_rollback=3)  # boundaries crossed every few tokens
+
+
+def ids_for(n: int, seed: int = 0, vocab: int = 512) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.tensor([2]), torch.randint(30, vocab, (n - 1,), generator=gen)])
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoints):
+    return {k: gemma4_nb.load(p, device="cpu", dtype="fp32", progress=False) for k, (p, _) in hf_checkpoints.items()}
+
+
+def full_logits(net, ids):
+    return net.forward(ids, net.new_cache(chunk=1024), outputs="all").logits
+
+
+@pytest.mark.parametrize("variant", ["a", "b", "c"])
+def test_chunked_decode_equals_full_forward(variant, models):
+    net = models[variant].net
+    ids = ids_for(100, seed=1)
+    expected = full_logits(net, ids)
+    cache = net.new_cache(**SMALL)
+    got = [net.forward(ids[:10], cache, outputs="all").logits]
+    for i in range(10, len(ids)):
+        got.append(net.forward(ids[i : i + 1], cache).logits)
+    assert (torch.cat(got) - expected).abs().max().item() <= 1e-4
+    # sliding layers let go of old chunks: they hold at most window + rollback (+ a partial chunk each side)
+    window = net.cfg.layers[0].window
+    for lay in cache.layers:
+        if lay is not None and lay.window is not None:
+            per = 1 if lay.k_pool is None else 2
+            assert len(lay.slots) // per <= -(-(window + SMALL["max_rollback"]) // SMALL["chunk"]) + 2
+            assert lay.first > 0
+
+
+@pytest.mark.parametrize("variant", ["a", "c"])
+def test_chunked_prefill_equals_one_forward(variant, models):
+    net = models[variant].net
+    ids = ids_for(90, seed=2).tolist()
+    prefix = PrefixCache(lambda: net.new_cache(**SMALL))
+    prefix.prepare(ids + [0])  # creates the cache
+    out = prefill(net, ids, prefix, chunk=7)
+    assert prefix.kv.length == 90 and prefix.ids == ids
+    expected = full_logits(net, torch.tensor(ids))[-1]
+    assert (out.logits[-1] - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["a", "c"])
+def test_rollback_then_decode_equals_fresh_decode(variant, models):
+    net = models[variant].net
+    ids = ids_for(70, seed=3)
+    other = ids_for(70, seed=4)
+    cache = net.new_cache(chunk=4, max_rollback=6)  # rolling back up to 6 positions is guaranteed
+    net.forward(ids[:60], cache, outputs="all")
+    for n in (58, 56):  # several rollbacks, crossing chunk boundaries
+        cache.truncate(n)
+        assert cache.length == n
+        got = net.forward(other[n : n + 4], cache, outputs="all").logits
+        fresh = full_logits(net, torch.cat([ids[:n], other[n : n + 4]]))[n:]
+        assert (got - fresh).abs().max().item() <= 1e-4
+        cache.truncate(n)
+    with pytest.raises(CacheRollbackError, match="sliding layers keep positions from"):
+        cache.truncate(20)
+    cache.truncate(0)  # starting over is always possible
+    assert cache.memory()["sliding"] == 0 and cache.memory()["full"] == 0
+
+
+def test_prefix_reuse_equals_recomputation(hf_checkpoints):
+    path, _ = hf_checkpoints["a"]
+    reuse = gemma4_nb.load(path, device="cpu", dtype="fp32", progress=False, kv_chunk=8)
+    conversation = [{"role": "system", "content": "You are a data assistant."},
+                    {"role": "user", "content": "Load sales.csv and show the head."}]
+    first = reuse.chat(conversation, temperature=0, max_new_tokens=12)
+    assert reuse.last_usage.cached_tokens == 0
+    conversation += [{"role": "assistant", "content": first}, {"role": "user", "content": "Now plot revenue."}]
+    second = reuse.chat(conversation, temperature=0, max_new_tokens=12)
+    assert reuse.last_usage.cached_tokens > 10
+    fresh = gemma4_nb.load(path, device="cpu", dtype="fp32", progress=False)
+    assert fresh.chat(conversation, temperature=0, max_new_tokens=12) == second
+    assert fresh.last_usage.cached_tokens == 0
+    # the same prompt again: everything but the last prompt token comes from the cache
+    again = reuse.chat(conversation, temperature=0, max_new_tokens=12)
+    assert again == second and reuse.last_usage.cached_tokens == reuse.last_usage.prompt_tokens - 1
+    reuse.reset()
+    reuse.chat(conversation, temperature=0, max_new_tokens=4)
+    assert reuse.last_usage.cached_tokens == 0
+
+
+def test_int8_kv_close_to_full_precision(models):
+    net = models["b"].net
+    ids = ids_for(120, seed=5)
+    expected = full_logits(net, ids)
+    got = net.forward(ids, net.new_cache(chunk=16, kv_dtype="int8"), outputs="all").logits
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.95
+    assert (got - expected).abs().max().item() < 0.5
+    c8, c16 = net.new_cache(kv_dtype="int8"), net.new_cache()
+    net.forward(ids, c8)
+    net.forward(ids, c16)
+    assert c8.memory()["full"] < 0.3 * c16.memory()["full"]  # int8 + scale vs fp32
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    path = write_tiny_checkpoint(
+        tmp_path_factory.mktemp("long"), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=64,
+        max_position_embeddings=65536)
+    return gemma4_nb.load(path, device="cpu", dtype="fp32", progress=False)
+
+
+def test_32k_context_memory_is_bounded_and_planned(long_model):
+    net, cfg = long_model.net, long_model.config
+    prefix = PrefixCache(lambda: net.new_cache())
+    ids = torch.randint(30, 512, (32768,), generator=torch.Generator().manual_seed(0)).tolist()
+    prefix.prepare(ids + [0])
+    prefill(net, ids[:8192], prefix, chunk=1024)
+    at_8k = prefix.kv.memory()
+    out = prefill(net, ids[8192:], prefix, chunk=1024)
+    at_32k = prefix.kv.memory()
+    assert prefix.kv.length == 32768 and torch.isfinite(out.logits).all()
+    assert at_32k["sliding"] == at_8k["sliding"] > 0  # bounded whatever the length
+    plan = plan_memory(cfg, context=32768, weights="fp32", kv="fp32")
+    assert at_32k["full"] == plan.kv_full  # exactly the planner's figure
+    assert at_32k["sliding"] <= plan.kv_sliding
+
+
+def test_refuses_what_will_not_fit(tiny_dir, monkeypatch):
+    model = gemma4_nb.load(tiny_dir, progress=False)
+    monkeypatch.setattr("gemma4_nb.runtime.available_memory", lambda device: 1 << 20)
+    with pytest.raises(MemoryPlanError, match=r"needs about .* GiB more memory .* but only 0\.00 GiB is available"):
+        model.generate("hello", max_new_tokens=8)
+    with pytest.raises(MemoryPlanError, match="weights need"):
+        monkeypatch.setattr("gemma4_nb.runtime.available_memory", lambda device: 1000)
+        gemma4_nb.load(tiny_dir, progress=False)
+
+
+def test_planner_figures_for_gemma4_12b():
+    from gemma4_nb.bench import SHAPES
+    from gemma4_nb.config import parse_config
+    from gemma4_nb.tiny import tiny_config
+
+    cfg = parse_config(tiny_config(**dict(SHAPES["gemma4-12b"])))
+    assert 11.5e9 < cfg.parameter_count() < 12.5e9
+    bf16 = plan_memory(cfg, context=262144, weights="int4", kv="bf16")
+    int8 = plan_memory(cfg, context=262144, weights="int4", kv="int8")
+    assert bf16.kv_full == 8 * 262144 * 512 * 2  # 8 full layers, one KV head of 512, K=V stored once
+    assert int8.kv_full == 8 * 262144 * (512 + 4)
+    assert bf16.kv_sliding == plan_memory(cfg, context=8192, weights="int4", kv="bf16").kv_sliding  # bounded
+    assert bf16.kv < 4.5 * 2**30 and int8.kv < 2.5 * 2**30
