@@ -45,28 +45,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run(net: GemmaModel, prompt_len: int, decode: int) -> dict:
+def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None = None) -> dict:
+    """Time a chunked prefill of ``prompt_len`` random tokens, then ``decode`` greedy steps."""
+    from .cache import PrefixCache
+    from .generation import prefill
+
     dev = net.device
-    ids = torch.randint(10, net.cfg.vocab_size, (prompt_len,), device=dev)
+    chunk = prefill_chunk or (2048 if dev.type == "cuda" else 512)
+    ids = torch.randint(10, net.cfg.vocab_size, (prompt_len,)).tolist()
     warm = net.new_cache()
-    net.forward(ids[:16], warm)
-    net.forward(ids[:1], warm)
+    net.forward(torch.tensor(ids[:16]), warm)
+    net.forward(torch.tensor(ids[:1]), warm)
+    del warm
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cache = net.new_cache()
+    prefix = PrefixCache(lambda: net.new_cache())
+    prefix.prepare(ids + [0])
     _sync(dev)
     t0 = time.perf_counter()
-    out = net.forward(ids, cache)
+    out = prefill(net, ids, prefix, chunk)
     tok = out.logits[-1].argmax()
     _sync(dev)
-    prefill = time.perf_counter() - t0
+    prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     for _ in range(decode):
-        tok = net.forward(tok.view(1), cache).logits[-1].argmax()
+        tok = net.forward(tok.view(1), prefix.kv).logits[-1].argmax()
     _sync(dev)
     dec = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-    return {"prompt": prompt_len, "ttft_s": prefill, "prefill_tok_s": prompt_len / prefill,
+    return {"prompt": prompt_len, "ttft_s": prefill_s, "prefill_tok_s": prompt_len / prefill_s,
             "decode_tok_s": decode / dec, "peak_gpu_gib": peak / 2**30 if peak else None}
 
 

@@ -38,9 +38,11 @@ class CacheRollbackError(Gemma4Error):
 class ChunkPool:
     """Storage for chunks of ``chunk`` positions x ``heads`` x ``dim``; grows by doubling."""
 
-    def __init__(self, chunk: int, heads: int, dim: int, dtype: torch.dtype, device, quantized: bool) -> None:
+    def __init__(self, chunk: int, heads: int, dim: int, dtype: torch.dtype, device, quantized: bool,
+                 pinned: bool = False) -> None:
         self.chunk, self.heads, self.dim = chunk, heads, dim
         self.dtype, self.device, self.quantized = dtype, torch.device(device), quantized
+        self.pinned = pinned  # page-locked host memory (offload target on CUDA machines)
         self.data = torch.empty((0, chunk, heads, dim), dtype=torch.int8 if quantized else dtype, device=self.device)
         self.scale = torch.empty((0, chunk, heads), dtype=torch.float32, device=self.device) if quantized else None
         self.free: list[int] = []
@@ -52,13 +54,15 @@ class ChunkPool:
     def _grow(self) -> None:
         old = self.capacity
         new = max(4, 2 * old)
-        data = self.data.new_empty((new, *self.data.shape[1:]))
-        data[:old] = self.data
-        self.data = data
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            out = torch.empty((new, *t.shape[1:]), dtype=t.dtype, device=t.device, pin_memory=self.pinned)
+            out[:old] = t
+            return out
+
+        self.data = grown(self.data)
         if self.scale is not None:
-            scale = self.scale.new_empty((new, *self.scale.shape[1:]))
-            scale[:old] = self.scale
-            self.scale = scale
+            self.scale = grown(self.scale)
         self.free.extend(range(new - 1, old - 1, -1))
 
     def alloc(self) -> int:
@@ -80,14 +84,26 @@ class ChunkPool:
         else:
             self.data[slot, offset : offset + n] = x.to(self.dtype)
 
-    def gather(self, slots: list[int], skip: int, length: int) -> torch.Tensor:
-        """Positions ``skip : skip + length`` of the concatenated chunks, as ``[heads, length, dim]``."""
-        index = torch.tensor(slots, device=self.device)
-        x = self.data.index_select(0, index).flatten(0, 1)[skip : skip + length]
-        if self.quantized:
-            scale = self.scale.index_select(0, index).flatten(0, 1)[skip : skip + length]
-            x = (x.float() * scale[..., None]).to(self.dtype)
-        return x.transpose(0, 1)
+    def copy_slot(self, src: "ChunkPool", src_slot: int, dst_slot: int) -> None:
+        self.data[dst_slot].copy_(src.data[src_slot], non_blocking=True)
+        if self.scale is not None:
+            self.scale[dst_slot].copy_(src.scale[src_slot], non_blocking=True)
+
+    def fetch(self, slots: list[int] | torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chunks' raw storage, flattened to ``[len(slots) * chunk, heads, dim]``, on ``device``."""
+        index = slots if isinstance(slots, torch.Tensor) else torch.tensor(slots, device=self.device)
+        data = self.data.index_select(0, index).flatten(0, 1)
+        scale = self.scale.index_select(0, index).flatten(0, 1) if self.scale is not None else None
+        if self.device != torch.device(device):
+            data = data.to(device, non_blocking=True)
+            scale = scale.to(device, non_blocking=True) if scale is not None else None
+        return data, scale
+
+    def decode(self, data: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Stored values as ``[heads, positions, dim]`` in the compute dtype."""
+        if scale is not None:
+            data = (data.float() * scale[..., None]).to(self.dtype)
+        return data.transpose(0, 1)
 
     def nbytes_per_chunk(self) -> int:
         n = self.chunk * self.heads * self.dim * self.data.element_size()
@@ -103,8 +119,19 @@ class _LayerKV:
     window: int | None
     k_pool: ChunkPool | None  # None for K=V layers
     v_pool: ChunkPool
-    slots: list[int] = field(default_factory=list)
-    first: int = 0  # position where slots[0] starts (a multiple of the chunk size)
+    slots: list[int] = field(default_factory=list)  # on the device, oldest first (K, V interleaved)
+    host_slots: list[int] = field(default_factory=list)  # offloaded chunks, older than `slots`
+    host_pool: ChunkPool | None = None
+    index_cache: dict = field(default_factory=dict)
+    first: int = 0  # position where the oldest chunk starts (a multiple of the chunk size)
+
+    @property
+    def per_chunk(self) -> int:
+        return 1 if self.k_pool is None else 2
+
+    @property
+    def n_chunks(self) -> int:
+        return (len(self.host_slots) + len(self.slots)) // self.per_chunk
 
 
 class KVCache:
@@ -112,10 +139,12 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32, *,
                  chunk: int = DEFAULT_CHUNK, kv_dtype: str | None = None,
-                 max_rollback: int = DEFAULT_MAX_ROLLBACK) -> None:
+                 max_rollback: int = DEFAULT_MAX_ROLLBACK, offload_after: int | None = None) -> None:
+        """``offload_after``: full-layer chunks that end more than this many positions before the
+        newest one move to (pinned, on CUDA) host memory and are copied back when read."""
         if kv_dtype not in (None, "int8"):
             raise Gemma4Error(f"kv_dtype {kv_dtype!r} is not supported (None for the model dtype, or 'int8')")
-        self.cfg, self.chunk, self.max_rollback = cfg, chunk, max_rollback
+        self.cfg, self.chunk, self.max_rollback, self.offload_after = cfg, chunk, max_rollback, offload_after
         self.device, self.dtype, self.kv_dtype = torch.device(device), dtype, kv_dtype
         self.length = 0
         self._end = 0  # end of the forward in progress
@@ -126,12 +155,17 @@ class KVCache:
                 self.layers.append(None)
                 continue
             pool = self._pool(spec.kind, spec.num_kv_heads, spec.head_dim)
-            self.layers.append(_LayerKV(spec.kind, spec.window, None if spec.k_eq_v else pool, pool))
+            host = None
+            if offload_after is not None and spec.kind == "full":
+                host = self._pool("host", spec.num_kv_heads, spec.head_dim, torch.device("cpu"))
+            self.layers.append(_LayerKV(spec.kind, spec.window, None if spec.k_eq_v else pool, pool, host_pool=host))
 
-    def _pool(self, kind: str, heads: int, dim: int) -> ChunkPool:
+    def _pool(self, kind: str, heads: int, dim: int, device=None) -> ChunkPool:
         key = (kind, heads, dim)
         if key not in self.pools:
-            self.pools[key] = ChunkPool(self.chunk, heads, dim, self.dtype, self.device, self.kv_dtype == "int8")
+            device = device or self.device
+            pinned = device.type == "cpu" and self.device.type == "cuda"
+            self.pools[key] = ChunkPool(self.chunk, heads, dim, self.dtype, device, self.kv_dtype == "int8", pinned)
         return self.pools[key]
 
     # -- the interface the model uses --------------------------------------------------------
@@ -145,11 +179,13 @@ class KVCache:
         start, end = self.length, self._end
         assert v.shape[1] == end - start, "update() must follow begin() with the same length"
         need = -(-(end - lay.first) // self.chunk)
-        while len(lay.slots) < need * (1 if lay.k_pool is None else 2):
+        while lay.n_chunks < need:
             lay.slots.append(lay.v_pool.alloc())
+        offloaded = len(lay.host_slots) // lay.per_chunk  # new positions always land on the device
         pos = start
         while pos < end:  # write chunk by chunk
             c, off = divmod(pos - lay.first, self.chunk)
+            c -= offloaded
             n = min(self.chunk - off, end - pos)
             rows = slice(pos - start, pos - start + n)
             if lay.k_pool is None:
@@ -169,10 +205,34 @@ class KVCache:
         if lay.window is not None:
             lo = max(lo, self.length - lay.window + 1)
         skip, n = lo - lay.first, end - lo
-        positions = range(lo, end)
         if lay.k_pool is None:
-            return None, lay.v_pool.gather(lay.slots, skip, n), positions
-        return (lay.k_pool.gather(lay.slots[0::2], skip, n), lay.v_pool.gather(lay.slots[1::2], skip, n), positions)
+            return None, self._gather(lay, lay.v_pool, 0, skip, n), range(lo, end)
+        return self._gather(lay, lay.k_pool, 0, skip, n), self._gather(lay, lay.v_pool, 1, skip, n), range(lo, end)
+
+    def _index(self, lay: _LayerKV, which: int, host: bool) -> torch.Tensor:
+        """Slot indices as a tensor on the pool's device, rebuilt only when the slot list changed
+        (no host-to-device copy per layer per decode step)."""
+        slots = (lay.host_slots if host else lay.slots)[which :: lay.per_chunk]
+        key = (which, host)
+        cached = lay.index_cache.get(key)
+        if cached is None or cached[0] != slots:
+            device = lay.host_pool.device if host else lay.v_pool.device
+            cached = (slots, torch.tensor(slots, device=device))
+            lay.index_cache[key] = cached
+        return cached[1]
+
+    def _gather(self, lay: _LayerKV, pool: ChunkPool, which: int, skip: int, n: int) -> torch.Tensor:
+        parts = []
+        if lay.host_slots:
+            parts.append(lay.host_pool.fetch(self._index(lay, which, True), self.device))
+        if lay.slots:
+            parts.append(pool.fetch(self._index(lay, which, False), self.device))
+        data = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        scale = None
+        if pool.quantized:
+            scale = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+            scale = scale[skip : skip + n]
+        return pool.decode(data[skip : skip + n], scale)
 
     def commit(self) -> None:
         self.length = self._end
@@ -180,9 +240,25 @@ class KVCache:
             if lay is not None and lay.window is not None:
                 keep_from = self.length - lay.window - self.max_rollback
                 self._drop_before(lay, keep_from)
+            elif lay is not None and lay.host_pool is not None:
+                self._offload(lay)
+
+    def _offload(self, lay: _LayerKV) -> None:
+        """Move the oldest device chunks that ended ``offload_after`` positions ago to host memory."""
+        per = lay.per_chunk
+        while len(lay.slots) > per:
+            end_of_oldest = lay.first + (len(lay.host_slots) // per + 1) * self.chunk
+            if end_of_oldest > self.length - self.offload_after:
+                break
+            for slot in lay.slots[:per]:
+                host = lay.host_pool.alloc()
+                lay.host_pool.copy_slot(lay.v_pool, slot, host)
+                lay.host_slots.append(host)
+            lay.v_pool.release(lay.slots[:per])
+            del lay.slots[:per]
 
     def _drop_before(self, lay: _LayerKV, position: int) -> None:
-        per = 1 if lay.k_pool is None else 2
+        per = lay.per_chunk
         whole = max(0, (position - lay.first) // self.chunk)
         if whole:
             lay.v_pool.release(lay.slots[: whole * per])
@@ -203,11 +279,14 @@ class KVCache:
         for lay in self.layers:
             if lay is None:
                 continue
-            per = 1 if lay.k_pool is None else 2
-            keep = -(-(n - lay.first) // self.chunk) * per if n > lay.first else 0
-            lay.v_pool.release(lay.slots[keep:])
-            del lay.slots[keep:]
-            if not lay.slots:
+            keep = -(-(n - lay.first) // self.chunk) * lay.per_chunk if n > lay.first else 0
+            on_host = len(lay.host_slots)
+            if keep < on_host:
+                lay.host_pool.release(lay.host_slots[keep:])
+                del lay.host_slots[keep:]
+            lay.v_pool.release(lay.slots[max(0, keep - on_host) :])
+            del lay.slots[max(0, keep - on_host) :]
+            if not lay.slots and not lay.host_slots:
                 lay.first = (n // self.chunk) * self.chunk
 
     def can_truncate(self, n: int) -> bool:
@@ -221,11 +300,12 @@ class KVCache:
 
     def memory(self) -> dict[str, int]:
         """Bytes held by each layer type's chunks (allocated to layers), plus pool totals."""
-        out = {"sliding": 0, "full": 0}
+        out = {"sliding": 0, "full": 0, "full_offloaded": 0}
         for lay in self.layers:
             if lay is not None:
                 out[lay.kind] += len(lay.slots) * lay.v_pool.nbytes_per_chunk()
-        out["pool_allocated"] = sum(p.nbytes_allocated() for p in self.pools.values())
+                out["full_offloaded"] += len(lay.host_slots) * lay.v_pool.nbytes_per_chunk()
+        out["pool_allocated"] = sum(p.nbytes_allocated() for k, p in self.pools.items() if k[0] != "host")
         return out
 
 

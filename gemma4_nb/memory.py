@@ -14,7 +14,7 @@ import torch
 from .cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK
 from .config import ModelConfig
 from .errors import Gemma4Error
-from .kernels.torch_ops import SCORE_BLOCK_ELEMENTS
+from .kernels.torch_ops import score_block_elements
 
 # bytes per weight: int8 has one fp16 scale per output row (negligible), int4 one fp16 per 32
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 32}
@@ -55,7 +55,7 @@ def _kv_layer_bytes(heads: int, dim: int, positions: int, kv_format: str, tensor
 
 def plan_memory(cfg: ModelConfig, *, context: int, weights: str = "bf16", kv: str = "bf16",
                 compute: str | None = None, chunk: int = DEFAULT_CHUNK, max_rollback: int = DEFAULT_MAX_ROLLBACK,
-                prefill_chunk: int = 512) -> MemoryPlan:
+                prefill_chunk: int = 512, device: str = "cpu") -> MemoryPlan:
     """Bytes for ``context`` positions of one sequence with the given formats."""
     compute_bytes = KV_BYTES.get(compute or ("bf16" if weights in ("int8", "int4") else weights), 2.0)
     w = int(cfg.parameter_count() * WEIGHT_BYTES[weights])
@@ -81,7 +81,7 @@ def plan_memory(cfg: ModelConfig, *, context: int, weights: str = "bf16", kv: st
     inter = max(s.intermediate_size for s in cfg.layers)
     qdim = max(cfg.num_heads * s.head_dim for s in cfg.layers)
     hidden_acts = t * (4 * cfg.hidden_size + 3 * qdim + 3 * inter) * 4
-    scores = SCORE_BLOCK_ELEMENTS * 4 * 3
+    scores = score_block_elements(device) * 4 * 3
     logits = cfg.vocab_size * 4 * 2
     return MemoryPlan(w, sliding, full, hidden_acts + scores + logits + biggest_layer_kv)
 

@@ -65,8 +65,9 @@ class GemmaModel:
         }
 
     def new_cache(self, *, chunk: int = DEFAULT_CHUNK, kv_dtype: str | None = None,
-                  max_rollback: int = DEFAULT_MAX_ROLLBACK) -> KVCache:
-        return KVCache(self.cfg, self.device, self.dtype, chunk=chunk, kv_dtype=kv_dtype, max_rollback=max_rollback)
+                  max_rollback: int = DEFAULT_MAX_ROLLBACK, offload_after: int | None = None) -> KVCache:
+        return KVCache(self.cfg, self.device, self.dtype, chunk=chunk, kv_dtype=kv_dtype,
+                       max_rollback=max_rollback, offload_after=offload_after)
 
     # -- pieces -------------------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ class Model:
 
     def __init__(self, model_dir: Path, cfg: ModelConfig, net: GemmaModel, tokenizer: Tokenizer,
                  generation_config: dict, max_context: int, source: Path | None = None, *,
-                 kv_dtype: str | None = None, kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None) -> None:
+                 kv_dtype: str | None = None, kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
+                 kv_offload_after: int | None = None) -> None:
         self.model_dir = model_dir
         self.source = source or model_dir  # what the user pointed at (a GGUF is converted to model_dir)
         self.config = cfg
@@ -73,7 +74,7 @@ class Model:
         self.last_usage: Usage | None = None
         self.kv_dtype, self.kv_chunk = kv_dtype, kv_chunk
         self.prefill_chunk = prefill_chunk or (2048 if net.device.type == "cuda" else 512)
-        self.cache = PrefixCache(lambda: net.new_cache(chunk=kv_chunk, kv_dtype=kv_dtype))
+        self.cache = PrefixCache(lambda: net.new_cache(chunk=kv_chunk, kv_dtype=kv_dtype, offload_after=kv_offload_after))
 
     def reset(self) -> None:
         """Drop the KV cache (it is rebuilt on the next request)."""
@@ -82,7 +83,7 @@ class Model:
     def memory_plan(self, context: int):
         dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.net.dtype]
         return plan_memory(self.config, context=context, weights=dtype, kv=self.kv_dtype or dtype,
-                           chunk=self.kv_chunk, prefill_chunk=self.prefill_chunk)
+                           chunk=self.kv_chunk, prefill_chunk=self.prefill_chunk, device=self.net.device.type)
 
     def _check_memory(self, req: GenerationRequest) -> None:
         """Refuse a request whose KV cache and activations will not fit, before allocating them."""
@@ -194,7 +195,8 @@ def _read_json(path: Path) -> dict:
 
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max_context: int | None = None,
          progress: bool = True, download: bool = False, kv_dtype: str | None = None,
-         kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None) -> Model:
+         kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
+         kv_offload_after: int | None = None) -> Model:
     """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, or
     ``$GEMMA4_NB_MODEL``; with none of these, the embedded Gemma 3 270M.
 
@@ -203,6 +205,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     ``download=True`` fetches a repo id from the Hugging Face Hub when it is not cached.
     ``kv_dtype="int8"`` halves the KV cache; ``kv_chunk`` is its chunk size in positions;
     ``prefill_chunk`` how many prompt tokens run per forward (default 512 on CPU, 2048 on CUDA).
+    ``kv_offload_after=N`` (CUDA): full-layer KV older than the newest N positions moves to pinned
+    host memory, trading PCIe transfers per token for GPU memory.
     """
     model_dir = source = resolve_model(model, download=download)
     if model_dir.suffix == ".gguf":
@@ -231,4 +235,5 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     generation_config = _read_json(model_dir / "generation_config.json")
     return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source,
-                 kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk)
+                 kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk,
+                 kv_offload_after=kv_offload_after)

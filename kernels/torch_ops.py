@@ -65,7 +65,11 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
 
 
 # Scores of one block are at most this many elements (fp32): bounds prefill memory at any depth.
-SCORE_BLOCK_ELEMENTS = 1 << 24
+SCORE_BLOCK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
+
+
+def score_block_elements(device_type: str) -> int:
+    return SCORE_BLOCK_ELEMENTS.get(device_type, SCORE_BLOCK_ELEMENTS["cpu"])
 
 
 def attention(
@@ -92,7 +96,7 @@ def attention(
     k_pos = torch.arange(k_pos.start, k_pos.stop, device=q.device) if isinstance(k_pos, range) else k_pos
     groups = hq // hkv
     qg = q.reshape(hkv, groups * tq, d).float()  # query heads sharing a KV head side by side
-    block = max(1, SCORE_BLOCK_ELEMENTS // (hq * tq))
+    block = max(1, score_block_elements(q.device.type) // (hq * tq))
     if block >= tk:
         scores = softcap(torch.matmul(qg, k.float().transpose(1, 2)) * scale, cap).view(hkv, groups, tq, tk)
         scores = scores.masked_fill(~attention_mask(q_pos, k_pos, window), -math.inf)

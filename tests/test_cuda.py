@@ -33,3 +33,18 @@ def test_cuda_greedy_generation_matches_cpu(hf_checkpoints):
     req = GenerationRequest(prompt_ids=[2] + list(range(50, 114)), max_new_tokens=32)
     assert list(generate_ids(gpu.net, req, gpu.max_context, Usage())) == list(
         generate_ids(cpu.net, req, cpu.max_context, Usage()))
+
+
+def test_cuda_chunked_cache_with_pinned_offload(hf_checkpoints):
+    path, _ = hf_checkpoints["a"]
+    gpu = gemma4_nb.load(path, device="cuda", dtype="fp32", progress=False)
+    net = gpu.net
+    ids = torch.tensor([2] + list(range(40, 139)))
+    full = net.forward(ids, net.new_cache(chunk=1024), outputs="all").logits
+    cache = net.new_cache(chunk=8, offload_after=16)
+    steps = [net.forward(ids[:10], cache, outputs="all").logits]
+    for i in range(10, len(ids)):
+        steps.append(net.forward(ids[i : i + 1], cache).logits)
+    assert (torch.cat(steps) - full).abs().max().item() <= 1e-4
+    host = [p for k, p in cache.pools.items() if k[0] == "host"]
+    assert host and all(p.data.is_pinned() for p in host) and cache.memory()["full_offloaded"] > 0

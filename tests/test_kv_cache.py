@@ -79,6 +79,27 @@ def test_rollback_then_decode_equals_fresh_decode(variant, models):
     assert cache.memory()["sliding"] == 0 and cache.memory()["full"] == 0
 
 
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_offloaded_full_layer_chunks_read_back_exactly(kv_dtype, models):
+    net = models["c"].net  # K/V (not K=V) full layers and KV sharing
+    ids = ids_for(90, seed=6)
+    plain = net.new_cache(chunk=4, kv_dtype=kv_dtype, max_rollback=6)
+    expected = [net.forward(ids[:20], plain, outputs="all").logits]
+    cache = net.new_cache(chunk=4, kv_dtype=kv_dtype, max_rollback=6, offload_after=8)
+    got = [net.forward(ids[:20], cache, outputs="all").logits]
+    for i in range(20, 90):
+        expected.append(net.forward(ids[i : i + 1], plain).logits)
+        got.append(net.forward(ids[i : i + 1], cache).logits)
+    assert torch.equal(torch.cat(got), torch.cat(expected))
+    mem, base = cache.memory(), plain.memory()
+    assert mem["full_offloaded"] > 0 and mem["full"] < base["full"]
+    assert mem["full"] + mem["full_offloaded"] == base["full"]
+    cache.truncate(85)  # a rollback reaching back into chunks that are still on the device
+    plain.truncate(85)
+    assert torch.equal(net.forward(ids[:3], cache, outputs="all").logits,
+                       net.forward(ids[:3], plain, outputs="all").logits)
+
+
 def test_prefix_reuse_equals_recomputation(hf_checkpoints):
     path, _ = hf_checkpoints["a"]
     reuse = gemma4_nb.load(path, device="cpu", dtype="fp32", progress=False, kv_chunk=8)
