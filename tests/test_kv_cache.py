@@ -183,3 +183,25 @@ def test_planner_figures_for_gemma4_12b():
     assert int8.kv_full == 8 * 262144 * (512 + 4)
     assert bf16.kv_sliding == plan_memory(cfg, context=8192, weights="int4", kv="bf16").kv_sliding  # bounded
     assert bf16.kv < 4.5 * 2**30 and int8.kv < 2.5 * 2**30
+
+
+def test_interrupted_prefill_leaves_a_reusable_cache(hf_checkpoints, monkeypatch):
+    path, _ = hf_checkpoints["a"]
+    model = gemma4_nb.load(path, device="cpu", dtype="fp32", progress=False, prefill_chunk=8)
+    prompt = ids_for(60, seed=7).tolist()
+    expected = model.generate(prompt, max_new_tokens=8, temperature=0)
+    model.reset()
+    real_forward, calls = model.net.forward, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # the user pressed Stop during the prefill
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.net, "forward", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(prompt, max_new_tokens=8, temperature=0)
+    assert model.cache.kv.length == len(model.cache.ids) == 24  # three chunks committed, consistent
+    assert model.generate(prompt, max_new_tokens=8, temperature=0) == expected
+    assert model.last_usage.cached_tokens == 24
