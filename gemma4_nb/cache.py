@@ -318,29 +318,34 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    """One KV cache and the token ids it holds, reused by the next request that shares a prefix
-    (chat history, notebook context that stays the same across cells)."""
+    """One KV cache and the keys of the positions it holds (token ids; media positions carry the
+    digest of their image or clip), reused by the next request that shares a prefix (chat
+    history, notebook context that stays the same across cells)."""
 
     def __init__(self, make_cache) -> None:
         self._make = make_cache
         self.kv: KVCache | None = None
-        self.ids: list[int] = []
+        self.ids: list = []
 
-    def prepare(self, prompt_ids: list[int]) -> int:
-        """Keep the longest cached prefix of ``prompt_ids`` (at least one token is left to run, for
-        its logits) and return its length; start over when the cache cannot roll back that far."""
+    def prepare(self, keys: list, atomic: list[tuple[int, int]] = ()) -> int:
+        """Keep the longest cached prefix of ``keys`` (at least one position is left to run, for
+        its logits; never part of an ``atomic`` span such as an image) and return its length.
+        Starts over when the cache cannot roll back that far."""
         if self.kv is None:
             self.kv = self._make()
-        keep = min(common_prefix(self.ids, prompt_ids), len(prompt_ids) - 1)
+        keep = min(common_prefix(self.ids, keys), len(keys) - 1)
+        for start, stop in atomic:
+            if start < keep < stop:
+                keep = start
         if keep < self.kv.length and not self.kv.can_truncate(keep):
             keep = 0
         self.kv.truncate(min(keep, self.kv.length))
         self.ids = self.ids[: self.kv.length]
         return self.kv.length
 
-    def appended(self, ids: list[int]) -> None:
-        """Record tokens that a committed forward added."""
-        self.ids.extend(ids)
+    def appended(self, keys: list) -> None:
+        """Record positions that a committed forward added."""
+        self.ids.extend(keys)
         assert len(self.ids) == self.kv.length
 
     def clear(self) -> None:

@@ -45,6 +45,25 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         out[lp + "mlp.down_proj.weight"] = (h, s.intermediate_size)
         if cfg.family.has_layer_scalar:
             out[lp + "layer_scalar"] = (1,)
+    out.update(media_tensors(cfg))
+    return out
+
+
+def media_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The image and audio embedders' tensors, under their on-disk names (transformers renames
+    ``model.vision_embedder.*`` to ``model.embed_vision.*`` in memory; the files keep these)."""
+    out: dict[str, tuple[int, ...]] = {}
+    v, h = cfg.vision, cfg.hidden_size
+    if v is not None:
+        e = "model.vision_embedder."
+        out.update({e + "patch_ln1.weight": (v.patch_dim,), e + "patch_ln1.bias": (v.patch_dim,),
+                    e + "patch_dense.weight": (v.embed_dim, v.patch_dim), e + "patch_dense.bias": (v.embed_dim,),
+                    e + "patch_ln2.weight": (v.embed_dim,), e + "patch_ln2.bias": (v.embed_dim,),
+                    e + "pos_embedding": (v.posemb_size, 2, v.embed_dim),
+                    e + "pos_norm.weight": (v.embed_dim,), e + "pos_norm.bias": (v.embed_dim,),
+                    "model.embed_vision.embedding_projection.weight": (h, v.proj_dim)})
+    if cfg.audio is not None:
+        out["model.embed_audio.embedding_projection.weight"] = (h, cfg.audio.samples_per_token)
     return out
 
 

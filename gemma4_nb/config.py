@@ -84,6 +84,40 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class VisionSpec:
+    """The encoder-free image embedder: 48x48 patches -> LN -> Linear -> LN -> +2D table -> LN -> RMSNorm -> Linear."""
+
+    patch_size: int  # model patch side in pixels (patch_size * pooling_kernel_size = 48)
+    embed_dim: int
+    posemb_size: int
+    proj_dim: int  # input width of the final projection (output_proj_dims)
+    rms_norm_eps: float
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size * self.patch_size * 3
+
+
+@dataclass(frozen=True)
+class AudioSpec:
+    """Raw 16 kHz audio: one token per ``samples_per_token`` samples -> RMSNorm -> Linear."""
+
+    samples_per_token: int
+    rms_norm_eps: float
+
+
+@dataclass(frozen=True)
+class MediaTokens:
+    image: int
+    boi: int
+    eoi: int
+    audio: int
+    boa: int
+    eoa: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     family: Family
@@ -101,6 +135,9 @@ class ModelConfig:
     pad_token_id: int
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    vision: VisionSpec | None = None
+    audio: AudioSpec | None = None
+    media_tokens: MediaTokens | None = None
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -260,6 +297,20 @@ def parse_config(data: dict[str, Any], where: str = "config.json") -> ModelConfi
     query_scale = float(text.get("query_pre_attn_scalar", head_dim)) ** -0.5 if family.scales_queries else 1.0
 
     eos = _as_id_list(text.get("eos_token_id", data.get("eos_token_id", 1)))
+    vision = audio = media_tokens = None
+    if text_key is not None and family is GEMMA4:
+        vc, ac = data.get("vision_config"), data.get("audio_config")
+        if isinstance(vc, dict):
+            vision = VisionSpec(
+                patch_size=int(vc.get("patch_size", 16)) * int(vc.get("pooling_kernel_size", 3)),
+                embed_dim=int(vc.get("mm_embed_dim", 3840)), posemb_size=int(vc.get("mm_posemb_size", 1120)),
+                proj_dim=int(vc.get("output_proj_dims", 3840)), rms_norm_eps=float(vc.get("rms_norm_eps", 1e-6)))
+        if isinstance(ac, dict):
+            audio = AudioSpec(int(ac.get("audio_embed_dim", 640)), float(ac.get("rms_norm_eps", 1e-6)))
+        media_tokens = MediaTokens(
+            image=int(data.get("image_token_id", 258880)), boi=int(data.get("boi_token_id", 255999)),
+            eoi=int(data.get("eoi_token_id", 258882)), audio=int(data.get("audio_token_id", 258881)),
+            boa=int(data.get("boa_token_id", 256000)), eoa=int(data.get("eoa_token_index", 258883)))
     return ModelConfig(
         model_type=model_type,
         family=family,
@@ -277,6 +328,9 @@ def parse_config(data: dict[str, Any], where: str = "config.json") -> ModelConfi
         pad_token_id=int(text.get("pad_token_id", 0) or 0),
         bos_token_id=text.get("bos_token_id", 2),
         eos_token_ids=eos,
+        vision=vision,
+        audio=audio,
+        media_tokens=media_tokens,
         raw=data,
     )
 

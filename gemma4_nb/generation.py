@@ -53,6 +53,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
+    prompt: object | None = None  # a multimodal.PreparedPrompt when the prompt holds media
 
 
 def check_request(req: GenerationRequest, context_length: int) -> int:
@@ -70,15 +71,29 @@ def check_request(req: GenerationRequest, context_length: int) -> int:
     return min(req.max_new_tokens, context_length - n)
 
 
-def prefill(model, ids: list[int], prefix, chunk: int):
-    """Run ``ids`` through the model ``chunk`` tokens at a time (bounded activation memory);
-    logits only for the last position. Each finished chunk is recorded in ``prefix`` at once,
-    so an interrupted prefill leaves a consistent, reusable cache."""
-    out = None
-    for start in range(0, len(ids), chunk):
-        piece = ids[start : start + chunk]
-        out = model.forward(torch.tensor(piece, dtype=torch.long), prefix.kv, logits=start + chunk >= len(ids))
-        prefix.appended(piece)
+def prefill(model, ids: list[int], prefix, chunk: int, start: int = 0, prompt=None):
+    """Run ``ids[start:]`` through the model ``chunk`` tokens at a time (bounded activation
+    memory); logits only for the last position. A chunk never splits an image (its tokens attend
+    to each other both ways). Each finished chunk is recorded in ``prefix`` at once, so an
+    interrupted prefill leaves a consistent, reusable cache."""
+    from .model import SoftTokens
+
+    keys = prompt.keys if prompt is not None else ids
+    atomic = prompt.atomic if prompt is not None else ()
+    out, pos = None, start
+    while pos < len(ids):
+        end = min(pos + chunk, len(ids))
+        for a, b in atomic:
+            if a < end < b:
+                end = a if a > pos else b
+        soft = None
+        if prompt is not None:
+            mask, embeddings, blocks = prompt.span_soft(pos, end)
+            if mask is not None and bool(mask.any()):
+                soft = SoftTokens(mask, embeddings, blocks)
+        out = model.forward(torch.tensor(ids[pos:end], dtype=torch.long), prefix.kv, soft=soft, logits=end == len(ids))
+        prefix.appended(keys[pos:end])
+        pos = end
     return out
 
 
@@ -96,9 +111,11 @@ def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usag
     prefix = prefix or PrefixCache(model.new_cache)
     usage.prompt_tokens = len(req.prompt_ids)
     t0 = time.perf_counter()
-    usage.cached_tokens = prefix.prepare(req.prompt_ids)
-    todo = req.prompt_ids[usage.cached_tokens :]
-    out = prefill(model, todo, prefix, prefill_chunk)
+    if req.prompt is not None:
+        usage.cached_tokens = prefix.prepare(req.prompt.keys, req.prompt.atomic)
+    else:
+        usage.cached_tokens = prefix.prepare(req.prompt_ids)
+    out = prefill(model, req.prompt_ids, prefix, prefill_chunk, start=usage.cached_tokens, prompt=req.prompt)
     token = sampler(out.logits[-1])
     usage.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -14,6 +14,7 @@ import torch
 from .cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK, KVCache
 from .config import LayerSpec, ModelConfig
 from .kernels import torch_ops as ops
+from .multimodal import Embedders
 
 
 @dataclass
@@ -28,6 +29,7 @@ class SoftTokens:
 
     mask: torch.Tensor  # bool [T]
     embeddings: torch.Tensor  # [mask.sum(), hidden]
+    blocks: torch.Tensor | None = None  # long [T]: image block ids, bidirectional on sliding layers
 
 
 class GemmaModel:
@@ -41,6 +43,7 @@ class GemmaModel:
         # The reference casts the sqrt(hidden) scale to the weight dtype before multiplying.
         self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype)
         self.layer_weights = [self._layer_weights(s) for s in cfg.layers]
+        self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
         self._rope = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
                       for s in cfg.layers}
 
@@ -93,7 +96,7 @@ class GemmaModel:
         cos, sin = self._rope[spec.rope].get(k_pos)
         return ops.apply_rope((v_all.float() * w).to(self.dtype), cos, sin, seq_dim=1)
 
-    def _attention(self, spec: LayerSpec, w, h, rope, q_pos, cache) -> torch.Tensor:
+    def _attention(self, spec: LayerSpec, w, h, rope, q_pos, cache, blocks=None) -> torch.Tensor:
         cfg = self.cfg
         t = h.shape[0]
         cos, sin = rope
@@ -114,13 +117,14 @@ class GemmaModel:
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         if k_all is None:
             k_all = self._keys_from_values(spec.kv_source, v_all, k_pos)
+        # images attend to themselves both ways on sliding layers only (full layers stay causal)
         out = ops.attention(q.transpose(0, 1), k_all, v_all, q_pos, k_pos, spec.window, cfg.query_scale,
-                            cfg.attn_softcap)
+                            cfg.attn_softcap, blocks if spec.kind == "sliding" else None)
         return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
 
-    def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache) -> torch.Tensor:
+    def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache, blocks=None) -> torch.Tensor:
         w = self.layer_weights[spec.index]
-        attn = self._attention(spec, w, self.norm(x, w["input_norm"]), rope, q_pos, cache)
+        attn = self._attention(spec, w, self.norm(x, w["input_norm"]), rope, q_pos, cache, blocks)
         x = x + self.norm(attn, w["post_attn_norm"])
         mlp = ops.gated_mlp(self.norm(x, w["pre_ffn_norm"]), w["gate"], w["up"], w["down"])
         x = x + self.norm(mlp, w["post_ffn_norm"])
@@ -149,8 +153,11 @@ class GemmaModel:
         q_pos = cache.begin(ids.shape[0])
         x = self.embed(ids, soft)
         ropes = {r: table.get(q_pos) for r, table in self._rope.items()}
+        blocks = None
+        if soft is not None and soft.blocks is not None and bool((soft.blocks >= 0).any()):
+            blocks = soft.blocks.to(self.device)
         for spec in self.cfg.layers:
-            x = self._layer(spec, x, ropes[spec.rope], q_pos, cache)
+            x = self._layer(spec, x, ropes[spec.rope], q_pos, cache, blocks)
         cache.commit()
         if outputs == "last":
             x = x[-1:]

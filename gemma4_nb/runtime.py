@@ -17,6 +17,7 @@ from .cache import DEFAULT_CHUNK, PrefixCache
 from .generation import GenerationRequest, TextStream, Usage
 from .memory import GiB, MemoryPlanError, available_memory, plan_memory
 from .model import GemmaModel
+from .multimodal import PreparedPrompt, collect_media, prepare_prompt
 from .resolve import resolve_model
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -125,7 +126,7 @@ class Model:
     # -- generation ---------------------------------------------------------------------------
 
     def _request(self, prompt_ids: list[int], max_new_tokens: int, stop: str | Iterable[str] | None,
-                 **sampling) -> GenerationRequest:
+                 prompt: PreparedPrompt | None = None, **sampling) -> GenerationRequest:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         vocab = self.config.vocab_size
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
@@ -137,6 +138,7 @@ class Model:
             sampling=self.default_sampling.updated(**sampling),
             stop_token_ids=self.stop_token_ids,
             stop_strings=tuple(s for s in stops if s),
+            prompt=prompt,
         )
 
     def _run(self, req: GenerationRequest, stream: bool):
@@ -170,10 +172,17 @@ class Model:
         messages = validate_messages(messages)
         if not any(_has_content(m) for m in messages):
             raise PromptError("the messages are empty: give at least one message with some content")
-        ids = self.chat_ids(messages, enable_thinking=enable_thinking, tools=tools)
-        req = self._request(ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
-                            top_p=top_p, min_p=min_p, seed=seed)
+        prompt = self.prepare_chat(messages, enable_thinking=enable_thinking, tools=tools)
+        req = self._request(prompt.ids, max_new_tokens, stop, prompt=prompt if prompt.soft_mask is not None else None,
+                            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
         return self._run(req, stream)
+
+    def prepare_chat(self, messages: list[dict], **kwargs) -> PreparedPrompt:
+        """The rendered, tokenized conversation with its images and audio embedded."""
+        images, audios = collect_media(messages)
+        text = self.chat_prompt(messages, **kwargs)
+        return prepare_prompt(text, images, audios, self.tokenizer, self.config, self.net.embedders,
+                              self.net.dtype, self.net.device)
 
 
 def _has_content(message: dict) -> bool:

@@ -81,6 +81,8 @@ def write_tokenizer(out_dir: Path, vocab_size: int = 512) -> Tokenizer:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
         "add_bos_token": True, "model_max_length": 1_000_000,
+        "extra_special_tokens": {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                                 "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"},
     }, indent=2))
     (out_dir / "chat_template.jinja").write_text(chat_template(), encoding="utf-8")
     return tok

@@ -56,9 +56,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: i
     return torch.cat((r1, x[..., pairs:half], r2, x[..., half + pairs :]), dim=-1)
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean ``[Tq, Tk]`` mask: key visible if ``k <= q`` and, with a window, ``q - window < k``."""
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+                   blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean ``[Tq, Tk]`` mask: key visible if ``k <= q`` and, with a window, ``q - window < k``.
+
+    ``blocks`` (``[Tq]``, the block id of each query position, -1 outside blocks) also makes keys
+    of this forward visible when they belong to the query's block (an image attends to itself
+    both ways); the window still applies."""
     allowed = k_pos[None, :] <= q_pos[:, None]
+    if blocks is not None:
+        offset = k_pos - q_pos[0]
+        current = (offset >= 0) & (offset < len(q_pos))
+        k_blocks = torch.full_like(k_pos, -1)
+        k_blocks[current] = blocks[offset[current]]
+        allowed |= (blocks[:, None] == k_blocks[None, :]) & (blocks[:, None] >= 0)
     if window is not None:
         allowed &= k_pos[None, :] > (q_pos[:, None] - window)
     return allowed
@@ -81,12 +92,14 @@ def attention(
     window: int | None,
     scale: float,
     cap: float | None = None,
+    blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) grouped-query attention.
 
     ``q``: ``[Hq, Tq, D]``; ``k``, ``v``: ``[Hkv, Tk, D]``; ``q_pos``/``k_pos``: absolute positions
     (tensors or ``range``s).
-    ``cap`` soft-caps the scores (Gemma 2 style). Scores and softmax in fp32. Keys are processed in
+    ``cap`` soft-caps the scores (Gemma 2 style); ``blocks``: see :func:`attention_mask`.
+    Scores and softmax in fp32. Keys are processed in
     blocks with an online softmax, so memory stays bounded however long the context.
     Returns ``[Tq, Hq, D]``.
     """
@@ -99,7 +112,7 @@ def attention(
     block = max(1, score_block_elements(q.device.type) // (hq * tq))
     if block >= tk:
         scores = softcap(torch.matmul(qg, k.float().transpose(1, 2)) * scale, cap).view(hkv, groups, tq, tk)
-        scores = scores.masked_fill(~attention_mask(q_pos, k_pos, window), -math.inf)
+        scores = scores.masked_fill(~attention_mask(q_pos, k_pos, window, blocks), -math.inf)
         probs = torch.softmax(scores, dim=-1).to(v.dtype).view(hkv, groups * tq, tk)
         return torch.matmul(probs, v).view(hq, tq, v.shape[2]).transpose(0, 1)
     m = torch.full((hkv, groups, tq, 1), -math.inf, device=q.device)
@@ -107,7 +120,7 @@ def attention(
     acc = torch.zeros((hkv, groups * tq, v.shape[2]), device=q.device)
     for start in range(0, tk, block):
         kb, vb, pb = k[:, start : start + block], v[:, start : start + block], k_pos[start : start + block]
-        mask = attention_mask(q_pos, pb, window)
+        mask = attention_mask(q_pos, pb, window, blocks)
         if not bool(mask.any()):
             continue
         s = softcap(torch.matmul(qg, kb.float().transpose(1, 2)) * scale, cap).view(hkv, groups, tq, -1)
