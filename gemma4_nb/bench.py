@@ -255,6 +255,43 @@ def long_context(total: int = 262144, depths=(1024, 8192, 32768, 131072, 262144)
               f"{mem['full'] / 2**20:>7.2f} MiB {plan.kv_full / 2**20:>9.2f} MiB")
 
 
+def preprocessing(repeats: int = 20) -> None:
+    """Image and audio preprocessing times (median of ``repeats``)."""
+    import io
+    import statistics
+
+    import numpy as np
+    from PIL import Image
+
+    from .multimodal import audio_frames, image_patches
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1000
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:1080, 0:1920]
+    img = np.clip(np.stack([x / 7.5, y / 4.2, 128 + 60 * np.sin(x / 30)], -1) + rng.normal(0, 8, (1080, 1920, 3)), 0, 255)
+    img = img.astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    png = buf.getvalue()
+    clip16 = (0.1 * rng.standard_normal(16000 * 30)).astype(np.float32)
+    clip44 = (0.1 * rng.standard_normal(44100 * 30)).astype(np.float32)
+    print(f"torch threads: {torch.get_num_threads()}   (median of {repeats} runs)")
+    for budget in (280, 1120):
+        print(f"1920x1080 image, array -> {budget} soft tokens:    {median_ms(lambda: image_patches(img, budget)):7.1f} ms")
+    print(f"1920x1080 image, PNG bytes -> 280 soft tokens: {median_ms(lambda: image_patches(png, 280)):7.1f} ms "
+          "(includes PNG decoding)")
+    print(f"30 s clip, 16 kHz array -> 750 frames:         {median_ms(lambda: audio_frames(clip16, 16000)):7.1f} ms")
+    print(f"30 s clip, 44.1 kHz array (resampled):         {median_ms(lambda: audio_frames(clip44, 44100)):7.1f} ms")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gemma4_nb.bench")
     p.add_argument("--model")
@@ -267,7 +304,12 @@ def main(argv=None) -> int:
     p.add_argument("--load-time", action="store_true", help="first and cached load of the embedded GGUF")
     p.add_argument("--agreement", choices=["llama.cpp"], help="top-1 agreement and speed against llama.cpp")
     p.add_argument("--long-context", type=int, metavar="TOKENS", help="fill a tiny model's context to TOKENS")
+    p.add_argument("--preprocess", action="store_true", help="image and audio preprocessing times")
     args = p.parse_args(argv)
+    if args.preprocess:
+        torch.set_num_threads(args.threads)
+        preprocessing()
+        return 0
     if args.long_context:
         depths = [d for d in (1024, 8192, 32768, 131072, 262144) if d < args.long_context] + [args.long_context]
         long_context(args.long_context, depths, device=args.device)

@@ -57,7 +57,7 @@ class ImagePatches:
 
 
 def image_patches(image, budget: int = DEFAULT_IMAGE_BUDGET, side: int = 48) -> ImagePatches:
-    """Resize (bicubic, antialiased, rounded back to 8 bits), rescale to [0, 1], cut into patches."""
+    """Resize (bicubic, antialiased, in 8 bits), rescale to [0, 1], cut into patches."""
     if budget not in SOFT_TOKEN_BUDGETS:
         raise MediaError(f"image token budget {budget} is not supported; use one of {SOFT_TOKEN_BUDGETS}")
     rgb = load_image(image)
@@ -65,8 +65,8 @@ def image_patches(image, budget: int = DEFAULT_IMAGE_BUDGET, side: int = 48) -> 
     th, tw = target_size(h, w, budget)
     pixels = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)  # [3, H, W] uint8
     if (th, tw) != (h, w):
-        resized = F.interpolate(pixels[None].float(), size=(th, tw), mode="bicubic", antialias=True, align_corners=False)
-        pixels = resized[0].clamp_(0, 255).round_().to(torch.uint8)
+        # PyTorch's 8-bit antialiased bicubic kernel: what torchvision (the reference) runs on CPU
+        pixels = F.interpolate(pixels[None], size=(th, tw), mode="bicubic", antialias=True, align_corners=False)[0]
     x = pixels * (1.0 / 255.0)
     gh, gw = th // side, tw // side
     patches = x.reshape(3, gh, side, gw, side).permute(1, 3, 2, 4, 0).reshape(gh * gw, side * side * 3)

@@ -62,7 +62,8 @@ def test_prompt_token_sequence_matches_the_reference_processor(processor, tokeni
     messages = [{"role": "user", "content": [{"type": "text", "text": "two plots"}, {"type": "image"}, {"type": "image"},
                                              {"type": "text", "text": "and a voice note"}, {"type": "audio"}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ref = processor(text=text, images=[[Image.fromarray(i) for i in images]], audio=[clip], return_tensors="pt")
+    ref = processor(text=text, images=[[Image.fromarray(i) for i in images]], audio=[clip], return_tensors="pt",
+                    add_special_tokens=False)  # the template already wrote <bos>
     from gemma4_nb.multimodal import prepare_prompt
     from gemma4_nb.config import parse_config
     from gemma4_nb.tiny import tiny_config
