@@ -33,7 +33,7 @@ install: $(VENV)/.deps
 install-test: $(VENV)/.deps-test install
 
 demo: install
-	$(BIN)/python -m gemma4_nb.demo
+	$(BIN)/python -m gemma4_nb.demo examples/quickstart.ipynb build
 
 test: install-test
 	cd tests && ../$(BIN)/python -m pytest -q -p no:cacheprovider --rootdir=.. ..

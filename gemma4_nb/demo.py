@@ -1,47 +1,49 @@
-"""``make demo``: stream a pandas-flavoured reply and print the speed.
+"""``make demo``: execute ``examples/quickstart.ipynb`` headless with the default model, write the
+executed notebook and an HTML export, and say where they are.
 
-With ``$GEMMA4_NB_MODEL`` set (Gemma 4 12B, say) it asks a chat question. Without it, it runs
-the embedded Gemma 3 270M (a base model) on a code-completion prompt, which suits a base model.
+The notebook asks about a DataFrame, about a plot, and runs the agent, which writes and executes
+a cell. It uses ``$GEMMA4_NB_MODEL`` when set, else the embedded Gemma 3 270M.
 """
 
 from __future__ import annotations
 
-import os
 import sys
+import time
+from pathlib import Path
 
-from .errors import Gemma4Error
-from .resolve import ENV_VAR
-from .runtime import load
-
-CHAT_PROMPT = ("I have a pandas DataFrame `sales` with columns region, quarter and revenue. "
-               "How do I find the region with the highest revenue growth last quarter?")
-COMPLETION_PROMPT = '''import pandas as pd
-
-sales = pd.read_csv("sales.csv", parse_dates=["date"])
-sales["quarter"] = sales["date"].dt.to_period("Q")
-
-# Total revenue per region and quarter, then the growth from one quarter to the next
-'''
+import nbformat
+from nbclient import NotebookClient
+from nbconvert import HTMLExporter
 
 
-def main() -> int:
-    configured = bool(os.environ.get(ENV_VAR))
-    try:
-        model = load()
-        print(model, flush=True)
-        if configured and model.tokenizer.chat_template:
-            print(f"\nuser> {CHAT_PROMPT}\nmodel> ", end="", flush=True)
-            stream = model.chat([{"role": "user", "content": CHAT_PROMPT}], max_new_tokens=200, stream=True)
-        else:
-            print(f"\n--- completing this prompt (greedy) ---\n{COMPLETION_PROMPT}--- model output ---")
-            stream = model.generate(COMPLETION_PROMPT, max_new_tokens=80, temperature=0, stream=True,
-                                    stop=["\n\n\n"])
-        for delta in stream:
-            print(delta, end="", flush=True)
-        print(f"\n\n[{stream.usage.summary()}]")
-    except Gemma4Error as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
-        return 2
+def run_notebook(path: Path, out_dir: Path, timeout: int = 900) -> tuple[Path, Path, float]:
+    nb = nbformat.read(path, as_version=4)
+    t = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    seconds = time.perf_counter() - t
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / f"{path.stem}.executed.ipynb"
+    nbformat.write(nb, executed)
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    html_path = out_dir / f"{path.stem}.html"
+    html_path.write_text(html, encoding="utf-8")
+    return executed, html_path, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    notebook = Path(argv[0]) if argv else Path("examples/quickstart.ipynb")
+    out_dir = Path(argv[1]) if len(argv) > 1 else Path("build")
+    print(f"executing {notebook} with a real kernel ...", flush=True)
+    executed, html, seconds = run_notebook(notebook, out_dir)
+    nb = nbformat.read(executed, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and cell.source.startswith("%%gemma"):
+            print(f"\n>>> {cell.source}")
+            for out in cell.outputs:
+                text = out.get("text") or out.get("data", {}).get("text/markdown") or out.get("data", {}).get("text/plain", "")
+                print(text.rstrip())
+    print(f"\ndone in {seconds:.0f} s\nexecuted notebook: {executed.resolve()}\nHTML export:       {html.resolve()}")
     return 0
 
 
