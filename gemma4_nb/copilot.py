@@ -137,11 +137,14 @@ class Copilot:
 
     def messages(self, question: str, *, frames=None, images=(), audios=(), use_context=True) -> list[dict]:
         system = SYSTEM_PROMPT
+        images = list(images)
         if use_context:
             tok = self.model.tokenizer if self.model is not None else None
             ctx = build_context(self.shell, frames=frames, budget_tokens=self.settings.context_tokens, tokenizer=tok)
             if ctx.sections:
                 system += "\n\n# The notebook\n" + ctx.render()
+            if ctx.figures and self.backend is not None and self.backend.supports_images:
+                images += ctx.figures  # a vision model sees the open plots themselves
         content: list[dict] | str = question
         if images or audios:
             content = [{"type": "image", "image": i} for i in images] + \

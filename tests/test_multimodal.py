@@ -263,3 +263,29 @@ def test_resize_targets():
     p = image_patches(gradient(100, 100), 70)
     assert p.patches.shape == (64, 48 * 48 * 3) and float(p.patches.max()) <= 1.0
     assert p.positions[:3].tolist() == [[0, 0], [1, 0], [2, 0]] and p.positions[-1].tolist() == [7, 7]
+
+
+def test_copilot_shows_open_figures_to_a_vision_model(mm_checkpoint):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from gemma4_nb.copilot import Copilot
+
+    path, _ = mm_checkpoint
+    shell = InteractiveShell.instance()
+    copilot = Copilot(shell)
+    copilot.settings.model = str(path)
+    copilot.settings.max_new_tokens = 3
+    copilot.ensure_model()
+    plt.close("all")
+    without = copilot.model.prepare_chat(copilot.messages("what does the plot show?"))
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([1, 3, 2])
+    with_fig = copilot.model.prepare_chat(copilot.messages("what does the plot show?"))
+    plt.close("all")
+    assert without.soft_mask is None
+    assert int(with_fig.soft_mask.sum()) > 0 and TOKENS["image_token_id"] in with_fig.ids
+    assert copilot.ask("what does the plot show?").answer is not None
