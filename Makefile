@@ -8,9 +8,9 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-# llama.cpp for `make bench`, built without AMX (its AMX kernels crash on this machine's VM).
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+# llama.cpp (tests and `make bench`) is built for portable AVX2, not -march=native: a native build
+# compiles in its AMX kernels, which crash on this machine's VM, and would not run on an older CPU.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: demo test bench install install-test clean
 
@@ -22,7 +22,10 @@ $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet --no-build-isolation .
 	touch $@
 
+# llama.cpp's server is a test dependency (the remote-backend tests run against it on loopback);
+# it compiles from source, with the flags above.
 $(VENV)/.deps-test: pyproject.toml $(VENV)/.deps
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet "llama-cpp-python[server]==0.3.36"
 	$(PIP) install --quiet --no-build-isolation ".[test]"
 	touch $@
 
@@ -39,7 +42,7 @@ test: install-test
 	cd tests && ../$(BIN)/python -m pytest -q -p no:cacheprovider --rootdir=.. ..
 
 $(VENV)/.deps-bench: $(VENV)/.deps
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet "llama-cpp-python==0.3.36"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet "llama-cpp-python[server]==0.3.36"
 	touch $@
 
 # Benchmarks (not part of CI): load times of the embedded model, agreement and speed vs llama.cpp.

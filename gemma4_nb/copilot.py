@@ -31,6 +31,9 @@ class Settings:
     context_tokens: int = 2000
     max_steps: int = 6
     history_file: bool = False
+    backend_url: str | None = None  # an OpenAI-compatible server instead of the in-kernel model
+    backend_model: str | None = None
+    backend_tools: bool = True
 
     def update(self, key: str, value: str) -> None:
         names = {f.name: f for f in fields(self)}
@@ -40,7 +43,7 @@ class Settings:
         if key == "approval" and value not in APPROVALS:
             raise Gemma4Error(f"approval must be one of {', '.join(APPROVALS)}")
         try:
-            if isinstance(current, bool) or key == "history_file":
+            if isinstance(current, bool) or key in ("history_file", "backend_tools"):
                 parsed = value.lower() in ("1", "true", "on", "yes")
             elif key in ("max_new_tokens", "context_tokens", "max_steps"):
                 parsed = int(value)
@@ -65,7 +68,24 @@ class Copilot:
 
     # -- the model --------------------------------------------------------------------------
 
+    def use_backend(self, url: str | None, model: str | None = None, tools: bool = True) -> None:
+        """Point the copilot at a serving engine (``url``), or back at the in-kernel model (None)."""
+        self.unload()
+        self.settings.backend_url, self.settings.backend_model, self.settings.backend_tools = url, model, tools
+
+    @property
+    def last_usage(self):
+        if self.model is not None:
+            return self.model.last_usage
+        return getattr(self.backend, "last_usage", None)
+
     def ensure_model(self):
+        if self.backend is None and (self.settings.backend_url or os.environ.get("GEMMA4_NB_BACKEND_URL")):
+            from .remote import OpenAIBackend
+
+            url = self.settings.backend_url or os.environ["GEMMA4_NB_BACKEND_URL"]
+            model = self.settings.backend_model or os.environ.get("GEMMA4_NB_BACKEND_MODEL")
+            self.backend = OpenAIBackend(url, model, tools=self.settings.backend_tools)
         if self.backend is None:
             from .runtime import load
 
@@ -89,6 +109,9 @@ class Copilot:
             pass
 
     def status(self) -> str:
+        if self.backend is not None and self.model is None:
+            u = self.last_usage
+            return self.backend.status() + (f"\nlast reply: {u.summary()}" if u is not None else "")
         if self.model is None:
             return f"model: not loaded yet (loads on first use: {self.settings.model or 'default'})"
         m = self.model

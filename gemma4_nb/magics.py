@@ -25,6 +25,8 @@ HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--n
 %gemma config [key=value]  show or change settings (approval, max_new_tokens, temperature,
                            context_tokens, max_steps, history_file)
 %gemma approval ask|auto|never   ask before running generated code (default), run it, or never
+%gemma backend URL [--model NAME] [--no-tools]   use an OpenAI-compatible server (vLLM,
+                           llama.cpp, Ollama); `%gemma backend local` returns to the in-kernel model
 %gemma context [--df NAME] show what the model would see
 %gemma history             the conversation so far
 %gemma reset               forget the conversation (and the cached prompt)
@@ -138,8 +140,8 @@ class GemmaMagics(Magics):
         if args.agent and result.cells:
             final = stream.text.rstrip() + ("\n\n" + result.answer if result.answer not in stream.text else "")
         stream.close(final + ("\n\n*(stopped)*" if result.stopped else ""))
-        if c.model is not None and c.model.last_usage is not None and not rich:
-            print(f"[{c.model.last_usage.summary()}]")
+        if c.last_usage is not None and not rich:
+            print(f"[{c.last_usage.summary()}]")
 
     def _line(self, line: str):
         parts = shlex.split(line)
@@ -154,6 +156,21 @@ class GemmaMagics(Magics):
                 print(f"model set to {rest[0]} (loads on first use)")
             else:
                 print(c.settings.model or "(default: $GEMMA4_NB_MODEL or the embedded Gemma 3 270M)")
+        elif cmd == "backend":
+            if not rest:
+                print(c.settings.backend_url or "local (the in-kernel model)")
+            elif rest[0] == "local":
+                c.use_backend(None)
+                print("backend: the in-kernel model")
+            else:
+                p = _Parser(prog="%gemma backend", add_help=False)
+                p.add_argument("url")
+                p.add_argument("--model")
+                p.add_argument("--no-tools", action="store_true")
+                a = p.parse_args(rest)
+                c.use_backend(a.url, a.model, tools=not a.no_tools)
+                c.ensure_model()
+                print(c.backend.status())
         elif cmd == "config":
             for item in rest:
                 key, _, value = item.partition("=")
