@@ -23,9 +23,10 @@ $(VENV)/.deps: pyproject.toml | $(BIN)/python
 	touch $@
 
 # llama.cpp's server is a test dependency (the remote-backend tests run against it on loopback);
-# it compiles from source, with the flags above.
+# it compiles from source with the flags above (--no-cache-dir: never a wheel cached from a
+# build with other flags).
 $(VENV)/.deps-test: pyproject.toml $(VENV)/.deps
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet "llama-cpp-python[server]==0.3.36"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet --no-cache-dir "llama-cpp-python[server]==0.3.36"
 	$(PIP) install --quiet --no-build-isolation ".[test]"
 	touch $@
 
@@ -42,7 +43,7 @@ test: install-test
 	cd tests && ../$(BIN)/python -m pytest -q -p no:cacheprovider --rootdir=.. ..
 
 $(VENV)/.deps-bench: $(VENV)/.deps
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet "llama-cpp-python[server]==0.3.36"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet --no-cache-dir "llama-cpp-python[server]==0.3.36"
 	touch $@
 
 # Benchmarks (not part of CI): load times of the embedded model, agreement and speed vs llama.cpp.
