@@ -157,7 +157,8 @@ class OpenAIBackend:
             except json.JSONDecodeError:
                 raise RemoteError(f"the server sent a malformed event: {data[:200]!r}") from None
 
-    def _usage(self, usage: Usage, event: dict, t0: float, t_first: float | None) -> None:
+    @staticmethod
+    def _usage(usage: Usage, event: dict) -> None:
         u = event.get("usage") or {}
         if u:
             usage.prompt_tokens = int(u.get("prompt_tokens", 0))
@@ -195,7 +196,7 @@ class OpenAIBackend:
         t_first = None
         try:
             for event in self._events(resp):
-                self._usage(usage, event, t0, t_first)
+                self._usage(usage, event)
                 for choice in event.get("choices") or []:
                     delta = choice.get("delta", {}) if chat else {"content": choice.get("text", "")}
                     piece = delta.get("content") or ""

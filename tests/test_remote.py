@@ -44,26 +44,21 @@ def start_server(tmp_path_factory, chat_format: str):
     else:
         proc.kill()
         pytest.fail("llama.cpp server did not start in 120 s")
-    return url, proc, log_file
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    url, proc, log_file = start_server(tmp_path_factory, "gemma")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
     log_file.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    yield from start_server(tmp_path_factory, "gemma")
 
 
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
     """llama.cpp's function-calling chat format: tool calls constrained by a grammar."""
-    url, proc, log_file = start_server(tmp_path_factory, "chatml-function-calling")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log_file.close()
+    yield from start_server(tmp_path_factory, "chatml-function-calling")
 
 
 MESSAGES = [{"role": "user", "content": "Write one sentence about pandas DataFrames."}]
