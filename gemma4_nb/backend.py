@@ -57,7 +57,8 @@ class LocalBackend:
         specials = sorted((t for i in tok.all_special_ids if (t := tok.hf.id_to_token(i))), key=len, reverse=True)
         self._special = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
 
-    def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, **sampling) -> Reply:
+    def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, draft: bool | None = None,
+                      **sampling) -> Reply:
         """Continue plain text (no chat template): the code-completion protocol for base models."""
         m = self.model
         from .tokenizer import StreamDecoder as _SD
@@ -67,7 +68,8 @@ class LocalBackend:
         usage, decoder, out = Usage(), _SD(m.tokenizer), ""
         m.last_usage = usage
         try:
-            for token in generate_ids(m.net, req, m.max_context, usage, prefix=m.cache, prefill_chunk=m.prefill_chunk):
+            for token in generate_ids(m.net, req, m.max_context, usage, prefix=m.cache, prefill_chunk=m.prefill_chunk,
+                                      drafter=m.drafter_for(draft)):
                 out += decoder.push(token)
                 hits = [out.index(s) for s in stop if s in out]
                 if hits:
@@ -80,7 +82,7 @@ class LocalBackend:
         return self._special.sub("", text) if self._special is not None and "<" in text else text
 
     def complete(self, messages, *, tools=None, on_text=None, prefix: str = "", stop=None, max_new_tokens=512,
-                 **sampling) -> Reply:
+                 draft: bool | None = None, **sampling) -> Reply:
         m = self.model
         prompt = m.prepare_chat(messages, tools=tools if self.supports_tools else None)
         ids = prompt.ids + (m.tokenizer.encode(prefix) if prefix else [])
@@ -92,7 +94,8 @@ class LocalBackend:
         decoder = StreamDecoder(m.tokenizer, skip_special_tokens=False)
         raw, shown, stopped = "", "", False
         try:
-            for token in generate_ids(m.net, req, m.max_context, usage, prefix=m.cache, prefill_chunk=m.prefill_chunk):
+            for token in generate_ids(m.net, req, m.max_context, usage, prefix=m.cache, prefill_chunk=m.prefill_chunk,
+                                      drafter=m.drafter_for(draft)):
                 raw += decoder.push(token)
                 view = self._strip(visible(raw))
                 if stop and any(s in view for s in stop):

@@ -319,6 +319,67 @@ def context_speed(rows: int = 10_000_000, repeats: int = 5) -> None:
           f"median {statistics.median(times) * 1000:.1f} ms over {repeats} runs (target <= 200 ms)")
 
 
+REWRITE_PROMPTS = [
+    """# Original
+def load_sales(path):
+    df = pd.read_csv(path)
+    df["revenue"] = df["price"] * df["quantity"]
+    df = df[df["revenue"] > 0]
+    summary = df.groupby("region")["revenue"].sum().sort_values(ascending=False)
+    return summary
+
+# The same function with type hints
+def load_sales(path: str) -> pd.Series:
+""",
+    """# Rewrite with method chaining
+sales = pd.read_csv("sales.csv")
+sales["quarter"] = pd.to_datetime(sales["date"]).dt.to_period("Q")
+sales = sales.dropna(subset=["revenue"])
+totals = sales.groupby(["region", "quarter"])["revenue"].sum().reset_index()
+totals["growth"] = totals.groupby("region")["revenue"].pct_change()
+
+# Method-chained version
+totals = (
+    pd.read_csv("sales.csv")
+""",
+    """import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(8, 4))
+for region, frame in totals.groupby("region"):
+    ax.plot(frame["quarter"].astype(str), frame["revenue"], marker="o", label=region)
+ax.set_title("Revenue per region")
+ax.legend()
+
+# The same plot, with growth instead of revenue
+fig, ax = plt.subplots(figsize=(8, 4))
+""",
+]
+
+
+def drafting_speed(model_ref: str | None, new_tokens: int = 128) -> None:
+    """Greedy decode speed with and without prompt-lookup drafting, side by side, same outputs."""
+    from .runtime import load
+
+    model = load(model_ref, device="cpu", dtype="fp32", progress=False)
+    print(f"model: {model.source.name}   threads: {torch.get_num_threads()}   {new_tokens} greedy tokens per prompt")
+    rows = []
+    for i, prompt in enumerate(REWRITE_PROMPTS):
+        model.reset()
+        plain = model.generate(prompt, max_new_tokens=new_tokens, temperature=0, draft=False)
+        u0 = model.last_usage
+        model.reset()
+        spec = model.generate(prompt, max_new_tokens=new_tokens, temperature=0, draft=True)
+        u1 = model.last_usage
+        d = u1.drafting
+        rows.append((u0.decode_tokens_per_second, u1.decode_tokens_per_second))
+        print(f"prompt {i + 1}: plain {u0.decode_tokens_per_second:6.1f} tok/s | drafting {u1.decode_tokens_per_second:6.1f} tok/s"
+              f" | speedup {u1.decode_tokens_per_second / u0.decode_tokens_per_second:4.2f}x | accepted {d.accepted}/{d.proposed}"
+              f" ({d.acceptance * 100:.0f}%), {d.mean_accepted_length:.2f} tokens/forward | identical: {plain == spec}")
+    mean0 = sum(r[0] for r in rows) / len(rows)
+    mean1 = sum(r[1] for r in rows) / len(rows)
+    print(f"mean: plain {mean0:.1f} tok/s, drafting {mean1:.1f} tok/s, speedup {mean1 / mean0:.2f}x")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gemma4_nb.bench")
     p.add_argument("--model")
@@ -333,7 +394,12 @@ def main(argv=None) -> int:
     p.add_argument("--long-context", type=int, metavar="TOKENS", help="fill a tiny model's context to TOKENS")
     p.add_argument("--preprocess", action="store_true", help="image and audio preprocessing times")
     p.add_argument("--context", action="store_true", help="notebook context for a 10M-row DataFrame")
+    p.add_argument("--draft", action="store_true", help="decode speed with and without prompt-lookup drafting")
     args = p.parse_args(argv)
+    if args.draft:
+        torch.set_num_threads(args.threads)
+        drafting_speed(args.model)
+        return 0
     if args.context:
         context_speed()
         return 0

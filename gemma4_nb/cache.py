@@ -343,6 +343,11 @@ class PrefixCache:
         self.ids = self.ids[: self.kv.length]
         return self.kv.length
 
+    def truncate(self, n: int) -> None:
+        """Roll back to ``n`` positions (rejected drafts)."""
+        self.kv.truncate(n)
+        del self.ids[n:]
+
     def appended(self, keys: list) -> None:
         """Record positions that a committed forward added."""
         self.ids.extend(keys)

@@ -64,6 +64,7 @@ class Copilot:
         self.model = None
         self.turns: list[dict] = []
         self.frontend = None  # the chat sidebar's connection, when present
+        self.draft = True  # speculative drafting for the next request (%%gemma --no-draft turns it off)
         self._restore_history()
 
     # -- the model --------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class Copilot:
         return "\n".join(lines)
 
     def sampling(self) -> dict:
-        out = {"max_new_tokens": self.settings.max_new_tokens}
+        out = {"max_new_tokens": self.settings.max_new_tokens, "draft": self.draft}
         if self.settings.temperature is not None:
             out["temperature"] = self.settings.temperature
         return out

@@ -21,6 +21,7 @@ class Usage:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str | None = None  # "eos", "stop_string", "length", "interrupted"
+    drafting: object | None = None  # speculative.DraftStats when drafting was on
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -39,10 +40,13 @@ class Usage:
 
     def summary(self) -> str:
         reused = f" ({self.cached_tokens} reused)" if self.cached_tokens else ""
+        d = self.drafting
+        drafted = (f" | drafts accepted {d.accepted}/{d.proposed}, {d.mean_accepted_length:.2f} tokens/forward"
+                   if d is not None and d.proposed else "")
         return (
             f"prompt {self.prompt_tokens} tokens{reused}, generated {self.generated_tokens} tokens | "
             f"prefill {self.prefill_tokens_per_second:.1f} tok/s, decode {self.decode_tokens_per_second:.1f} tok/s"
-            f" | finish: {self.finish_reason}"
+            f" | finish: {self.finish_reason}{drafted}"
         )
 
 
@@ -98,7 +102,7 @@ def prefill(model, ids: list[int], prefix, chunk: int, start: int = 0, prompt=No
 
 
 def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usage, *,
-                 prefix=None, prefill_chunk: int = 512) -> Iterator[int]:
+                 prefix=None, prefill_chunk: int = 512, drafter=None, draft_k: int = 4) -> Iterator[int]:
     """Yield generated token ids one by one (stop tokens are not yielded); fills ``usage``.
 
     ``prefix`` (a :class:`~gemma4_nb.cache.PrefixCache`) keeps the cache between requests so a
@@ -120,6 +124,9 @@ def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usag
     usage.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     try:
+        if drafter is not None:
+            yield from _speculative(model, req, usage, prefix, sampler, token, budget, drafter, draft_k)
+            return
         for step in range(budget):
             if token in req.stop_token_ids:
                 usage.finish_reason = "eos"
@@ -137,6 +144,60 @@ def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usag
         raise
     finally:
         usage.decode_seconds = time.perf_counter() - t1
+
+
+def _speculative(model, req, usage, prefix, sampler, token, budget, drafter, draft_k):
+    """Decode with drafts verified in one forward each (see gemma4_nb.speculative)."""
+    from .speculative import AdaptiveK, DraftStats, accept_or_resample
+
+    stats, k = DraftStats(), AdaptiveK(draft_k)
+    usage.drafting = stats
+    history = list(req.prompt_ids)
+    produced = 0
+    while True:
+        if token in req.stop_token_ids:
+            usage.finish_reason = "eos"
+            return
+        usage.generated_tokens += 1
+        produced += 1
+        history.append(token)
+        yield token
+        if produced >= budget:
+            usage.finish_reason = "length"
+            return
+        drafts = drafter.propose(history, min(k.k, budget - produced))
+        start = prefix.kv.length
+        fed = [token] + drafts
+        out = model.forward(torch.tensor(fed, dtype=torch.long), prefix.kv, outputs="all" if drafts else "last")
+        prefix.appended(fed)
+        accepted, nxt = 0, None
+        for i, d in enumerate(drafts):
+            if sampler.params.greedy:
+                ok, choice = int(torch.argmax(out.logits[i])) == d, int(torch.argmax(out.logits[i]))
+            else:
+                ok, choice = accept_or_resample(out.logits[i], d, sampler.params, sampler.generator)
+            if not ok:
+                nxt = choice
+                break
+            accepted += 1
+        if drafts:
+            stats.record(len(drafts), accepted)
+            k.update(len(drafts), accepted)
+        if accepted < len(drafts):
+            prefix.truncate(start + 1 + accepted)  # forget the rejected drafts
+        for d in drafts[:accepted]:
+            if d in req.stop_token_ids:
+                usage.finish_reason = "eos"
+                prefix.truncate(start + 1 + drafts.index(d))
+                return
+            usage.generated_tokens += 1
+            produced += 1
+            history.append(d)
+            yield d
+            if produced >= budget:
+                usage.finish_reason = "length"
+                return
+        token = nxt if nxt is not None else sampler(out.logits[accepted] if drafts else out.logits[-1])
 
 
 class TextStream:

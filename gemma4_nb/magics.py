@@ -13,12 +13,13 @@ from .copilot import Copilot
 from .errors import Gemma4Error
 
 HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--no-context]
-    [--max-new-tokens N] [--temperature T]
+    [--max-new-tokens N] [--temperature T] [--no-draft]
 <your question>
     Ask about your notebook. The answer streams below as Markdown. The copilot sees your
     DataFrames, open figures, recent cells and the last error. --agent lets it write code: the
     code appears as a new cell below and runs per the approval setting. --image/--audio take a
-    file path or a variable name (a figure, an array, PIL image, bytes...).
+    file path or a variable name (a figure, an array, PIL image, bytes...). Speculative drafting
+    (prompt lookup; output unchanged) is on unless --no-draft.
 
 %gemma status              model, memory, last reply's speed
 %gemma model [REF]         show or set the model (a directory, .gguf file or HF repo id)
@@ -48,6 +49,7 @@ def _cell_parser() -> _Parser:
     p.add_argument("--no-context", action="store_true")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
+    p.add_argument("--no-draft", action="store_true")
     return p
 
 
@@ -118,6 +120,7 @@ class GemmaMagics(Magics):
             c.settings.max_new_tokens = args.max_new_tokens
         if args.temperature is not None:
             c.settings.temperature = args.temperature
+        c.draft = not args.no_draft
         question = cell.strip()
         if not question:
             raise Gemma4Error("the cell is empty: write a question under %%gemma")

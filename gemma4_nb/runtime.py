@@ -20,6 +20,7 @@ from .model import GemmaModel
 from .multimodal import PreparedPrompt, collect_media, prepare_prompt
 from .resolve import resolve_model
 from .sampling import SamplingParams
+from .speculative import PromptLookupDrafter
 from .tokenizer import Tokenizer
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
@@ -59,7 +60,7 @@ class Model:
     def __init__(self, model_dir: Path, cfg: ModelConfig, net: GemmaModel, tokenizer: Tokenizer,
                  generation_config: dict, max_context: int, source: Path | None = None, *,
                  kv_dtype: str | None = None, kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
-                 kv_offload_after: int | None = None) -> None:
+                 kv_offload_after: int | None = None, drafting: str | None = "prompt_lookup") -> None:
         self.model_dir = model_dir
         self.source = source or model_dir  # what the user pointed at (a GGUF is converted to model_dir)
         self.config = cfg
@@ -75,6 +76,9 @@ class Model:
         self.last_usage: Usage | None = None
         self.kv_dtype, self.kv_chunk = kv_dtype, kv_chunk
         self.prefill_chunk = prefill_chunk or (2048 if net.device.type == "cuda" else 512)
+        if drafting not in (None, "prompt_lookup"):
+            raise Gemma4Error(f"drafting {drafting!r} is not supported: use 'prompt_lookup' or None")
+        self.drafter = PromptLookupDrafter() if drafting == "prompt_lookup" else None
         self.cache = PrefixCache(lambda: net.new_cache(chunk=kv_chunk, kv_dtype=kv_dtype, offload_after=kv_offload_after))
 
     def reset(self) -> None:
@@ -141,10 +145,14 @@ class Model:
             prompt=prompt,
         )
 
-    def _run(self, req: GenerationRequest, stream: bool):
+    def drafter_for(self, draft: bool | None):
+        """The drafter a request uses: on by default when the model has one; ``draft=False`` turns it off."""
+        return self.drafter if draft is not False else None
+
+    def _run(self, req: GenerationRequest, stream: bool, draft: bool | None = None):
         self._check_memory(req)
         text_stream = TextStream(self.net, self.tokenizer, req, self.max_context, prefix=self.cache,
-                                 prefill_chunk=self.prefill_chunk)
+                                 prefill_chunk=self.prefill_chunk, drafter=self.drafter_for(draft))
         self.last_usage = text_stream.usage
         if stream:
             return text_stream
@@ -155,19 +163,20 @@ class Model:
     def generate(self, prompt: str | list[int], *, max_new_tokens: int = 256, stream: bool = False,
                  stop: str | Iterable[str] | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                 seed: int | None = None):
-        """Continue a raw prompt (text or token ids). Returns the text, or a stream of deltas."""
+                 seed: int | None = None, draft: bool | None = None):
+        """Continue a raw prompt (text or token ids). Returns the text, or a stream of deltas.
+        ``draft=False`` turns speculative drafting off for this call."""
         if isinstance(prompt, str) and not prompt.strip():
             raise PromptError("the prompt is empty: give some text to continue")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         req = self._request(ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
                             top_p=top_p, min_p=min_p, seed=seed)
-        return self._run(req, stream)
+        return self._run(req, stream, draft)
 
     def chat(self, messages: list[dict], *, max_new_tokens: int = 512, stream: bool = False,
              enable_thinking: bool = False, tools=None, stop: str | Iterable[str] | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-             min_p: float | None = None, seed: int | None = None):
+             min_p: float | None = None, seed: int | None = None, draft: bool | None = None):
         """Answer a conversation rendered with the checkpoint's chat template."""
         messages = validate_messages(messages)
         if not any(_has_content(m) for m in messages):
@@ -175,7 +184,7 @@ class Model:
         prompt = self.prepare_chat(messages, enable_thinking=enable_thinking, tools=tools)
         req = self._request(prompt.ids, max_new_tokens, stop, prompt=prompt if prompt.soft_mask is not None else None,
                             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
-        return self._run(req, stream)
+        return self._run(req, stream, draft)
 
     def prepare_chat(self, messages: list[dict], **kwargs) -> PreparedPrompt:
         """The rendered, tokenized conversation with its images and audio embedded."""
@@ -205,7 +214,7 @@ def _read_json(path: Path) -> dict:
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max_context: int | None = None,
          progress: bool = True, download: bool = False, kv_dtype: str | None = None,
          kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
-         kv_offload_after: int | None = None) -> Model:
+         kv_offload_after: int | None = None, drafting: str | None = "prompt_lookup") -> Model:
     """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, or
     ``$GEMMA4_NB_MODEL``; with none of these, the embedded Gemma 3 270M.
 
@@ -216,6 +225,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     ``prefill_chunk`` how many prompt tokens run per forward (default 512 on CPU, 2048 on CUDA).
     ``kv_offload_after=N`` (CUDA): full-layer KV older than the newest N positions moves to pinned
     host memory, trading PCIe transfers per token for GPU memory.
+    ``drafting``: speculative decoding with prompt lookup (the default; output unchanged) or None.
     """
     model_dir = source = resolve_model(model, download=download)
     if model_dir.suffix == ".gguf":
@@ -245,4 +255,4 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     generation_config = _read_json(model_dir / "generation_config.json")
     return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source,
                  kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk,
-                 kv_offload_after=kv_offload_after)
+                 kv_offload_after=kv_offload_after, drafting=drafting)
