@@ -164,7 +164,10 @@ class Copilot:
         images = list(images)
         if use_context:
             tok = self.model.tokenizer if self.model is not None else None
-            ctx = build_context(self.shell, frames=frames, budget_tokens=self.settings.context_tokens, tokenizer=tok)
+            budget = self.settings.context_tokens
+            if self.model is not None:  # leave most of a small context window to the conversation
+                budget = min(budget, self.model.max_context // 4)
+            ctx = build_context(self.shell, frames=frames, budget_tokens=budget, tokenizer=tok)
             if ctx.sections:
                 system += "\n\n# The notebook\n" + ctx.render()
             if ctx.figures and self.backend is not None and self.backend.supports_images:

@@ -71,7 +71,7 @@ def test_magics_context_and_bad_inputs(tiny_dir, tmp_path):
     assert "unknown command 'frobnicate'" in out[10]
     assert "approval must be one of ask, auto, never" in out[11]
     assert "conversation cleared" in out[12] and "(no conversation yet)" in out[12]
-    assert any(o.get("output_type") == "display_data" for o in cells[13].outputs)
+    assert any(o.get("output_type") == "display_data" for o in cells[13].outputs), cells[13].outputs
     assert "42" in out[14]  # the kernel and the user's variables are intact
     assert not any(o.get("output_type") == "error" for c in cells[:9] for o in c.outputs)
 
