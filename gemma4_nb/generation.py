@@ -153,19 +153,24 @@ def _speculative(model, req, usage, prefix, sampler, token, budget, drafter, dra
     stats, k = DraftStats(), AdaptiveK(draft_k)
     usage.drafting = stats
     history = list(req.prompt_ids)
-    produced = 0
-    while True:
-        if token in req.stop_token_ids:
+
+    def emit(tok: int):
+        """Yield ``tok`` unless it stops the generation; return True when generation ends."""
+        if tok in req.stop_token_ids:
             usage.finish_reason = "eos"
-            return
+            return True
         usage.generated_tokens += 1
-        produced += 1
-        history.append(token)
-        yield token
-        if produced >= budget:
+        history.append(tok)
+        yield tok
+        if usage.generated_tokens >= budget:
             usage.finish_reason = "length"
+            return True
+        return False
+
+    while True:
+        if (yield from emit(token)):
             return
-        drafts = drafter.propose(history, min(k.k, budget - produced))
+        drafts = drafter.propose(history, min(k.k, budget - usage.generated_tokens))
         start = prefix.kv.length
         fed = [token] + drafts
         out = model.forward(torch.tensor(fed, dtype=torch.long), prefix.kv, outputs="all" if drafts else "last")
@@ -173,7 +178,8 @@ def _speculative(model, req, usage, prefix, sampler, token, budget, drafter, dra
         accepted, nxt = 0, None
         for i, d in enumerate(drafts):
             if sampler.params.greedy:
-                ok, choice = int(torch.argmax(out.logits[i])) == d, int(torch.argmax(out.logits[i]))
+                choice = int(torch.argmax(out.logits[i]))
+                ok = choice == d
             else:
                 ok, choice = accept_or_resample(out.logits[i], d, sampler.params, sampler.generator)
             if not ok:
@@ -186,16 +192,7 @@ def _speculative(model, req, usage, prefix, sampler, token, budget, drafter, dra
         if accepted < len(drafts):
             prefix.truncate(start + 1 + accepted)  # forget the rejected drafts
         for d in drafts[:accepted]:
-            if d in req.stop_token_ids:
-                usage.finish_reason = "eos"
-                prefix.truncate(start + 1 + drafts.index(d))
-                return
-            usage.generated_tokens += 1
-            produced += 1
-            history.append(d)
-            yield d
-            if produced >= budget:
-                usage.finish_reason = "length"
+            if (yield from emit(d)):
                 return
         token = nxt if nxt is not None else sampler(out.logits[accepted] if drafts else out.logits[-1])
 
