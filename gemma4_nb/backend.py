@@ -54,11 +54,12 @@ class LocalBackend:
         tok = model.tokenizer
         self.supports_tools = tok.token_id(CALL_OPEN) is not None and "tool" in (tok.chat_template or "")
         self.supports_images = model.config.vision is not None
+        self.base_model = tok.base_model  # answers plain-text prompts better than chat turns
         specials = sorted((t for i in tok.all_special_ids if (t := tok.hf.id_to_token(i))), key=len, reverse=True)
         self._special = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
 
     def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, draft: bool | None = None,
-                      **sampling) -> Reply:
+                      on_text: Callable[[str], None] | None = None, **sampling) -> Reply:
         """Continue plain text (no chat template): the code-completion protocol for base models."""
         m = self.model
         from .tokenizer import StreamDecoder as _SD
@@ -68,15 +69,27 @@ class LocalBackend:
         usage, decoder, out = Usage(), _SD(m.tokenizer), ""
         m.last_usage = usage
         try:
+            shown = 0
             for token in generate_ids(m.net, req, m.max_context, usage, prefix=m.cache, prefill_chunk=m.prefill_chunk,
                                       drafter=m.drafter_for(draft)):
                 out += decoder.push(token)
                 hits = [out.index(s) for s in stop if s in out]
                 if hits:
-                    return Reply(text=out[: min(hits)], usage=usage, raw=out)
+                    out = out[: min(hits)]
+                    if on_text and len(out) > shown:
+                        on_text(out[shown:])
+                    return Reply(text=out, usage=usage, raw=out)
+                # hold back what could still become a stop string
+                safe = len(out) - max((len(s) - 1 for s in stop), default=0)
+                if on_text and safe > shown:
+                    on_text(out[shown:safe])
+                    shown = safe
         except KeyboardInterrupt:
-            return Reply(text=out, usage=usage, stopped=True, raw=out)
-        return Reply(text=out + decoder.flush(), usage=usage, raw=out)
+            return Reply(text=out[:shown], usage=usage, stopped=True, raw=out)
+        out += decoder.flush()
+        if on_text and len(out) > shown:
+            on_text(out[shown:])
+        return Reply(text=out, usage=usage, raw=out)
 
     def _strip(self, text: str) -> str:
         return self._special.sub("", text) if self._special is not None and "<" in text else text

@@ -194,6 +194,17 @@ class Copilot:
         lines += [f"# Task: {question.strip()}", "# One line of pandas, result in `result`:", "", primer]
         return "\n".join(lines)
 
+    @staticmethod
+    def qa_prompt(messages: list[dict], question: str) -> str:
+        """The conversation as plain text for a base model: context, earlier turns, the question."""
+        system = messages[0]["content"]
+        context = system.split("# The notebook\n", 1)[1] if "# The notebook\n" in system else ""
+        lines = [f"Notebook data:\n{context}\n"] if context else []
+        for m in messages[1:-1]:
+            lines.append(("Question: " if m["role"] == "user" else "Answer: ") + str(m["content"]).strip())
+        lines += [f"Question: {question.strip()}", "Answer:"]
+        return "\n".join(lines)
+
     def sampling(self) -> dict:
         out = {"max_new_tokens": self.settings.max_new_tokens, "draft": self.draft}
         if self.settings.temperature is not None:
@@ -215,6 +226,10 @@ class Copilot:
             result = runner.run(messages, on_text=on_text, code_prompt=self.code_prompt(question, frames))
             if hasattr(ws, "flush"):
                 ws.flush()
+        elif getattr(backend, "base_model", False):  # a base model answers a plain Q&A prompt better
+            reply = backend.complete_text(self.qa_prompt(messages, question), stop=["\n\n", "\nQuestion:"],
+                                          on_text=on_text, **self.sampling())
+            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)
         else:
             reply = backend.complete(messages, on_text=on_text, **self.sampling())
             result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)

@@ -34,7 +34,7 @@ from tokenizers.models import BPE
 
 from .errors import CheckpointError, ConfigError
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K", "Q6_K")
 
@@ -346,8 +346,11 @@ def convert(path: Path, out_dir: Path) -> None:
                if f"tokenizer.ggml.{field}" in g.metadata}
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(dict(special, source=str(path)), indent=2))
-    template = g.metadata.get("tokenizer.chat_template") or resources.files("gemma4_nb").joinpath(
+    own_template = g.metadata.get("tokenizer.chat_template")
+    # a GGUF without a chat template is a base model: the copilot asks it with plain-text prompts
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(dict(special, source=str(path), gemma4_nb_base_model=not own_template), indent=2))
+    template = own_template or resources.files("gemma4_nb").joinpath(
         f"data/{arch.chat_template}").read_text(encoding="utf-8")
     (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
     eos = [config["eos_token_id"]] + [i for t in ("<end_of_turn>",) if (i := tok.token_to_id(t)) is not None]

@@ -42,6 +42,7 @@ class Tokenizer:
             if (text := _token_text(config.get(key))) is not None
         }
         self.chat_template = self._find_template(model_dir, config)
+        self.base_model = bool(config.get("gemma4_nb_base_model", False))  # not instruction-tuned
         self.all_special_ids = {
             tid for tid, tok in self.hf.get_added_tokens_decoder().items() if tok.special
         }

@@ -181,3 +181,23 @@ def test_int8_kv_keeps_greedy_tokens_of_the_real_model(embedded):
         req = GenerationRequest(prompt_ids=ids, max_new_tokens=64)
         runs.append(list(generate_ids(net, req, embedded.max_context, Usage(), prefix=prefix)))
     assert runs[0] == runs[1]
+
+
+def test_base_model_is_asked_with_a_plain_question_and_answer_prompt(gguf_cache, monkeypatch):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from gemma4_nb.copilot import Copilot
+
+    monkeypatch.delenv("GEMMA4_NB_MODEL", raising=False)
+    shell = InteractiveShell.instance()
+    shell.run_cell("import pandas as pd\nsales = pd.DataFrame({'region': ['north', 'south'], 'revenue': [3.0, 5.0]})")
+    copilot = Copilot(shell)
+    copilot.settings.max_new_tokens, copilot.settings.temperature = 24, 0.0
+    pieces = []
+    result = copilot.ask("Which region has the most revenue?", on_text=pieces.append)
+    assert copilot.model.tokenizer.base_model and copilot.backend.base_model  # a GGUF without a chat template
+    assert "You are gemma4-nb" not in result.answer  # no echo of a chat prompt the model was never tuned on
+    assert "".join(pieces).strip() == result.answer
+    prompt = copilot.qa_prompt(copilot.messages("And the least?"), "And the least?")
+    assert "`sales`: DataFrame" in prompt and "Question: Which region has the most revenue?" in prompt
+    assert prompt.endswith("Question: And the least?\nAnswer:")
