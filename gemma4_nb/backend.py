@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .generation import Usage, generate_ids
+from .generation import TextStream, Usage, generate_ids
 from .tokenizer import StreamDecoder
 from .toolcalls import CALL_OPEN, ToolCall, parse_tool_calls
 
@@ -33,8 +33,10 @@ class Backend(Protocol):
     supports_images: bool
 
     def complete(self, messages: list[dict], *, tools: list[dict] | None = None,
-                 on_text: Callable[[str], None] | None = None, prefix: str = "", stop: list[str] | None = None,
-                 max_new_tokens: int = 512, **sampling) -> Reply: ...
+                 on_text: Callable[[str], None] | None = None, max_new_tokens: int = 512, **sampling) -> Reply: ...
+
+    def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256,
+                      on_text: Callable[[str], None] | None = None, **sampling) -> Reply: ...
 
 
 def visible(raw: str) -> str:
@@ -60,46 +62,31 @@ class LocalBackend:
 
     def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, draft: bool | None = None,
                       on_text: Callable[[str], None] | None = None, **sampling) -> Reply:
-        """Continue plain text (no chat template): the code-completion protocol for base models."""
+        """Continue plain text (no chat template): the code-completion and question-and-answer
+        protocols for base models. Streams through the same stop-string handling as ``generate``."""
         m = self.model
-        from .tokenizer import StreamDecoder as _SD
-
-        req = m._request(m.encode(text), max_new_tokens, None, **sampling)
+        req = m._request(m.encode(text), max_new_tokens, stop, **sampling)
         m._check_memory(req)
-        usage, decoder, out = Usage(), _SD(m.tokenizer), ""
-        m.last_usage = usage
+        stream = TextStream(m.net, m.tokenizer, req, m.max_context, prefix=m.cache, prefill_chunk=m.prefill_chunk,
+                            drafter=m.drafter_for(draft))
+        m.last_usage = stream.usage
+        stopped = False
         try:
-            shown = 0
-            for token in generate_ids(m.net, req, m.max_context, usage, prefix=m.cache, prefill_chunk=m.prefill_chunk,
-                                      drafter=m.drafter_for(draft)):
-                out += decoder.push(token)
-                hits = [out.index(s) for s in stop if s in out]
-                if hits:
-                    out = out[: min(hits)]
-                    if on_text and len(out) > shown:
-                        on_text(out[shown:])
-                    return Reply(text=out, usage=usage, raw=out)
-                # hold back what could still become a stop string
-                safe = len(out) - max((len(s) - 1 for s in stop), default=0)
-                if on_text and safe > shown:
-                    on_text(out[shown:safe])
-                    shown = safe
+            for delta in stream:
+                if on_text:
+                    on_text(delta)
         except KeyboardInterrupt:
-            return Reply(text=out[:shown], usage=usage, stopped=True, raw=out)
-        out += decoder.flush()
-        if on_text and len(out) > shown:
-            on_text(out[shown:])
-        return Reply(text=out, usage=usage, raw=out)
+            stopped = True
+        return Reply(text=stream.text, usage=stream.usage, stopped=stopped, raw=stream.text)
 
     def _strip(self, text: str) -> str:
         return self._special.sub("", text) if self._special is not None and "<" in text else text
 
-    def complete(self, messages, *, tools=None, on_text=None, prefix: str = "", stop=None, max_new_tokens=512,
-                 draft: bool | None = None, **sampling) -> Reply:
+    def complete(self, messages, *, tools=None, on_text=None, max_new_tokens=512, draft: bool | None = None,
+                 **sampling) -> Reply:
         m = self.model
         prompt = m.prepare_chat(messages, tools=tools if self.supports_tools else None)
-        ids = prompt.ids + (m.tokenizer.encode(prefix) if prefix else [])
-        req = m._request(ids, max_new_tokens, None, prompt=prompt if (prompt.soft_mask is not None and not prefix) else None,
+        req = m._request(prompt.ids, max_new_tokens, None, prompt=prompt if prompt.soft_mask is not None else None,
                          **sampling)
         m._check_memory(req)
         usage = Usage()
@@ -111,13 +98,6 @@ class LocalBackend:
                                       drafter=m.drafter_for(draft)):
                 raw += decoder.push(token)
                 view = self._strip(visible(raw))
-                if stop and any(s in view for s in stop):
-                    view = view[: min(view.index(s) for s in stop if s in view)]
-                    usage.finish_reason = "stop_string"
-                    if on_text and len(view) > len(shown):
-                        on_text(view[len(shown):])
-                    shown = view
-                    break
                 if len(view) > len(shown) and CALL_OPEN not in raw:
                     if on_text:
                         on_text(view[len(shown):])
@@ -127,7 +107,7 @@ class LocalBackend:
             usage.finish_reason = "interrupted"
         raw += decoder.flush()
         text, calls, errors = parse_tool_calls(raw)
-        text = shown if (stop or stopped) else self._strip(visible(raw))
+        text = shown if stopped else self._strip(visible(raw))
         return Reply(text=text, tool_calls=[] if stopped else calls, errors=[] if stopped else errors,
                      usage=usage, stopped=stopped, raw=raw)
 

@@ -90,3 +90,20 @@ def render_chat(
         )
     except jinja2.exceptions.TemplateError as exc:
         raise PromptError(f"the chat template rejected these messages: {exc}") from None
+
+
+PLAIN_STOPS = ["\n\n", "\nQuestion:"]
+
+
+def plain_prompt(messages: list[dict], preamble: str = "") -> str:
+    """A conversation as a plain Question/Answer text, for base models that were never tuned on
+    chat turns (they tend to echo a chat prompt). System messages are left out."""
+    lines = [preamble.rstrip() + "\n"] if preamble else []
+    for m in validate_messages(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if m["role"] in ("user", "assistant", "model"):
+            lines.append(("Question: " if m["role"] == "user" else "Answer: ") + str(content or "").strip())
+    lines.append("Answer:")
+    return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .chat_template import PLAIN_STOPS, plain_prompt
 from .errors import Gemma4Error
 
 
@@ -23,11 +24,14 @@ def _cmd_generate(args) -> int:
                  download=args.download)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     seed=args.seed, stop=args.stop or None, max_new_tokens=args.max_new_tokens, stream=True)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
     if args.raw or not model.tokenizer.chat_template:
         stream = model.generate(args.prompt, **sampling)
+    elif model.tokenizer.base_model:  # not instruction-tuned: a plain Question/Answer prompt
+        sampling["stop"] = (sampling["stop"] or []) + PLAIN_STOPS
+        stream = model.generate(plain_prompt(messages, preamble=args.system or ""), **sampling)
     else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        messages.append({"role": "user", "content": args.prompt})
         stream = model.chat(messages, **sampling)
     try:
         for delta in stream:

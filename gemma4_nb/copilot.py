@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .agent import APPROVALS, CODE_PRIMER, Agent, AgentResult, AgentSettings
 from .backend import LocalBackend
+from .chat_template import PLAIN_STOPS, plain_prompt
 from .context import build_context
 from .errors import Gemma4Error
 
@@ -195,15 +196,11 @@ class Copilot:
         return "\n".join(lines)
 
     @staticmethod
-    def qa_prompt(messages: list[dict], question: str) -> str:
-        """The conversation as plain text for a base model: context, earlier turns, the question."""
+    def qa_prompt(messages: list[dict]) -> str:
+        """The request as plain text for a base model: notebook data, earlier turns, the question."""
         system = messages[0]["content"]
         context = system.split("# The notebook\n", 1)[1] if "# The notebook\n" in system else ""
-        lines = [f"Notebook data:\n{context}\n"] if context else []
-        for m in messages[1:-1]:
-            lines.append(("Question: " if m["role"] == "user" else "Answer: ") + str(m["content"]).strip())
-        lines += [f"Question: {question.strip()}", "Answer:"]
-        return "\n".join(lines)
+        return plain_prompt(messages[1:], preamble=f"Notebook data:\n{context}" if context else "")
 
     def sampling(self) -> dict:
         out = {"max_new_tokens": self.settings.max_new_tokens, "draft": self.draft}
@@ -227,7 +224,7 @@ class Copilot:
             if hasattr(ws, "flush"):
                 ws.flush()
         elif getattr(backend, "base_model", False):  # a base model answers a plain Q&A prompt better
-            reply = backend.complete_text(self.qa_prompt(messages, question), stop=["\n\n", "\nQuestion:"],
+            reply = backend.complete_text(self.qa_prompt(messages), stop=PLAIN_STOPS,
                                           on_text=on_text, **self.sampling())
             result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)
         else:

@@ -166,8 +166,7 @@ class OpenAIBackend:
 
     # -- the backend interface --------------------------------------------------------------
 
-    def complete(self, messages, *, tools=None, on_text: Callable[[str], None] | None = None, prefix: str = "",
-                 stop=None, max_new_tokens=512, temperature=None, top_p=None, seed=None, tool_choice=None,
+    def complete(self, messages, *, tools=None, on_text: Callable[[str], None] | None = None, stop=None, max_new_tokens=512, temperature=None, top_p=None, seed=None, tool_choice=None,
                  **_) -> Reply:
         body = {"model": self.model, "messages": to_openai_messages(messages), "stream": True,
                 "stream_options": {"include_usage": True}, "max_tokens": max_new_tokens}
@@ -180,12 +179,13 @@ class OpenAIBackend:
                 body[key] = value
         return self._run("/chat/completions", body, on_text, chat=True)
 
-    def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, temperature=None, **_) -> Reply:
+    def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, temperature=None,
+                      on_text: Callable[[str], None] | None = None, **_) -> Reply:
         body = {"model": self.model, "prompt": text, "stream": True, "max_tokens": max_new_tokens, "stop": stop,
                 "stream_options": {"include_usage": True}}
         if temperature is not None:
             body["temperature"] = temperature
-        return self._run("/completions", body, None, chat=False)
+        return self._run("/completions", body, on_text, chat=False)
 
     def _run(self, path: str, body: dict, on_text, chat: bool) -> Reply:
         usage = Usage()

@@ -198,6 +198,14 @@ def test_base_model_is_asked_with_a_plain_question_and_answer_prompt(gguf_cache,
     assert copilot.model.tokenizer.base_model and copilot.backend.base_model  # a GGUF without a chat template
     assert "You are gemma4-nb" not in result.answer  # no echo of a chat prompt the model was never tuned on
     assert "".join(pieces).strip() == result.answer
-    prompt = copilot.qa_prompt(copilot.messages("And the least?"), "And the least?")
+    prompt = copilot.qa_prompt(copilot.messages("And the least?"))
     assert "`sales`: DataFrame" in prompt and "Question: Which region has the most revenue?" in prompt
     assert prompt.endswith("Question: And the least?\nAnswer:")
+
+
+def test_cli_asks_a_base_model_with_a_plain_prompt(gguf_cache):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "GEMMA4_NB_MODEL"}
+    res = subprocess.run([sys.executable, "-m", "gemma4_nb", "generate", "--max-new-tokens", "24", "--temperature", "0",
+                          "Explain what a pandas DataFrame is."], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Explain what a pandas DataFrame is" not in res.stdout  # a chat prompt it was never tuned on made it echo
