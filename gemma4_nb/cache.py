@@ -199,6 +199,19 @@ class KVCache:
     def read(self, layer: int):
         return self._read(self.layers[layer], self._end)
 
+    def span(self, layer: int, start: int, end: int):
+        """``(k | None, v, positions)`` of committed positions ``[start, end)`` of ``layer`` (``start``
+        is raised to the oldest position still held). For readers outside the model's own forward,
+        such as the MTP drafter, which attends to the target's K/V without adding any."""
+        lay = self.layers[layer]
+        if lay is None:
+            raise ValueError(f"layer {layer} keeps no K/V of its own (it shares another layer's)")
+        start, end = max(start, lay.first), min(end, self.length)
+        skip, n = start - lay.first, max(end - start, 0)
+        v = self._gather(lay, lay.v_pool, lay.per_chunk - 1, skip, n)
+        k = None if lay.k_pool is None else self._gather(lay, lay.k_pool, 0, skip, n)
+        return k, v, range(start, start + n)
+
     def _read(self, lay: _LayerKV, end: int):
         # sliding layers only need the window of the earliest query of this forward
         lo = lay.first

@@ -120,9 +120,10 @@ def _listing(title: str, items: list[str], limit: int = 12) -> str:
     return f"  {title} ({len(items)}):\n" + "\n".join(f"    {x}" for x in shown) + more
 
 
-def check_checkpoint(cfg: ModelConfig, shards: Shards) -> None:
-    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor."""
-    expected = expected_tensors(cfg)
+def check_checkpoint(cfg: ModelConfig, shards: Shards, expected: dict[str, tuple[int, ...]] | None = None) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor
+    (``expected``: name -> shape, by default :func:`expected_tensors`)."""
+    expected = expected_tensors(cfg) if expected is None else expected
     problems: dict[str, list[str]] = {"missing": [], "unexpected": [], "wrong shape": [], "missing shard files": []}
     by_file: dict[Path, list[str]] = {}
     for name in expected:

@@ -125,7 +125,7 @@ def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usag
     t1 = time.perf_counter()
     try:
         if drafter is not None:
-            yield from _speculative(model, req, usage, prefix, sampler, token, budget, drafter, draft_k)
+            yield from _speculative(model, req, usage, prefix, sampler, token, out.hidden[-1], budget, drafter, draft_k)
             return
         for step in range(budget):
             if token in req.stop_token_ids:
@@ -146,8 +146,12 @@ def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usag
         usage.decode_seconds = time.perf_counter() - t1
 
 
-def _speculative(model, req, usage, prefix, sampler, token, budget, drafter, draft_k):
-    """Decode with drafts verified in one forward each (see gemma4_nb.speculative)."""
+def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, drafter, draft_k):
+    """Decode with drafts verified in one forward each (see gemma4_nb.speculative).
+
+    ``hidden`` is the model's final hidden state at the last committed position: the MTP drafter
+    starts from it (with the KV cache), prompt lookup ignores it."""
+    from .assistant import DraftContext
     from .speculative import AdaptiveK, DraftStats, accept_or_resample
 
     stats, k = DraftStats(), AdaptiveK(draft_k)
@@ -170,11 +174,16 @@ def _speculative(model, req, usage, prefix, sampler, token, budget, drafter, dra
     while True:
         if (yield from emit(token)):
             return
-        drafts = drafter.propose(history, min(k.k, budget - usage.generated_tokens))
+        t_draft = time.perf_counter()
+        drafts = drafter.propose(history, min(k.k, budget - usage.generated_tokens),
+                                 DraftContext(model, prefix.kv, hidden))
+        t_verify = time.perf_counter()
         start = prefix.kv.length
         fed = [token] + drafts
         out = model.forward(torch.tensor(fed, dtype=torch.long), prefix.kv, outputs="all" if drafts else "last")
         prefix.appended(fed)
+        stats.draft_seconds += t_verify - t_draft
+        stats.verify_seconds += time.perf_counter() - t_verify
         accepted, nxt = 0, None
         for i, d in enumerate(drafts):
             if sampler.params.greedy:
@@ -194,7 +203,10 @@ def _speculative(model, req, usage, prefix, sampler, token, budget, drafter, dra
         for d in drafts[:accepted]:
             if (yield from emit(d)):
                 return
-        token = nxt if nxt is not None else sampler(out.logits[accepted] if drafts else out.logits[-1])
+        # the position whose logits chose the next token is the last one kept
+        last = accepted if drafts else -1
+        hidden = out.hidden[last]
+        token = nxt if nxt is not None else sampler(out.logits[last])
 
 
 class TextStream:

@@ -12,7 +12,7 @@ import torch
 from .chat_template import validate_messages
 from .checkpoint import load_checkpoint
 from .config import ModelConfig, load_config
-from .errors import ContextLengthError, Gemma4Error, PromptError
+from .errors import ContextLengthError, Gemma4Error, ModelNotFoundError, PromptError
 from .cache import DEFAULT_CHUNK, PrefixCache
 from .generation import GenerationRequest, TextStream, Usage
 from .memory import GiB, MemoryPlanError, available_memory, plan_memory
@@ -60,7 +60,7 @@ class Model:
     def __init__(self, model_dir: Path, cfg: ModelConfig, net: GemmaModel, tokenizer: Tokenizer,
                  generation_config: dict, max_context: int, source: Path | None = None, *,
                  kv_dtype: str | None = None, kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
-                 kv_offload_after: int | None = None, drafting: str | None = "prompt_lookup") -> None:
+                 kv_offload_after: int | None = None, drafter=None) -> None:
         self.model_dir = model_dir
         self.source = source or model_dir  # what the user pointed at (a GGUF is converted to model_dir)
         self.config = cfg
@@ -76,9 +76,7 @@ class Model:
         self.last_usage: Usage | None = None
         self.kv_dtype, self.kv_chunk = kv_dtype, kv_chunk
         self.prefill_chunk = prefill_chunk or (2048 if net.device.type == "cuda" else 512)
-        if drafting not in (None, "prompt_lookup"):
-            raise Gemma4Error(f"drafting {drafting!r} is not supported: use 'prompt_lookup' or None")
-        self.drafter = PromptLookupDrafter() if drafting == "prompt_lookup" else None
+        self.drafter = drafter  # speculative decoding: an MTPDrafter, a PromptLookupDrafter, or None
         self.cache = PrefixCache(lambda: net.new_cache(chunk=kv_chunk, kv_dtype=kv_dtype, offload_after=kv_offload_after))
 
     def reset(self) -> None:
@@ -214,7 +212,8 @@ def _read_json(path: Path) -> dict:
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max_context: int | None = None,
          progress: bool = True, download: bool = False, kv_dtype: str | None = None,
          kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
-         kv_offload_after: int | None = None, drafting: str | None = "prompt_lookup") -> Model:
+         kv_offload_after: int | None = None, drafting: str | None = "auto",
+         assistant: str | os.PathLike | None = None) -> Model:
     """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, or
     ``$GEMMA4_NB_MODEL``; with none of these, the embedded Gemma 3 270M.
 
@@ -225,7 +224,12 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     ``prefill_chunk`` how many prompt tokens run per forward (default 512 on CPU, 2048 on CUDA).
     ``kv_offload_after=N`` (CUDA): full-layer KV older than the newest N positions moves to pinned
     host memory, trading PCIe transfers per token for GPU memory.
-    ``drafting``: speculative decoding with prompt lookup (the default; output unchanged) or None.
+    ``drafting`` (speculative decoding; the output is unchanged): ``"auto"`` (the default) uses
+    Gemma 4's MTP assistant when one is found -- ``assistant``, ``$GEMMA4_NB_ASSISTANT``, an
+    ``assistant/`` folder or a ``<name>-assistant`` directory next to the model, or
+    ``<repo>-assistant`` in the Hugging Face cache -- and prompt lookup otherwise; ``"mtp"``
+    requires the assistant; ``"prompt_lookup"``; or None (off).
+    ``assistant``: the MTP drafter's directory or repo id.
     """
     model_dir = source = resolve_model(model, download=download)
     if model_dir.suffix == ".gguf":
@@ -251,8 +255,39 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"available on {device}; free memory, use dtype='bf16', or a smaller model"
         )
     tokenizer = Tokenizer(model_dir)
+    assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download)
     weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
+    drafter = None
+    if assistant_dir is not None:
+        from .assistant import load_assistant
+
+        drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=progress)
+    elif drafting in ("auto", "prompt_lookup"):
+        drafter = PromptLookupDrafter()
     generation_config = _read_json(model_dir / "generation_config.json")
     return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source,
                  kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk,
-                 kv_offload_after=kv_offload_after, drafting=drafting)
+                 kv_offload_after=kv_offload_after, drafter=drafter)
+
+
+DRAFTING = ("auto", "mtp", "prompt_lookup", None)
+
+
+def _assistant_dir(drafting, assistant, model_dir: Path, cfg: ModelConfig, download: bool) -> Path | None:
+    """Where the MTP assistant to load is, or None (checked before the target's weights load)."""
+    from .assistant import find_assistant, resolve_assistant
+
+    if drafting not in DRAFTING:
+        raise Gemma4Error(f"drafting {drafting!r} is not supported: use 'auto', 'mtp', 'prompt_lookup' or None")
+    if drafting not in ("auto", "mtp"):
+        return None
+    if assistant is not None:
+        return resolve_assistant(assistant, download=download)
+    found = find_assistant(model_dir) if cfg.family.name == "gemma4" else None
+    if found is None and drafting == "mtp":
+        raise ModelNotFoundError(
+            f"drafting='mtp' needs the model's MTP assistant, and none was found next to {model_dir}: pass "
+            "assistant=<directory or repo id> (for google/gemma-4-12B-it: google/gemma-4-12B-it-assistant), "
+            "set $GEMMA4_NB_ASSISTANT, or use drafting='auto'."
+        )
+    return found

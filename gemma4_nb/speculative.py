@@ -5,8 +5,11 @@ output is identical to plain greedy decoding. With sampling, each draft is accep
 target probability and a rejection resamples from the residual, so the output distribution is
 exactly the target's. Rejected positions are rolled back in the KV cache.
 
-The drafter here is prompt lookup: n-gram matches against the prompt (and the notebook context in
-it), which shine when code is rewritten with the same column and variable names.
+Drafters: prompt lookup here (n-gram matches against the prompt and the notebook context in it,
+which shine when code is rewritten with the same column and variable names) for every model, and
+Gemma 4's MTP assistant (:mod:`gemma4_nb.assistant`) when one is installed next to the model. A
+drafter has ``propose(tokens, k, target)``; ``target`` is a
+:class:`~gemma4_nb.assistant.DraftContext` (the model's hidden state and KV cache).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ class PromptLookupDrafter:
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, tokens: list[int], k: int) -> list[int]:
+    def propose(self, tokens: list[int], k: int, target=None) -> list[int]:
+        """Up to ``k`` drafts after ``tokens`` (``target``, the model's state, is not needed here)."""
         n_tokens = len(tokens)
         for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
             tail = tokens[-n:]
@@ -42,6 +46,8 @@ class DraftStats:
     accepted: int = 0
     steps: int = 0  # verification forwards
     per_position: list[list[int]] = field(default_factory=list)  # [accepted, proposed] per draft position
+    draft_seconds: float = 0.0  # time spent drafting
+    verify_seconds: float = 0.0  # time spent in verification forwards
 
     def record(self, proposed: int, accepted: int) -> None:
         self.steps += 1
@@ -56,6 +62,11 @@ class DraftStats:
     @property
     def acceptance(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """How often the i-th draft of a round was accepted, for i = 0, 1, ..."""
+        return [a / p if p else 0.0 for a, p in self.per_position]
 
     @property
     def mean_accepted_length(self) -> float:

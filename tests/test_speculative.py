@@ -23,7 +23,7 @@ class NoisyDrafter:
     def __init__(self, seed: int) -> None:
         self.gen = torch.Generator().manual_seed(seed)
 
-    def propose(self, tokens, k):
+    def propose(self, tokens, k, target=None):
         guess = torch.randint(30, 512, (k,), generator=self.gen).tolist()
         return [tokens[-1]] + guess[1:] if len(tokens) % 2 else guess  # sometimes right at position 0
 

@@ -1,0 +1,214 @@
+"""Gemma 4's MTP assistant drafter against transformers' own (the reference), on tiny random pairs.
+
+transformers 5.23 writes both checkpoints. Its ``kv_sharing_modes`` raises for a decoder whose
+every layer reuses K/V -- exactly the assistant -- so building one needs that property to say
+"reuse" for all layers, which is what the assistant's config means by setting
+``num_kv_shared_layers = num_hidden_layers``. The target needs KV-shared layers for transformers
+to hand its K/V to the assistant (only then does it mark the last layer of each type "store").
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import gemma4_nb
+from gemma4_nb.assistant import DraftContext, MTPDrafter
+from gemma4_nb.errors import ConfigError, ModelNotFoundError
+from gemma4_nb.speculative import PromptLookupDrafter
+
+from conftest import randomize_
+
+PAIRS = {
+    # K=V full layers (the drafter's full layer reads K rebuilt from the stored V), plain head
+    "kv": dict(
+        target=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                    num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8,
+                    num_kv_shared_layers=2, final_logit_softcapping=30.0, max_position_embeddings=512,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                 "sliding_attention", "sliding_attention", "full_attention"]),
+        assistant=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                       attention_k_eq_v=True, sliding_window=8, use_double_wide_mlp=True),
+        ordered=False,
+    ),
+    # separate K and V, one KV head, the centroid-masked draft head
+    "centroids": dict(
+        target=dict(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=5,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=24, global_head_dim=48,
+                    attention_k_eq_v=False, sliding_window=6, num_kv_shared_layers=1,
+                    final_logit_softcapping=None, max_position_embeddings=512,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                 "sliding_attention", "full_attention"]),
+        assistant=dict(hidden_size=40, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=1, head_dim=24, global_head_dim=48, sliding_window=6),
+        ordered=True,
+    ),
+}
+
+
+def _allow_all_shared_layers():
+    from transformers import Gemma4UnifiedTextConfig
+
+    original = Gemma4UnifiedTextConfig.kv_sharing_modes
+
+    def modes(self):
+        if self.num_kv_shared_layers == self.num_hidden_layers:
+            return ["reuse"] * self.num_hidden_layers
+        return original.fget(self)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Gemma4UnifiedTextConfig, "kv_sharing_modes", property(modes))
+    return mp
+
+
+def make_pair(root, name, tokenizer_dir, seed):
+    from transformers import (Gemma4UnifiedAssistantConfig, Gemma4UnifiedAssistantForCausalLM,
+                              Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration,
+                              Gemma4UnifiedTextConfig)
+
+    spec = PAIRS[name]
+    target_dir, assistant_dir = root / f"{name}-target", root / f"{name}-target-assistant"
+    torch.manual_seed(seed)
+    target = Gemma4UnifiedForConditionalGeneration(
+        Gemma4UnifiedConfig(text_config=dict(spec["target"]), vision_config=None, audio_config=None)).eval()
+    randomize_(target, seed)
+    target.save_pretrained(target_dir)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, target_dir / f.name)
+
+    text = Gemma4UnifiedTextConfig(vocab_size=spec["target"]["vocab_size"], max_position_embeddings=512,
+                                   layer_types=["sliding_attention"] * 3 + ["full_attention"], **spec["assistant"])
+    mp = _allow_all_shared_layers()
+    try:
+        cfg = Gemma4UnifiedAssistantConfig(
+            text_config=text, backbone_hidden_size=spec["target"]["hidden_size"],
+            use_ordered_embeddings=spec["ordered"], num_centroids=16, centroid_intermediate_top_k=4)
+        assistant = Gemma4UnifiedAssistantForCausalLM(cfg).eval()
+        randomize_(assistant, seed + 1)
+        if spec["ordered"]:
+            order = torch.randperm(cfg.text_config.vocab_size, generator=torch.Generator().manual_seed(seed))
+            assistant.masked_embedding.token_ordering.copy_(order)
+        assistant.save_pretrained(assistant_dir)
+    finally:
+        mp.undo()
+    return target_dir, assistant_dir, target, assistant
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("mtp")
+    return {name: make_pair(root, name, tokenizer_dir, seed=100 + i) for i, name in enumerate(PAIRS)}
+
+
+def _reference_candidates(target, assistant, prompt: list[int], k: int):
+    """Drafts and draft logits of transformers' MTP candidate generator right after the prompt."""
+    from transformers import GenerationConfig
+    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
+
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = target(input_ids=ids, use_cache=True, output_hidden_states=True, return_shared_kv_states=True)
+    first = int(out.logits[0, -1].argmax())
+    assistant.generation_config.num_assistant_tokens = k
+    gen = SinglePositionMultiTokenCandidateGenerator(assistant, target.get_input_embeddings(),
+                                                     GenerationConfig(max_length=512))
+    seq = torch.tensor([prompt + [first]])
+    candidates, logits = gen.get_candidates(seq, {"attention_mask": torch.ones_like(seq)}, out,
+                                            is_first_iteration=False, n_last_matches=0)
+    return first, candidates[0, len(prompt) + 1 :].tolist(), logits[0]
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+@pytest.mark.parametrize("length", [3, 9, 10, 41])  # shorter than the window, at its edges, past it
+def test_drafts_and_logits_match_transformers(pairs, name, length):
+    target_dir, assistant_dir, target, assistant = pairs[name]
+    model = gemma4_nb.load(target_dir, device="cpu", dtype="fp32", progress=False, drafting="mtp",
+                           assistant=assistant_dir)
+    assert isinstance(model.drafter, MTPDrafter)
+    prompt = [2] + torch.randint(30, 512, (length - 1,), generator=torch.Generator().manual_seed(length)).tolist()
+    first, ref_drafts, ref_logits = _reference_candidates(target, assistant, prompt, k=4)
+
+    cache = model.net.new_cache(chunk=4)  # the drafter's K/V reads cross chunk boundaries
+    out = model.net.forward(torch.tensor(prompt), cache)
+    assert int(out.logits[-1].argmax()) == first
+    steps = list(model.drafter.steps(first, DraftContext(model.net, cache, out.hidden[-1]), 4))
+    assert [t for _, t in steps] == ref_drafts
+    got = torch.stack([logits for logits, _ in steps])
+    torch.testing.assert_close(got, ref_logits.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,chunk", [("kv", 4), ("centroids", 8)])
+def test_greedy_with_mtp_is_identical_to_plain_and_to_transformers_assisted(pairs, name, chunk):
+    target_dir, assistant_dir, target, assistant = pairs[name]
+    mtp = gemma4_nb.load(target_dir, device="cpu", dtype="fp32", progress=False, kv_chunk=chunk)
+    assert isinstance(mtp.drafter, MTPDrafter)  # found next to the target: <name>-assistant
+    plain = gemma4_nb.load(target_dir, device="cpu", dtype="fp32", progress=False, drafting=None)
+    mtp.stop_token_ids = plain.stop_token_ids = frozenset()  # random weights love <eos>: run all 24 tokens
+    assistant.generation_config.num_assistant_tokens = 4
+    for seed in range(3):
+        prompt = [2] + torch.randint(30, 512, (6 + 7 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        want = _greedy_ids(plain, prompt, 24)
+        got = _greedy_ids(mtp, prompt, 24)
+        assert got == want and len(got) == 24
+        stats = mtp.last_usage.drafting
+        assert stats.proposed > 0 and stats.steps > 0
+        with torch.no_grad():
+            ref = target.generate(torch.tensor([prompt]), assistant_model=assistant, max_new_tokens=24,
+                                  do_sample=False, eos_token_id=None)
+        assert ref[0, len(prompt):].tolist() == got
+
+
+def _greedy_ids(model, prompt, n):
+    stream = model.generate(prompt, max_new_tokens=n, temperature=0, stream=True)
+    for _ in stream:
+        pass
+    return stream.token_ids
+
+
+def test_sampling_with_mtp_runs_and_reports_statistics(pairs):
+    target_dir, assistant_dir, _, _ = pairs["kv"]
+    model = gemma4_nb.load(target_dir, device="cpu", dtype="fp32", progress=False, kv_chunk=4)
+    prompt = [2] + list(range(40, 60))
+    a = model.generate(prompt, max_new_tokens=20, temperature=1.0, seed=3)
+    b = model.generate(prompt, max_new_tokens=20, temperature=1.0, seed=3)
+    assert a == b  # the seed fixes the drafts' accept/reject draws too
+    stats = model.last_usage.drafting
+    assert stats.steps > 0 and len(stats.acceptance_per_position) > 0
+    assert stats.draft_seconds > 0 and stats.verify_seconds > 0
+    assert model.generate(prompt, max_new_tokens=5, temperature=0, draft=False)
+    assert model.last_usage.drafting is None
+
+
+def test_assistant_discovery_and_refusals(pairs, tmp_path, monkeypatch):
+    target_dir, assistant_dir, _, _ = pairs["kv"]
+    other_dir = pairs["centroids"][1]
+    load = dict(device="cpu", dtype="fp32", progress=False)
+
+    # an assistant/ folder inside the target's directory
+    inner = tmp_path / "model"
+    shutil.copytree(target_dir, inner)
+    shutil.copytree(assistant_dir, inner / "assistant")
+    assert isinstance(gemma4_nb.load(inner, **load).drafter, MTPDrafter)
+    # $GEMMA4_NB_ASSISTANT
+    bare = tmp_path / "bare"
+    shutil.copytree(target_dir, bare)
+    assert isinstance(gemma4_nb.load(bare, **load).drafter, PromptLookupDrafter)
+    monkeypatch.setenv("GEMMA4_NB_ASSISTANT", str(assistant_dir))
+    assert isinstance(gemma4_nb.load(bare, **load).drafter, MTPDrafter)
+    monkeypatch.delenv("GEMMA4_NB_ASSISTANT")
+    # drafting='prompt_lookup' and None ignore an assistant that is there
+    assert isinstance(gemma4_nb.load(target_dir, drafting="prompt_lookup", **load).drafter, PromptLookupDrafter)
+    assert gemma4_nb.load(target_dir, drafting=None, **load).drafter is None
+
+    with pytest.raises(ModelNotFoundError, match="needs the model's MTP assistant"):
+        gemma4_nb.load(bare, drafting="mtp", **load)
+    with pytest.raises(ConfigError, match="backbone hidden size 48 != target hidden size 64"):
+        gemma4_nb.load(target_dir, assistant=other_dir, **load)
+    with pytest.raises(ConfigError, match="not an MTP assistant"):
+        gemma4_nb.load(target_dir, assistant=bare, **load)
+    with pytest.raises(Exception, match="drafting 'medusa' is not supported"):
+        gemma4_nb.load(target_dir, drafting="medusa", **load)
