@@ -4,6 +4,8 @@
     python -m gemma4_nb.bench --shape gemma4-12b --device cuda      # random weights, no download
     python -m gemma4_nb.bench --load-time                           # embedded GGUF: first and cached load
     python -m gemma4_nb.bench --agreement llama.cpp [--model X.gguf] # top-1 agreement and speed vs llama.cpp
+    python -m gemma4_nb.bench --draft                               # prompt-lookup drafting on/off
+    python -m gemma4_nb.bench --mtp-cost [--layers 6] [--depth 1024] # MTP draft/verify cost, 12B shape
 
 Prints time to first token, prefill and decode tokens/s, and peak memory. ``--agreement`` needs
 the ``bench`` extra (llama-cpp-python).
@@ -29,8 +31,12 @@ SHAPES = {
 }
 
 
-def random_model(shape: str, device: str, dtype: torch.dtype) -> GemmaModel:
-    cfg = parse_config(tiny_config(**dict(SHAPES[shape])))
+def random_model(shape: str, device: str, dtype: torch.dtype, layers: int | None = None) -> GemmaModel:
+    """The shape with random weights (``layers``: only the first N of its layers)."""
+    shape_cfg = dict(SHAPES[shape])
+    if layers:
+        shape_cfg["num_hidden_layers"] = layers
+    cfg = parse_config(tiny_config(**shape_cfg))
     gen = torch.Generator(device=device).manual_seed(0)
     weights = {}
     for name, dims in expected_tensors(cfg).items():
@@ -380,6 +386,99 @@ def drafting_speed(model_ref: str | None, new_tokens: int = 128) -> None:
     print(f"mean: plain {mean0:.1f} tok/s, drafting {mean1:.1f} tok/s, speedup {mean1 / mean0:.2f}x")
 
 
+# google/gemma-4-12B-it-assistant's shape: 4 query-only layers of width 1024 reading the 12B's K/V.
+MTP_12B = dict(vocab_size=262144, hidden_size=1024, intermediate_size=8192, num_hidden_layers=4,
+               num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+               num_global_key_value_heads=1, sliding_window=1024, max_position_embeddings=262144,
+               layer_types=["sliding_attention"] * 3 + ["full_attention"])
+
+
+def random_assistant(target: GemmaModel, centroids: bool, dtype: torch.dtype):
+    from .assistant import MTPDrafter, assistant_tensors, parse_assistant_config
+
+    data = {"model_type": "gemma4_unified_assistant", "text_config": tiny_config(**MTP_12B)["text_config"],
+            "backbone_hidden_size": target.cfg.hidden_size, "use_ordered_embeddings": centroids,
+            "num_centroids": 2048, "centroid_intermediate_top_k": 32}
+    acfg = parse_assistant_config(data)
+    gen = torch.Generator(device=target.device).manual_seed(1)
+    weights = {}
+    for name, dims in assistant_tensors(acfg).items():
+        key = name[len("model."):] if name.startswith("model.") else name
+        if name.endswith("token_ordering"):
+            weights[key] = torch.randperm(dims[0], generator=gen, device=target.device)
+        else:
+            t = torch.randn(dims, generator=gen, device=target.device, dtype=dtype)
+            weights[key] = 1 + 0.1 * t if ("norm" in name or "layer_scalar" in name) else t * 0.02
+    return MTPDrafter(acfg, weights)
+
+
+def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu", dtype=torch.bfloat16,
+             repeats: int = 7, full_layers: int = 48) -> None:
+    """Cost of one MTP draft step and of a k-token verify relative to one plain decode step, on the
+    12B shape with random weights; the speedup at an acceptance rate follows from them.
+
+    The target is built with ``layers`` of its 48 layers (memory); every figure is scaled to 48
+    layers from the measured per-layer time plus the measured vocabulary head."""
+    from .assistant import DraftContext
+
+    dev = torch.device(device)
+    target = random_model("gemma4-12b", device, dtype, layers=layers)
+    drafters = {"plain head": random_assistant(target, False, dtype), "centroid head": random_assistant(target, True, dtype)}
+    cache = target.new_cache()
+    ids = torch.randint(10, target.cfg.vocab_size, (context + 16,))
+    for start in range(0, context, 512):
+        target.forward(ids[start : min(start + 512, context)], cache, logits=False)
+    n = cache.length
+
+    def forward(t: int):
+        def fn():
+            target.forward(ids[n : n + t], cache, outputs="all")
+            cache.truncate(n)
+        return fn
+
+    hidden = torch.randn(8, target.cfg.hidden_size, device=dev, dtype=dtype)
+    ctx = DraftContext(target, cache, torch.randn(target.cfg.hidden_size, device=dev, dtype=dtype))
+    k_max = max(ks)
+    tasks = {("forward", t): forward(t) for t in [1] + [k + 1 for k in ks]}
+    tasks.update({("head", t): (lambda t=t: target.logits(hidden[:t])) for t in [1] + [k + 1 for k in ks]})
+    tasks.update({("draft", name): (lambda d=d: list(d.steps(int(ids[n]), ctx, k_max))) for name, d in drafters.items()})
+    times: dict = {key: [] for key in tasks}
+    for fn in tasks.values():  # warm up
+        fn()
+    for _ in range(repeats):  # interleaved, so a noisy neighbour slows every figure alike
+        for key, fn in tasks.items():
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            times[key].append(time.perf_counter() - t0)
+    med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+
+    def scaled(t: int) -> float:
+        h = med[("head", t)]
+        return h + (med[("forward", t)] - h) * full_layers / layers
+
+    plain = scaled(1)
+    verify = {k: scaled(k + 1) for k in ks}
+    draft = {name: med[("draft", name)] / k_max for name in drafters}
+    print(f"12B shape, random weights, {dtype}, {device}, {torch.get_num_threads()} threads, context {context}; "
+          f"target measured with {layers} layers, scaled to {full_layers}")
+    print(f"plain decode step: {plain * 1000:.1f} ms")
+    for name, t in draft.items():
+        print(f"one draft step ({name}): {t * 1000:.2f} ms = {t / plain:.3f} x plain step")
+    for k, t in verify.items():
+        print(f"verify k={k} ({k + 1} tokens): {t * 1000:.1f} ms = {t / plain:.3f} x plain step")
+    print("expected speedup = E[tokens per round] * plain / (k * draft + verify_k), "
+          "E[tokens] = (1 - a^(k+1)) / (1 - a) for per-draft acceptance a")
+    best_draft = min(draft.values())
+    for a in (0.5, 0.6, 0.7, 0.8, 0.9):
+        row = []
+        for k, t in verify.items():
+            tokens = (1 - a ** (k + 1)) / (1 - a)
+            row.append(f"k={k}: {tokens * plain / (k * best_draft + t):.2f}x")
+        print(f"acceptance {a:.1f}: " + "  ".join(row))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gemma4_nb.bench")
     p.add_argument("--model")
@@ -395,7 +494,15 @@ def main(argv=None) -> int:
     p.add_argument("--preprocess", action="store_true", help="image and audio preprocessing times")
     p.add_argument("--context", action="store_true", help="notebook context for a 10M-row DataFrame")
     p.add_argument("--draft", action="store_true", help="decode speed with and without prompt-lookup drafting")
+    p.add_argument("--mtp-cost", action="store_true",
+                   help="12B shape: MTP draft step and k-token verify cost relative to a plain decode step")
+    p.add_argument("--layers", type=int, default=6, help="--mtp-cost: target layers actually built (scaled to 48)")
+    p.add_argument("--depth", type=int, default=1024, help="--mtp-cost: context length before the measured steps")
     args = p.parse_args(argv)
+    if args.mtp_cost:
+        torch.set_num_threads(args.threads)
+        mtp_cost(args.layers, args.depth, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        return 0
     if args.draft:
         torch.set_num_threads(args.threads)
         drafting_speed(args.model)

@@ -15,13 +15,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-context", type=int, help="longest prompt plus reply, in tokens")
     p.add_argument("--download", action="store_true", help="download a repo id that is not in the local cache")
+    p.add_argument("--drafting", choices=["auto", "mtp", "prompt_lookup", "off"], default="auto",
+                   help="speculative decoding (output unchanged): the MTP assistant when found, else prompt lookup")
+    p.add_argument("--assistant", help="the MTP assistant's directory or repo id (default: found next to the model)")
 
 
 def _cmd_generate(args) -> int:
     from .runtime import load
 
     model = load(args.model, dtype=args.dtype, device=args.device, max_context=args.max_context,
-                 download=args.download)
+                 download=args.download, drafting=None if args.drafting == "off" else args.drafting,
+                 assistant=args.assistant)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     seed=args.seed, stop=args.stop or None, max_new_tokens=args.max_new_tokens, stream=True)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])

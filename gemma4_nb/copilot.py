@@ -121,7 +121,8 @@ class Copilot:
         kv = m.cache.kv.memory() if m.cache.kv is not None else {}
         lines = [repr(m), f"approval: {self.settings.approval}; conversation: {len(self.turns) // 2} turns",
                  f"KV cache: {sum(v for k, v in kv.items() if k in ('sliding', 'full')) / 2**20:.1f} MiB, "
-                 f"{len(m.cache.ids)} positions"]
+                 f"{len(m.cache.ids)} positions",
+                 f"drafting: {m.drafter!r}" + ("" if self.draft else " (off: --no-draft)")]
         if u is not None:
             lines.append(f"last reply: {u.summary()}")
         return "\n".join(lines)

@@ -27,6 +27,9 @@ class PromptLookupDrafter:
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
+    def __repr__(self) -> str:
+        return f"<PromptLookupDrafter: {self.min_ngram}- to {self.max_ngram}-gram matches>"
+
     def propose(self, tokens: list[int], k: int, target=None) -> list[int]:
         """Up to ``k`` drafts after ``tokens`` (``target``, the model's state, is not needed here)."""
         n_tokens = len(tokens)

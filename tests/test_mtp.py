@@ -212,3 +212,20 @@ def test_assistant_discovery_and_refusals(pairs, tmp_path, monkeypatch):
         gemma4_nb.load(target_dir, assistant=bare, **load)
     with pytest.raises(Exception, match="drafting 'medusa' is not supported"):
         gemma4_nb.load(target_dir, drafting="medusa", **load)
+
+
+def test_cli_drafting_options(pairs, tmp_path, capsys):
+    from gemma4_nb.cli import main
+
+    target_dir, assistant_dir, _, _ = pairs["kv"]
+    args = ["generate", "--model", str(target_dir), "--raw", "--max-new-tokens", "6", "--temperature", "0", "--dtype", "fp32"]
+    assert main(args + ["--drafting", "mtp", "--assistant", str(assistant_dir), "Hello"]) == 0
+    with_mtp = capsys.readouterr().out
+    assert main(args + ["--drafting", "off", "Hello"]) == 0
+    assert capsys.readouterr().out == with_mtp  # same greedy text with and without drafting
+    bare = tmp_path / "bare"
+    shutil.copytree(target_dir, bare)
+    args[2] = str(bare)
+    assert main(args + ["--drafting", "mtp", "Hello"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the model's MTP assistant" in err and "Traceback" not in err
