@@ -229,3 +229,24 @@ def test_cli_drafting_options(pairs, tmp_path, capsys):
     assert main(args + ["--drafting", "mtp", "Hello"]) == 2
     err = capsys.readouterr().err
     assert "needs the model's MTP assistant" in err and "Traceback" not in err
+
+
+def test_assistant_found_in_the_hugging_face_cache(pairs, tmp_path, monkeypatch):
+    """A target loaded by repo id finds `<repo>-assistant` in the same cache, with no download."""
+    import huggingface_hub.constants
+
+    target_dir, assistant_dir, _, _ = pairs["centroids"]
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for name, src in (("gemma-4-tiny-it", target_dir), ("gemma-4-tiny-it-assistant", assistant_dir)):
+        repo = cache / f"models--google--{name}"
+        shutil.copytree(src, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    model = gemma4_nb.load("google/gemma-4-tiny-it", device="cpu", dtype="fp32", progress=False)
+    assert isinstance(model.drafter, MTPDrafter)
+    assert model.drafter.source.parent.parent.name == "models--google--gemma-4-tiny-it-assistant"
+    by_repo = gemma4_nb.load(target_dir, device="cpu", dtype="fp32", progress=False, drafting="mtp",
+                             assistant="google/gemma-4-tiny-it-assistant")
+    assert by_repo.drafter.source == model.drafter.source
