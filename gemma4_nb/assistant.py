@@ -148,7 +148,7 @@ class _TargetKV:
 class MTPDrafter:
     """Proposes k tokens per round from the target's hidden state and KV cache (greedy drafts)."""
 
-    needs_target = True
+    cost_aware = True  # drafting costs real time: the draft length follows measured costs
 
     def __init__(self, acfg: AssistantConfig, weights: dict[str, torch.Tensor], source: Path | None = None) -> None:
         self.acfg, self.source = acfg, source

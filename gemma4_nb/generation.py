@@ -152,9 +152,11 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
     ``hidden`` is the model's final hidden state at the last committed position: the MTP drafter
     starts from it (with the KV cache), prompt lookup ignores it."""
     from .assistant import DraftContext
-    from .speculative import AdaptiveK, DraftStats, accept_or_resample
+    from .speculative import AdaptiveK, CostAwareK, DraftStats, accept_or_resample
 
-    stats, k = DraftStats(), AdaptiveK(draft_k)
+    # a drafter that costs real time (the MTP assistant) sizes its drafts from measured costs
+    stats = DraftStats()
+    k = CostAwareK(draft_k) if getattr(drafter, "cost_aware", False) else AdaptiveK(draft_k)
     usage.drafting = stats
     history = list(req.prompt_ids)
 
@@ -197,7 +199,7 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
             accepted += 1
         if drafts:
             stats.record(len(drafts), accepted)
-            k.update(len(drafts), accepted)
+        k.update(len(drafts), accepted, t_verify - t_draft, time.perf_counter() - t_verify)
         if accepted < len(drafts):
             prefix.truncate(start + 1 + accepted)  # forget the rejected drafts
         for d in drafts[:accepted]:

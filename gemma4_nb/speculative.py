@@ -98,8 +98,78 @@ class AdaptiveK:
     def __init__(self, k: int = 4, k_min: int = 1, k_max: int = 8) -> None:
         self.k, self.k_min, self.k_max = k, k_min, k_max
 
-    def update(self, proposed: int, accepted: int) -> None:
+    def update(self, proposed: int, accepted: int, draft_seconds: float = 0.0, verify_seconds: float = 0.0) -> None:
         if proposed and accepted == proposed:
             self.k = min(self.k + 1, self.k_max)
         elif proposed and accepted < proposed // 2:
             self.k = max(self.k - 1, self.k_min)
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens one round yields with k drafts each accepted with probability ``a`` (independently):
+    the accepted prefix plus the model's own token, ``(1 - a^(k+1)) / (1 - a)``."""
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+class CostAwareK(AdaptiveK):
+    """Draft length chosen for tokens per second, from measured costs.
+
+    A round of k drafts costs ``k * draft + verify(k + 1)`` and yields :func:`expected_tokens`.
+    The per-draft acceptance and the costs are running estimates (older rounds decay): the draft
+    step's time, and ``verify(t) = c0 + c1 * t`` fitted to the forwards seen (plain steps too).
+    Where a verification is bound by reading the weights (a GPU), c1 is small and long drafts pay;
+    where it is bound by arithmetic (a CPU with few cores), c1 is large and short drafts win. k moves
+    one step per round towards the best length, so new lengths get measured as it goes. When no
+    length beats plain decoding, drafting pauses (k = 0) for ``pause`` steps, then tries k = 1 again.
+    """
+
+    def __init__(self, k: int = 4, k_min: int = 1, k_max: int = 8, decay: float = 0.95, pause: int = 32) -> None:
+        super().__init__(k, k_min, k_max)
+        self.decay, self.pause = decay, pause
+        self.accepted = self.rejected = 0.0
+        self.draft_cost = None  # seconds per draft step
+        self._fit = [0.0] * 5  # decayed sums: w, w*t, w*t^2, w*y, w*t*y
+        self._paused = 0
+
+    def acceptance(self) -> float:
+        n = self.accepted + self.rejected
+        return min(self.accepted / n, 0.99) if n else 0.5
+
+    def verify_cost(self, tokens: int) -> float | None:
+        """Seconds for a forward of ``tokens`` tokens, or None before two lengths were seen."""
+        w, st, stt, sy, sty = self._fit
+        var = w * stt - st * st
+        if w == 0.0 or var <= 1e-9 * w * w:
+            return None
+        c1 = max((w * sty - st * sy) / var, 0.0)
+        c0 = max((sy - c1 * st) / w, 0.0)
+        return c0 + c1 * tokens
+
+    def rate(self, k: int) -> float:
+        """Expected tokens per second with k drafts per round (0: plain decoding)."""
+        cost = k * self.draft_cost + self.verify_cost(k + 1) if k else self.verify_cost(1)
+        return expected_tokens(self.acceptance(), k) / cost if cost > 0 else float("inf")
+
+    def update(self, proposed: int, accepted: int, draft_seconds: float = 0.0, verify_seconds: float = 0.0) -> None:
+        d = self.decay
+        t = proposed + 1
+        self._fit = [d * x for x in self._fit]
+        for i, v in enumerate((1.0, t, t * t, verify_seconds, t * verify_seconds)):
+            self._fit[i] += v
+        if not proposed:  # a plain step: drafting is paused
+            self._paused -= 1
+            if self.k == 0 and self._paused <= 0:
+                self.k = max(self.k_min, 1)
+            return
+        self.accepted = d * self.accepted + accepted
+        self.rejected = d * self.rejected + (accepted < proposed)
+        step = draft_seconds / proposed
+        self.draft_cost = step if self.draft_cost is None else d * self.draft_cost + (1 - d) * step
+        if self.verify_cost(1) is None:  # no cost model yet: grow on success, shrink on failure
+            super().update(proposed, accepted)
+            return
+        best = max(range(self.k_min, self.k_max + 1), key=self.rate)
+        if self.rate(best) < self.rate(0):
+            self.k, self._paused = 0, self.pause
+        elif best != self.k:
+            self.k += 1 if best > self.k else -1

@@ -91,3 +91,34 @@ def test_sampling_with_drafting_runs_and_is_reproducible(hf_checkpoints):
     a = model.generate(prompt, max_new_tokens=40, temperature=1.0, seed=3)
     b = model.generate(prompt, max_new_tokens=40, temperature=1.0, seed=3)
     assert a == b and model.last_usage.generated_tokens > 0
+
+
+def _simulate(policy, accept_rate: float, draft: float, c0: float, c1: float, rounds: int = 300) -> int:
+    """Feed a policy rounds with geometric acceptance and a linear verify cost; return its final k."""
+    gen = torch.Generator().manual_seed(0)
+    policy.history = []
+    for _ in range(rounds):
+        k = policy.k
+        policy.history.append(k)
+        accepted = 0
+        while accepted < k and torch.rand((), generator=gen).item() < accept_rate:
+            accepted += 1
+        policy.update(k, accepted, k * draft, c0 + c1 * (k + 1))
+    return policy.k
+
+
+def test_cost_aware_draft_length_follows_the_costs():
+    from gemma4_nb.speculative import CostAwareK, expected_tokens
+
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
+    # verification bound by reading the weights (flat cost), cheap drafts, good acceptance: long drafts
+    assert _simulate(CostAwareK(4), 0.85, draft=0.01, c0=1.0, c1=0.02) >= 7
+    # verification bound by arithmetic (cost grows with every token), fair acceptance: short drafts
+    assert _simulate(CostAwareK(4), 0.7, draft=0.02, c0=0.3, c1=0.3) in (1, 2)
+    # ... and where no draft length beats a plain step, drafting pauses (k = 0) and is retried
+    policy = CostAwareK(4)
+    _simulate(policy, 0.6, draft=0.08, c0=0.1, c1=0.9)
+    assert policy.history[-100:].count(0) > 50 and 1 in policy.history[-100:]
+    # drafts rarely accepted on a flat cost: the shortest drafts (or none)
+    assert _simulate(CostAwareK(4), 0.05, draft=0.05, c0=1.0, c1=0.05) in (0, 1)
