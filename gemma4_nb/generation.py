@@ -43,6 +43,8 @@ class Usage:
         d = self.drafting
         drafted = (f" | drafts accepted {d.accepted}/{d.proposed}, {d.mean_accepted_length:.2f} tokens/forward"
                    if d is not None and d.proposed else "")
+        if drafted and d.speedup is not None:
+            drafted += f", ~{d.speedup:.2f}x this run's plain steps"
         return (
             f"prompt {self.prompt_tokens} tokens{reused}, generated {self.generated_tokens} tokens | "
             f"prefill {self.prefill_tokens_per_second:.1f} tok/s, decode {self.decode_tokens_per_second:.1f} tok/s"
@@ -184,8 +186,7 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
         fed = [token] + drafts
         out = model.forward(torch.tensor(fed, dtype=torch.long), prefix.kv, outputs="all" if drafts else "last")
         prefix.appended(fed)
-        stats.draft_seconds += t_verify - t_draft
-        stats.verify_seconds += time.perf_counter() - t_verify
+        t_done = time.perf_counter()
         accepted, nxt = 0, None
         for i, d in enumerate(drafts):
             if sampler.params.greedy:
@@ -197,8 +198,7 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
                 nxt = choice
                 break
             accepted += 1
-        if drafts:
-            stats.record(len(drafts), accepted)
+        stats.record(len(drafts), accepted, t_verify - t_draft, t_done - t_verify)
         k.update(len(drafts), accepted, t_verify - t_draft, time.perf_counter() - t_verify)
         if accepted < len(drafts):
             prefix.truncate(start + 1 + accepted)  # forget the rejected drafts

@@ -50,9 +50,18 @@ class DraftStats:
     steps: int = 0  # verification forwards
     per_position: list[list[int]] = field(default_factory=list)  # [accepted, proposed] per draft position
     draft_seconds: float = 0.0  # time spent drafting
-    verify_seconds: float = 0.0  # time spent in verification forwards
+    verify_seconds: float = 0.0  # time spent in verification forwards (with drafts)
+    plain_steps: int = 0  # forwards without drafts (nothing to propose, or drafting paused)
+    plain_seconds: float = 0.0
 
-    def record(self, proposed: int, accepted: int) -> None:
+    def record(self, proposed: int, accepted: int, draft_seconds: float = 0.0, forward_seconds: float = 0.0) -> None:
+        """One round: ``proposed`` drafts of which ``accepted`` were kept (0 drafts: a plain step)."""
+        self.draft_seconds += draft_seconds
+        if not proposed:
+            self.plain_steps += 1
+            self.plain_seconds += forward_seconds
+            return
+        self.verify_seconds += forward_seconds
         self.steps += 1
         self.proposed += proposed
         self.accepted += accepted
@@ -65,6 +74,15 @@ class DraftStats:
     @property
     def acceptance(self) -> float:
         return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        """Tokens per second while drafting over tokens per second of this run's own plain steps
+        (None when every step had drafts, so there is no plain step to compare with)."""
+        if not self.plain_steps or not self.steps:
+            return None
+        drafting = (self.accepted + self.steps) / (self.draft_seconds + self.verify_seconds)
+        return drafting * self.plain_seconds / self.plain_steps
 
     @property
     def acceptance_per_position(self) -> list[float]:

@@ -122,3 +122,15 @@ def test_cost_aware_draft_length_follows_the_costs():
     assert policy.history[-100:].count(0) > 50 and 1 in policy.history[-100:]
     # drafts rarely accepted on a flat cost: the shortest drafts (or none)
     assert _simulate(CostAwareK(4), 0.05, draft=0.05, c0=1.0, c1=0.05) in (0, 1)
+
+
+def test_draft_statistics_estimate_the_speedup_from_plain_steps():
+    stats = DraftStats()
+    stats.record(4, 4, draft_seconds=0.0, forward_seconds=1.0)  # 5 tokens in 1 s
+    stats.record(4, 1, draft_seconds=0.0, forward_seconds=1.0)  # 2 tokens in 1 s
+    assert stats.speedup is None  # no plain step to compare with yet
+    stats.record(0, 0, forward_seconds=0.8)  # a plain step: 1 token in 0.8 s
+    assert stats.steps == 2 and stats.plain_steps == 1
+    assert abs(stats.speedup - (7 / 2) * 0.8) < 1e-9
+    assert stats.acceptance_per_position == [1.0, 0.5, 0.5, 0.5]
+    assert abs(stats.mean_accepted_length - 3.5) < 1e-9
