@@ -13,7 +13,7 @@ import torch
 
 from .cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK, KVCache
 from .config import LayerSpec, ModelConfig
-from .kernels import torch_ops as ops
+from .kernels import ops
 from .multimodal import Embedders
 
 
@@ -43,6 +43,7 @@ class GemmaModel:
         # The reference casts the sqrt(hidden) scale to the weight dtype before multiplying.
         self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype)
         self.layer_weights = [self._layer_weights(s) for s in cfg.layers]
+        self.fused = ops.fused_cpu(self.lm_head)  # quantized weights on the CPU: numba kernels
         self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
         self._rope = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
                       for s in cfg.layers}
@@ -89,6 +90,11 @@ class GemmaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return ops.softcap(ops.linear(hidden, self.lm_head).float(), self.cfg.final_softcap)
 
+    def top_k(self, hidden: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` (soft-capped logits, token ids) of one position's final hidden state, without
+        materializing every logit when the head is quantized on the CPU."""
+        return ops.head_topk(hidden, self.lm_head, self.cfg.final_softcap, k)
+
     def _keys_from_values(self, layer: int, v_all: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """K=V layers store V = rmsnorm(k_proj(x)) once; K = rope(V * k_norm weight) is rebuilt here."""
         spec = self.cfg.layers[layer]
@@ -119,7 +125,7 @@ class GemmaModel:
             k_all = self._keys_from_values(spec.kv_source, v_all, k_pos)
         # images attend to themselves both ways on sliding layers only (full layers stay causal)
         out = ops.attention(q.transpose(0, 1), k_all, v_all, q_pos, k_pos, spec.window, cfg.query_scale,
-                            cfg.attn_softcap, blocks if spec.kind == "sliding" else None)
+                            cfg.attn_softcap, blocks if spec.kind == "sliding" else None, fused=self.fused)
         return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
 
     def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache, blocks=None) -> torch.Tensor:
