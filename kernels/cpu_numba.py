@@ -423,3 +423,32 @@ def warm_up() -> float:
     decode_attention(np.ones((2, 64), dtype=np.float32), kv, kv, 0, 8, 0.1, None, splits=2)
     return time.perf_counter() - t0
 
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def read_sum(a, parts):
+    """Sum of a large fp32 array, read once in ``parts`` parallel strips: a memory-read benchmark."""
+    n = a.shape[0]
+    per = (n + parts - 1) // parts
+    sums = np.zeros(parts, dtype=np.float32)
+    for p in prange(parts):
+        s = np.float32(0.0)
+        for i in range(p * per, min(n, p * per + per)):
+            s += a[i]
+        sums[p] = s
+    return sums.sum()
+
+
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of ``repeats`` parallel reads of an ``nbytes`` array
+    (far larger than the caches), with numba's current thread count."""
+    import time
+
+    a = np.ones(nbytes // 4, dtype=np.float32)
+    read_sum(a[:1024], 2)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        read_sum(a, 64)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best
