@@ -108,6 +108,9 @@ class GemmaModel:
         cos, sin = rope
         q = ops.linear(h, w["q_proj"]).view(t, cfg.num_heads, spec.head_dim)
         q = ops.apply_rope(self.norm(q, w["q_norm"]), cos, sin)
+        # a fused decode step reads K/V straight from the cache's chunks (no contiguous copy)
+        direct = (self.fused and t == 1 and blocks is None and not spec.k_eq_v
+                  and getattr(cache, "chunk_view", None) is not None and cache.kv_dtype is None)
         if spec.owns_kv:
             raw = ops.linear(h, w["k_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
             if spec.k_eq_v:  # V is the raw projection (weight-free norm); K is rebuilt from it
@@ -118,8 +121,15 @@ class GemmaModel:
                 k = ops.apply_rope(self.norm(raw, w["k_norm"]), cos, sin)
                 if cfg.family.has_v_norm:
                     v = ops.rms_norm(v, None, cfg.rms_norm_eps)
-                k_all, v_all, k_pos = cache.update(spec.index, k.transpose(0, 1), v.transpose(0, 1))
-        else:
+                stored = cache.update(spec.index, k.transpose(0, 1), v.transpose(0, 1), gather=not direct)
+                k_all, v_all, k_pos = stored if stored is not None else (None, None, None)
+        elif not direct:
+            k_all, v_all, k_pos = cache.read(spec.kv_source)
+        view = cache.chunk_view(spec.kv_source) if direct else None
+        if view is not None:
+            out = ops.attention_chunks(q.transpose(0, 1), view, cfg.query_scale, cfg.attn_softcap)
+            return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
+        if v_all is None:  # not representable as chunks after all: gather
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         if k_all is None:
             k_all = self._keys_from_values(spec.kv_source, v_all, k_pos)

@@ -350,6 +350,68 @@ def _decode_attention_parts(q, k, v, lo, hi, scale, cap, splits, m_out, l_out, a
 
 
 @njit(**_OPTS)
+def _decode_attention_chunks(q, kd, vd, ks, vs, skip, n, scale, cap, splits, m_out, l_out, acc_out):
+    """As :func:`_decode_attention_parts`, reading K/V straight from the cache's chunk pools:
+    key ``i`` (0..n-1) is row ``(skip + i) % chunk`` of chunk ``ks[(skip + i) // chunk]``."""
+    hq, d = q.shape
+    chunk = kd.shape[1]
+    hkv = kd.shape[2]
+    dv = vd.shape[3]
+    groups = hq // hkv
+    per = (n + splits - 1) // splits
+    for job in prange(hkv * splits):
+        h = job // splits
+        sp = job % splits
+        a = sp * per
+        b = min(n, a + per)
+        for g in range(groups):
+            m_out[h, sp, g] = NEG
+            l_out[h, sp, g] = 0.0
+            for j in range(dv):
+                acc_out[h, sp, g, j] = 0.0
+        for i in range(a, b):
+            c = (skip + i) // chunk
+            off = (skip + i) % chunk
+            kc = ks[c]
+            vc = vs[c]
+            for g in range(groups):
+                qh = h * groups + g
+                s = np.float32(0.0)
+                for j in range(d):
+                    s += q[qh, j] * kd[kc, off, h, j]
+                s *= scale
+                if cap > 0:
+                    s = np.tanh(s / cap) * cap
+                m_old = m_out[h, sp, g]
+                if s > m_old:
+                    cr = np.exp(m_old - s)
+                    l_out[h, sp, g] = l_out[h, sp, g] * cr + 1.0
+                    for j in range(dv):
+                        acc_out[h, sp, g, j] = acc_out[h, sp, g, j] * cr + vd[vc, off, h, j]
+                    m_out[h, sp, g] = s
+                else:
+                    p = np.exp(s - m_old)
+                    l_out[h, sp, g] += p
+                    for j in range(dv):
+                        acc_out[h, sp, g, j] += p * vd[vc, off, h, j]
+
+
+def decode_attention_chunks(q, kd, vd, ks, vs, skip: int, n: int, scale: float, cap: float | None, splits: int = 0):
+    """Decode attention over a chunked cache (see :meth:`KVCache.chunk_view`). Returns ``[Hq, Dv]``."""
+    hkv, dv = kd.shape[2], vd.shape[3]
+    if splits <= 0:
+        splits = max(1, min(16, n // 64))
+    groups = q.shape[0] // hkv
+    m = np.empty((hkv, splits, groups), dtype=np.float32)
+    l = np.empty((hkv, splits, groups), dtype=np.float32)
+    acc = np.empty((hkv, splits, groups, dv), dtype=np.float32)
+    _decode_attention_chunks(q, kd, vd, ks, vs, skip, n, np.float32(scale), np.float32(cap or 0.0), splits, m, l, acc)
+    out = np.empty((q.shape[0], dv), dtype=np.float32)
+    _merge_parts(m, l, acc, out)
+    return out
+
+
+@njit(**_OPTS)
 def _merge_parts(m_in, l_in, acc_in, out):
     hkv, splits, groups, dv = acc_in.shape
     for h in prange(hkv):
@@ -390,7 +452,7 @@ def decode_attention(q, k, v, lo: int, hi: int, scale: float, cap: float | None,
 
 
 ALL_KERNELS = (quantize_int8_rows, quantize_int4_rows, gemm_int8, gemm_int4, rms_gemm_int8, rms_gemm_int4, gate_up_gelu_int8, gate_up_gelu_int4,
-               dequant_rows_int8, dequant_rows_int4, _head_topk_int8, _head_topk_int4, _decode_attention_parts, _merge_parts)
+               dequant_rows_int8, dequant_rows_int4, _head_topk_int8, _head_topk_int4, _decode_attention_parts, _decode_attention_chunks, _merge_parts)
 
 
 def warm_up() -> float:
@@ -421,6 +483,9 @@ def warm_up() -> float:
     head_topk(x, c4, s4, m4, "int4", 2, None, parts=2)
     kv = np.ones((1, 8, 64), dtype=np.float32)
     decode_attention(np.ones((2, 64), dtype=np.float32), kv, kv, 0, 8, 0.1, None, splits=2)
+    pool = np.ones((2, 4, 1, 64), dtype=np.float32)
+    sl = np.array([1, 0], dtype=np.int64)
+    decode_attention_chunks(np.ones((2, 64), dtype=np.float32), pool, pool, sl, sl, 1, 6, 0.1, None, splits=2)
     return time.perf_counter() - t0
 
 

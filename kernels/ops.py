@@ -134,6 +134,15 @@ def attention(q, k, v, q_pos, k_pos, window, scale, cap=None, blocks=None, *, fu
     return _ref.attention(q, k, v, q_pos, k_pos, window, scale, cap, blocks)
 
 
+def attention_chunks(q, view, scale, cap=None) -> torch.Tensor:
+    """One query position (``q``: ``[Hq, 1, D]``) over a chunked cache's storage (``view`` from
+    :meth:`KVCache.chunk_view`): no contiguous K/V copy is made. Returns ``[1, Hq, Dv]``."""
+    kd, vd, ks, vs, skip, n, _ = view
+    out = _nb().decode_attention_chunks(_np(q[:, 0]), kd.numpy(), vd.numpy(), ks.numpy(), vs.numpy(),
+                                        skip, n, scale, cap)
+    return torch.from_numpy(out).to(vd.dtype).unsqueeze(0)
+
+
 def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, token ids) of the soft-capped logits of one position ``hidden``
     (``[hidden]`` or ``[1, hidden]``). For a quantized head on the CPU the logits are never
