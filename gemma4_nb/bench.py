@@ -475,13 +475,48 @@ def _llama_cpp_speed(gguf: Path, ids: list[int], depth: int, decode: int, thread
     return {"ttft_s": prefill_s, "prefill_tok_s": (len(ids) - depth) / prefill_s, "decode_tok_s": decode / decode_s}
 
 
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def load_memory(model_ref: str | None, quant: str | None) -> None:
+    """Peak RSS of a streaming quantized load (fresh process) against the size of the result."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, resource, sys, time; import gemma4_nb; from gemma4_nb.quant import weights_nbytes; "
+            "t = time.perf_counter(); m = gemma4_nb.load(sys.argv[1] or None, quant=sys.argv[2] or None, "
+            "device='cpu', progress=False); s = time.perf_counter() - t; "
+            "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "'weights': weights_nbytes(m.net.weights), 'load_s': s, 'largest': max("
+            "(t.shape[0] * t.shape[1] if hasattr(t, 'fmt') else t.numel()) for t in m.net.weights.values())}))")
+    base = subprocess.run([sys.executable, "-c", "import resource, gemma4_nb, torch, numba; "
+                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+                          capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, model_ref or "", quant or ""], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-2000:])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    gib = 2**30
+    print(f"model: {model_ref or 'embedded 270M'}   quant: {quant}   load {r['load_s']:.1f} s")
+    print(f"weights after loading {r['weights'] / gib:.3f} GiB; peak RSS of the loading process {r['peak'] / gib:.3f} GiB "
+          f"(of which {int(base.stdout) / gib:.3f} GiB is the interpreter with torch and numba imported)")
+
+
 def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, threads=None, prompt=512,
                   decode=64, depth=0, compare=None, bandwidth=False, repeat=1) -> list[dict]:
     """``gemma4-nb bench``: prefill and decode tokens/s, time to first token and peak memory of
     one model, weight format, context depth and device; optionally llama.cpp on the same GGUF in
     the same run, and the measured memory bandwidth with the roofline fraction of decode."""
-    import platform
-
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
@@ -510,7 +545,7 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
         compile_s = cpu_numba.warm_up()
     ids = torch.randint(10, net.cfg.vocab_size, (depth + prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"model: {name}   weights: {fmt}   device: {device.type}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ' (' + platform.processor() + ')'}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ' (' + _cpu_name() + ')'}"
           f"   threads: {threads}   torch {torch.__version__}")
     print(f"load: {load_s:.1f} s" + (f"   numba kernels ready in {compile_s:.2f} s (compiled or loaded from the on-disk cache)"
                                       if compile_s is not None else ""))
@@ -586,7 +621,11 @@ def main(argv=None) -> int:
     p.add_argument("--preprocess", action="store_true", help="image and audio preprocessing times")
     p.add_argument("--context", action="store_true", help="notebook context for a 10M-row DataFrame")
     p.add_argument("--draft", action="store_true", help="decode speed with and without prompt-lookup drafting")
+    p.add_argument("--load-memory", choices=["int8", "int4", "none"], help="peak RSS of a streaming quantized load")
     args = p.parse_args(argv)
+    if args.load_memory:
+        load_memory(args.model, None if args.load_memory == "none" else args.load_memory)
+        return 0
     if args.draft:
         torch.set_num_threads(args.threads)
         drafting_speed(args.model)
