@@ -162,8 +162,10 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
     bar = tqdm(total=len(names), desc=f"Loading weights ({fmt})", unit="tensor", disable=not progress, leave=False)
     try:
         for path, file_names in by_file.items():
-            with shards.open(path) as handle:
-                for name in file_names:
+            for name in file_names:
+                # the shard is opened per tensor: closing it unmaps the pages read so far, so the
+                # resident set holds at most one tensor's file pages, not the whole shard's
+                with shards.open(path) as handle:
                     try:
                         sl = handle.get_slice(name)
                         shape = tuple(sl.get_shape())
@@ -171,16 +173,28 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
                         if f is None:
                             out[canonical_name(cfg, name)] = handle.get_tensor(name).to(dtype)
                         else:
-                            parts = [quantize(sl[r : r + ROW_BLOCK], f, search) for r in range(0, shape[0], ROW_BLOCK)]
-                            codes, scales, mins = (None if p[0] is None else torch.cat(p) if len(p) > 1 else p[0]
-                                                   for p in zip(*parts))
-                            out[canonical_name(cfg, name)] = QWeight(f, codes, scales, mins, shape, dtype)
+                            out[canonical_name(cfg, name)] = _quantize_streamed(sl, shape, f, search, dtype)
                     except (SafetensorError, OSError, ValueError) as exc:
                         raise CheckpointError(f"{path}: cannot read tensor {name} ({exc}); the shard may be corrupt") from None
-                    bar.update(1)
+                bar.update(1)
     finally:
         bar.close()
     return out
+
+
+def _quantize_streamed(sl, shape, fmt: str, search: bool, dtype) -> QWeight:
+    """Quantize a safetensors slice ``ROW_BLOCK`` rows at a time into preallocated storage."""
+    rows, cols = shape
+    codes = torch.empty((rows, cols if fmt == "int8" else cols // 2), dtype=torch.int8 if fmt == "int8" else torch.uint8)
+    scales = torch.empty((rows, cols // GROUP), dtype=torch.float32)
+    mins = torch.empty((rows, cols // GROUP), dtype=torch.float32) if fmt == "int4" else None
+    for r in range(0, rows, ROW_BLOCK):
+        c, s, m = quantize(sl[r : r + ROW_BLOCK], fmt, search)
+        codes[r : r + len(c)] = c
+        scales[r : r + len(c)] = s
+        if mins is not None:
+            mins[r : r + len(c)] = m
+    return QWeight(fmt, codes, scales, mins, tuple(shape), dtype)
 
 
 def gguf_source_types(model_dir: Path) -> dict[str, str]:
