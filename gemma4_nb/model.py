@@ -111,6 +111,7 @@ class GemmaModel:
         # a fused decode step reads K/V straight from the cache's chunks (no contiguous copy)
         direct = (self.fused and t == 1 and blocks is None and not spec.k_eq_v
                   and getattr(cache, "chunk_view", None) is not None and cache.kv_dtype is None)
+        k_all = v_all = k_pos = None
         if spec.owns_kv:
             raw = ops.linear(h, w["k_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
             if spec.k_eq_v:  # V is the raw projection (weight-free norm); K is rebuilt from it
@@ -122,7 +123,8 @@ class GemmaModel:
                 if cfg.family.has_v_norm:
                     v = ops.rms_norm(v, None, cfg.rms_norm_eps)
                 stored = cache.update(spec.index, k.transpose(0, 1), v.transpose(0, 1), gather=not direct)
-                k_all, v_all, k_pos = stored if stored is not None else (None, None, None)
+                if stored is not None:
+                    k_all, v_all, k_pos = stored
         elif not direct:
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         view = cache.chunk_view(spec.kv_source) if direct else None
