@@ -24,7 +24,7 @@ def dequantized_twin(net: GemmaModel) -> GemmaModel:
     return GemmaModel(net.cfg, weights)
 
 
-@pytest.mark.parametrize("variant", ["a", "b"])
+@pytest.mark.parametrize("variant", ["a", "b", "c"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_fused_path_matches_torch_on_dequantized_weights(hf_checkpoints, variant, quant):
     """Prefill (dequantized blocks) and decode steps (numba GEMV, fused MLP, decode attention)
