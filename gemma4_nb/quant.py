@@ -173,7 +173,7 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
                         if f is None:
                             out[canonical_name(cfg, name)] = handle.get_tensor(name).to(dtype)
                         else:
-                            out[canonical_name(cfg, name)] = _quantize_streamed(sl, shape, f, search, dtype)
+                            out[canonical_name(cfg, name)] = _quantize_streamed(shards, path, name, shape, f, search, dtype)
                     except (SafetensorError, OSError, ValueError) as exc:
                         raise CheckpointError(f"{path}: cannot read tensor {name} ({exc}); the shard may be corrupt") from None
                 bar.update(1)
@@ -182,14 +182,17 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
     return out
 
 
-def _quantize_streamed(sl, shape, fmt: str, search: bool, dtype) -> QWeight:
-    """Quantize a safetensors slice ``ROW_BLOCK`` rows at a time into preallocated storage."""
+def _quantize_streamed(shards, path, name, shape, fmt: str, search: bool, dtype) -> QWeight:
+    """Quantize one tensor ``ROW_BLOCK`` rows at a time into preallocated storage. The shard is
+    reopened per block: closing it unmaps the pages read, so at most one block of the checkpoint
+    is resident (in the file's dtype, plus its fp32 copy) however large the tensor."""
     rows, cols = shape
     codes = torch.empty((rows, cols if fmt == "int8" else cols // 2), dtype=torch.int8 if fmt == "int8" else torch.uint8)
     scales = torch.empty((rows, cols // GROUP), dtype=torch.float32)
     mins = torch.empty((rows, cols // GROUP), dtype=torch.float32) if fmt == "int4" else None
     for r in range(0, rows, ROW_BLOCK):
-        c, s, m = quantize(sl[r : r + ROW_BLOCK], fmt, search)
+        with shards.open(path) as handle:
+            c, s, m = quantize(handle.get_slice(name)[r : r + ROW_BLOCK], fmt, search)
         codes[r : r + len(c)] = c
         scales[r : r + len(c)] = s
         if mins is not None:
