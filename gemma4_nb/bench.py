@@ -1,5 +1,7 @@
 """Speed and agreement figures for the runtime.
 
+    gemma4-nb bench [--model X] [--quant int4] [--compare llama.cpp] [--bandwidth]   # user-facing
+
     python -m gemma4_nb.bench --model PATH [--prompt 512] [--decode 64]
     python -m gemma4_nb.bench --shape gemma4-12b --device cuda      # random weights, no download
     python -m gemma4_nb.bench --load-time                           # embedded GGUF: first and cached load
@@ -46,41 +48,109 @@ def random_model(shape: str, device: str, dtype: torch.dtype, layers: int | None
     return GemmaModel(cfg, weights)
 
 
+def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
+    """A model of ``shape`` with random ``fmt`` weights built directly in the quantized layout
+    (random codes, scales and minimums): no full-precision copy is ever held, so the 12B shape fits
+    in about 9 GiB (int4) on a CPU machine."""
+    from .quant import GROUP, QWeight, fmt_for
+
+    cfg = parse_config(tiny_config(**dict(SHAPES[shape])))
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, dims in expected_tensors(cfg).items():
+        key = name[len(cfg.weight_prefix):] if name.startswith(cfg.weight_prefix) else name
+        f = fmt_for(name, dims, fmt)
+        if f is None:
+            t = torch.randn(dims, generator=gen)
+            weights[key] = 1 + 0.1 * t if (name.endswith("norm.weight") or name.endswith("layer_scalar")) else t * 0.02
+            continue
+        out, inp = dims
+        step = 0.02 * 3 / (127 if f == "int8" else 7.5)  # about the spread of 0.02 * randn
+        if f == "int8":
+            codes = torch.randint(-127, 128, (out, inp), generator=gen, dtype=torch.int8)
+            mins = None
+        else:
+            codes = torch.randint(0, 256, (out, inp // 2), generator=gen, dtype=torch.uint8)
+            mins = torch.full((out, inp // GROUP), -7.5 * step)
+        scales = torch.full((out, inp // GROUP), step) * (0.5 + torch.rand((out, inp // GROUP), generator=gen))
+        weights[key] = QWeight(f, codes, scales, mins, tuple(dims), torch.float32)
+    return GemmaModel(cfg, weights)
+
+
+def decode_bytes(net: GemmaModel, context: int) -> tuple[int, int]:
+    """Bytes one decode step reads at ``context`` positions: (weights, KV cache). Every matrix is
+    read once (the tied embedding as the head; an untied embedding only by rows, not counted)."""
+    from .quant import QWeight
+
+    def nbytes(t):
+        return t.nbytes if isinstance(t, QWeight) else t.numel() * t.element_size()
+
+    weights = sum(nbytes(t) for n, t in net.weights.items() if "vision" not in n and "audio" not in n)
+    if "lm_head.weight" in net.weights:
+        weights -= nbytes(net.weights["embed_tokens.weight"])
+    elem = torch.tensor([], dtype=net.dtype).element_size()
+    kv = 0
+    for spec in net.cfg.layers:
+        if spec.owns_kv:
+            seen = min(context, spec.window) if spec.window else context
+            kv += seen * spec.num_kv_heads * spec.head_dim * elem * (1 if spec.k_eq_v else 2)
+    return weights, kv
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None = None) -> dict:
-    """Time a chunked prefill of ``prompt_len`` random tokens, then ``decode`` greedy steps."""
+def _greedy_step(net: GemmaModel, tok: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step; the head picks the greedy token itself (fused top-1 when quantized)."""
+    hidden = net.forward(tok.view(1), cache, logits=False).hidden
+    return net.top_k(hidden[-1], 1)[1][0]
+
+
+def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None = None,
+        ids: list[int] | None = None, depth: int = 0) -> dict:
+    """Time a chunked prefill of ``prompt_len`` random tokens (after ``depth`` untimed context
+    tokens), then ``decode`` greedy steps."""
     from .cache import PrefixCache
     from .generation import prefill
 
     dev = net.device
     chunk = prefill_chunk or (2048 if dev.type == "cuda" else 512)
-    ids = torch.randint(10, net.cfg.vocab_size, (prompt_len,)).tolist()
+    if ids is None:
+        ids = torch.randint(10, net.cfg.vocab_size, (depth + prompt_len,)).tolist()
     warm = net.new_cache()
-    net.forward(torch.tensor(ids[:16]), warm)
-    net.forward(torch.tensor(ids[:1]), warm)
+    net.forward(torch.tensor(ids[:48]), warm)  # > 16 positions: the prefill path of quantized weights
+    net.forward(torch.tensor(ids[:4]), warm)  # small batches: the fused kernels
+    _greedy_step(net, torch.tensor(ids[0]), warm)
     del warm
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     prefix = PrefixCache(lambda: net.new_cache())
     prefix.prepare(ids + [0])
+    if depth:
+        prefill(net, ids[:depth], prefix, chunk)
     _sync(dev)
     t0 = time.perf_counter()
-    out = prefill(net, ids, prefix, chunk)
+    out = prefill(net, ids, prefix, chunk, start=depth)
     tok = out.logits[-1].argmax()
     _sync(dev)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     for _ in range(decode):
-        tok = net.forward(tok.view(1), prefix.kv).logits[-1].argmax()
+        tok = _greedy_step(net, tok, prefix.kv)
     _sync(dev)
     dec = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
     return {"prompt": prompt_len, "ttft_s": prefill_s, "prefill_tok_s": prompt_len / prefill_s,
-            "decode_tok_s": decode / dec, "peak_gpu_gib": peak / 2**30 if peak else None}
+            "decode_tok_s": decode / dec, "peak_gpu_gib": peak / 2**30 if peak else None,
+            "peak_rss_gib": _peak_rss() / 2**30}
 
 
 AGREEMENT_TEXT = """\
@@ -479,6 +549,172 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
         print(f"acceptance {a:.1f}: " + "  ".join(row))
 
 
+def _llama_cpp_speed(gguf: Path, ids: list[int], depth: int, decode: int, threads: int) -> dict:
+    """llama-cpp-python on the same GGUF and tokens: prefill of ``ids[depth:]`` after ``depth``
+    untimed tokens, then ``decode`` greedy steps, with ``threads`` threads."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise SystemExit("--compare llama.cpp needs llama-cpp-python: pip install 'gemma4-nb[bench]'") from None
+    import numpy as np
+
+    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + decode + 16, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, n_ubatch=512, verbose=False)
+    llm.eval(ids[:16])
+    llm.reset()
+    if depth:
+        llm.eval(ids[:depth])
+    t = time.perf_counter()
+    llm.eval(ids[depth:])
+    prefill_s = time.perf_counter() - t
+    t = time.perf_counter()
+    n_vocab = llm.n_vocab()
+    for _ in range(decode):  # greedy on the last position's logits (llama.cpp keeps only those)
+        last = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        llm.eval([int(np.argmax(last))])
+    decode_s = time.perf_counter() - t
+    del llm
+    return {"ttft_s": prefill_s, "prefill_tok_s": (len(ids) - depth) / prefill_s, "decode_tok_s": decode / decode_s}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def load_memory(model_ref: str | None, quant: str | None) -> None:
+    """Peak RSS of a streaming quantized load (fresh process) against the size of the result."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, resource, sys, time; import gemma4_nb; from gemma4_nb.quant import weights_nbytes; "
+            "t = time.perf_counter(); m = gemma4_nb.load(sys.argv[1] or None, quant=sys.argv[2] or None, "
+            "device='cpu', progress=False); s = time.perf_counter() - t; "
+            "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "'weights': weights_nbytes(m.net.weights), 'load_s': s, 'largest': max("
+            "(t.shape[0] * t.shape[1] if hasattr(t, 'fmt') else t.numel()) for t in m.net.weights.values())}))")
+    base = subprocess.run([sys.executable, "-c", "import resource, gemma4_nb, torch, numba; "
+                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+                          capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, model_ref or "", quant or ""], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-2000:])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    gib = 2**30
+    print(f"model: {model_ref or 'embedded 270M'}   quant: {quant}   load {r['load_s']:.1f} s")
+    print(f"weights after loading {r['weights'] / gib:.3f} GiB; peak RSS of the loading process {r['peak'] / gib:.3f} GiB "
+          f"(of which {int(base.stdout) / gib:.3f} GiB is the interpreter with torch and numba imported)")
+
+
+def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, threads=None, prompt=512,
+                  decode=64, depth=0, compare=None, bandwidth=False, repeat=1) -> list[dict]:
+    """``gemma4-nb bench``: prefill and decode tokens/s, time to first token and peak memory of
+    one model, weight format, context depth and device; optionally llama.cpp on the same GGUF in
+    the same run, and the measured memory bandwidth with the roofline fraction of decode."""
+    if threads:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    if shape:
+        if quant:
+            net = random_quantized_model(shape, quant)
+        else:
+            net = random_model(shape, device.type, {"fp32": torch.float32, None: torch.bfloat16}.get(dtype, torch.bfloat16))
+        name, gguf = f"{shape} (random weights)", None
+    else:
+        from .resolve import resolve_model
+        from .runtime import load
+
+        src = resolve_model(model)
+        gguf = src if src.suffix == ".gguf" else None
+        net = load(str(src), device=device.type, dtype=dtype, quant=quant, progress=False).net
+        name = src.name
+    load_s = time.perf_counter() - t0
+    fmt = quant or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[net.dtype]
+    compile_s = None
+    if net.fused:
+        from .kernels import cpu_numba
+
+        compile_s = cpu_numba.warm_up()
+    ids = torch.randint(10, net.cfg.vocab_size, (depth + prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    print(f"model: {name}   weights: {fmt}   device: {device.type}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ' (' + _cpu_name() + ')'}"
+          f"   threads: {threads}   torch {torch.__version__}")
+    print(f"load: {load_s:.1f} s" + (f"   numba kernels ready in {compile_s:.2f} s (compiled or loaded from the on-disk cache)"
+                                      if compile_s is not None else ""))
+    rows = []
+    for i in range(repeat):
+        r = run(net, prompt, decode, ids=ids, depth=depth)
+        r["engine"] = "gemma4-nb"
+        rows.append(r)
+        if compare == "llama.cpp":
+            if gguf is None:
+                raise SystemExit("--compare llama.cpp needs a GGUF model (the default embedded model is one)")
+            lc = _llama_cpp_speed(gguf, ids, depth, decode, threads)
+            lc["engine"] = "llama.cpp"
+            rows.append(lc)
+    w_bytes, kv_bytes = decode_bytes(net, depth + prompt + decode // 2)
+    bw = None
+    if bandwidth:
+        if device.type == "cuda":
+            x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+            y = torch.empty_like(x)
+            y.copy_(x)
+            torch.cuda.synchronize()
+            best = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                y.copy_(x)
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t)
+            bw = 2 * x.numel() / best  # copy: read + write
+            del x, y
+        else:
+            from .kernels import cpu_numba
+            from .kernels.ops import _nb
+
+            _nb()  # numba threads follow torch's
+            bw = cpu_numba.measure_bandwidth()
+    hdr = f"{'engine':<10}{'depth':>7}{'prompt':>8}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak mem GiB':>14}"
+    if bw:
+        hdr += f"{'decode GB/s':>13}{'roofline':>10}"
+    print(hdr)
+    for r in rows:
+        peak = r.get("peak_gpu_gib") or r.get("peak_rss_gib")
+        line = (f"{r['engine']:<10}{depth:>7}{prompt:>8}{r['ttft_s'] * 1000:>10.1f}{r['prefill_tok_s']:>15.1f}"
+                f"{r['decode_tok_s']:>14.2f}{(f'{peak:.2f}' if peak and r['engine'] == 'gemma4-nb' else '-'):>14}")
+        if bw and r["engine"] == "gemma4-nb":
+            achieved = (w_bytes + kv_bytes) * r["decode_tok_s"]
+            line += f"{achieved / 1e9:>13.1f}{achieved / bw * 100:>9.1f}%"
+        print(line)
+    if compare == "llama.cpp":
+        ours = [r for r in rows if r["engine"] == "gemma4-nb"]
+        theirs = [r for r in rows if r["engine"] == "llama.cpp"]
+        for key, label in (("prefill_tok_s", "prefill"), ("decode_tok_s", "decode")):
+            ratios = [a[key] / b[key] for a, b in zip(ours, theirs)]
+            best = max(a[key] for a in ours) / max(b[key] for b in theirs)
+            print(f"ratio gemma4-nb / llama.cpp, {label}: " + ", ".join(f"{x:.2f}x" for x in ratios)
+                  + (f"; best of {len(ours)} each: {max(a[key] for a in ours):.1f} / {max(b[key] for b in theirs):.1f}"
+                     f" = {best:.2f}x" if len(ours) > 1 else ""))
+    if bw and len(rows) > 1:
+        best = max(r["decode_tok_s"] for r in rows if r["engine"] == "gemma4-nb")
+        print(f"best decode of {repeat}: {best:.2f} tok/s = {(w_bytes + kv_bytes) * best / 1e9:.1f} GB/s = "
+              f"{(w_bytes + kv_bytes) * best / bw * 100:.1f}% of the measured bandwidth")
+    print(f"bytes read per decode token: weights {w_bytes / 1e9:.3f} GB + KV {kv_bytes / 1e9:.4f} GB"
+          + (f"; measured read bandwidth {bw / 1e9:.1f} GB/s" + (" (device copy, read+write)" if device.type == "cuda" else "")
+             if bw else ""))
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gemma4_nb.bench")
     p.add_argument("--model")
@@ -498,10 +734,14 @@ def main(argv=None) -> int:
                    help="12B shape: MTP draft step and k-token verify cost relative to a plain decode step")
     p.add_argument("--layers", type=int, default=6, help="--mtp-cost: target layers actually built (scaled to 48)")
     p.add_argument("--depth", type=int, default=1024, help="--mtp-cost: context length before the measured steps")
+    p.add_argument("--load-memory", choices=["int8", "int4", "none"], help="peak RSS of a streaming quantized load")
     args = p.parse_args(argv)
     if args.mtp_cost:
         torch.set_num_threads(args.threads)
         mtp_cost(args.layers, args.depth, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        return 0
+    if args.load_memory:
+        load_memory(args.model, None if args.load_memory == "none" else args.load_memory)
         return 0
     if args.draft:
         torch.set_num_threads(args.threads)

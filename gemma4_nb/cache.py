@@ -174,7 +174,9 @@ class KVCache:
         self._end = self.length + t
         return range(self.length, self._end)
 
-    def update(self, layer: int, k: torch.Tensor | None, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor | None, v: torch.Tensor, gather: bool = True):
+        """``gather=False`` stores without building the contiguous K/V (fused kernels then read the
+        chunks through :meth:`chunk_view`) and returns None."""
         lay = self.layers[layer]
         start, end = self.length, self._end
         assert v.shape[1] == end - start, "update() must follow begin() with the same length"
@@ -194,7 +196,7 @@ class KVCache:
                 lay.k_pool.write(lay.slots[2 * c], off, k[:, rows].transpose(0, 1))
                 lay.v_pool.write(lay.slots[2 * c + 1], off, v[:, rows].transpose(0, 1))
             pos += n
-        return self._read(lay, end)
+        return self._read(lay, end) if gather else None
 
     def read(self, layer: int):
         return self._read(self.layers[layer], self._end)
@@ -221,6 +223,25 @@ class KVCache:
         if lay.k_pool is None:
             return None, self._gather(lay, lay.v_pool, 0, skip, n), range(lo, end)
         return self._gather(lay, lay.k_pool, 0, skip, n), self._gather(lay, lay.v_pool, 1, skip, n), range(lo, end)
+
+    def chunk_view(self, layer: int):
+        """For fused decode kernels: ``(k_data, v_data, k_slots, v_slots, skip, n, key_positions)``
+        where ``*_data`` are the pools' ``[chunks, chunk, heads, dim]`` storage, ``*_slots`` the
+        layer's chunks oldest first, and the visible keys are rows ``skip .. skip + n - 1`` of
+        those chunks laid end to end. None where a layer is not stored that way (K=V, int8 KV,
+        chunks offloaded to the host)."""
+        lay = self.layers[layer]
+        if lay is None or lay.k_pool is None or lay.v_pool.quantized or lay.host_slots:
+            return None
+        lo = lay.first
+        if lay.window is not None:
+            lo = max(lo, self.length - lay.window + 1)
+        key = ("view", tuple(lay.slots))
+        if lay.index_cache.get("view", (None,))[0] != key:
+            slots = torch.tensor(lay.slots, dtype=torch.int64)
+            lay.index_cache["view"] = (key, slots[0::2].contiguous(), slots[1::2].contiguous())
+        _, ks, vs = lay.index_cache["view"]
+        return lay.k_pool.data, lay.v_pool.data, ks, vs, lo - lay.first, self._end - lo, range(lo, self._end)
 
     def _index(self, lay: _LayerKV, which: int, host: bool) -> torch.Tensor:
         """Slot indices as a tensor on the pool's device, rebuilt only when the slot list changed

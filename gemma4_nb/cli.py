@@ -18,6 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafting", choices=["auto", "mtp", "prompt_lookup", "off"], default="auto",
                    help="speculative decoding (output unchanged): the MTP assistant when found, else prompt lookup")
     p.add_argument("--assistant", help="the MTP assistant's directory or repo id (default: found next to the model)")
+    p.add_argument("--quant", choices=["int8", "int4"], help="quantize the weights while loading (CPU)")
 
 
 def _cmd_generate(args) -> int:
@@ -25,7 +26,7 @@ def _cmd_generate(args) -> int:
 
     model = load(args.model, dtype=args.dtype, device=args.device, max_context=args.max_context,
                  download=args.download, drafting=None if args.drafting == "off" else args.drafting,
-                 assistant=args.assistant)
+                 assistant=args.assistant, quant=args.quant)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                     seed=args.seed, stop=args.stop or None, max_new_tokens=args.max_new_tokens, stream=True)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -54,6 +55,19 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import SHAPES, bench_command
+
+    if args.shape and args.shape not in SHAPES:
+        raise Gemma4Error(f"unknown shape {args.shape!r}; use one of {sorted(SHAPES)}")
+    if args.shape and args.model:
+        raise Gemma4Error("give --model or --shape, not both")
+    bench_command(model=args.model, shape=args.shape, quant=args.quant, dtype=args.dtype, device=args.device,
+                  threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,
+                  compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat)
+    return 0
+
+
 def _cmd_tiny(args) -> int:
     from .tiny import write_tiny_checkpoint
 
@@ -78,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(func=_cmd_generate)
+
+    b = sub.add_parser("bench", help="prefill/decode speed, time to first token and peak memory (like llama-bench)")
+    b.add_argument("--model", help="model directory, .gguf or repo id (default: the embedded Gemma 3 270M)")
+    b.add_argument("--shape", help="instead of a model: random weights in a named shape (gemma4-12b)")
+    b.add_argument("--quant", choices=["int8", "int4"], help="weight format (default: unquantized)")
+    b.add_argument("--dtype", choices=["bf16", "fp32"], help="unquantized weight / activation dtype")
+    b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    b.add_argument("--threads", type=int, help="CPU threads (default: torch's setting)")
+    b.add_argument("--prompt", type=int, default=512, help="prompt tokens to prefill (timed)")
+    b.add_argument("--decode", type=int, default=64, help="greedy decode steps (timed)")
+    b.add_argument("--depth", type=int, default=0, help="context tokens already in the cache before the prompt")
+    b.add_argument("--repeat", type=int, default=1, help="repeat the measurement (side by side with --compare)")
+    b.add_argument("--compare", choices=["llama.cpp"], help="run llama-cpp-python on the same GGUF in the same run")
+    b.add_argument("--bandwidth", action="store_true", help="measure memory bandwidth; print decode's roofline fraction")
+    b.set_defaults(func=_cmd_bench)
 
     tiny = sub.add_parser("tiny", help="write a tiny random Gemma 4 checkpoint (for smoke tests)")
     tiny.add_argument("out_dir")

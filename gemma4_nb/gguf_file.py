@@ -34,7 +34,8 @@ from tokenizers.models import BPE
 
 from .errors import CheckpointError, ConfigError
 
-CONVERTER_VERSION = "2"
+CONVERTER_VERSION = "3"
+SOURCE_TYPES_FILE = "gguf_tensor_types.json"  # checkpoint name -> GGUF type (quantization reads it)
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K", "Q6_K")
 
@@ -357,6 +358,8 @@ def convert(path: Path, out_dir: Path) -> None:
     (out_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "pad_token_id": config["pad_token_id"]}, indent=2))
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "source": path.name})
+    (out_dir / SOURCE_TYPES_FILE).write_text(json.dumps(
+        {hf_name(n): t.qtype.name for n, t in g.tensors.items()}, indent=0))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))  # written last: marks completion
 
 

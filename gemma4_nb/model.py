@@ -13,7 +13,7 @@ import torch
 
 from .cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK, KVCache
 from .config import LayerSpec, ModelConfig
-from .kernels import torch_ops as ops
+from .kernels import ops
 from .multimodal import Embedders
 
 
@@ -43,6 +43,7 @@ class GemmaModel:
         # The reference casts the sqrt(hidden) scale to the weight dtype before multiplying.
         self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype)
         self.layer_weights = [self._layer_weights(s) for s in cfg.layers]
+        self.fused = ops.fused_cpu(self.lm_head)  # quantized weights on the CPU: numba kernels
         self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
         self._rope = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
                       for s in cfg.layers}
@@ -89,6 +90,11 @@ class GemmaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return ops.softcap(ops.linear(hidden, self.lm_head).float(), self.cfg.final_softcap)
 
+    def top_k(self, hidden: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` (soft-capped logits, token ids) of one position's final hidden state, without
+        materializing every logit when the head is quantized on the CPU."""
+        return ops.head_topk(hidden, self.lm_head, self.cfg.final_softcap, k)
+
     def _keys_from_values(self, layer: int, v_all: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """K=V layers store V = rmsnorm(k_proj(x)) once; K = rope(V * k_norm weight) is rebuilt here."""
         spec = self.cfg.layers[layer]
@@ -102,6 +108,10 @@ class GemmaModel:
         cos, sin = rope
         q = ops.linear(h, w["q_proj"]).view(t, cfg.num_heads, spec.head_dim)
         q = ops.apply_rope(self.norm(q, w["q_norm"]), cos, sin)
+        # a fused decode step reads K/V straight from the cache's chunks (no contiguous copy)
+        direct = (self.fused and t == 1 and blocks is None and not spec.k_eq_v
+                  and getattr(cache, "chunk_view", None) is not None and cache.kv_dtype is None)
+        k_all = v_all = k_pos = None
         if spec.owns_kv:
             raw = ops.linear(h, w["k_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
             if spec.k_eq_v:  # V is the raw projection (weight-free norm); K is rebuilt from it
@@ -112,14 +122,22 @@ class GemmaModel:
                 k = ops.apply_rope(self.norm(raw, w["k_norm"]), cos, sin)
                 if cfg.family.has_v_norm:
                     v = ops.rms_norm(v, None, cfg.rms_norm_eps)
-                k_all, v_all, k_pos = cache.update(spec.index, k.transpose(0, 1), v.transpose(0, 1))
-        else:
+                stored = cache.update(spec.index, k.transpose(0, 1), v.transpose(0, 1), gather=not direct)
+                if stored is not None:
+                    k_all, v_all, k_pos = stored
+        elif not direct:
+            k_all, v_all, k_pos = cache.read(spec.kv_source)
+        view = cache.chunk_view(spec.kv_source) if direct else None
+        if view is not None:
+            out = ops.attention_chunks(q.transpose(0, 1), view, cfg.query_scale, cfg.attn_softcap)
+            return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
+        if v_all is None:  # not representable as chunks after all: gather
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         if k_all is None:
             k_all = self._keys_from_values(spec.kv_source, v_all, k_pos)
         # images attend to themselves both ways on sliding layers only (full layers stay causal)
         out = ops.attention(q.transpose(0, 1), k_all, v_all, q_pos, k_pos, spec.window, cfg.query_scale,
-                            cfg.attn_softcap, blocks if spec.kind == "sliding" else None)
+                            cfg.attn_softcap, blocks if spec.kind == "sliding" else None, fused=self.fused)
         return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
 
     def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache, blocks=None) -> torch.Tensor:

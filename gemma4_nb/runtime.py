@@ -60,7 +60,8 @@ class Model:
     def __init__(self, model_dir: Path, cfg: ModelConfig, net: GemmaModel, tokenizer: Tokenizer,
                  generation_config: dict, max_context: int, source: Path | None = None, *,
                  kv_dtype: str | None = None, kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
-                 kv_offload_after: int | None = None, drafter=None) -> None:
+                 kv_offload_after: int | None = None, drafter=None, quant: str | None = None) -> None:
+        self.quant = quant
         self.model_dir = model_dir
         self.source = source or model_dir  # what the user pointed at (a GGUF is converted to model_dir)
         self.config = cfg
@@ -78,6 +79,15 @@ class Model:
         self.prefill_chunk = prefill_chunk or (2048 if net.device.type == "cuda" else 512)
         self.drafter = drafter  # speculative decoding: an MTPDrafter, a PromptLookupDrafter, or None
         self.cache = PrefixCache(lambda: net.new_cache(chunk=kv_chunk, kv_dtype=kv_dtype, offload_after=kv_offload_after))
+
+    def save_quantized(self, out_dir) -> Path:
+        """Write this model's quantized weights with its config and tokenizer to ``out_dir``;
+        ``load(out_dir)`` then loads them without quantizing again."""
+        from .quant import save_quantized
+
+        if not self.quant:
+            raise Gemma4Error("this model is not quantized: load it with quant='int8' or quant='int4' first")
+        return save_quantized(self.net.weights, self.quant, self.model_dir, Path(out_dir))
 
     def reset(self) -> None:
         """Drop the KV cache (it is rebuilt on the next request)."""
@@ -213,7 +223,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
          progress: bool = True, download: bool = False, kv_dtype: str | None = None,
          kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
          kv_offload_after: int | None = None, drafting: str | None = "auto",
-         assistant: str | os.PathLike | None = None) -> Model:
+         assistant: str | os.PathLike | None = None, quant: str | None = None) -> Model:
     """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, or
     ``$GEMMA4_NB_MODEL``; with none of these, the embedded Gemma 3 270M.
 
@@ -230,7 +240,14 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     ``<repo>-assistant`` in the Hugging Face cache -- and prompt lookup otherwise; ``"mtp"``
     requires the assistant; ``"prompt_lookup"``; or None (off).
     ``assistant``: the MTP drafter's directory or repo id.
+    ``quant``: ``"int8"`` or ``"int4"`` weights (groups of 32 weights, see docs/kernels.md),
+    quantized while the checkpoint streams in (CPU; the fused numba kernels run them). A directory
+    written by :meth:`Model.save_quantized` loads as saved, without quantizing again. The MTP
+    assistant, when used, stays in the activation dtype.
     """
+    from . import quant as qmod
+
+    quant = qmod.check_quant(quant)
     model_dir = source = resolve_model(model, download=download)
     if model_dir.suffix == ".gguf":
         from .gguf_file import prepare_gguf
@@ -244,19 +261,38 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         raise ContextLengthError(
             f"max_context={max_context} is outside what this model supports (2 to {limit} tokens)"
         )
+    saved_quant = qmod.is_quantized_dir(model_dir)
+    if (quant or saved_quant) and device is not None and torch.device(device).type != "cpu":
+        raise Gemma4Error(f"quantized weights run on the CPU only in this version; load with device='cpu' "
+                          f"or without quant on {device}")
+    if (quant or saved_quant) and device is None:
+        device = "cpu"
+    if (quant or saved_quant) and dtype is None:
+        dtype = torch.float32  # activations; the weights are small
     device, dtype = choose_device_dtype(cfg, device, dtype)
     if kv_dtype not in (None, "int8"):
         raise Gemma4Error(f"kv_dtype {kv_dtype!r} is not supported: use None (the model dtype) or 'int8'")
-    weight_bytes = cfg.parameter_count() * torch.tensor([], dtype=dtype).element_size()
+    bytes_per_param = {"int8": 1.0, "int4": 0.625}.get(quant or (saved_quant and qmod.read_marker(model_dir)["format"]))
+    weight_bytes = cfg.parameter_count() * (bytes_per_param or torch.tensor([], dtype=dtype).element_size())
     free = available_memory(device)
     if weight_bytes > free:
         raise MemoryPlanError(
-            f"{cfg.model_type} weights need {weight_bytes / GiB:.1f} GiB in {dtype} but only {free / GiB:.1f} GiB is "
+            f"{cfg.model_type} weights need {weight_bytes / GiB:.1f} GiB in {quant or dtype} but only {free / GiB:.1f} GiB is "
             f"available on {device}; free memory, use dtype='bf16', or a smaller model"
         )
     tokenizer = Tokenizer(model_dir)
     assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download)
-    weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
+    if saved_quant:
+        weights = qmod.load_saved_quantized(cfg, model_dir, dtype, quant, progress=progress)
+        quant = qmod.read_marker(model_dir)["format"]
+    elif quant:
+        from .checkpoint import check_checkpoint, expected_tensors, find_shards
+
+        shards = find_shards(model_dir)
+        check_checkpoint(cfg, shards)
+        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress)
+    else:
+        weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     drafter = None
     if assistant_dir is not None:
         from .assistant import load_assistant
@@ -267,7 +303,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     generation_config = _read_json(model_dir / "generation_config.json")
     return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source,
                  kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk,
-                 kv_offload_after=kv_offload_after, drafter=drafter)
+                 kv_offload_after=kv_offload_after, drafter=drafter, quant=quant)
 
 
 DRAFTING = ("auto", "mtp", "prompt_lookup", None)

@@ -30,3 +30,21 @@ def test_tiny_checkpoint_command_makes_a_loadable_model(tmp_path):
     res = run("generate", "--model", str(tmp_path / "tiny"), "--raw", "--max-new-tokens", "5", "--seed", "1", "import pandas")
     assert res.returncode == 0, res.stderr
     assert "generated tokens: 5" in res.stderr or "finish: eos" in res.stderr
+
+
+def test_bench_command_reports_speed_and_memory(tiny_dir):
+    res = run("bench", "--model", str(tiny_dir), "--quant", "int8", "--prompt", "8", "--decode", "4", "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "weights: int8" in out and "threads: 1" in out
+    row = next(line for line in out.splitlines() if line.startswith("gemma4-nb"))
+    depth, prompt, ttft, prefill, decode, peak = row.split()[1:7]
+    assert (depth, prompt) == ("0", "8") and float(prefill) > 0 and float(decode) > 0 and float(peak) > 0
+    assert "bytes read per decode token" in out
+
+
+def test_bench_command_rejects_bad_input(tiny_dir):
+    res = run("bench", "--model", str(tiny_dir), "--shape", "gemma4-12b")
+    assert res.returncode == 2 and "not both" in res.stderr
+    res = run("bench", "--model", str(tiny_dir), "--compare", "llama.cpp", "--prompt", "4", "--decode", "1")
+    assert res.returncode != 0 and "needs a GGUF model" in res.stderr

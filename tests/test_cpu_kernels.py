@@ -1,0 +1,152 @@
+"""The numba CPU kernels against plain torch on dequantized weights.
+
+Tolerances: products accumulate in fp32 in a different order than torch's GEMM, so results are
+compared with ``atol = 1e-4 * max|reference|`` (about 100 fp32 ulps of the largest output);
+attention, whose outputs are convex combinations of V rows, with ``atol = 1e-5``.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from gemma4_nb.kernels import cpu_numba as nb  # noqa: E402
+from gemma4_nb.kernels import ops  # noqa: E402
+from gemma4_nb.kernels import torch_ops as ref  # noqa: E402
+from gemma4_nb.quant import dequantize, quantize, quantize_weight  # noqa: E402
+
+
+def close(got, want, rel=1e-4):
+    got, want = torch.as_tensor(got).float(), torch.as_tensor(want).float()
+    tol = rel * float(want.abs().max()) + 1e-6
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) <= tol, float((got - want).abs().max())
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantize_round_trip_error(fmt, gen):
+    w = torch.randn(64, 256, generator=gen)
+    codes, scales, mins = quantize(w, fmt)
+    back = dequantize(fmt, codes, scales, mins)
+    rel = float((back - w).norm() / w.norm())
+    # uniform rounding on 255 (int8) or 16 (int4) levels per group of 32 Gaussian weights
+    assert rel < (0.01 if fmt == "int8" else 0.1)
+    assert rel > 0  # it really quantized
+
+
+def test_search_reproduces_block_quantized_weights(gen):
+    """GGUF-style blocks (Q5_0-like codes in int8, Q4_K-like asymmetric 4-bit) come back exactly."""
+    d = torch.rand(32, 8, 1, generator=gen) + 0.1
+    q5 = torch.randint(-16, 16, (32, 8, 32), generator=gen).float()
+    q5[..., 0] = -16  # the extreme present, as Q5_0 makes it
+    w5 = (q5 * d).reshape(32, 256)
+    codes, scales, _ = quantize(w5, "int8", search=True)
+    assert float((dequantize("int8", codes, scales) - w5).abs().max()) < 1e-5  # exact up to fp32 rounding
+    codes, scales, _ = quantize(w5, "int8", search=False)
+    assert float((dequantize("int8", codes, scales) - w5).abs().max()) > 1e-3
+    q4 = torch.randint(2, 13, (32, 8, 32), generator=gen).float()
+    q4[..., 0], q4[..., 1] = 2, 12  # spans 10 steps: only the searched grid fits it
+    w4 = (q4 * d - 0.5 * d).reshape(32, 256)
+    codes, scales, mins = quantize(w4, "int4", search=True)
+    assert float((dequantize("int4", codes, scales, mins) - w4).abs().max()) < 1e-5
+    codes, scales, mins = quantize(w4, "int4", search=False)
+    assert float((dequantize("int4", codes, scales, mins) - w4).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("t", [1, 3, 40])
+def test_quantized_linear(fmt, t, gen):
+    w = quantize_weight(torch.randn(200, 320, generator=gen), fmt)
+    x = torch.randn(t, 320, generator=gen)
+    close(ops.linear(x, w), x @ w.dequantize().t())  # t=40 takes the dequantized-block GEMM path
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fused_rmsnorm_projection(fmt, gen):
+    w = quantize_weight(torch.randn(96, 128, generator=gen), fmt)
+    x = 3 * torch.randn(2, 128, generator=gen)
+    norm_w = torch.randn(128, generator=gen)
+    out = np.empty((2, 96), dtype=np.float32)
+    args = (w.codes.numpy(), w.scales.numpy()) + ((w.mins.numpy(),) if fmt == "int4" else ())
+    getattr(nb, f"rms_gemm_{fmt}")(x.numpy(), norm_w.numpy(), 1.0, 1e-6, *args, out)
+    close(out, ref.rms_norm(x, norm_w, 1e-6, 1.0) @ w.dequantize().t())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_fused_gate_up_gelu(fmt, gen):
+    gate, up = (quantize_weight(torch.randn(160, 64, generator=gen), fmt) for _ in range(2))
+    down = quantize_weight(torch.randn(64, 160, generator=gen), fmt)
+    x = torch.randn(2, 64, generator=gen)
+    want = ref.gated_mlp(x, gate.dequantize(), up.dequantize(), down.dequantize())
+    close(ops.gated_mlp(x, gate, up, down), want)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_fused_head_topk(fmt, cap, gen):
+    head = quantize_weight(torch.randn(5000, 64, generator=gen), fmt)
+    h = torch.randn(64, generator=gen)
+    logits = ref.softcap(h[None] @ head.dequantize().t(), cap)[0]
+    vals, ids = ops.head_topk(h, head, cap, 8)
+    want_vals, want_ids = torch.topk(logits, 8)
+    assert torch.equal(ids, want_ids)
+    close(vals, want_vals)
+
+
+@pytest.mark.parametrize("window,cap,groups", [(None, None, 4), (7, None, 2), (None, 50.0, 1), (33, 20.0, 8)])
+def test_decode_attention(window, cap, groups, gen):
+    hkv, tk, d = 2, 150, 32
+    q = torch.randn(hkv * groups, 1, d, generator=gen)
+    k = torch.randn(hkv, tk, d, generator=gen)
+    v = torch.randn(hkv, tk, d, generator=gen)
+    q_pos, k_pos = range(tk + 9, tk + 10), range(10, tk + 10)  # the last key is the query's own
+    want = ref.attention(q, k, v, q_pos, k_pos, window, 0.3, cap)
+    got = ops.attention(q, k, v, q_pos, k_pos, window, 0.3, cap, fused=True)
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) < 1e-5
+
+
+def test_decode_attention_splits_agree(gen):
+    q, k, v = torch.randn(4, 16, generator=gen), torch.randn(1, 300, 16, generator=gen), torch.randn(1, 300, 16, generator=gen)
+    one = nb.decode_attention(q.numpy(), k.numpy(), v.numpy(), 5, 290, 0.25, None, splits=1)
+    many = nb.decode_attention(q.numpy(), k.numpy(), v.numpy(), 5, 290, 0.25, None, splits=7)
+    s = (q @ k[0, 5:290].t()) * 0.25
+    want = torch.softmax(s, -1) @ v[0, 5:290]
+    assert np.abs(one - many).max() < 1e-5
+    assert float((torch.from_numpy(many) - want).abs().max()) < 1e-5
+    assert not math.isnan(float(many.sum()))
+
+
+def test_threads_follow_torch():
+    import numba
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ops.linear(torch.randn(1, 64), quantize_weight(torch.randn(8, 64), "int8"))
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compiled_kernels_are_cached_on_disk():
+    """A fresh process loads every kernel from numba's on-disk cache instead of compiling it."""
+    code = ("import time; from gemma4_nb.kernels import cpu_numba as nb; nb.warm_up(); "
+            "print(sum(len(k.stats.cache_misses) for k in nb.ALL_KERNELS), "
+            "sum(len(k.stats.cache_hits) for k in nb.ALL_KERNELS))")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)  # fills the cache
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
+    misses, hits = int(out[0]), int(out[1])
+    assert misses == 0 and hits >= len(nb.ALL_KERNELS)
