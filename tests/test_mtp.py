@@ -250,3 +250,15 @@ def test_assistant_found_in_the_hugging_face_cache(pairs, tmp_path, monkeypatch)
     by_repo = gemma4_nb.load(target_dir, device="cpu", dtype="fp32", progress=False, drafting="mtp",
                              assistant="google/gemma-4-tiny-it-assistant")
     assert by_repo.drafter.source == model.drafter.source
+
+
+def test_mtp_over_a_quantized_target_is_lossless(pairs):
+    """The assistant reads K/V written by the fused int8 path; output equals the same model undrafted."""
+    target_dir, assistant_dir, _, _ = pairs["kv"]
+    mtp = gemma4_nb.load(target_dir, progress=False, quant="int8", kv_chunk=4)
+    assert isinstance(mtp.drafter, MTPDrafter)
+    plain = gemma4_nb.load(target_dir, progress=False, quant="int8", drafting=None)
+    mtp.stop_token_ids = plain.stop_token_ids = frozenset()
+    prompt = [2] + list(range(100, 130))
+    assert _greedy_ids(mtp, prompt, 20) == _greedy_ids(plain, prompt, 20)
+    assert mtp.last_usage.drafting.proposed > 0
