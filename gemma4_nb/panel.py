@@ -44,6 +44,7 @@ class ChatPanel:
             self.status, self.history, self.input,
             w.HBox([self.send_button, self.stop_button, self.upload, self.agent]), self.output,
         ], layout=w.Layout(border="1px solid var(--jp-border-color1, #ccc)", padding="6px"))
+        self.widget.add_class("gemma4-nb-panel")
         self._reply = None  # the HTML widget of the streaming reply
         self._text = ""
         self._last = 0.0
@@ -102,12 +103,12 @@ class ChatPanel:
             self.history.children = (*self.history.children,
                                      self._bubble(kind, html.escape(extra), "#999"))
         elif kind == "done":
-            self._text = ev["text"] + ("\n\n(stopped)" if ev.get("stopped") else "")
+            self._text = (ev["text"] or self._text) + ("\n\n(stopped)" if ev.get("stopped") else "")
             self._render()
             u = ev.get("usage")
             items = [self._code_row(code) for code in ev.get("code_blocks", [])]
             if u:
-                items.append(self.w.HTML(f"<small>{u['generated_tokens']} tokens, {u['tokens_per_s']:.1f} tokens/s</small>"))
+                items.append(self.w.HTML(f"<small class='gemma4-usage'>{u['generated_tokens']} tokens, {u['tokens_per_s']:.1f} tokens/s</small>"))
             self.history.children = (*self.history.children, *items)
             self._done()
         elif kind == "error":

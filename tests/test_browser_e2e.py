@@ -41,6 +41,7 @@ def write_notebook(path: Path) -> None:
         nbformat.v4.new_code_cell("%load_ext gemma4_nb\n%gemma config max_new_tokens=48 temperature=0"),
         nbformat.v4.new_code_cell("import pandas as pd\n"
                                   "sales = pd.DataFrame({'region': ['north', 'south', 'north'], 'revenue': [10.0, 20.0, 5.0]})"),
+        nbformat.v4.new_code_cell("%gemma panel"),  # the ipywidgets panel, next to the sidebar
     ]
     nbformat.write(nb, path)
 
@@ -241,3 +242,24 @@ def _scenario(page, url, root, expect):
     assert "%load_ext gemma4_nb" in first
     page.screenshot(path=str(ARTIFACTS / "5-insert-and-run.png"))
     page.screenshot(path=str(ARTIFACTS / "sidebar.png"))
+
+    # 6. the ipywidgets panel (%gemma panel): a streamed reply, then Stop mid-generation
+    widget = page.locator(".gemma4-nb-panel")
+    widget.scroll_into_view_if_needed()
+    widget.locator("textarea").fill("Name one region in sales.")
+    widget.locator("button", has_text="Send").click()
+    expect(widget.locator(".gemma4-usage")).to_have_count(1, timeout=120_000)
+    page.evaluate("window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.requestExecute("
+                  "{code: '%gemma config max_new_tokens=400', silent: true})")
+    widget.locator("textarea").fill("Write a very long story about a dragon, chapter by chapter.")
+    widget.locator("button", has_text="Send").click()
+    stop = widget.locator("button", has_text="Stop")
+    expect(stop).to_be_enabled(timeout=60_000)
+    page.wait_for_function("() => { const b = Array.from(document.querySelectorAll('.gemma4-nb-panel .widget-html'))"
+                           ".pop(); return b && b.textContent.replace('gemma', '').replace('…', '').trim().length > 0; }",
+                           timeout=120_000)
+    stop.click()
+    expect(widget.locator(".widget-html", has_text="(stopped)")).to_have_count(1, timeout=60_000)
+    expect(widget.locator(".gemma4-usage")).to_have_count(2, timeout=30_000)
+    widget.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "6-widget-panel.png"))

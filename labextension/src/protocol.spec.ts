@@ -62,6 +62,10 @@ describe('ChatModel', () => {
     expect(inserted).toEqual([['x = 1', false]]);
     expect(m.turns.map(t => t.role)).toEqual(['code', 'approval', 'note']);
     expect(m.turns[1].approvalId).toBe('a1');
+    // with a reply under way, the steps go above it: the reply stays last
+    m.apply({ type: 'start', id: 's', text: 'q', attachments: [] });
+    m.apply({ type: 'code', id: 's', code: 'y = 2' });
+    expect(m.turns.slice(-3).map(t => t.role)).toEqual(['user', 'code', 'assistant']);
     m.apply({ type: 'reset' });
     expect(m.turns).toEqual([]);
   });

@@ -110,6 +110,16 @@ export class ChatModel {
     return t;
   }
 
+  /** A step of a request (a note, the agent's code, a question): above its reply, which stays last. */
+  private step(t: Turn): void {
+    const reply = this.turns.findIndex(x => x.id === t.id && x.role === 'assistant');
+    if (reply >= 0) {
+      this.turns.splice(reply, 0, t);
+    } else {
+      this.turns.push(t);
+    }
+  }
+
   apply(msg: KernelMessage): void {
     switch (msg.type) {
       case 'hello':
@@ -128,13 +138,13 @@ export class ChatModel {
       case 'note':
       case 'skipped':
       case 'output':
-        this.turns.push({ id: msg.id, role: 'note', text: msg.text });
+        this.step({ id: msg.id, role: 'note', text: msg.text });
         break;
       case 'code':
-        this.turns.push({ id: msg.id, role: 'code', text: msg.code, codeBlocks: [msg.code] });
+        this.step({ id: msg.id, role: 'code', text: msg.code, codeBlocks: [msg.code] });
         break;
       case 'approval':
-        this.turns.push({ id: msg.id, role: 'approval', text: msg.code, approvalId: msg.approval_id });
+        this.step({ id: msg.id, role: 'approval', text: msg.code, approvalId: msg.approval_id });
         break;
       case 'done': {
         const t = this.reply(msg.id);
