@@ -156,6 +156,8 @@ class GemmaMagics(Magics):
         parts = shlex.split(line)
         cmd, rest = (parts[0], parts[1:]) if parts else ("status", [])
         c = self.copilot
+        if c.lock.locked() and (cmd in ("unload", "reset") or (cmd in ("model", "backend") and rest)):
+            raise Gemma4Error(BUSY)  # a chat panel is generating with the model this would replace
         if cmd == "status":
             print(c.status())
         elif cmd == "model":

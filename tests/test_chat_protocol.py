@@ -275,7 +275,7 @@ def test_sidebar_protocol_in_a_real_kernel_with_the_embedded_model(tmp_path):
     k = KernelComm(tmp_path)
     try:
         k.execute("import gemma4_nb.comm\ngemma4_nb.comm.register()\n%load_ext gemma4_nb\n"
-                  "%gemma config max_new_tokens=400 temperature=0\nimport pandas as pd\n"
+                  "%gemma config max_new_tokens=24 temperature=0\nimport pandas as pd\n"
                   "df = pd.DataFrame({'a': [1, 2, 3]})\ny = 7")
         k.open()
         hello = k.events(lambda e: e["type"] == "status")
@@ -288,6 +288,7 @@ def test_sidebar_protocol_in_a_real_kernel_with_the_embedded_model(tmp_path):
         assert tokens and "".join(tokens).strip()
         assert evs[-1]["usage"]["tokens_per_s"] > 0
         # stop mid-generation: the kernel handles the stop message while the worker generates
+        k.execute("%gemma config max_new_tokens=400")
         k.send({"type": "chat", "id": "q2", "text": "Write a very long story about a dragon, chapter by chapter."})
         first = k.events(lambda e: e["type"] == "token")
         k.send({"type": "stop"})
@@ -301,6 +302,8 @@ def test_sidebar_protocol_in_a_real_kernel_with_the_embedded_model(tmp_path):
         out = k.execute("%%gemma\nhello")
         printed = " ".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
         assert "busy" in printed
+        out = k.execute("%gemma unload")  # nor can a cell unload the model under the panel
+        assert "busy" in " ".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
         k.send({"type": "stop"})
         k.events(lambda e: e["type"] in ("done", "error"), timeout=60)
         out = k.execute("print(y * 6)")
