@@ -310,3 +310,35 @@ def test_sidebar_protocol_in_a_real_kernel_with_the_embedded_model(tmp_path):
         assert "42" in " ".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
     finally:
         k.close()
+
+
+# -- the ipywidgets panel on the same service ------------------------------------------------------
+
+def test_widget_panel_streams_stops_and_reports_bad_input(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    from types import SimpleNamespace
+
+    from gemma4_nb.copilot import get_copilot
+    from gemma4_nb.panel import ChatPanel
+
+    shell = SimpleNamespace(user_ns={})
+    get_copilot(shell).backend = Scripted(["Try:\n```python\n", "x = 1\n", "```"])
+    panel = ChatPanel(shell)
+    assert get_copilot(shell) is panel.copilot  # one copilot per kernel, shared with %%gemma
+    html = lambda: " ".join(getattr(w, "value", "") for w in panel.history.children)  # noqa: E731
+    assert panel.send("") is None and "the message is empty" in html()
+    panel.upload.value = ({"name": "notes.txt", "type": "text/plain", "content": memoryview(b"hi"), "size": 2,
+                            "last_modified": __import__("datetime").datetime.now()},)
+    assert panel.send("x") is None and "unsupported attachment type" in html()
+    panel.upload.value = ()
+    assert panel.send("add one") is not None
+    panel.service.wait(10)
+    assert "x = 1" in html() and not panel.send_button.disabled and panel.stop_button.disabled
+    rows = [w for w in panel.history.children if hasattr(w, "children")]  # the code block with its buttons
+    assert [b.description for b in rows[-1].children[1].children] == ["Insert below", "Insert and run"]
+    panel.copilot.backend = Scripted([f"w{i} " for i in range(2000)], delay=0.005)
+    panel.send("long")
+    time.sleep(0.3)
+    panel.service.stop()  # what the Stop button does
+    panel.service.wait(10)
+    assert "(stopped)" in html()
