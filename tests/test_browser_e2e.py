@@ -46,9 +46,9 @@ def write_notebook(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-@pytest.fixture
-def lab(tmp_path):
-    """A jupyter lab server on 127.0.0.1 serving tmp_path, with its own config and runtime dirs."""
+def serve(tmp_path, module: str, app_args: list[str]):
+    """A Jupyter server (``python -m jupyterlab`` or ``python -m notebook``) on 127.0.0.1 serving
+    tmp_path/root, with its own config, runtime, settings and workspace dirs."""
     root = tmp_path / "root"
     root.mkdir()
     write_notebook(root / "analysis.ipynb")
@@ -59,11 +59,10 @@ def lab(tmp_path):
     news.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))  # no news toast over the sidebar
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "config"), JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"), JUPYTERLAB_SETTINGS_DIR=str(settings))
-    log = open(tmp_path / "lab.log", "w")
+    log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        [sys.executable, "-m", module, "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", *app_args],
         cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -75,9 +74,9 @@ def lab(tmp_path):
             except OSError:
                 time.sleep(0.5)
             if proc.poll() is not None:
-                raise AssertionError((tmp_path / "lab.log").read_text())
+                raise AssertionError((tmp_path / "server.log").read_text())
         else:
-            raise AssertionError("jupyter lab did not start: " + (tmp_path / "lab.log").read_text()[-3000:])
+            raise AssertionError("the server did not start: " + (tmp_path / "server.log").read_text()[-3000:])
         yield url, root
     finally:
         proc.terminate()
@@ -86,9 +85,31 @@ def lab(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
-        if (tmp_path / "lab.log").exists():
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            shutil.copy(tmp_path / "lab.log", ARTIFACTS / "jupyter-lab.log")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "server.log", ARTIFACTS / f"{module}-server.log")
+
+
+@pytest.fixture
+def lab(tmp_path):
+    yield from serve(tmp_path, "jupyterlab", ["--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
+                                              "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"])
+
+
+@pytest.fixture
+def notebook7(tmp_path):
+    yield from serve(tmp_path, "notebook", ["--JupyterNotebookApp.expose_app_in_browser=True"])
+
+
+def launch(p):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
+    return p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+        "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+
+
+KERNEL_IDLE = ("() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+               " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
+               " && w.sessionContext.session.kernel.status === 'idle'; }")
 
 
 def png_b64() -> str:
@@ -114,15 +135,12 @@ PASTE = """([b64, name, mime, kind]) => {
 
 
 def test_sidebar_in_a_real_jupyter_lab_with_chromium(lab):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
     from playwright.sync_api import expect, sync_playwright
 
     url, root = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+        browser = launch(p)
         context = browser.new_context(viewport={"width": 1500, "height": 950})
         context.grant_permissions(["microphone"], origin=url)
         page = context.new_page()
@@ -141,10 +159,7 @@ def _scenario(page, url, root, expect):
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
     page.wait_for_function("window.jupyterapp && window.jupyterapp.shell.currentWidget", timeout=60_000)
     # the user's setup cells, run the way a user runs them
-    page.wait_for_function(
-        "() => { const w = window.jupyterapp.shell.currentWidget;"
-        " return w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel"
-        " && w.sessionContext.session.kernel.status === 'idle'; }", timeout=90_000)
+    page.wait_for_function(KERNEL_IDLE, timeout=90_000)
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     page.wait_for_function(
         "() => Array.from(document.querySelectorAll('.jp-Notebook .jp-InputPrompt'))"
@@ -263,3 +278,31 @@ def _scenario(page, url, root, expect):
     expect(widget.locator(".gemma4-usage")).to_have_count(2, timeout=30_000)
     widget.scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "6-widget-panel.png"))
+
+
+def test_sidebar_in_notebook_7(notebook7):
+    """The same extension in Notebook 7's right sidebar: connect, ask, a streamed reply."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = notebook7
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            page.goto(f"{url}/notebooks/analysis.ipynb?token={TOKEN}")
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+            page.wait_for_function(KERNEL_IDLE, timeout=90_000)
+            page.evaluate("window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.requestExecute("
+                          "{code: '%load_ext gemma4_nb\\n%gemma config max_new_tokens=16 temperature=0', silent: true})")
+            page.evaluate("window.jupyterapp.commands.execute('gemma4-nb:open-chat')")
+            sidebar = page.locator(".g4-sidebar")
+            expect(sidebar).to_be_visible()
+            expect(sidebar.locator(".g4-status")).to_contain_text("not loaded", timeout=60_000)
+            sidebar.locator(".g4-input").fill("Say hello.")
+            sidebar.locator(".g4-input").press("Enter")
+            expect(sidebar.locator(".g4-assistant .g4-usage")).to_contain_text("tokens/s", timeout=180_000)
+            assert sidebar.locator(".g4-assistant .g4-text").inner_text().strip()
+        finally:
+            page.screenshot(path=str(ARTIFACTS / "notebook7.png"))
+            browser.close()
