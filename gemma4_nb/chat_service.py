@@ -154,10 +154,14 @@ class ChatService:
         if not self.busy:
             return False
         self._stop.set()
+        self.cancel_approvals()
+        return True
+
+    def cancel_approvals(self) -> None:
+        """Answer every pending approval "no" (nobody is left to answer it)."""
         for event, answer in list(self._approvals.values()):
             answer.append(False)
             event.set()
-        return True
 
     def approve(self, approval_id: str, ok: bool) -> None:
         pending = self._approvals.get(approval_id)

@@ -75,7 +75,9 @@ class ChatProtocol:
             self.send({"type": "error", "id": msg.get("id"), "message": str(exc)})
 
     def close(self) -> None:
-        self.service.stop()
+        # The sidebar moved to another notebook or went away: a reply under way finishes (its
+        # messages go nowhere), code waiting for approval is not run.
+        self.service.cancel_approvals()
         if self.copilot.frontend is self:
             self.copilot.frontend = None
 
