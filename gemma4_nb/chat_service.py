@@ -140,6 +140,7 @@ class ChatService:
             return None
         self._stop.clear()
         self.active, self.request_id = True, rid
+        self.copilot.chat_service = self  # the request under way, for a Stop from another panel
         images = [v for k, v in decoded if k == "image"]
         audios = [v for k, v in decoded if k == "audio"]
         self.thread = threading.Thread(target=self._run, args=(rid, text, images, audios, agent, use_context),

@@ -55,7 +55,11 @@ class ChatProtocol:
                 self.service.submit(msg.get("text", ""), attachments, agent=bool(msg.get("agent")),
                                     use_context=msg.get("context", True) is not False, request_id=msg.get("id"))
             elif kind == "stop":
-                self.send({"type": "stopping", "id": self.service.request_id, "running": self.service.stop()})
+                service = self.service
+                other = getattr(self.copilot, "chat_service", None)
+                if not service.busy and other is not None and other.busy:
+                    service = other  # started by an earlier connection or the widget panel
+                self.send({"type": "stopping", "id": service.request_id, "running": service.stop()})
             elif kind == "approve":
                 self.service.approve(str(msg.get("approval_id")), bool(msg.get("ok")))
             elif kind == "status":

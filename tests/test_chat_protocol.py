@@ -106,6 +106,16 @@ def test_stop_mid_generation_keeps_the_partial_reply(monkeypatch):
     assert events.get(timeout=5) == {"type": "stopping", "id": None, "running": False}
 
 
+def test_a_new_connection_can_stop_a_reply_started_by_the_old_one(monkeypatch):
+    monkeypatch.chdir(__import__("tempfile").mkdtemp())
+    c, old, events = make([f"w{i} " for i in range(2000)], delay=0.005)
+    old.handle({"type": "chat", "id": "r1", "text": "long", "context": False})
+    old.close()  # the sidebar moved away and came back
+    new = ChatProtocol(c, events.put)
+    new.handle({"type": "stop"})
+    assert drain(events)[-1]["stopped"]
+
+
 def test_one_request_at_a_time_and_the_lock_is_shared_with_cells(monkeypatch):
     monkeypatch.chdir(__import__("tempfile").mkdtemp())
     c, proto, events = make(["a "] * 400, delay=0.005)
