@@ -306,16 +306,22 @@ def test_sidebar_protocol_in_a_real_kernel_with_the_embedded_model(tmp_path):
         done = evs[-1]
         assert done["type"] == "done" and done["stopped"], done
         assert done["usage"]["generated_tokens"] < 400
-        # a %%gemma cell while the panel generates gets "busy"; the kernel and variables are intact
-        k.send({"type": "chat", "id": "q3", "text": "Write a very long story about a cat."})
-        k.events(lambda e: e["type"] == "token")
+        # the agent through the sidebar: it writes a cell (sent to the frontend), then waits for the
+        # user's approval, holding the model; meanwhile a %%gemma cell, or unloading the model, is "busy"
+        k.execute("%gemma config max_new_tokens=24")
+        k.send({"type": "chat", "id": "q3", "text": "Compute the sum of column a of df.", "agent": True})
+        evs = k.events(lambda e: e["type"] in ("approval", "done", "error"), timeout=180)
+        assert evs[-1]["type"] == "approval", evs[-3:]
+        assert any(e["type"] == "insert_cell" and "df" in e["code"] for e in evs)  # the agent's cell, inserted
         out = k.execute("%%gemma\nhello")
         printed = " ".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
         assert "busy" in printed
-        out = k.execute("%gemma unload")  # nor can a cell unload the model under the panel
+        out = k.execute("%gemma unload")
         assert "busy" in " ".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
-        k.send({"type": "stop"})
-        k.events(lambda e: e["type"] in ("done", "error"), timeout=60)
+        k.send({"type": "approve", "approval_id": evs[-1]["approval_id"], "ok": False})
+        evs = k.events(lambda e: e["type"] in ("done", "error"), timeout=120)
+        assert evs[-1]["type"] == "done", evs[-3:]
+        assert any(e["type"] == "skipped" and "did not approve" in e["text"] for e in evs)
         out = k.execute("print(y * 6)")
         assert "42" in " ".join(m["content"].get("text", "") for m in out if m["msg_type"] == "stream")
     finally:
