@@ -259,26 +259,25 @@ class ChatService:
             answer = result.answer if not result.stopped else ("".join(pieces) or result.answer)
             blocks = code_blocks(answer) or list(getattr(result, "cells", []) or [])
             u = c.last_usage
-            self.emit({"type": "done", "id": rid, "text": answer, "stopped": bool(result.stopped or self._stop.is_set()),
-                       "code_blocks": blocks, "notes": notes,
-                       "usage": None if u is None else {
-                           "prompt_tokens": u.prompt_tokens, "generated_tokens": u.generated_tokens,
-                           "tokens_per_s": round(u.decode_tokens_per_second, 2),
-                           "prefill_tokens_per_s": round(u.prefill_tokens_per_second, 2),
-                           "summary": u.summary()}})
+            final = {"type": "done", "id": rid, "text": answer, "stopped": bool(result.stopped or self._stop.is_set()),
+                     "code_blocks": blocks, "notes": notes,
+                     "usage": None if u is None else {
+                         "prompt_tokens": u.prompt_tokens, "generated_tokens": u.generated_tokens,
+                         "tokens_per_s": round(u.decode_tokens_per_second, 2),
+                         "prefill_tokens_per_s": round(u.prefill_tokens_per_second, 2),
+                         "summary": u.summary()}}
         except KeyboardInterrupt:  # stopped before the reply began (while loading, say)
-            self.emit({"type": "done", "id": rid, "text": "".join(pieces), "stopped": True, "code_blocks": [],
-                       "notes": notes, "usage": None})
+            final = {"type": "done", "id": rid, "text": "".join(pieces), "stopped": True, "code_blocks": [],
+                     "notes": notes, "usage": None}
         except Gemma4Error as exc:
-            self.emit({"type": "error", "id": rid, "message": str(exc)})
+            final = {"type": "error", "id": rid, "message": str(exc)}
         except MemoryError:
-            self.emit({"type": "error", "id": rid, "message": "out of memory: try a smaller model or a shorter question"})
+            final = {"type": "error", "id": rid, "message": "out of memory: try a smaller model or a shorter question"}
         except Exception as exc:  # a clear message in the panel, never a traceback or a dead kernel
-            self.emit({"type": "error", "id": rid, "message": f"{type(exc).__name__}: {exc}"})
+            final = {"type": "error", "id": rid, "message": f"{type(exc).__name__}: {exc}"}
         finally:
+            # free the model before saying so: a request sent on "done" must not find it busy
             self.active, self.request_id = False, None
             c.lock.release()
-            try:
-                self.emit(self.status())
-            except Exception:
-                pass
+        self.emit(final)
+        self.emit(self.status())

@@ -106,6 +106,19 @@ def test_stop_mid_generation_keeps_the_partial_reply(monkeypatch):
     assert events.get(timeout=5) == {"type": "stopping", "id": None, "running": False}
 
 
+def test_the_model_is_free_when_done_arrives(monkeypatch):
+    """A request sent as soon as a reply is done (Send re-enabled) must not find the model busy."""
+    monkeypatch.chdir(__import__("tempfile").mkdtemp())
+    seen = []
+    c = Copilot(None)
+    c.backend = Scripted(["ok"])
+    proto = ChatProtocol(c, lambda ev: seen.append((ev["type"], c.lock.locked(), proto.service.busy)))
+    for _ in range(3):
+        proto.handle({"type": "chat", "text": "hi", "context": False})
+        proto.service.wait(5)
+    assert [s for s in seen if s[0] in ("done", "error")] == [("done", False, False)] * 3
+
+
 def test_a_new_connection_can_stop_a_reply_started_by_the_old_one(monkeypatch):
     monkeypatch.chdir(__import__("tempfile").mkdtemp())
     c, old, events = make([f"w{i} " for i in range(2000)], delay=0.005)
