@@ -5,7 +5,14 @@ __version__ = "0.1.0"
 from .errors import Gemma4Error
 from .runtime import Model, load
 
-__all__ = ["Gemma4Error", "Model", "load"]
+__all__ = ["Gemma4Error", "Model", "chat", "load"]
+
+
+def chat():
+    """A chat panel (ipywidgets) for this kernel: send, stop, attachments, insert/run code."""
+    from .panel import chat as _chat
+
+    return _chat()
 
 
 def load_ipython_extension(ipython):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,6 +58,15 @@ class Settings:
         setattr(self, key, parsed)
 
 
+def get_copilot(shell) -> "Copilot":
+    """The kernel's one copilot, shared by ``%%gemma``, the ipywidgets panel and the sidebar."""
+    c = getattr(shell, "_gemma4_nb_copilot", None)
+    if c is None:
+        c = Copilot(shell)
+        shell._gemma4_nb_copilot = c
+    return c
+
+
 class Copilot:
     def __init__(self, shell) -> None:
         self.shell = shell
@@ -66,6 +76,7 @@ class Copilot:
         self.turns: list[dict] = []
         self.frontend = None  # the chat sidebar's connection, when present
         self.draft = True  # speculative drafting for the next request (%%gemma --no-draft turns it off)
+        self.lock = threading.Lock()  # one request at a time: %%gemma cells and the chat panels share the model
         self._restore_history()
 
     # -- the model --------------------------------------------------------------------------

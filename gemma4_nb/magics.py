@@ -9,7 +9,8 @@ import time
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from .agent import AgentResult
-from .copilot import Copilot
+from .chat_service import BUSY
+from .copilot import get_copilot
 from .errors import Gemma4Error
 
 HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--no-context]
@@ -29,6 +30,7 @@ HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--n
 %gemma backend URL [--model NAME] [--no-tools]   use an OpenAI-compatible server (vLLM,
                            llama.cpp, Ollama); `%gemma backend local` returns to the in-kernel model
 %gemma context [--df NAME] show what the model would see
+%gemma panel               a chat panel (ipywidgets) with Send, Stop, attachments
 %gemma history             the conversation so far
 %gemma reset               forget the conversation (and the cached prompt)
 %gemma unload              free the model's memory (reloads on next use)
@@ -88,7 +90,7 @@ class _Stream:
 class GemmaMagics(Magics):
     def __init__(self, shell) -> None:
         super().__init__(shell)
-        self.copilot = Copilot(shell)
+        self.copilot = get_copilot(shell)
 
     def _resolve(self, ref: str):
         """A variable name from the notebook, else the text itself (a path)."""
@@ -133,12 +135,16 @@ class GemmaMagics(Magics):
             elif kind == "skipped":
                 stream.write(f"\n*{text}*\n")
 
+        if not c.lock.acquire(blocking=False):
+            raise Gemma4Error(BUSY)
         try:
             result = c.ask(question, agent=args.agent, frames=args.df, images=[self._resolve(i) for i in args.image],
                            audios=[self._resolve(a) for a in args.audio], use_context=not args.no_context,
                            on_text=stream.write, ask_approval=self._ask_approval, on_event=on_event)
         except KeyboardInterrupt:  # Stop outside the generation loop: keep what was shown
             result = AgentResult(answer=stream.text, stopped=True)
+        finally:
+            c.lock.release()
         final = result.answer
         if args.agent and result.cells:
             final = stream.text.rstrip() + ("\n\n" + result.answer if result.answer not in stream.text else "")
@@ -150,6 +156,8 @@ class GemmaMagics(Magics):
         parts = shlex.split(line)
         cmd, rest = (parts[0], parts[1:]) if parts else ("status", [])
         c = self.copilot
+        if c.lock.locked() and (cmd in ("unload", "reset") or (cmd in ("model", "backend") and rest)):
+            raise Gemma4Error(BUSY)  # a chat panel is generating with the model this would replace
         if cmd == "status":
             print(c.status())
         elif cmd == "model":
@@ -192,6 +200,12 @@ class GemmaMagics(Magics):
 
             ctx = build_context(self.shell, frames=frames, budget_tokens=c.settings.context_tokens)
             print(ctx.render() or "(nothing to show: no dataframes, figures or recent cells)")
+        elif cmd == "panel":
+            from IPython.display import display
+
+            from .panel import ChatPanel
+
+            display(ChatPanel(self.shell))
         elif cmd == "history":
             if not c.turns:
                 print("(no conversation yet)")
@@ -210,7 +224,10 @@ class GemmaMagics(Magics):
 
 
 def load_ipython_extension(ipython) -> None:
+    from .comm import register
+
     ipython.register_magics(GemmaMagics)
+    register(ipython)  # the JupyterLab sidebar's comm
 
 
 def unload_ipython_extension(ipython) -> None:

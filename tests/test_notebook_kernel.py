@@ -61,8 +61,8 @@ def test_magics_context_and_bad_inputs(tiny_dir, tmp_path):
     ], tmp_path)
     out = [text_of(c) for c in cells]
     assert "`df`: DataFrame, 2 rows x 2 columns" in out[3] and "revenue: float64, 1 nulls" in out[3]
-    # (with ipywidgets installed the loading progress bar is a widget display too)
-    streamed = [o for o in cells[4].outputs if "text/markdown" in o.get("data", {})]
+    streamed = [o for o in cells[4].outputs  # (with ipywidgets, the load's progress bar is a widget output)
+                if o.get("output_type") == "display_data" and "text/markdown" in o["data"]]
     assert streamed and streamed[0]["data"]["text/markdown"].strip()  # the answer, as Markdown
     assert "gemma4_unified" in out[5] and "last reply: prompt" in out[5]
     assert "user: Which region has the most revenue?" in out[6] and "assistant:" in out[6]

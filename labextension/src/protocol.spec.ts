@@ -1,0 +1,128 @@
+import { describe, expect, it } from 'vitest';
+
+import {
+  BOOTSTRAP,
+  ChatModel,
+  TARGET,
+  bytesToBase64,
+  classifyFile,
+  codeBlocks,
+  downmixResample,
+  encodeWav,
+  formatStatus
+} from './protocol';
+
+describe('ChatModel', () => {
+  it('builds a streamed reply with its code blocks and speed', () => {
+    const m = new ChatModel();
+    const msg = m.chat('sum a', [], false, true);
+    expect(msg).toMatchObject({ type: 'chat', text: 'sum a', agent: false, context: true });
+    const id = (msg as { id: string }).id;
+    m.apply({ type: 'start', id, text: 'sum a', attachments: [] });
+    expect(m.busy).toBe(true);
+    m.apply({ type: 'token', id, text: 'Use ' });
+    m.apply({ type: 'token', id, text: '`df.a.sum()`' });
+    expect(m.turns.map(t => t.role)).toEqual(['user', 'assistant']);
+    expect(m.turns[1]).toMatchObject({ text: 'Use `df.a.sum()`', streaming: true });
+    m.apply({
+      type: 'done', id, text: 'Use it', stopped: false, code_blocks: ['df.a.sum()'],
+      usage: { prompt_tokens: 10, generated_tokens: 3, tokens_per_s: 12.5 }
+    });
+    expect(m.busy).toBe(false);
+    expect(m.turns[1]).toMatchObject({ text: 'Use it', streaming: false, codeBlocks: ['df.a.sum()'] });
+    expect(m.turns[1].usage?.tokens_per_s).toBe(12.5);
+  });
+
+  it('marks a stopped reply and keeps the partial text', () => {
+    const m = new ChatModel();
+    m.apply({ type: 'start', id: 'r', text: 'long', attachments: [] });
+    m.apply({ type: 'token', id: 'r', text: 'Once upon' });
+    m.apply({ type: 'done', id: 'r', text: 'Once upon', stopped: true, code_blocks: [], usage: null });
+    expect(m.turns[1]).toMatchObject({ text: 'Once upon', stopped: true, streaming: false });
+  });
+
+  it('shows errors (busy, bad input) without leaving an empty reply', () => {
+    const m = new ChatModel();
+    m.apply({ type: 'error', id: 'x', message: 'busy: the model is answering another request' });
+    expect(m.turns).toEqual([{ id: 'x', role: 'error', text: 'busy: the model is answering another request' }]);
+    m.apply({ type: 'start', id: 'y', text: 'q', attachments: [] });
+    m.apply({ type: 'error', id: 'y', message: 'model failed to load' });
+    expect(m.turns.map(t => t.role)).toEqual(['error', 'user', 'error']);
+    expect(m.busy).toBe(false);
+  });
+
+  it('hands the kernel\'s cells to the notebook and records agent steps', () => {
+    const m = new ChatModel();
+    const inserted: [string, boolean][] = [];
+    m.onInsert = (code, run) => inserted.push([code, run]);
+    m.apply({ type: 'insert_cell', code: 'x = 1', run: false });
+    m.apply({ type: 'code', id: 'r', code: 'result = df' });
+    m.apply({ type: 'approval', id: 'r', approval_id: 'a1', code: 'result = df', why: 'it was written by the model' });
+    m.apply({ type: 'note', id: 'r', text: '1 image(s) not sent' });
+    expect(inserted).toEqual([['x = 1', false]]);
+    expect(m.turns.map(t => t.role)).toEqual(['code', 'approval', 'note']);
+    expect(m.turns[1].approvalId).toBe('a1');
+    // with a reply under way, the steps go above it: the reply stays last
+    m.apply({ type: 'start', id: 's', text: 'q', attachments: [] });
+    m.apply({ type: 'code', id: 's', code: 'y = 2' });
+    expect(m.turns.slice(-3).map(t => t.role)).toEqual(['user', 'code', 'assistant']);
+    m.apply({ type: 'reset' });
+    expect(m.turns).toEqual([]);
+  });
+
+  it('keeps the model status', () => {
+    const m = new ChatModel();
+    m.apply({ type: 'status', state: 'loading', model: null, memory_mib: 300, tokens_per_s: null, elapsed_s: 2.4 });
+    expect(formatStatus(m.status)).toBe('loading · loading the model: 2 s · kernel 300 MiB');
+    m.apply({ type: 'status', state: 'ready', model: 'Model(gemma3)', memory_mib: 512.4, tokens_per_s: 31.25 });
+    expect(formatStatus(m.status)).toBe('ready · Model(gemma3) · kernel 512 MiB · 31.3 tokens/s');
+    expect(formatStatus(null)).toBe('connecting…');
+  });
+});
+
+describe('helpers', () => {
+  it('finds fenced code blocks like the kernel does', () => {
+    expect(codeBlocks('a\n```python\nx = 1\n```\nb\n```\ny\n```\n```py\n\n```')).toEqual(['x = 1', 'y']);
+  });
+
+  it('classifies attachments and names the unsupported ones', () => {
+    expect(classifyFile('a.png', 'image/png')).toBe('image');
+    expect(classifyFile('pasted', 'image/jpeg')).toBe('image');
+    expect(classifyFile('voice.wav', '')).toBe('audio');
+    expect(classifyFile('rec.webm', 'audio/webm')).toBe('audio');
+    expect(classifyFile('notes.txt', 'text/plain')).toEqual({
+      error: 'notes.txt: unsupported attachment type (text/plain); attach an image or audio (WAV, FLAC, OGG, MP3)'
+    });
+  });
+
+  it('encodes 16-bit mono WAV', () => {
+    const wav = encodeWav(new Float32Array([0, 1, -1, 0.5]), 16000);
+    const v = new DataView(wav.buffer);
+    expect(String.fromCharCode(...wav.subarray(0, 4))).toBe('RIFF');
+    expect(String.fromCharCode(...wav.subarray(8, 12))).toBe('WAVE');
+    expect(v.getUint32(24, true)).toBe(16000);
+    expect(v.getUint16(22, true)).toBe(1);
+    expect(wav.length).toBe(44 + 8);
+    expect([v.getInt16(44, true), v.getInt16(46, true), v.getInt16(48, true)]).toEqual([0, 32767, -32768]);
+  });
+
+  it('downmixes and resamples to 16 kHz', () => {
+    const left = new Float32Array(48000).fill(0.5);
+    const right = new Float32Array(48000).fill(-0.5);
+    const out = downmixResample([left, right], 48000, 16000);
+    expect(out.length).toBe(16000);
+    expect(Math.max(...out.map(Math.abs))).toBeCloseTo(0);
+    expect(downmixResample([new Float32Array([0.25, 0.25])], 16000).length).toBe(2);
+    expect(downmixResample([], 44100).length).toBe(0);
+  });
+
+  it('base64-encodes large buffers', () => {
+    const bytes = new Uint8Array(100000).map((_, i) => i % 256);
+    expect(Buffer.from(bytesToBase64(bytes), 'base64').equals(Buffer.from(bytes))).toBe(true);
+  });
+
+  it('opens the comm the kernel registers', () => {
+    expect(TARGET).toBe('gemma4_nb.chat');
+    expect(BOOTSTRAP).toContain('_gemma4_nb_comm.register()');
+  });
+});

@@ -1,0 +1,303 @@
+/**
+ * The gemma4-nb comm protocol, frontend side: message types, the chat state they build, and the
+ * pure helpers the sidebar needs (code blocks, attachments, WAV encoding). No DOM, no JupyterLab:
+ * unit-tested with vitest. The kernel side is gemma4_nb/comm.py; docs/panels.md lists every message.
+ */
+
+/** The comm target the sidebar opens in the notebook's kernel. */
+export const TARGET = 'gemma4_nb.chat';
+/** The comm target the extension accepts, for cells the kernel inserts (the widget panel). */
+export const FRONTEND_TARGET = 'gemma4_nb.frontend';
+/** Run silently before opening the comm: makes the kernel accept it (no %load_ext needed). */
+export const BOOTSTRAP =
+  'import gemma4_nb.comm as _gemma4_nb_comm\n_gemma4_nb_comm.register()\ndel _gemma4_nb_comm';
+
+export type AttachmentKind = 'image' | 'audio';
+
+export interface Attachment {
+  kind: AttachmentKind;
+  name: string;
+  mime: string;
+  data: string; // base64
+}
+
+export interface Usage {
+  prompt_tokens: number;
+  generated_tokens: number;
+  tokens_per_s: number;
+  prefill_tokens_per_s?: number;
+  summary?: string;
+}
+
+export interface Status {
+  type: 'status';
+  state: string; // "not loaded" | "loading" | "ready" | "generating"
+  model: string | null;
+  memory_mib: number | null;
+  tokens_per_s: number | null;
+  approval?: string;
+  elapsed_s?: number;
+  load_seconds?: number;
+}
+
+export type KernelMessage =
+  | { type: 'hello'; version: string; protocol: number }
+  | Status
+  | { type: 'start'; id: string; text: string; attachments: { kind: AttachmentKind; name: string }[] }
+  | { type: 'token'; id: string; text: string }
+  | { type: 'note' | 'skipped' | 'output'; id: string; text: string }
+  | { type: 'code'; id: string; code: string }
+  | { type: 'approval'; id: string; approval_id: string; code: string; why: string }
+  | {
+      type: 'done';
+      id: string;
+      text: string;
+      stopped: boolean;
+      code_blocks: string[];
+      notes?: string[];
+      usage: Usage | null;
+    }
+  | { type: 'error'; id?: string | null; message: string }
+  | { type: 'stopping'; id: string | null; running: boolean }
+  | { type: 'reset' }
+  | { type: 'insert_cell'; code: string; run: boolean };
+
+export type FrontendMessage =
+  | { type: 'chat'; id: string; text: string; attachments: Attachment[]; agent: boolean; context: boolean }
+  | { type: 'stop' }
+  | { type: 'approve'; approval_id: string; ok: boolean }
+  | { type: 'status' }
+  | { type: 'reset' }
+  | { type: 'config'; settings: Record<string, string> };
+
+export interface Turn {
+  id: string;
+  role: 'user' | 'assistant' | 'error' | 'note' | 'code' | 'approval';
+  text: string;
+  attachments?: { kind: AttachmentKind; name: string }[];
+  codeBlocks?: string[];
+  streaming?: boolean;
+  stopped?: boolean;
+  usage?: Usage | null;
+  approvalId?: string;
+  answered?: boolean;
+}
+
+let counter = 0;
+export function newId(): string {
+  counter += 1;
+  return `f${Date.now().toString(36)}${counter}`;
+}
+
+/** The chat as the sidebar shows it, built from the kernel's messages. */
+export class ChatModel {
+  turns: Turn[] = [];
+  status: Status | null = null;
+  busy = false;
+  /** Called with the cells the kernel asks to insert (the agent's cells). */
+  onInsert: ((code: string, run: boolean) => void) | null = null;
+
+  chat(text: string, attachments: Attachment[], agent = false, context = true): FrontendMessage {
+    return { type: 'chat', id: newId(), text, attachments, agent, context };
+  }
+
+  private reply(id: string): Turn {
+    let t = this.turns.find(x => x.id === id && x.role === 'assistant');
+    if (!t) {
+      t = { id, role: 'assistant', text: '', streaming: true, codeBlocks: [] };
+      this.turns.push(t);
+    }
+    return t;
+  }
+
+  /** A step of a request (a note, the agent's code, a question): above its reply, which stays last. */
+  private step(t: Turn): void {
+    const reply = this.turns.findIndex(x => x.id === t.id && x.role === 'assistant');
+    if (reply >= 0) {
+      this.turns.splice(reply, 0, t);
+    } else {
+      this.turns.push(t);
+    }
+  }
+
+  apply(msg: KernelMessage): void {
+    switch (msg.type) {
+      case 'hello':
+        break;
+      case 'status':
+        this.status = msg;
+        break;
+      case 'start':
+        this.busy = true;
+        this.turns.push({ id: msg.id, role: 'user', text: msg.text, attachments: msg.attachments });
+        this.reply(msg.id);
+        break;
+      case 'token':
+        this.reply(msg.id).text += msg.text;
+        break;
+      case 'note':
+      case 'skipped':
+      case 'output':
+        this.step({ id: msg.id, role: 'note', text: msg.text });
+        break;
+      case 'code':
+        this.step({ id: msg.id, role: 'code', text: msg.code, codeBlocks: [msg.code] });
+        break;
+      case 'approval':
+        this.step({ id: msg.id, role: 'approval', text: msg.code, approvalId: msg.approval_id });
+        break;
+      case 'done': {
+        const t = this.reply(msg.id);
+        t.text = msg.text;
+        t.streaming = false;
+        t.stopped = msg.stopped;
+        t.codeBlocks = msg.code_blocks || [];
+        t.usage = msg.usage;
+        this.busy = false;
+        break;
+      }
+      case 'error': {
+        // a reply that failed midway stops streaming; a refused request leaves no empty reply
+        const t = this.turns.find(x => x.id === msg.id && x.role === 'assistant');
+        if (t) {
+          t.streaming = false;
+          if (!t.text) {
+            this.turns.splice(this.turns.indexOf(t), 1);
+          }
+          this.busy = false;
+        }
+        this.turns.push({ id: msg.id || newId(), role: 'error', text: msg.message });
+        break;
+      }
+      case 'stopping':
+        break;
+      case 'reset':
+        this.turns = [];
+        break;
+      case 'insert_cell':
+        if (this.onInsert) {
+          this.onInsert(msg.code, msg.run);
+        }
+        break;
+    }
+  }
+}
+
+const FENCE = /```(?:python|py)?[ \t]*\n([\s\S]*?)```/g;
+
+/** The fenced code blocks of a reply (same rule as the kernel's). */
+export function codeBlocks(text: string): string[] {
+  const out: string[] = [];
+  for (const m of text.matchAll(FENCE)) {
+    const code = m[1].replace(/^\n+|\n+$/g, '');
+    if (code.trim()) {
+      out.push(code);
+    }
+  }
+  return out;
+}
+
+const IMAGE_EXT = ['.png', '.jpg', '.jpeg', '.gif', '.bmp', '.webp', '.tif', '.tiff'];
+const AUDIO_EXT = ['.wav', '.flac', '.ogg', '.oga', '.opus', '.mp3', '.aiff', '.aif'];
+
+/** Which attachment a file is, or an error message for the user. */
+export function classifyFile(name: string, mime: string): AttachmentKind | { error: string } {
+  const ext = name.includes('.') ? name.slice(name.lastIndexOf('.')).toLowerCase() : '';
+  const m = (mime || '').toLowerCase();
+  if (m.startsWith('image/') || IMAGE_EXT.includes(ext)) {
+    return 'image';
+  }
+  if (m.startsWith('audio/') || AUDIO_EXT.includes(ext)) {
+    return 'audio';
+  }
+  return {
+    error: `${name}: unsupported attachment type (${mime || ext || 'unknown'}); attach an image or audio (WAV, FLAC, OGG, MP3)`
+  };
+}
+
+export function bytesToBase64(bytes: Uint8Array): string {
+  let bin = '';
+  const chunk = 0x8000;
+  for (let i = 0; i < bytes.length; i += chunk) {
+    bin += String.fromCharCode(...bytes.subarray(i, i + chunk));
+  }
+  return btoa(bin);
+}
+
+/** Mono at ``target`` Hz from decoded channels (average, then linear interpolation). */
+export function downmixResample(channels: Float32Array[], rate: number, target = 16000): Float32Array {
+  if (!channels.length || !channels[0].length) {
+    return new Float32Array(0);
+  }
+  const n = channels[0].length;
+  const mono = new Float32Array(n);
+  for (const ch of channels) {
+    for (let i = 0; i < n; i++) {
+      mono[i] += ch[i] / channels.length;
+    }
+  }
+  if (rate === target) {
+    return mono;
+  }
+  const outLen = Math.max(1, Math.round((n * target) / rate));
+  const out = new Float32Array(outLen);
+  const step = rate / target;
+  for (let i = 0; i < outLen; i++) {
+    const x = i * step;
+    const j = Math.min(Math.floor(x), n - 1);
+    const k = Math.min(j + 1, n - 1);
+    const f = x - j;
+    out[i] = mono[j] * (1 - f) + mono[k] * f;
+  }
+  return out;
+}
+
+/** 16-bit PCM WAV bytes (what the kernel's audio loader reads) from float samples in [-1, 1]. */
+export function encodeWav(samples: Float32Array, sampleRate = 16000): Uint8Array {
+  const buf = new ArrayBuffer(44 + samples.length * 2);
+  const v = new DataView(buf);
+  const str = (o: number, s: string) => {
+    for (let i = 0; i < s.length; i++) {
+      v.setUint8(o + i, s.charCodeAt(i));
+    }
+  };
+  str(0, 'RIFF');
+  v.setUint32(4, 36 + samples.length * 2, true);
+  str(8, 'WAVE');
+  str(12, 'fmt ');
+  v.setUint32(16, 16, true);
+  v.setUint16(20, 1, true); // PCM
+  v.setUint16(22, 1, true); // mono
+  v.setUint32(24, sampleRate, true);
+  v.setUint32(28, sampleRate * 2, true);
+  v.setUint16(32, 2, true);
+  v.setUint16(34, 16, true);
+  str(36, 'data');
+  v.setUint32(40, samples.length * 2, true);
+  for (let i = 0; i < samples.length; i++) {
+    const s = Math.max(-1, Math.min(1, samples[i]));
+    v.setInt16(44 + i * 2, s < 0 ? s * 0x8000 : s * 0x7fff, true);
+  }
+  return new Uint8Array(buf);
+}
+
+/** The status line: state, model, load progress, memory, speed. */
+export function formatStatus(s: Status | null): string {
+  if (!s) {
+    return 'connecting…';
+  }
+  const parts = [s.state];
+  if (s.state === 'loading' && s.elapsed_s !== undefined) {
+    parts.push(`loading the model: ${Math.round(s.elapsed_s)} s`);
+  }
+  if (s.model) {
+    parts.push(s.model);
+  }
+  if (s.memory_mib) {
+    parts.push(`kernel ${Math.round(s.memory_mib)} MiB`);
+  }
+  if (s.tokens_per_s) {
+    parts.push(`${s.tokens_per_s.toFixed(1)} tokens/s`);
+  }
+  return parts.join(' · ');
+}
