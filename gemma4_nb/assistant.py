@@ -163,7 +163,8 @@ class MTPDrafter:
 
     def __repr__(self) -> str:
         cfg = self.acfg.text
-        return (f"<MTPDrafter {self.source.name if self.source else ''}: {cfg.num_layers} layers, "
+        name = (_hub_repo_of(self.source) or self.source.name) if self.source else ""
+        return (f"<MTPDrafter {name}: {cfg.num_layers} layers, "
                 f"width {cfg.hidden_size}, {cfg.parameter_count() / 1e6:.0f}M params>")
 
     def head(self, u: torch.Tensor) -> torch.Tensor:

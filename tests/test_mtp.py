@@ -247,6 +247,7 @@ def test_assistant_found_in_the_hugging_face_cache(pairs, tmp_path, monkeypatch)
     model = gemma4_nb.load("google/gemma-4-tiny-it", device="cpu", dtype="fp32", progress=False)
     assert isinstance(model.drafter, MTPDrafter)
     assert model.drafter.source.parent.parent.name == "models--google--gemma-4-tiny-it-assistant"
+    assert repr(model.drafter).startswith("<MTPDrafter google/gemma-4-tiny-it-assistant: 4 layers")
     by_repo = gemma4_nb.load(target_dir, device="cpu", dtype="fp32", progress=False, drafting="mtp",
                              assistant="google/gemma-4-tiny-it-assistant")
     assert by_repo.drafter.source == model.drafter.source
