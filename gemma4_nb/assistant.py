@@ -47,6 +47,7 @@ class AssistantConfig:
     ordered_embeddings: bool  # the centroid-masked draft head
     num_centroids: int
     centroid_top_k: int
+    window: int | None  # the sliding window of the drafter's sliding layers
 
 
 def parse_assistant_config(data: dict, where: str = "config.json") -> AssistantConfig:
@@ -61,15 +62,17 @@ def parse_assistant_config(data: dict, where: str = "config.json") -> AssistantC
     if text.pop("use_double_wide_mlp", False):
         text["intermediate_size"] = 2 * int(text.get("intermediate_size", 0))
     cfg = parse_config(text, where)
-    layers = tuple(dataclasses.replace(s, kv_source=_KV_FROM_TARGET[s.kind], window=None) for s in cfg.layers)
+    # the visible span of the target's K/V is cut before attention (_TargetKV), so no window here
     window = next((s.window for s in cfg.layers if s.window), None)
-    cfg = dataclasses.replace(cfg, layers=layers, raw=dict(cfg.raw, draft_window=window))
+    layers = tuple(dataclasses.replace(s, kv_source=_KV_FROM_TARGET[s.kind], window=None) for s in cfg.layers)
+    cfg = dataclasses.replace(cfg, layers=layers)
     return AssistantConfig(
         text=cfg,
         backbone_hidden_size=int(data.get("backbone_hidden_size", 3840)),
         ordered_embeddings=bool(data.get("use_ordered_embeddings", False)),
         num_centroids=int(data.get("num_centroids", 2048)),
         centroid_top_k=int(data.get("centroid_intermediate_top_k", 32)),
+        window=window,
     )
 
 
@@ -159,7 +162,6 @@ class MTPDrafter:
         if self.centroids is not None:
             per = acfg.text.vocab_size // acfg.num_centroids
             self.clusters = weights["masked_embedding.token_ordering"].long().view(acfg.num_centroids, per)
-        self.window = acfg.text.raw.get("draft_window")
 
     def __repr__(self) -> str:
         cfg = self.acfg.text
@@ -184,7 +186,7 @@ class MTPDrafter:
         """Yield ``(logits, token)`` for ``k`` greedy draft steps after ``token``."""
         net, tnet = self.net, target.net
         q = target.cache.length  # the position of `token`, the last committed token
-        kv = _TargetKV(tnet, target.cache, q, self.window)
+        kv = _TargetKV(tnet, target.cache, q, self.acfg.window)
         q_pos = torch.tensor([q], device=net.device)
         ropes = {r: table.get(range(q, q + 1)) for r, table in net._rope.items()}
         h = target.hidden.reshape(1, -1).to(net.dtype)

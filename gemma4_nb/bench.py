@@ -39,13 +39,22 @@ def random_model(shape: str, device: str, dtype: torch.dtype, layers: int | None
     if layers:
         shape_cfg["num_hidden_layers"] = layers
     cfg = parse_config(tiny_config(**shape_cfg))
-    gen = torch.Generator(device=device).manual_seed(0)
+    return GemmaModel(cfg, _random_weights(expected_tensors(cfg), cfg.weight_prefix, device, dtype, seed=0))
+
+
+def _random_weights(expected: dict, prefix: str, device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors for ``expected`` (checkpoint name -> shape), keyed by runtime name: norms and
+    layer scalars near 1, matrices small, a centroid head's token ordering a permutation."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     weights = {}
-    for name, dims in expected_tensors(cfg).items():
+    for name, dims in expected.items():
+        key = name[len(prefix):] if name.startswith(prefix) else name
+        if name.endswith("token_ordering"):
+            weights[key] = torch.randperm(dims[0], generator=gen, device=device)
+            continue
         t = torch.randn(dims, generator=gen, device=device, dtype=dtype)
-        weights[name[len(cfg.weight_prefix):] if name.startswith(cfg.weight_prefix) else name] = (
-            1 + 0.1 * t if (name.endswith("norm.weight") or name.endswith("layer_scalar")) else t * 0.02)
-    return GemmaModel(cfg, weights)
+        weights[key] = 1 + 0.1 * t if (name.endswith("norm.weight") or name.endswith("layer_scalar")) else t * 0.02
+    return weights
 
 
 def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
@@ -464,21 +473,14 @@ MTP_12B = dict(vocab_size=262144, hidden_size=1024, intermediate_size=8192, num_
 
 
 def random_assistant(target: GemmaModel, centroids: bool, dtype: torch.dtype):
-    from .assistant import MTPDrafter, assistant_tensors, parse_assistant_config
+    from .assistant import MTPDrafter, assistant_tensors, check_pair, parse_assistant_config
 
     data = {"model_type": "gemma4_unified_assistant", "text_config": tiny_config(**MTP_12B)["text_config"],
             "backbone_hidden_size": target.cfg.hidden_size, "use_ordered_embeddings": centroids,
             "num_centroids": 2048, "centroid_intermediate_top_k": 32}
     acfg = parse_assistant_config(data)
-    gen = torch.Generator(device=target.device).manual_seed(1)
-    weights = {}
-    for name, dims in assistant_tensors(acfg).items():
-        key = name[len("model."):] if name.startswith("model.") else name
-        if name.endswith("token_ordering"):
-            weights[key] = torch.randperm(dims[0], generator=gen, device=target.device)
-        else:
-            t = torch.randn(dims, generator=gen, device=target.device, dtype=dtype)
-            weights[key] = 1 + 0.1 * t if ("norm" in name or "layer_scalar" in name) else t * 0.02
+    check_pair(acfg, target.cfg, "--mtp-cost")
+    weights = _random_weights(assistant_tensors(acfg), acfg.text.weight_prefix, target.device, dtype, seed=1)
     return MTPDrafter(acfg, weights)
 
 
@@ -737,6 +739,8 @@ def main(argv=None) -> int:
     p.add_argument("--load-memory", choices=["int8", "int4", "none"], help="peak RSS of a streaming quantized load")
     args = p.parse_args(argv)
     if args.mtp_cost:
+        if args.layers < 6 or args.layers % 6:
+            p.error("--layers must be a multiple of 6 (the 12B's 5 sliding + 1 full pattern, so the scaling holds)")
         torch.set_num_threads(args.threads)
         mtp_cost(args.layers, args.depth, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
         return 0
