@@ -44,6 +44,7 @@ class GemmaModel:
         self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype)
         self.layer_weights = [self._layer_weights(s) for s in cfg.layers]
         self.fused = ops.fused_cpu(self.lm_head)  # quantized weights on the CPU: numba kernels
+        self._decode_args = None  # per-layer arguments of the fused decode kernels, built on first use
         self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
         self._rope = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
                       for s in cfg.layers}
@@ -102,35 +103,45 @@ class GemmaModel:
         cos, sin = self._rope[spec.rope].get(k_pos)
         return ops.apply_rope((v_all.float() * w).to(self.dtype), cos, sin, seq_dim=1)
 
-    def _attention(self, spec: LayerSpec, w, h, rope, q_pos, cache, blocks=None) -> torch.Tensor:
+    def _qkv(self, spec: LayerSpec, w, h, rope):
+        """Projections of one layer: ``q`` ``[T, Hq, D]`` (normed, rotated) and this layer's new
+        ``k``, ``v`` ``[T, Hkv, D]`` (None for a layer reading another layer's K/V; ``k`` None for
+        a K=V layer, whose ``v`` is the weight-free norm of the raw projection)."""
         cfg = self.cfg
         t = h.shape[0]
         cos, sin = rope
         q = ops.linear(h, w["q_proj"]).view(t, cfg.num_heads, spec.head_dim)
         q = ops.apply_rope(self.norm(q, w["q_norm"]), cos, sin)
+        if not spec.owns_kv:
+            return q, None, None
+        raw = ops.linear(h, w["k_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
+        if spec.k_eq_v:
+            return q, None, ops.rms_norm(raw, None, cfg.rms_norm_eps)
+        v = ops.linear(h, w["v_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
+        k = ops.apply_rope(self.norm(raw, w["k_norm"]), cos, sin)
+        if cfg.family.has_v_norm:
+            v = ops.rms_norm(v, None, cfg.rms_norm_eps)
+        return q, k, v
+
+    def _attend(self, spec: LayerSpec, q, k, v, q_pos, cache, blocks=None) -> torch.Tensor:
+        """Store this layer's K/V and attend: ``[T, Hq * D]``."""
+        cfg = self.cfg
+        t = q.shape[0]
         # a fused decode step reads K/V straight from the cache's chunks (no contiguous copy)
         direct = (self.fused and t == 1 and blocks is None and not spec.k_eq_v
                   and getattr(cache, "chunk_view", None) is not None and cache.kv_dtype is None)
         k_all = v_all = k_pos = None
         if spec.owns_kv:
-            raw = ops.linear(h, w["k_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
-            if spec.k_eq_v:  # V is the raw projection (weight-free norm); K is rebuilt from it
-                v = ops.rms_norm(raw, None, cfg.rms_norm_eps)
-                k_all, v_all, k_pos = cache.update(spec.index, None, v.transpose(0, 1))
-            else:
-                v = ops.linear(h, w["v_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
-                k = ops.apply_rope(self.norm(raw, w["k_norm"]), cos, sin)
-                if cfg.family.has_v_norm:
-                    v = ops.rms_norm(v, None, cfg.rms_norm_eps)
-                stored = cache.update(spec.index, k.transpose(0, 1), v.transpose(0, 1), gather=not direct)
-                if stored is not None:
-                    k_all, v_all, k_pos = stored
+            stored = cache.update(spec.index, None if k is None else k.transpose(0, 1), v.transpose(0, 1),
+                                  gather=not direct)
+            if stored is not None:
+                k_all, v_all, k_pos = stored
         elif not direct:
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         view = cache.chunk_view(spec.kv_source) if direct else None
         if view is not None:
             out = ops.attention_chunks(q.transpose(0, 1), view, cfg.query_scale, cfg.attn_softcap)
-            return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
+            return out.reshape(t, cfg.num_heads * spec.head_dim)
         if v_all is None:  # not representable as chunks after all: gather
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         if k_all is None:
@@ -138,11 +149,19 @@ class GemmaModel:
         # images attend to themselves both ways on sliding layers only (full layers stay causal)
         out = ops.attention(q.transpose(0, 1), k_all, v_all, q_pos, k_pos, spec.window, cfg.query_scale,
                             cfg.attn_softcap, blocks if spec.kind == "sliding" else None, fused=self.fused)
-        return ops.linear(out.reshape(t, cfg.num_heads * spec.head_dim), w["o_proj"])
+        return out.reshape(t, cfg.num_heads * spec.head_dim)
 
     def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache, blocks=None) -> torch.Tensor:
         w = self.layer_weights[spec.index]
-        attn = self._attention(spec, w, self.norm(x, w["input_norm"]), rope, q_pos, cache, blocks)
+        if self.fused and x.shape[0] == 1 and blocks is None and x.dtype == torch.float32:
+            if self._decode_args is None:
+                self._decode_args = [ops.DecodeLayerArgs(self.cfg, s, self.layer_weights[s.index]) for s in self.cfg.layers]
+            args = self._decode_args[spec.index]
+            if args.ok:
+                q, k, v = ops.decode_attention_inputs(args, x, rope)
+                return ops.decode_attention_output_and_mlp(args, x, self._attend(spec, q, k, v, q_pos, cache))
+        q, k, v = self._qkv(spec, w, self.norm(x, w["input_norm"]), rope)
+        attn = ops.linear(self._attend(spec, q, k, v, q_pos, cache, blocks), w["o_proj"])
         x = x + self.norm(attn, w["post_attn_norm"])
         mlp = ops.gated_mlp(self.norm(x, w["pre_ffn_norm"]), w["gate"], w["up"], w["down"])
         x = x + self.norm(mlp, w["post_ffn_norm"])

@@ -5,17 +5,24 @@ cached on disk next to this file (or in ``$NUMBA_CACHE_DIR``), so a restarted ke
 machine code instead of compiling again. Arguments are plain numpy arrays (fp32 activations);
 the thin wrappers in :mod:`gemma4_nb.kernels.ops` convert from torch without copying.
 
-* ``gemm_int8`` / ``gemm_int4``: ``out[t, n] = sum_k x[t, k] * W[n, k]`` with the dequantization
-  fused into the dot product; parallel over output rows, each weight row read once for all ``t``
-  (matrix-vector at decode, small matrix-matrix for speculative verification).
-* ``rms_gemm_*``: RMSNorm of ``x`` fused into the projection that follows.
-* ``gate_up_gelu_*``: ``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices.
-* ``decode_attention``: one query position, grouped-query attention with an online softmax; each
-  K/V row is read once for all query heads sharing it; the key range is split across threads and
-  the partial softmaxes merged (flash-decoding).
-* ``head_topk_*``: the vocabulary head fused with top-k selection (softcap is monotonic, so it is
+A quantized matrix arrives as a tuple ``w = (codes as uint8, scales, mins, bits)`` (see
+:func:`gemma4_nb.kernels.ops.kernel_weight`); one compiled kernel serves int8 and int4 rows (the
+row dot products are the vector intrinsics of :mod:`.simd`).
+
+* ``gemm``: ``out[t, n] = sum_k x[t, k] * W[n, k]`` with the dequantization fused into the dot
+  product; parallel over output rows, each weight row read once for all ``t`` (matrix-vector at
+  decode, small matrix-matrix for speculative verification).
+* ``gate_up_gelu``: ``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices.
+* ``decode_attention`` / ``decode_attention_chunks``: one query position, grouped-query attention
+  with an online softmax over K/V read in place from the cache's chunks; each K/V row is read once
+  for all query heads sharing it; the key range is split across threads and the partial softmaxes
+  merged (flash-decoding).
+* ``head_topk``: the vocabulary head fused with top-k selection (softcap is monotonic, so it is
   applied to the k winners only): the logits are never materialized.
 * ``dequant_rows_*``: rows of a weight to fp32 (prefill multiplies in blocks with torch's GEMM).
+
+RMSNorm fused into the projections that follow it, and the rest of a decode layer, are in
+:mod:`.cpu_decode`.
 """
 
 from __future__ import annotations
@@ -26,13 +33,41 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-# numba's default OpenMP layer keeps its threads spinning after every parallel region; between the
-# ~100 kernel calls of a decode step they then compete with the interpreter and torch for the
-# cores (measured on 2 shared cores: a 270M decode step's layers took 1.9 s with OpenMP, 0.33 s with
-# the work queue). The work queue layer sleeps instead. It must not be entered by two threads at
-# once, which the runtime never does (one generation at a time). NUMBA_THREADING_LAYER overrides.
-if "NUMBA_THREADING_LAYER" not in os.environ:
+from .simd import dot_int4, dot_int8
+
+def _choose_threading_layer() -> None:
+    """TBB when it can be loaded, else numba's work queue; ``NUMBA_THREADING_LAYER`` overrides.
+
+    A decode step launches ~90 parallel regions of a few to a few hundred microseconds, so the
+    launch cost matters (measured on this 2-core machine, an empty region: work queue 18-27 us,
+    TBB 1.4 us, OpenMP 1.7 us; a 270M decode step: 28-30 ms / 23 ms / 21-22 ms). OpenMP is not
+    used: numba's OpenMP runtime is a second copy beside the one torch bundles, and llama.cpp's,
+    and their threads spin after every region, so alternating torch and numba work (prefill) or
+    sharing the cores with another engine (measured: a 512-token prefill at 70 tok/s instead of
+    1,100) can collapse. TBB's workers stay responsive without that. The ``tbb`` wheel puts
+    ``libtbb.so.12`` in ``<prefix>/lib``, outside the loader's search path, so it is loaded here by
+    its full path first (numba's TBB pool then finds it by name)."""
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    import ctypes
+    import sys
+
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        lib = os.path.join(prefix, "lib", "libtbb.so.12")
+        if os.path.exists(lib):
+            try:
+                ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+                from numba.np.ufunc import tbbpool  # noqa: F401  (checks the version numba needs)
+            except (OSError, ImportError):
+                break
+            numba.config.THREADING_LAYER = "tbb"
+            return
+    # The work queue sleeps between regions (no spinning); it must not be entered by two threads
+    # at once, which the runtime never does (one generation at a time).
     numba.config.THREADING_LAYER = "workqueue"
+
+
+_choose_threading_layer()
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 # fastmath lets LLVM assume no infinities, so "minus infinity" is a finite sentinel here
@@ -40,125 +75,56 @@ NEG = np.float32(-3.0e38)
 
 
 # -- matrix products ---------------------------------------------------------------------------
+# A quantized matrix reaches these kernels as ``w = (codes as uint8, scales, mins, bits)`` (see
+# :func:`gemma4_nb.kernels.ops.kernel_weight`); the row dot products are the vector intrinsics of
+# :mod:`.simd`.
 
 @njit(inline="always", fastmath=True)
-def _int8_row_dot(x, t, codes, scales, n):
-    """Row ``n`` of an int8 weight (a scale per 32) dotted with ``x[t]``. One flat loop: LLVM
-    vectorizes it (a nested 32-step loop gets unrolled instead, 4x slower)."""
-    a = np.float32(0.0)
-    for k in range(x.shape[1]):
-        a += x[t, k] * np.float32(codes[n, k]) * scales[n, k >> 5]
-    return a
-
-
-@njit(**_OPTS)
-def gemm_int8(x, codes, scales, out):
-    t_n = x.shape[0]
-    for n in prange(codes.shape[0]):
-        for t in range(t_n):
-            out[t, n] = _int8_row_dot(x, t, codes, scales, n)
+def row_dot(x, t, xsum, w, n):
+    """Row ``n`` of quantized matrix ``w`` dotted with ``x[t]`` (``xsum``: group sums of ``x``)."""
+    codes, scales, mins, bits = w
+    if bits == 4:
+        return dot_int4(x, t, xsum, codes, scales, mins, n)
+    return dot_int8(x, t, codes, scales, n)
 
 
 @njit(inline="always", fastmath=True)
-def _int4_inputs(x):
-    """``x`` split into the halves that meet the low and the high nibbles (weight ``j`` and
-    ``j + 16`` of each group), and its sum per group (for the minimums)."""
+def group_sums(x):
+    """Sums of each group of 32 of each row of ``x`` (the int4 minimums multiply them)."""
     t_n, k_n = x.shape
-    g_n = k_n // 32
-    xlo = np.empty((t_n, k_n // 2), dtype=np.float32)
-    xhi = np.empty((t_n, k_n // 2), dtype=np.float32)
-    xs = np.empty((t_n, g_n), dtype=np.float32)
+    out = np.empty((t_n, k_n // 32), dtype=np.float32)
     for t in range(t_n):
-        for g in range(g_n):
+        for g in range(k_n // 32):
             a = np.float32(0.0)
-            for j in range(16):
-                xlo[t, g * 16 + j] = x[t, g * 32 + j]
-                xhi[t, g * 16 + j] = x[t, g * 32 + 16 + j]
-                a += x[t, g * 32 + j] + x[t, g * 32 + 16 + j]
-            xs[t, g] = a
-    return xlo, xhi, xs
-
-
-@njit(inline="always", fastmath=True)
-def _int4_row_dot(xlo, xhi, xs, t, codes, scales, mins, n):
-    """Row ``n`` of an int4 weight dotted with ``x[t]``: sum_g d_g sum_j q_j x_j + m_g sum_j x_j.
-    Low and high nibbles in two flat loops (the row is in L1 for the second): 2-3x faster than
-    one loop doing both, which LLVM does not vectorize as well."""
-    a = np.float32(0.0)
-    for b in range(codes.shape[1]):
-        a += xlo[t, b] * np.float32(np.int32(codes[n, b]) & 15) * scales[n, b >> 4]
-    h = np.float32(0.0)
-    for b in range(codes.shape[1]):
-        h += xhi[t, b] * np.float32(np.int32(codes[n, b]) >> 4) * scales[n, b >> 4]
-    m = np.float32(0.0)
-    for g in range(scales.shape[1]):
-        m += mins[n, g] * xs[t, g]
-    return a + h + m
+            for j in range(32):
+                a += x[t, g * 32 + j]
+            out[t, g] = a
+    return out
 
 
 @njit(**_OPTS)
-def gemm_int4(x, codes, scales, mins, out):
-    xlo, xhi, xs = _int4_inputs(x)
-    t_n = x.shape[0]
-    for n in prange(codes.shape[0]):
-        for t in range(t_n):
-            out[t, n] = _int4_row_dot(xlo, xhi, xs, t, codes, scales, mins, n)
+def gemm(x, w, out):
+    """``out[t, n] = sum_k x[t, k] * W[n, k]``: parallel over output rows, each row of ``W`` read
+    once for every ``t`` (matrix-vector at decode, small matrix-matrix for verification)."""
+    xs = group_sums(x)
+    for n in prange(out.shape[1]):
+        for t in range(x.shape[0]):
+            out[t, n] = row_dot(x, t, xs, w, n)
 
 
 @njit(inline="always", fastmath=True)
-def _rms_rows(x, norm_w, offset, eps):
-    t_n, k_n = x.shape
-    y = np.empty((t_n, k_n), dtype=np.float32)
-    for t in range(t_n):
-        ss = np.float32(0.0)
-        for k in range(k_n):
-            ss += x[t, k] * x[t, k]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(k_n) + np.float32(eps))
-        for k in range(k_n):
-            y[t, k] = x[t, k] * inv * (norm_w[k] + np.float32(offset))
-    return y
-
-
-@njit(**_OPTS)
-def rms_gemm_int8(x, norm_w, offset, eps, codes, scales, out):
-    y = _rms_rows(x, norm_w, offset, eps)
-    for n in prange(codes.shape[0]):
-        for t in range(y.shape[0]):
-            out[t, n] = _int8_row_dot(y, t, codes, scales, n)
-
-
-@njit(**_OPTS)
-def rms_gemm_int4(x, norm_w, offset, eps, codes, scales, mins, out):
-    y = _rms_rows(x, norm_w, offset, eps)
-    ylo, yhi, ys = _int4_inputs(y)
-    for n in prange(codes.shape[0]):
-        for t in range(y.shape[0]):
-            out[t, n] = _int4_row_dot(ylo, yhi, ys, t, codes, scales, mins, n)
-
-
-@njit(inline="always", fastmath=True)
-def _gelu_tanh(g):
+def gelu_tanh(g):
     c = np.float32(0.7978845608028654)  # sqrt(2 / pi)
     return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(c * (g + np.float32(0.044715) * g * g * g)))
 
 
 @njit(**_OPTS)
-def gate_up_gelu_int8(x, gate_c, gate_s, up_c, up_s, out):
-    for n in prange(gate_c.shape[0]):
+def gate_up_gelu(x, wg, wu, out):
+    """``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices."""
+    xs = group_sums(x)
+    for n in prange(out.shape[1]):
         for t in range(x.shape[0]):
-            a = _int8_row_dot(x, t, gate_c, gate_s, n)
-            b = _int8_row_dot(x, t, up_c, up_s, n)
-            out[t, n] = _gelu_tanh(a) * b
-
-
-@njit(**_OPTS)
-def gate_up_gelu_int4(x, gate_c, gate_s, gate_m, up_c, up_s, up_m, out):
-    xlo, xhi, xs = _int4_inputs(x)
-    for n in prange(gate_c.shape[0]):
-        for t in range(x.shape[0]):
-            a = _int4_row_dot(xlo, xhi, xs, t, gate_c, gate_s, gate_m, n)
-            b = _int4_row_dot(xlo, xhi, xs, t, up_c, up_s, up_m, n)
-            out[t, n] = _gelu_tanh(a) * b
+            out[t, n] = gelu_tanh(row_dot(x, t, xs, wg, n)) * row_dot(x, t, xs, wu, n)
 
 
 @njit(**_OPTS)
@@ -278,41 +244,25 @@ def _push(vals, idx, v, i):
 
 
 @njit(**_OPTS)
-def _head_topk_int8(x, codes, scales, k, parts, part_vals, part_idx):
-    n_rows = codes.shape[0]
+def _head_topk(x, w, k, parts, part_vals, part_idx):
+    n_rows = w[0].shape[0]
     per = (n_rows + parts - 1) // parts
+    xs = group_sums(x)
     for p in prange(parts):
         vals = np.full(k, NEG, dtype=np.float32)
         idx = np.zeros(k, dtype=np.int64)
         for n in range(p * per, min(n_rows, p * per + per)):
-            _push(vals, idx, _int8_row_dot(x, 0, codes, scales, n), n)
+            _push(vals, idx, row_dot(x, 0, xs, w, n), n)
         part_vals[p, :] = vals
         part_idx[p, :] = idx
 
 
-@njit(**_OPTS)
-def _head_topk_int4(x, codes, scales, mins, k, parts, part_vals, part_idx):
-    n_rows = codes.shape[0]
-    per = (n_rows + parts - 1) // parts
-    xlo, xhi, xs = _int4_inputs(x)
-    for p in prange(parts):
-        vals = np.full(k, NEG, dtype=np.float32)
-        idx = np.zeros(k, dtype=np.int64)
-        for n in range(p * per, min(n_rows, p * per + per)):
-            _push(vals, idx, _int4_row_dot(xlo, xhi, xs, 0, codes, scales, mins, n), n)
-        part_vals[p, :] = vals
-        part_idx[p, :] = idx
-
-
-def head_topk(x, codes, scales, mins, fmt: str, k: int, cap: float | None, parts: int = 64):
+def head_topk(x, w, k: int, cap: float | None, parts: int = 64):
     """Top-``k`` (values, ids) of ``softcap(x @ W^T)`` for one position ``x`` ``[1, hidden]``."""
-    parts = max(1, min(parts, codes.shape[0] // max(k, 1)))
+    parts = max(1, min(parts, w[0].shape[0] // max(k, 1)))
     part_vals = np.empty((parts, k), dtype=np.float32)
     part_idx = np.empty((parts, k), dtype=np.int64)
-    if fmt == "int4":
-        _head_topk_int4(x, codes, scales, mins, k, parts, part_vals, part_idx)
-    else:
-        _head_topk_int8(x, codes, scales, k, parts, part_vals, part_idx)
+    _head_topk(x, w, k, parts, part_vals, part_idx)
     flat_v, flat_i = part_vals.ravel(), part_idx.ravel()
     order = np.argsort(-flat_v, kind="stable")[:k]
     vals, ids = flat_v[order], flat_i[order]
@@ -324,68 +274,29 @@ def head_topk(x, codes, scales, mins, fmt: str, k: int, cap: float | None, parts
 # -- decode attention --------------------------------------------------------------------------
 
 @njit(**_OPTS)
-def _decode_attention_parts(q, k, v, lo, hi, scale, cap, splits, m_out, l_out, acc_out):
-    """q ``[Hq, D]``; k, v ``[Hkv, Tk, Dv]``; keys ``lo..hi-1`` visible. Writes per (kv head,
-    split) the running max, sum and unnormalized output of each query head in the group."""
-    hq, d = q.shape
-    hkv, tk, dv = v.shape
-    groups = hq // hkv
-    span = hi - lo
-    per = (span + splits - 1) // splits
-    for job in prange(hkv * splits):
-        h = job // splits
-        sp = job % splits
-        a = lo + sp * per
-        b = min(hi, a + per)
-        for g in range(groups):
-            m_out[h, sp, g] = NEG
-            l_out[h, sp, g] = 0.0
-            for j in range(dv):
-                acc_out[h, sp, g, j] = 0.0
-        for t in range(a, b):
-            for g in range(groups):
-                qh = h * groups + g
-                s = np.float32(0.0)
-                for j in range(d):
-                    s += q[qh, j] * k[h, t, j]
-                s *= scale
-                if cap > 0:
-                    s = np.tanh(s / cap) * cap
-                m_old = m_out[h, sp, g]
-                if s > m_old:
-                    c = np.exp(m_old - s)
-                    l_out[h, sp, g] = l_out[h, sp, g] * c + 1.0
-                    for j in range(dv):
-                        acc_out[h, sp, g, j] = acc_out[h, sp, g, j] * c + v[h, t, j]
-                    m_out[h, sp, g] = s
-                else:
-                    p = np.exp(s - m_old)
-                    l_out[h, sp, g] += p
-                    for j in range(dv):
-                        acc_out[h, sp, g, j] += p * v[h, t, j]
-
-
-@njit(**_OPTS)
-def _decode_attention_chunks(q, kd, vd, ks, vs, skip, n, scale, cap, splits, m_out, l_out, acc_out):
-    """As :func:`_decode_attention_parts`, reading K/V straight from the cache's chunk pools:
-    key ``i`` (0..n-1) is row ``(skip + i) % chunk`` of chunk ``ks[(skip + i) // chunk]``."""
+def _decode_attention(q, kd, vd, ks, vs, skip, n, scale, cap, splits, out):
+    """One query position ``q`` ``[Hq, D]`` over keys stored in chunks: key ``i`` (0..n-1) is row
+    ``(skip + i) % chunk`` of chunk ``ks[(skip + i) // chunk]`` of ``kd`` ``[chunks, chunk, Hkv,
+    D]`` (V likewise). The keys are split in ``splits`` ranges per KV head (flash-decoding): each
+    job keeps a running max, sum and unnormalized output for every query head of its group (each
+    K/V row read once for all of them), then the parts are merged into ``out`` ``[Hq, Dv]``."""
     hq, d = q.shape
     chunk = kd.shape[1]
     hkv = kd.shape[2]
     dv = vd.shape[3]
     groups = hq // hkv
     per = (n + splits - 1) // splits
+    m_p = np.empty((hkv, splits, groups), dtype=np.float32)
+    l_p = np.empty((hkv, splits, groups), dtype=np.float32)
+    acc = np.empty((hkv, splits, groups, dv), dtype=np.float32)
     for job in prange(hkv * splits):
         h = job // splits
         sp = job % splits
-        a = sp * per
-        b = min(n, a + per)
         for g in range(groups):
-            m_out[h, sp, g] = NEG
-            l_out[h, sp, g] = 0.0
-            for j in range(dv):
-                acc_out[h, sp, g, j] = 0.0
-        for i in range(a, b):
+            m_p[h, sp, g] = NEG
+            l_p[h, sp, g] = 0.0
+            acc[h, sp, g, :] = 0.0
+        for i in range(sp * per, min(n, sp * per + per)):
             c = (skip + i) // chunk
             off = (skip + i) % chunk
             kc = ks[c]
@@ -398,112 +309,98 @@ def _decode_attention_chunks(q, kd, vd, ks, vs, skip, n, scale, cap, splits, m_o
                 s *= scale
                 if cap > 0:
                     s = np.tanh(s / cap) * cap
-                m_old = m_out[h, sp, g]
-                if s > m_old:
-                    cr = np.exp(m_old - s)
-                    l_out[h, sp, g] = l_out[h, sp, g] * cr + 1.0
+                m_old = m_p[h, sp, g]
+                if s > m_old:  # new maximum: rescale what is accumulated
+                    r = np.exp(m_old - s)
+                    l_p[h, sp, g] = l_p[h, sp, g] * r + 1.0
                     for j in range(dv):
-                        acc_out[h, sp, g, j] = acc_out[h, sp, g, j] * cr + vd[vc, off, h, j]
-                    m_out[h, sp, g] = s
+                        acc[h, sp, g, j] = acc[h, sp, g, j] * r + vd[vc, off, h, j]
+                    m_p[h, sp, g] = s
                 else:
                     p = np.exp(s - m_old)
-                    l_out[h, sp, g] += p
+                    l_p[h, sp, g] += p
                     for j in range(dv):
-                        acc_out[h, sp, g, j] += p * vd[vc, off, h, j]
+                        acc[h, sp, g, j] += p * vd[vc, off, h, j]
+    for h in range(hkv):
+        for g in range(groups):
+            m = NEG
+            for sp in range(splits):
+                m = max(m, m_p[h, sp, g])
+            total = np.float32(0.0)
+            o = out[h * groups + g]
+            o[:] = 0.0
+            for sp in range(splits):
+                if l_p[h, sp, g] == 0.0:
+                    continue
+                r = np.exp(m_p[h, sp, g] - m)
+                total += l_p[h, sp, g] * r
+                for j in range(dv):
+                    o[j] += acc[h, sp, g, j] * r
+            for j in range(dv):
+                o[j] /= total
+
+
+def _splits(n: int, splits: int) -> int:
+    return splits if splits > 0 else max(1, min(16, n // 64))
 
 
 def decode_attention_chunks(q, kd, vd, ks, vs, skip: int, n: int, scale: float, cap: float | None, splits: int = 0):
     """Decode attention over a chunked cache (see :meth:`KVCache.chunk_view`). Returns ``[Hq, Dv]``."""
-    hkv, dv = kd.shape[2], vd.shape[3]
-    if splits <= 0:
-        splits = max(1, min(16, n // 64))
-    groups = q.shape[0] // hkv
-    m = np.empty((hkv, splits, groups), dtype=np.float32)
-    l = np.empty((hkv, splits, groups), dtype=np.float32)
-    acc = np.empty((hkv, splits, groups, dv), dtype=np.float32)
-    _decode_attention_chunks(q, kd, vd, ks, vs, skip, n, np.float32(scale), np.float32(cap or 0.0), splits, m, l, acc)
-    out = np.empty((q.shape[0], dv), dtype=np.float32)
-    _merge_parts(m, l, acc, out)
+    out = np.empty((q.shape[0], vd.shape[3]), dtype=np.float32)
+    _decode_attention(q, kd, vd, ks, vs, skip, n, np.float32(scale), np.float32(cap or 0.0), _splits(n, splits), out)
     return out
 
 
-@njit(**_OPTS)
-def _merge_parts(m_in, l_in, acc_in, out):
-    hkv, splits, groups, dv = acc_in.shape
-    for h in prange(hkv):
-        for g in range(groups):
-            m = NEG
-            for sp in range(splits):
-                m = max(m, m_in[h, sp, g])
-            total = np.float32(0.0)
-            for j in range(dv):
-                out[h * groups + g, j] = 0.0
-            for sp in range(splits):
-                if l_in[h, sp, g] == 0.0:
-                    continue
-                c = np.exp(m_in[h, sp, g] - m)
-                total += l_in[h, sp, g] * c
-                for j in range(dv):
-                    out[h * groups + g, j] += acc_in[h, sp, g, j] * c
-            for j in range(dv):
-                out[h * groups + g, j] /= total
+_ONE_CHUNK = np.zeros(1, dtype=np.int64)
 
 
 def decode_attention(q, k, v, lo: int, hi: int, scale: float, cap: float | None, splits: int = 0):
-    """Attention of one query position over keys ``lo..hi-1`` of ``k``/``v`` (row indices).
-
-    ``q``: ``[Hq, D]`` fp32; ``k``, ``v``: ``[Hkv, Tk, D]`` fp32. Returns ``[Hq, Dv]``."""
-    hkv, _, dv = v.shape
-    span = max(hi - lo, 1)
-    if splits <= 0:
-        splits = max(1, min(16, span // 64))
-    groups = q.shape[0] // hkv
-    m = np.empty((hkv, splits, groups), dtype=np.float32)
-    l = np.empty((hkv, splits, groups), dtype=np.float32)
-    acc = np.empty((hkv, splits, groups, dv), dtype=np.float32)
-    _decode_attention_parts(q, k, v, lo, hi, np.float32(scale), np.float32(cap or 0.0), splits, m, l, acc)
-    out = np.empty((q.shape[0], dv), dtype=np.float32)
-    _merge_parts(m, l, acc, out)
-    return out
+    """Attention of one query position over keys ``lo..hi-1`` of contiguous ``k``/``v``
+    ``[Hkv, Tk, D]`` (fp32): the same kernel, reading them as one chunk. Returns ``[Hq, Dv]``."""
+    kd, vd = k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None]
+    return decode_attention_chunks(q, kd, vd, _ONE_CHUNK, _ONE_CHUNK, lo, max(hi - lo, 0), scale, cap, splits)
 
 
-ALL_KERNELS = (quantize_int8_rows, quantize_int4_rows, gemm_int8, gemm_int4, rms_gemm_int8, rms_gemm_int4, gate_up_gelu_int8, gate_up_gelu_int4,
-               dequant_rows_int8, dequant_rows_int4, _head_topk_int8, _head_topk_int4, _decode_attention_parts, _decode_attention_chunks, _merge_parts)
+def all_kernels() -> tuple:
+    """Every compiled kernel of the CPU path (this module's and the fused decode layer's)."""
+    from . import cpu_decode
+
+    return (quantize_int8_rows, quantize_int4_rows, gemm, gate_up_gelu, dequant_rows_int8, dequant_rows_int4,
+            _head_topk, _decode_attention, cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
 
 
 def warm_up() -> float:
-    """Compile (or load from the on-disk cache) every kernel on small inputs; returns seconds."""
+    """Compile (or load from the on-disk cache) every kernel on small inputs, with the argument
+    types the runtime passes; returns seconds."""
     import time
 
-    t0 = time.perf_counter()
-    x = np.ones((1, 64), dtype=np.float32)
-    c8 = np.ones((4, 64), dtype=np.int8)
-    s8 = np.ones((4, 2), dtype=np.float32)
-    c4 = np.full((4, 32), 0x98, dtype=np.uint8)
-    s4 = np.ones((4, 2), dtype=np.float32)
-    m4 = np.zeros((4, 2), dtype=np.float32)
-    out = np.empty((1, 4), dtype=np.float32)
-    nw = np.ones(64, dtype=np.float32)
-    gemm_int8(x, c8, s8, out)
-    gemm_int4(x, c4, s4, m4, out)
-    rms_gemm_int8(x, nw, 0.0, 1e-6, c8, s8, out)
-    rms_gemm_int4(x, nw, 0.0, 1e-6, c4, s4, m4, out)
-    gate_up_gelu_int8(x, c8, s8, c8, s8, out)
-    gate_up_gelu_int4(x, c4, s4, m4, c4, s4, m4, out)
-    dequant_rows_int8(c8, s8, 0, np.empty((2, 64), dtype=np.float32))
-    dequant_rows_int4(c4, s4, m4, 0, np.empty((2, 64), dtype=np.float32))
-    quantize_int8_rows(np.ones((2, 64), dtype=np.float32), True, np.empty((2, 64), dtype=np.int8), np.empty((2, 2), dtype=np.float32))
-    quantize_int4_rows(np.ones((2, 64), dtype=np.float32), True, np.empty((2, 32), dtype=np.uint8),
-                       np.empty((2, 2), dtype=np.float32), np.empty((2, 2), dtype=np.float32))
-    head_topk(x, c8, s8, None, "int8", 2, 30.0, parts=2)
-    head_topk(x, c4, s4, m4, "int4", 2, None, parts=2)
-    kv = np.ones((1, 8, 64), dtype=np.float32)
-    decode_attention(np.ones((2, 64), dtype=np.float32), kv, kv, 0, 8, 0.1, None, splits=2)
-    pool = np.ones((2, 4, 1, 64), dtype=np.float32)
-    sl = np.array([1, 0], dtype=np.int64)
-    decode_attention_chunks(np.ones((2, 64), dtype=np.float32), pool, pool, sl, sl, 1, 6, 0.1, None, splits=2)
-    return time.perf_counter() - t0
+    from . import cpu_decode
 
+    t0 = time.perf_counter()
+    f32 = np.float32
+    x = np.ones((1, 64), dtype=f32)
+    w8 = (np.ones((64, 64), dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((1, 1), dtype=f32), 8)
+    w4 = (np.full((64, 32), 0x98, dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((64, 2), dtype=f32), 4)
+    out = np.empty((1, 64), dtype=f32)
+    for w in (w8, w4):
+        gemm(x, w, out)
+        gate_up_gelu(x, w, w, out)
+        head_topk(x, w, 2, 30.0, parts=2)
+    dequant_rows_int8(w8[0].view(np.int8), w8[1], 0, np.empty((2, 64), dtype=f32))
+    dequant_rows_int4(w4[0], w4[1], w4[2], 0, np.empty((2, 64), dtype=f32))
+    quantize_int8_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 64), dtype=np.int8), np.empty((2, 2), dtype=f32))
+    quantize_int4_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 32), dtype=np.uint8),
+                       np.empty((2, 2), dtype=f32), np.empty((2, 2), dtype=f32))
+    kv = np.ones((1, 8, 32), dtype=f32)
+    decode_attention(np.ones((2, 32), dtype=f32), kv, kv, 0, 8, 0.1, None, splits=2)
+    pool = np.ones((2, 4, 1, 32), dtype=f32)
+    sl = np.array([1, 0], dtype=np.int64)
+    decode_attention_chunks(np.ones((2, 32), dtype=f32), pool, pool, sl, sl, 1, 6, 0.1, None, splits=2)
+    ones64, ones32, cs = np.ones(64, dtype=f32), np.ones(32, dtype=f32), np.ones(16, dtype=f32)
+    q, k, v = np.empty((2, 32), dtype=f32), np.empty((1, 32), dtype=f32), np.empty((1, 32), dtype=f32)
+    cpu_decode.attention_inputs(x, ones64, 1e-6, w8, w4, w8, ones32, ones32, cs, cs, 1, True, q, k, v)
+    cpu_decode.attention_output_and_mlp(x, x, w8, ones64, ones64, w4, w8, w8, ones64, 1.0, 1e-6, out)
+    return time.perf_counter() - t0
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -43,6 +43,13 @@ def _nb():
     return cpu_numba
 
 
+def _decode():
+    _nb()  # thread count
+    from . import cpu_decode
+
+    return cpu_decode
+
+
 def numba_available() -> bool:
     try:
         import numba  # noqa: F401
@@ -82,10 +89,7 @@ def qlinear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     t = x2.shape[0]
     if fused_cpu(w) and t <= SMALL_BATCH:
         out = np.empty((t, w.shape[0]), dtype=np.float32)
-        if w.fmt == "int4":
-            _nb().gemm_int4(_np(x2), w.codes.numpy(), w.scales.numpy(), w.mins.numpy(), out)
-        else:
-            _nb().gemm_int8(_np(x2), w.codes.numpy(), w.scales.numpy(), out)
+        _nb().gemm(_np(x2), kernel_weight(w), out)
         y = torch.from_numpy(out)
     else:
         xf = x2.float()
@@ -107,14 +111,9 @@ def gated_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     if not isinstance(gate, QWeight) and not isinstance(down, QWeight):
         return _ref.gated_mlp(x, gate, up, down)
     x2 = x.reshape(-1, x.shape[-1])
-    if fused_cpu(gate) and isinstance(up, QWeight) and x2.shape[0] <= SMALL_BATCH and gate.fmt == up.fmt:
+    if fused_cpu(gate) and fused_cpu(up) and x2.shape[0] <= SMALL_BATCH:
         act = np.empty((x2.shape[0], gate.shape[0]), dtype=np.float32)
-        if gate.fmt == "int4":
-            _nb().gate_up_gelu_int4(_np(x2), gate.codes.numpy(), gate.scales.numpy(), gate.mins.numpy(),
-                                    up.codes.numpy(), up.scales.numpy(), up.mins.numpy(), act)
-        else:
-            _nb().gate_up_gelu_int8(_np(x2), gate.codes.numpy(), gate.scales.numpy(), up.codes.numpy(),
-                                    up.scales.numpy(), act)
+        _nb().gate_up_gelu(_np(x2), kernel_weight(gate), kernel_weight(up), act)
         h = torch.from_numpy(act).to(x.dtype).reshape(*x.shape[:-1], gate.shape[0])
     else:
         h = gelu_tanh(linear(x, gate)) * linear(x, up)
@@ -143,14 +142,86 @@ def attention_chunks(q, view, scale, cap=None) -> torch.Tensor:
     return torch.from_numpy(out).to(vd.dtype).unsqueeze(0)
 
 
+def kernel_weight(w: QWeight) -> tuple:
+    """A quantized weight as the fused kernels take it: ``(codes as uint8, scales, mins, bits)``
+    (numpy views, no copy; built once per weight)."""
+    kw = w.__dict__.get("_kernel_view")
+    if kw is None:
+        codes = w.codes.numpy()
+        codes = codes.view(np.uint8) if codes.dtype == np.int8 else codes
+        mins = w.mins.numpy() if w.mins is not None else np.zeros((1, 1), dtype=w.scales.numpy().dtype)
+        kw = (codes, w.scales.numpy(), mins, 4 if w.fmt == "int4" else 8)
+        w.__dict__["_kernel_view"] = kw
+    return kw
+
+
+class DecodeLayerArgs:
+    """Everything the fused decode kernels of one layer take besides the activations: the quantized
+    matrices as kernel tuples, norm weights with the family's offset added (fp32), flags."""
+
+    MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down")
+
+    def __init__(self, cfg, spec, w) -> None:
+        present = [w[m] for m in self.MATRICES if w[m] is not None]
+        # every matrix quantized on the CPU (a width that is not a multiple of 32 stays a tensor)
+        self.ok = all(fused_cpu(m) for m in present) and w["q_proj"] is not None
+        if not self.ok:
+            return
+        off = cfg.family.norm_offset
+        hd = spec.head_dim
+
+        def norm(name, size):
+            t = w[name]
+            return np.ones(size, dtype=np.float32) if t is None else (t.float() + off).numpy().astype(np.float32)
+
+        placeholder = kernel_weight(w["q_proj"])
+        self.wq = placeholder
+        self.wk = kernel_weight(w["k_proj"]) if spec.owns_kv else placeholder
+        self.wv = kernel_weight(w["v_proj"]) if spec.owns_kv and not spec.k_eq_v else placeholder
+        self.wo, self.wg, self.wu, self.wd = (kernel_weight(w[m]) for m in ("o_proj", "gate", "up", "down"))
+        hidden = cfg.hidden_size
+        self.in_norm, self.q_norm, self.k_norm = norm("input_norm", hidden), norm("q_norm", hd), norm("k_norm", hd)
+        self.post_attn_norm, self.pre_ffn_norm = norm("post_attn_norm", hidden), norm("pre_ffn_norm", hidden)
+        self.post_ffn_norm = norm("post_ffn_norm", hidden)
+        self.layer_scalar = float(w["layer_scalar"].float().reshape(-1)[0]) if w["layer_scalar"] is not None else 1.0
+        self.kv_mode = 0 if not spec.owns_kv else (2 if spec.k_eq_v else 1)
+        self.v_norm = bool(cfg.family.has_v_norm)
+        self.eps = float(cfg.rms_norm_eps)
+        self.q_shape = (cfg.num_heads, hd)
+        self.kv_shape = (spec.num_kv_heads, hd)
+
+
+def decode_attention_inputs(a: DecodeLayerArgs, x: torch.Tensor, rope):
+    """Fused norm + q/k/v projections + q/k norms + RoPE (+ v norm) for one position ``x``
+    ``[1, hidden]``: ``(q [1, Hq, D], k [1, Hkv, D] | None, v [1, Hkv, D] | None)``, as
+    :meth:`GemmaModel._qkv` returns them."""
+    cos, sin = rope
+    q = np.empty(a.q_shape, dtype=np.float32)
+    k = np.empty(a.kv_shape, dtype=np.float32)
+    v = np.empty(a.kv_shape, dtype=np.float32)
+    _decode().attention_inputs(_np(x), a.in_norm, a.eps, a.wq, a.wk, a.wv, a.q_norm, a.k_norm, _np(cos[0]),
+                               _np(sin[0]), a.kv_mode, a.v_norm, q, k, v)
+    q = torch.from_numpy(q)[None]
+    if a.kv_mode == 0:
+        return q, None, None
+    return q, (torch.from_numpy(k)[None] if a.kv_mode == 1 else None), torch.from_numpy(v)[None]
+
+
+def decode_attention_output_and_mlp(a: DecodeLayerArgs, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Fused output projection + sandwich norms + residuals + gated MLP + layer scalar."""
+    out = np.empty((1, x.shape[-1]), dtype=np.float32)
+    _decode().attention_output_and_mlp(_np(x), _np(attn), a.wo, a.post_attn_norm, a.pre_ffn_norm, a.wg, a.wu,
+                                       a.wd, a.post_ffn_norm, a.layer_scalar, a.eps, out)
+    return torch.from_numpy(out)
+
+
 def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, token ids) of the soft-capped logits of one position ``hidden``
     (``[hidden]`` or ``[1, hidden]``). For a quantized head on the CPU the logits are never
     materialized; otherwise they are computed with :func:`linear` and ranked with torch."""
     h = hidden.reshape(1, -1)
     if fused_cpu(head):
-        mins = None if head.mins is None else head.mins.numpy()
-        vals, ids = _nb().head_topk(_np(h), head.codes.numpy(), head.scales.numpy(), mins, head.fmt, k, cap)
+        vals, ids = _nb().head_topk(_np(h), kernel_weight(head), k, cap)
         return torch.from_numpy(vals), torch.from_numpy(ids)
     logits = softcap(linear(h, head).float(), cap)[0]
     vals, ids = torch.topk(logits, k)

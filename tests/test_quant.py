@@ -42,9 +42,42 @@ def test_fused_path_matches_torch_on_dequantized_weights(hf_checkpoints, variant
         want.append(twin.forward(ids[i : i + 1], c2).logits)
     got, want = torch.cat(got), torch.cat(want)
     assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    # decode steps ran the fused layer kernels wherever every matrix is quantized (variant b's
+    # 24-wide heads leave its attention output projection unquantized: those layers fall back)
+    fused = [a.ok for a in net._decode_args]
+    assert all(fused) if variant in "ac" else (not all(fused))
     hidden = net.forward(ids[:1], net.new_cache(), logits=False).hidden
     vals, top = net.top_k(hidden[-1], 3)
     assert torch.equal(top, net.logits(hidden).topk(3).indices[-1])
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_fused_decode_layer_kernels(hf_checkpoints, quant):
+    """The two fused decode-layer kernels against the torch composition they replace, layer by
+    layer (sliding and K=V full layers, KV-shared layers), on the same dequantized weights."""
+    from gemma4_nb.kernels import ops
+
+    net = gemma4_nb.load(hf_checkpoints["a"][0], quant=quant, progress=False).net
+    twin = dequantized_twin(net)
+    gen = torch.Generator().manual_seed(3)
+    for spec in net.cfg.layers:
+        args = ops.DecodeLayerArgs(net.cfg, spec, net.layer_weights[spec.index])
+        assert args.ok
+        w = twin.layer_weights[spec.index]
+        x = 3 * torch.randn(1, net.cfg.hidden_size, generator=gen)
+        rope = twin._rope[spec.rope].get(range(37, 38))
+        got = ops.decode_attention_inputs(args, x, rope)
+        want = twin._qkv(spec, w, twin.norm(x, w["input_norm"]), rope)
+        for g, t in zip(got, want):
+            assert (g is None) == (t is None)
+            if t is not None:
+                assert float((g - t).abs().max()) <= 1e-5 * float(t.abs().max()) + 1e-6
+        attn = torch.randn(1, net.cfg.num_heads * spec.head_dim, generator=gen)
+        h = x + twin.norm(ops.linear(attn, w["o_proj"]), w["post_attn_norm"])
+        mlp = ops.gated_mlp(twin.norm(h, w["pre_ffn_norm"]), w["gate"], w["up"], w["down"])
+        want = (h + twin.norm(mlp, w["post_ffn_norm"])) * (w["layer_scalar"] if w["layer_scalar"] is not None else 1)
+        got = ops.decode_attention_output_and_mlp(args, x, attn)
+        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
 def test_save_and_reload(hf_checkpoints, tmp_path):

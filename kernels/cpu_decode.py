@@ -1,0 +1,121 @@
+"""One decode step of a decoder layer in two numba calls (quantized weights, one position).
+
+A decode step of a small model is dominated by per-operation overhead when every norm, rope and
+projection is its own Python-level call (the 270M runs ~15 operations per layer, 18 layers). Here
+a layer is two compiled calls around the KV-cache update and the attention:
+
+* :func:`attention_inputs`: RMSNorm, the q/k/v projections in one parallel pass over all their
+  rows, per-head q/k norms, RoPE and the weight-free v norm;
+* :func:`attention_output_and_mlp`: the output projection, both sandwich norms and residuals,
+  gate/up/GELU-tanh in one pass over both matrices, the down projection, the layer scalar.
+
+A quantized matrix is passed as a tuple ``(codes, scales, mins, bits)``: ``codes`` as uint8
+``[N, K]`` (int8 codes viewed as bytes) or ``[N, K // 2]`` (int4), ``bits`` 8 or 4, ``mins`` a
+``[1, 1]`` placeholder for int8 (see :func:`gemma4_nb.kernels.ops.kernel_weight`). Norm weights
+arrive with the family's offset already added (Gemma 3's ``1 + w``); a norm without weight is an
+array of ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .cpu_numba import gelu_tanh, group_sums, row_dot
+
+_OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+
+
+@njit(inline="always", fastmath=True)
+def rms_into(src, dst, w, eps):
+    """``dst = src * rsqrt(mean(src^2) + eps) * w`` over a 1-D slice."""
+    ss = np.float32(0.0)
+    for i in range(src.shape[0]):
+        ss += src[i] * src[i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(src.shape[0]) + np.float32(eps))
+    for i in range(src.shape[0]):
+        dst[i] = src[i] * inv * w[i]
+
+
+@njit(inline="always", fastmath=True)
+def rope_in_place(x, cos, sin):
+    """Rotate-half RoPE of one head ``x`` (dim ``j`` pairs with ``j + d/2``) for the first
+    ``len(cos)`` pairs; the other dims pass through."""
+    half = x.shape[0] // 2
+    for j in range(cos.shape[0]):
+        a = x[j]
+        b = x[half + j]
+        x[j] = a * cos[j] - b * sin[j]
+        x[half + j] = b * cos[j] + a * sin[j]
+
+
+@njit(**_OPTS)
+def attention_inputs(x, in_norm, eps, wq, wk, wv, q_norm, k_norm, cos, sin, kv_mode, v_norm, q_out, k_out, v_out):
+    """``x`` ``[1, hidden]`` -> ``q_out`` ``[Hq, D]``, ``k_out``/``v_out`` ``[Hkv, D]``.
+
+    ``kv_mode``: 0 the layer reads another layer's K/V (only q is computed); 1 separate K and V
+    projections (K normed and rotated; V through the weight-free norm when ``v_norm``); 2 K=V
+    (V is the weight-free norm of the raw k projection, K is rebuilt from V by the cache's reader,
+    so ``k_out`` is left alone)."""
+    hq, d = q_out.shape
+    hkv, dk = v_out.shape
+    y = np.empty((1, x.shape[1]), dtype=np.float32)
+    rms_into(x[0], y[0], in_norm, eps)
+    ys = group_sums(y)
+    n_q = hq * d
+    n_k = hkv * dk if kv_mode > 0 else 0
+    n_v = hkv * dk if kv_mode == 1 else 0
+    raw_k = np.empty(hkv * dk, dtype=np.float32)
+    raw_v = np.empty(hkv * dk, dtype=np.float32)
+    qf = q_out.reshape(n_q)
+    for r in prange(n_q + n_k + n_v):
+        if r < n_q:
+            qf[r] = row_dot(y, 0, ys, wq, r)
+        elif r < n_q + n_k:
+            raw_k[r - n_q] = row_dot(y, 0, ys, wk, r - n_q)
+        else:
+            raw_v[r - n_q - n_k] = row_dot(y, 0, ys, wv, r - n_q - n_k)
+    for h in range(hq):
+        rms_into(q_out[h], q_out[h], q_norm, eps)
+        rope_in_place(q_out[h], cos, sin)
+    ones = np.ones(dk, dtype=np.float32)
+    for h in range(hkv if kv_mode > 0 else 0):
+        if kv_mode == 2:
+            rms_into(raw_k[h * dk:(h + 1) * dk], v_out[h], ones, eps)
+            continue
+        rms_into(raw_k[h * dk:(h + 1) * dk], k_out[h], k_norm, eps)
+        rope_in_place(k_out[h], cos, sin)
+        if v_norm:
+            rms_into(raw_v[h * dk:(h + 1) * dk], v_out[h], ones, eps)
+        else:
+            v_out[h, :] = raw_v[h * dk:(h + 1) * dk]
+
+
+@njit(**_OPTS)
+def attention_output_and_mlp(x, attn, wo, post_attn_norm, pre_ffn_norm, wg, wu, wd, post_ffn_norm,
+                             layer_scalar, eps, out):
+    """``out = (h + post_ffn_norm(mlp(pre_ffn_norm(h)))) * layer_scalar`` with
+    ``h = x + post_attn_norm(attn @ wo^T)``; ``x``, ``out`` ``[1, hidden]``, ``attn`` ``[1, Hq * D]``."""
+    hidden = x.shape[1]
+    inter = wg[0].shape[0]
+    asum = group_sums(attn)
+    o = np.empty(hidden, dtype=np.float32)
+    for n in prange(hidden):
+        o[n] = row_dot(attn, 0, asum, wo, n)
+    h = np.empty(hidden, dtype=np.float32)
+    rms_into(o, h, post_attn_norm, eps)
+    for i in range(hidden):
+        h[i] += x[0, i]
+    y = np.empty((1, hidden), dtype=np.float32)
+    rms_into(h, y[0], pre_ffn_norm, eps)
+    ys = group_sums(y)
+    act = np.empty((1, inter), dtype=np.float32)
+    for n in prange(inter):
+        act[0, n] = gelu_tanh(row_dot(y, 0, ys, wg, n)) * row_dot(y, 0, ys, wu, n)
+    acts = group_sums(act)
+    m = np.empty(hidden, dtype=np.float32)
+    for n in prange(hidden):
+        m[n] = row_dot(act, 0, acts, wd, n)
+    rms_into(m, out[0], post_ffn_norm, eps)
+    for i in range(hidden):
+        out[0, i] = (out[0, i] + h[i]) * layer_scalar
