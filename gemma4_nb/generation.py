@@ -103,6 +103,18 @@ def prefill(model, ids: list[int], prefix, chunk: int, start: int = 0, prompt=No
     return out
 
 
+def _next_token(model, token: int, prefix, sampler: Sampler) -> int:
+    """One decode step. With quantized weights on the CPU, greedy decoding and top-k sampling take
+    the k best logits straight from the fused head (the vocabulary's logits are never all
+    computed); otherwise the sampler sees every logit."""
+    k = sampler.head_k() if getattr(model, "fused", False) else None
+    out = model.forward(torch.tensor([token], dtype=torch.long), prefix.kv, logits=k is None)
+    prefix.appended([token])
+    if k is None:
+        return sampler(out.logits[-1])
+    return sampler.pick(*model.top_k(out.hidden[-1], k))
+
+
 def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usage, *,
                  prefix=None, prefill_chunk: int = 512, drafter=None, draft_k: int = 4) -> Iterator[int]:
     """Yield generated token ids one by one (stop tokens are not yielded); fills ``usage``.
@@ -137,9 +149,7 @@ def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usag
             yield token
             if step + 1 == budget:
                 break
-            out = model.forward(torch.tensor([token], dtype=torch.long), prefix.kv)
-            prefix.appended([token])
-            token = sampler(out.logits[-1])
+            token = _next_token(model, token, prefix, sampler)
         usage.finish_reason = "length"
     except KeyboardInterrupt:
         usage.finish_reason = "interrupted"

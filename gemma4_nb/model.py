@@ -15,6 +15,7 @@ from .cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK, KVCache
 from .config import LayerSpec, ModelConfig
 from .kernels import ops
 from .multimodal import Embedders
+from .quant import to_planes
 
 
 @dataclass
@@ -33,6 +34,9 @@ class SoftTokens:
 
 
 class GemmaModel:
+    # heads with at least this many rows (vocabularies) are screened on the CPU (see _screened_head)
+    SCREENED_HEAD_MIN_ROWS = 32768
+
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
         self.cfg = cfg
         self.weights = weights
@@ -44,10 +48,25 @@ class GemmaModel:
         self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype)
         self.layer_weights = [self._layer_weights(s) for s in cfg.layers]
         self.fused = ops.fused_cpu(self.lm_head)  # quantized weights on the CPU: numba kernels
+        if (self.fused and self.lm_head.fmt == "int8" and not self.lm_head.planes
+                and self.lm_head.shape[0] >= self.SCREENED_HEAD_MIN_ROWS):
+            self._screened_head()
         self._decode_args = None  # per-layer arguments of the fused decode kernels, built on first use
         self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
         self._rope = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
                       for s in cfg.layers}
+
+    def _screened_head(self) -> None:
+        """Store an int8 vocabulary head as nibble planes (same bytes; see ``quant.to_planes``):
+        greedy and top-k decoding then read about half of it per token, exactly. A tied embedding
+        is the same tensor, converted once."""
+        planes = to_planes(self.lm_head)
+        for name in ("lm_head.weight", "embed_tokens.weight"):
+            if self.weights.get(name) is self.lm_head:
+                self.weights[name] = planes
+        if self.embed_weight is self.lm_head:
+            self.embed_weight = planes
+        self.lm_head = planes
 
     def _layer_weights(self, spec: LayerSpec) -> dict[str, torch.Tensor | None]:
         p = f"layers.{spec.index}."

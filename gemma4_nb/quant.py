@@ -57,26 +57,75 @@ class QWeight:
     mins: torch.Tensor | None  # int4 only
     shape: tuple[int, int]
     dtype: torch.dtype = torch.float32
+    # int8 only, "nibble planes" layout (see to_planes): ``codes`` then holds the high nibbles,
+    # ``low`` the low nibbles, ``row_err`` each row's screening error bound
+    low: torch.Tensor | None = None
+    row_err: torch.Tensor | None = None
 
     @property
     def device(self) -> torch.device:
         return self.codes.device
 
     @property
+    def planes(self) -> bool:
+        return self.low is not None
+
+    @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+        parts = (self.codes, self.scales, self.mins, self.low, self.row_err)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def int8_codes(self, rows=None) -> torch.Tensor:
+        """The int8 codes (rebuilt from the nibble planes in that layout)."""
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        if not self.planes:
+            return pick(self.codes)
+        high, low = _unpack_nibbles(pick(self.codes)), _unpack_nibbles(pick(self.low))
+        return ((high.to(torch.int16) - 8) * 16 + low).to(torch.int8)
 
     def dequantize(self, rows=None) -> torch.Tensor:
         """The weight (or ``rows`` of it: an index tensor or a slice) in ``self.dtype``."""
         pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t[rows])
-        return dequantize(self.fmt, pick(self.codes), pick(self.scales), pick(self.mins)).to(self.dtype)
+        codes = self.int8_codes(rows) if self.planes else pick(self.codes)
+        return dequantize(self.fmt, codes, pick(self.scales), pick(self.mins)).to(self.dtype)
 
     def __getitem__(self, rows) -> torch.Tensor:  # embedding lookups: rows dequantized
         return self.dequantize(rows)
 
     def to(self, device=None, dtype=None) -> "QWeight":
-        mins = None if self.mins is None else self.mins.to(device)
-        return QWeight(self.fmt, self.codes.to(device), self.scales.to(device), mins, self.shape, dtype or self.dtype)
+        move = (lambda t: None if t is None else t.to(device))
+        return QWeight(self.fmt, self.codes.to(device), self.scales.to(device), move(self.mins), self.shape,
+                       dtype or self.dtype, move(self.low), move(self.row_err))
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """``[..., K // 2]`` bytes -> ``[..., K]`` nibbles in the int4 group order (byte ``j`` of a
+    group of 16 bytes holds value ``j`` low and value ``j + 16`` high)."""
+    lead, half = packed.shape[:-1], packed.shape[-1]
+    g = packed.view(*lead, half // 16, 16)
+    return torch.cat((g & 15, g >> 4), dim=-1).reshape(*lead, half * 2)
+
+
+def to_planes(w: QWeight) -> QWeight:
+    """An int8 weight in the "nibble planes" layout, for the vocabulary head: each code split into
+    its high nibble (``code >> 4``, stored + 8) and low nibble (``code & 15``), each plane packed two
+    per byte like int4. The exact dot product reads both planes (the same bytes as int8); an
+    estimate from the high plane alone reads half of them, with a known error bound per row
+    (``row_err``: the norm of the low nibbles' distance from 7.5, times the scales), so the head can
+    screen every row cheaply and compute exactly only the rows that may be in the top-k."""
+    import numpy as np
+
+    from .kernels import cpu_numba as nb
+
+    if w.fmt != "int8" or w.planes:
+        raise Gemma4Error(f"to_planes needs an int8 weight in the plain layout, got {w.fmt}")
+    rows, cols = w.shape
+    high = np.empty((rows, cols // 2), dtype=np.uint8)
+    low = np.empty((rows, cols // 2), dtype=np.uint8)
+    err = np.empty(rows, dtype=np.float32)
+    nb.split_int8_planes(w.codes.numpy(), w.scales.numpy(), high, low, err)
+    return QWeight("int8", torch.from_numpy(high), w.scales, None, w.shape, w.dtype, torch.from_numpy(low),
+                   torch.from_numpy(err))
 
 
 def quantize(w: torch.Tensor, fmt: str, search: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -247,7 +296,7 @@ def save_quantized(weights: dict, fmt: str, source_dir: Path, out_dir: Path) -> 
     tensors, formats = {}, {}
     for name, t in weights.items():
         if isinstance(t, QWeight):
-            tensors[name + ".qcodes"] = t.codes.contiguous().cpu()
+            tensors[name + ".qcodes"] = t.int8_codes().contiguous().cpu() if t.planes else t.codes.contiguous().cpu()
             tensors[name + ".qscales"] = t.scales.contiguous().cpu()
             if t.mins is not None:
                 tensors[name + ".qmins"] = t.mins.contiguous().cpu()

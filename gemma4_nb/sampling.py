@@ -77,6 +77,27 @@ class Sampler:
             else:
                 self.generator.seed()
 
+    # sampling with a top-k filter up to this k takes the k best logits from the fused head
+    HEAD_TOP_K_LIMIT = 1024
+
+    def head_k(self) -> int | None:
+        """How many of the best logits decide the next token: 1 when greedy, ``top_k`` when sampling
+        with a top-k filter (up to ``HEAD_TOP_K_LIMIT``); None when every logit matters."""
+        if self.params.greedy:
+            return 1
+        if 0 < self.params.top_k <= self.HEAD_TOP_K_LIMIT:
+            return self.params.top_k
+        return None
+
+    def pick(self, values: torch.Tensor, ids: torch.Tensor) -> int:
+        """The next token from the ``head_k()`` best logits (``values`` descending, token ``ids``):
+        the same distribution as :meth:`__call__` on all the logits, since the top-k filter drops
+        every other token before temperature, top-p and min-p apply."""
+        if self.params.greedy:
+            return int(ids[0])
+        probs = filter_logits(values, self.params).softmax(-1).cpu()
+        return int(ids[int(torch.multinomial(probs, 1, generator=self.generator))])
+
     def __call__(self, logits: torch.Tensor) -> int:
         """Pick the next token from 1-D ``logits``."""
         if self.params.greedy:

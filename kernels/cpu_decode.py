@@ -9,9 +9,7 @@ a layer is two compiled calls around the KV-cache update and the attention:
 * :func:`attention_output_and_mlp`: the output projection, both sandwich norms and residuals,
   gate/up/GELU-tanh in one pass over both matrices, the down projection, the layer scalar.
 
-A quantized matrix is passed as a tuple ``(codes, scales, mins, bits)``: ``codes`` as uint8
-``[N, K]`` (int8 codes viewed as bytes) or ``[N, K // 2]`` (int4), ``bits`` 8 or 4, ``mins`` a
-``[1, 1]`` placeholder for int8 (see :func:`gemma4_nb.kernels.ops.kernel_weight`). Norm weights
+A quantized matrix is passed as the kernel tuple of :func:`gemma4_nb.kernels.ops.kernel_weight`. Norm weights
 arrive with the family's offset already added (Gemma 3's ``1 + w``); a norm without weight is an
 array of ones.
 """

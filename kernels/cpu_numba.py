@@ -33,7 +33,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import dot_int4, dot_int8
+from .simd import dot_int4, dot_int8, dot_planes, dot_screen
 
 def _choose_threading_layer() -> None:
     """TBB when it can be loaded, else numba's work queue; ``NUMBA_THREADING_LAYER`` overrides.
@@ -79,12 +79,17 @@ NEG = np.float32(-3.0e38)
 # :func:`gemma4_nb.kernels.ops.kernel_weight`); the row dot products are the vector intrinsics of
 # :mod:`.simd`.
 
+INT8, INT4, INT8_PLANES = 8, 4, 2  # the ``kind`` of a kernel weight tuple
+
+
 @njit(inline="always", fastmath=True)
 def row_dot(x, t, xsum, w, n):
     """Row ``n`` of quantized matrix ``w`` dotted with ``x[t]`` (``xsum``: group sums of ``x``)."""
-    codes, scales, mins, bits = w
-    if bits == 4:
+    codes, scales, mins, low, kind = w
+    if kind == INT4:
         return dot_int4(x, t, xsum, codes, scales, mins, n)
+    if kind == INT8_PLANES:
+        return dot_planes(x, t, xsum, codes, low, scales, n)
     return dot_int8(x, t, codes, scales, n)
 
 
@@ -145,6 +150,24 @@ def dequant_rows_int4(codes, scales, mins, r0, out):
                 b = codes[n, g * 16 + j]
                 out[i, g * 32 + j] = np.float32(b & 15) * d + m
                 out[i, g * 32 + 16 + j] = np.float32(b >> 4) * d + m
+
+
+@njit(parallel=True, cache=True)
+def split_int8_planes(codes, scales, high, low, row_err):
+    """int8 codes -> the nibble planes of :func:`gemma4_nb.quant.to_planes` and each row's
+    screening error bound ``sqrt(sum_k ((low_k - 7.5) * scale_k)^2)``."""
+    for n in prange(codes.shape[0]):
+        e = 0.0
+        for g in range(scales.shape[1]):
+            s = np.float64(scales[n, g])
+            for j in range(16):
+                c0 = np.int64(codes[n, g * 32 + j])
+                c1 = np.int64(codes[n, g * 32 + 16 + j])
+                l0, l1 = c0 & 15, c1 & 15
+                high[n, g * 16 + j] = np.uint8(((c0 >> 4) + 8) | (((c1 >> 4) + 8) << 4))
+                low[n, g * 16 + j] = np.uint8(l0 | (l1 << 4))
+                e += ((l0 - 7.5) * s) ** 2 + ((l1 - 7.5) * s) ** 2
+        row_err[n] = np.float32(np.sqrt(e) * (1.0 + 1e-6))
 
 
 # -- quantizers -------------------------------------------------------------------------------
@@ -257,15 +280,84 @@ def _head_topk(x, w, k, parts, part_vals, part_idx):
         part_idx[p, :] = idx
 
 
-def head_topk(x, w, k: int, cap: float | None, parts: int = 64):
-    """Top-``k`` (values, ids) of ``softcap(x @ W^T)`` for one position ``x`` ``[1, hidden]``."""
-    parts = max(1, min(parts, w[0].shape[0] // max(k, 1)))
-    part_vals = np.empty((parts, k), dtype=np.float32)
-    part_idx = np.empty((parts, k), dtype=np.int64)
-    _head_topk(x, w, k, parts, part_vals, part_idx)
+@njit(**_OPTS)
+def _head_screen(x, w, k, parts, estimates, part_vals, part_idx):
+    """Pass 1 of the screened head: every row's estimate from the high nibble plane (half the
+    bytes), and each part's top-k of the estimates."""
+    codes, scales, mins, low, kind = w
+    n_rows = codes.shape[0]
+    per = (n_rows + parts - 1) // parts
+    xs = group_sums(x)
+    for p in prange(parts):
+        vals = np.full(k, NEG, dtype=np.float32)
+        idx = np.zeros(k, dtype=np.int64)
+        for n in range(p * per, min(n_rows, p * per + per)):
+            v = dot_screen(x, 0, xs, codes, low, scales, n)
+            estimates[n] = v
+            _push(vals, idx, v, n)
+        part_vals[p, :] = vals
+        part_idx[p, :] = idx
+
+
+@njit(**_OPTS)
+def _head_rescore(x, w, row_err, k, parts, estimates, threshold, part_vals, part_idx):
+    """Pass 2: the exact value of every row whose estimate plus its error bound
+    (``|x| * row_err``, Cauchy-Schwarz) reaches ``threshold``; each part's exact top-k."""
+    n_rows = w[0].shape[0]
+    per = (n_rows + parts - 1) // parts
+    xs = group_sums(x)
+    norm = np.float32(0.0)
+    for i in range(x.shape[1]):
+        norm += x[0, i] * x[0, i]
+    norm = np.sqrt(norm)
+    for p in prange(parts):
+        vals = np.full(k, NEG, dtype=np.float32)
+        idx = np.zeros(k, dtype=np.int64)
+        for n in range(p * per, min(n_rows, p * per + per)):
+            if estimates[n] + norm * row_err[n] >= threshold:
+                _push(vals, idx, row_dot(x, 0, xs, w, n), n)
+        part_vals[p, :] = vals
+        part_idx[p, :] = idx
+
+
+@njit(cache=True, fastmath=True)
+def _exact_rows(x, w, ids, out):
+    xs = group_sums(x)
+    for i in range(ids.shape[0]):
+        out[i] = row_dot(x, 0, xs, w, ids[i])
+
+
+def _top(part_vals, part_idx, k):
     flat_v, flat_i = part_vals.ravel(), part_idx.ravel()
     order = np.argsort(-flat_v, kind="stable")[:k]
-    vals, ids = flat_v[order], flat_i[order]
+    return flat_v[order], flat_i[order]
+
+
+def head_topk(x, w, k: int, cap: float | None, parts: int = 64, row_err=None):
+    """Top-``k`` (values, ids) of ``softcap(x @ W^T)`` for one position ``x`` ``[1, hidden]``.
+
+    A head in the nibble-plane layout (``row_err`` given) is screened: pass 1 estimates every row
+    from its high nibbles, the exact values of the best estimates set a threshold (the k-th best of
+    them), and pass 2 computes exactly only the rows whose estimate plus error bound reaches it.
+    Every other row is provably below the k-th best exact value, so the result is exactly the
+    top-k of the full product."""
+    n_rows = w[0].shape[0]
+    parts = max(1, min(parts, n_rows // max(k, 1)))
+    part_vals = np.empty((parts, k), dtype=np.float32)
+    part_idx = np.empty((parts, k), dtype=np.int64)
+    if row_err is None:
+        _head_topk(x, w, k, parts, part_vals, part_idx)
+    else:
+        estimates = np.empty(n_rows, dtype=np.float32)
+        _head_screen(x, w, k, parts, estimates, part_vals, part_idx)
+        _, ids = _top(part_vals, part_idx, k)
+        exact = np.empty(len(ids), dtype=np.float32)
+        _exact_rows(x, w, ids, exact)
+        kth = float(np.sort(exact)[-k]) if len(ids) >= k else float(NEG)
+        # slack for the fp32 rounding of both sums (~1e-6 relative; 1e-3 is far above it)
+        threshold = np.float32(kth - 1e-3 * (abs(kth) + 1.0))
+        _head_rescore(x, w, row_err, k, parts, estimates, threshold, part_vals, part_idx)
+    vals, ids = _top(part_vals, part_idx, k)
     if cap is not None:
         vals = (np.tanh(vals / cap) * cap).astype(np.float32)
     return vals, ids
@@ -365,8 +457,9 @@ def all_kernels() -> tuple:
     """Every compiled kernel of the CPU path (this module's and the fused decode layer's)."""
     from . import cpu_decode
 
-    return (quantize_int8_rows, quantize_int4_rows, gemm, gate_up_gelu, dequant_rows_int8, dequant_rows_int4,
-            _head_topk, _decode_attention, cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
+    return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, gemm, gate_up_gelu, dequant_rows_int8,
+            dequant_rows_int4, _head_topk, _head_screen, _head_rescore, _exact_rows, _decode_attention,
+            cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
 
 
 def warm_up() -> float:
@@ -379,13 +472,18 @@ def warm_up() -> float:
     t0 = time.perf_counter()
     f32 = np.float32
     x = np.ones((1, 64), dtype=f32)
-    w8 = (np.ones((64, 64), dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((1, 1), dtype=f32), 8)
-    w4 = (np.full((64, 32), 0x98, dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((64, 2), dtype=f32), 4)
+    no_low = np.zeros((1, 1), dtype=np.uint8)
+    w8 = (np.ones((64, 64), dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((1, 1), dtype=f32), no_low, INT8)
+    w4 = (np.full((64, 32), 0x98, dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((64, 2), dtype=f32), no_low, INT4)
+    high, low, err = np.empty((64, 32), dtype=np.uint8), np.empty((64, 32), dtype=np.uint8), np.empty(64, dtype=f32)
+    split_int8_planes(np.ones((64, 64), dtype=np.int8), w8[1], high, low, err)
+    w2 = (high, w8[1], w8[2], low, INT8_PLANES)
     out = np.empty((1, 64), dtype=f32)
-    for w in (w8, w4):
+    for w in (w8, w4, w2):
         gemm(x, w, out)
         gate_up_gelu(x, w, w, out)
         head_topk(x, w, 2, 30.0, parts=2)
+    head_topk(x, w2, 2, 30.0, parts=2, row_err=err)
     dequant_rows_int8(w8[0].view(np.int8), w8[1], 0, np.empty((2, 64), dtype=f32))
     dequant_rows_int4(w4[0], w4[1], w4[2], 0, np.empty((2, 64), dtype=f32))
     quantize_int8_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 64), dtype=np.int8), np.empty((2, 2), dtype=f32))

@@ -69,7 +69,7 @@ def _np(x: torch.Tensor) -> np.ndarray:
 def dequantized_blocks(w: QWeight):
     """``(r0, r1, fp32 rows)`` blocks of a quantized weight."""
     rows = max(1, DEQUANT_BLOCK_ELEMENTS // w.shape[1])
-    on_cpu = fused_cpu(w)
+    on_cpu = fused_cpu(w) and not w.planes
     for r0 in range(0, w.shape[0], rows):
         r1 = min(w.shape[0], r0 + rows)
         if on_cpu:
@@ -143,14 +143,22 @@ def attention_chunks(q, view, scale, cap=None) -> torch.Tensor:
 
 
 def kernel_weight(w: QWeight) -> tuple:
-    """A quantized weight as the fused kernels take it: ``(codes as uint8, scales, mins, bits)``
-    (numpy views, no copy; built once per weight)."""
+    """A quantized weight as the fused kernels take it: ``(codes, scales, mins, low, kind)``, numpy
+    views (no copy, built once per weight). ``codes``: uint8 ``[N, K]`` (int8 codes viewed as bytes)
+    or ``[N, K // 2]`` (int4 and the high plane of the nibble-plane layout); ``mins``: int4 only,
+    else a ``[1, 1]`` placeholder; ``low``: the low plane of the nibble-plane layout, else a
+    placeholder; ``kind``: ``cpu_numba.INT8``, ``INT4`` or ``INT8_PLANES``. One tuple type for
+    every format, so each kernel compiles once."""
     kw = w.__dict__.get("_kernel_view")
     if kw is None:
+        from .cpu_numba import INT4, INT8, INT8_PLANES
+
         codes = w.codes.numpy()
         codes = codes.view(np.uint8) if codes.dtype == np.int8 else codes
         mins = w.mins.numpy() if w.mins is not None else np.zeros((1, 1), dtype=w.scales.numpy().dtype)
-        kw = (codes, w.scales.numpy(), mins, 4 if w.fmt == "int4" else 8)
+        low = w.low.numpy() if w.planes else np.zeros((1, 1), dtype=np.uint8)
+        kind = INT4 if w.fmt == "int4" else (INT8_PLANES if w.planes else INT8)
+        kw = (codes, w.scales.numpy(), mins, low, kind)
         w.__dict__["_kernel_view"] = kw
     return kw
 
@@ -221,7 +229,8 @@ def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[to
     materialized; otherwise they are computed with :func:`linear` and ranked with torch."""
     h = hidden.reshape(1, -1)
     if fused_cpu(head):
-        vals, ids = _nb().head_topk(_np(h), kernel_weight(head), k, cap)
+        row_err = head.row_err.numpy() if head.planes else None
+        vals, ids = _nb().head_topk(_np(h), kernel_weight(head), k, cap, row_err=row_err)
         return torch.from_numpy(vals), torch.from_numpy(ids)
     logits = softcap(linear(h, head).float(), cap)[0]
     vals, ids = torch.topk(logits, k)

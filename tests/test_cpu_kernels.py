@@ -94,6 +94,40 @@ def test_fused_head_topk(fmt, cap, gen):
     close(vals, want_vals)
 
 
+def test_nibble_planes_hold_the_int8_codes(gen):
+    from gemma4_nb.quant import to_planes
+
+    w = quantize_weight(torch.randn(70, 96, generator=gen), "int8")
+    p = to_planes(w)
+    assert p.planes and p.codes.shape == (70, 48) and p.nbytes > w.nbytes  # + the row bounds
+    assert torch.equal(p.int8_codes(), w.codes)
+    assert torch.equal(p.dequantize(), w.dequantize())
+    assert torch.equal(p[torch.tensor([3, 69])], w.dequantize()[[3, 69]])
+    x = torch.randn(2, 96, generator=gen)
+    close(ops.linear(x, p), x @ w.dequantize().t())
+
+
+@pytest.mark.parametrize("k", [1, 8, 64])
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_screened_head_is_exact(k, cap, gen):
+    """The screened head (pass 1 on the high nibbles, exact pass 2 on the rows the error bound
+    cannot exclude) returns exactly the plain head's top-k, including near-ties: rows that differ
+    only in their low nibbles, the case the screen cannot tell apart."""
+    from gemma4_nb.quant import to_planes
+
+    base = torch.randn(6000, 128, generator=gen) * 0.05
+    base[1000:1100] = base[7] + 0.002 * torch.randn(100, 128, generator=gen)  # 100 near-copies of row 7
+    w = quantize_weight(base, "int8")
+    p = to_planes(w)
+    for scale in (0.1, 1.0, 30.0):
+        for row in (None, 7):
+            h = torch.randn(128, generator=gen) * scale if row is None else w.dequantize()[row] * scale
+            want_vals, want_ids = ops.head_topk(h, w, cap, k)
+            got_vals, got_ids = ops.head_topk(h, p, cap, k)
+            assert torch.equal(got_ids, want_ids)
+            close(got_vals, want_vals, rel=1e-5)
+
+
 @pytest.mark.parametrize("window,cap,groups", [(None, None, 4), (7, None, 2), (None, 50.0, 1), (33, 20.0, 8)])
 def test_decode_attention(window, cap, groups, gen):
     hkv, tk, d = 2, 150, 32

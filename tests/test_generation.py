@@ -7,7 +7,7 @@ import torch
 from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import gemma4_nb
-from gemma4_nb.sampling import SamplingParams, filter_logits
+from gemma4_nb.sampling import Sampler, SamplingParams, filter_logits
 from gemma4_nb.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -100,3 +100,23 @@ def test_filters_match_transformers_warpers(params):
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
     finite = ~torch.isinf(ref)
     assert torch.allclose(got[finite], ref[finite], atol=1e-6)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_k=20, top_p=0.9),
+                                    SamplingParams(temperature=1.3, top_k=5, min_p=0.1)])
+def test_sampling_from_head_top_k_is_the_full_distribution(params):
+    """``Sampler.pick`` on the top-k logits gives every token the probability ``__call__``'s
+    filtering of all the logits gives it (and the rest none)."""
+    from gemma4_nb.sampling import filter_logits
+
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(4)) * 4
+    full = filter_logits(logits, params).softmax(-1)
+    vals, ids = torch.topk(logits, params.top_k)
+    sub = filter_logits(vals, params).softmax(-1)
+    assert torch.allclose(full[ids], sub, atol=1e-6)
+    assert float(full.sum() - full[ids].sum()) < 1e-6
+    sampler = Sampler(params.updated(seed=3))
+    assert Sampler(params).head_k() == params.top_k and Sampler(SamplingParams()).head_k() == 1
+    assert Sampler(SamplingParams(temperature=1.0)).head_k() is None  # no top-k: every logit matters
+    draws = {sampler.pick(vals, ids) for _ in range(200)}
+    assert draws <= set(ids.tolist()) and len(draws) > 1
