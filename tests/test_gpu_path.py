@@ -1,0 +1,230 @@
+"""The CUDA path's kernels (kernels/gpu.py).
+
+Their math is plain torch except the Triton kernel, so most checks run on the CPU against the
+reference kernels (kernels/torch_ops.py). The Triton kernel runs in Triton's CPU interpreter when
+Triton is installed. Tests marked ``cuda`` run only where PyTorch sees a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: Triton kernels run in its CPU interpreter
+
+from gemma4_nb.kernels import gpu
+from gemma4_nb.kernels import torch_ops as ref
+from gemma4_nb.quant import QWeight, dequantize, quantize_weight
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_triton = pytest.mark.skipif(not gpu.triton_available(),
+                                  reason="Triton is not installed (the fused quantized matmul runs in its CPU interpreter when it is)")
+interpreted = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton's CPU interpreter is for machines without a GPU")
+
+HQ = 16  # Gemma 4 12B: 16 query heads; 8 KV heads x 256 (sliding), 1 KV head x 512 (full)
+
+
+def _qkv(d: int, hkv: int, tq: int, tk: int, dtype=torch.float32, seed: int = 0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    # scale 1.0 as Gemma 4 (q and k come out of RMS norms): unit-variance scores keep softmax non-trivial
+    q = torch.randn(HQ, tq, d, generator=gen) * d ** -0.25
+    k = torch.randn(hkv, tk, d, generator=gen) * d ** -0.25
+    v = torch.randn(hkv, tk, d, generator=gen)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def _cache_keys(q_start: int, tq: int, window: int | None) -> range:
+    """The key positions the chunked cache hands a forward of ``tq`` queries at ``q_start``."""
+    lo = 0 if window is None else max(0, q_start - window + 1)
+    return range(lo, q_start + tq)
+
+
+GEOMETRIES = [(256, 8, 1024), (256, 8, None), (512, 1, None), (512, 1, 1024)]
+
+
+@pytest.mark.parametrize("d,hkv,window", GEOMETRIES)
+@pytest.mark.parametrize("past,tq", [(1300, 1), (1100, 40), (0, 33)], ids=["decode", "prefill-past", "prefill"])
+def test_sdpa_attention_matches_reference(d, hkv, window, past, tq):
+    q_pos = range(past, past + tq)
+    k_pos = _cache_keys(past, tq, window)
+    q, k, v = _qkv(d, hkv, tq, len(k_pos))
+    want = ref.attention(q, k, v, q_pos, k_pos, window, 1.0)
+    got = gpu.attention(q, k, v, q_pos, k_pos, window, 1.0)
+    assert got.shape == (tq, HQ, d) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("d,hkv,window", [(256, 8, 1024), (512, 1, None)])
+def test_sdpa_attention_bf16_close_to_fp32(d, hkv, window):
+    q_pos, k_pos = range(1100, 1124), _cache_keys(1100, 24, window)
+    q, k, v = _qkv(d, hkv, 24, len(k_pos))
+    exact = ref.attention(q, k, v, q_pos, k_pos, window, 1.0)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    got = gpu.attention(qb, kb, vb, q_pos, k_pos, window, 1.0)
+    base = ref.attention(qb, kb, vb, q_pos, k_pos, window, 1.0)
+    assert got.dtype == torch.bfloat16
+    err, base_err = (got.float() - exact).abs().max().item(), (base.float() - exact).abs().max().item()
+    assert err <= max(2 * base_err, 1e-2), (err, base_err)
+
+
+def _image_blocks(tq: int) -> torch.Tensor:
+    blocks = torch.full((tq,), -1, dtype=torch.long)
+    blocks[5:21] = 0  # an image of 16 soft tokens
+    blocks[30:36] = 1
+    return blocks
+
+
+@pytest.mark.parametrize("window", [None, 12])
+def test_sdpa_attention_image_blocks_are_bidirectional(window):
+    past, tq = 20, 48
+    q_pos, k_pos = range(past, past + tq), _cache_keys(past, tq, window)
+    q, k, v = _qkv(256, 8, tq, len(k_pos), seed=1)
+    blocks = _image_blocks(tq)
+    want = ref.attention(q, k, v, q_pos, k_pos, window, 1.0, blocks=blocks)
+    got = gpu.attention(q, k, v, q_pos, k_pos, window, 1.0, blocks=blocks)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    # the blocks matter: without them the first image token sees none of its block's later tokens
+    assert (gpu.attention(q, k, v, q_pos, k_pos, window, 1.0) - want)[5].abs().max() > 1e-3
+
+
+def test_sdpa_attention_blocks_of_queries_and_tensor_positions(monkeypatch):
+    """Many query blocks (each with its own key range and mask rows), and positions given as
+    tensors (no key-range shortcut), give the same result."""
+    past, tq, window = 40, 64, 24
+    q_pos, k_pos = range(past, past + tq), _cache_keys(past, tq, window)
+    q, k, v = _qkv(512, 1, tq, len(k_pos), seed=2)
+    blocks = _image_blocks(tq)
+    want = ref.attention(q, k, v, q_pos, k_pos, window, 1.0, blocks=blocks)
+    monkeypatch.setattr(gpu, "MASK_BLOCK_ELEMENTS", HQ * len(k_pos) * 5)  # 5 queries per block
+    got = gpu.attention(q, k, v, q_pos, k_pos, window, 1.0, blocks=blocks)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    qt, kt = torch.arange(past, past + tq), torch.arange(k_pos.start, k_pos.stop)
+    torch.testing.assert_close(gpu.attention(q, k, v, qt, kt, window, 1.0, blocks=blocks), want, atol=2e-5, rtol=1e-4)
+
+
+def test_softcap_goes_to_the_reference():
+    q_pos, k_pos = range(10, 18), range(0, 18)
+    q, k, v = _qkv(256, 8, 8, 18, seed=3)
+    want = ref.attention(q * 8, k * 8, v, q_pos, k_pos, None, 1.0, cap=5.0)
+    torch.testing.assert_close(gpu.attention(q * 8, k * 8, v, q_pos, k_pos, None, 1.0, cap=5.0), want)
+
+
+def test_attention_chunks_reads_the_chunked_cache():
+    """Decode steps over a KV cache of small chunks (sliding layer dropped chunks, full layer
+    kept all) through chunk_view agree with the reference over the gathered K/V."""
+    from gemma4_nb.cache import KVCache
+    from gemma4_nb.config import parse_config
+    from gemma4_nb.tiny import tiny_config
+
+    cfg = parse_config(tiny_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
+                                   global_head_dim=512, attention_k_eq_v=False, sliding_window=24,
+                                   layer_types=["sliding_attention", "full_attention"]))
+    cache = KVCache(cfg, chunk=8, max_rollback=4)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(70):
+        t = 20 if step == 0 else 1
+        q_pos = cache.begin(t)
+        for spec in cfg.layers:
+            hkv, d = spec.num_kv_heads, spec.head_dim
+            k, v = torch.randn(hkv, t, d, generator=gen) / 4, torch.randn(hkv, t, d, generator=gen)
+            k_all, v_all, k_pos = cache.update(spec.index, k, v)
+            if t == 1 and step % 7 == 0:
+                q = torch.randn(cfg.num_heads, 1, d, generator=gen) / 4
+                want = ref.attention(q, k_all, v_all, q_pos, k_pos, spec.window, 1.0)
+                got = gpu.attention_chunks(q, cache.chunk_view(spec.index), 1.0)
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        cache.commit()
+    assert cache.layers[0].first > 0  # the sliding layer did let chunks go
+
+
+# -- weight-only quantized matmul --------------------------------------------------------------
+
+def _qweight(fmt: str, out: int = 72, inp: int = 160, seed: int = 5, scale_dtype=torch.float32) -> tuple[QWeight, torch.Tensor]:
+    w = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
+    qw = quantize_weight(w, fmt)
+    qw.scales = qw.scales.to(scale_dtype)
+    if qw.mins is not None:
+        qw.mins = qw.mins.to(scale_dtype)
+    return qw, dequantize(fmt, qw.codes, qw.scales.float(), None if qw.mins is None else qw.mins.float())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_dequantize_rows_matches_quant_reference(fmt, scale_dtype):
+    qw, full = _qweight(fmt, scale_dtype=scale_dtype)
+    torch.testing.assert_close(gpu.dequantize_rows(qw, 0, qw.shape[0], torch.float32), full, atol=0, rtol=0)
+    torch.testing.assert_close(gpu.dequantize_rows(qw, 13, 40, torch.bfloat16), full[13:40].bfloat16(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_dequant_linear_blocks(fmt, monkeypatch):
+    qw, full = _qweight(fmt)
+    x = torch.randn(3, 5, qw.shape[1], generator=torch.Generator().manual_seed(6))
+    monkeypatch.setattr(gpu, "DEQUANT_BLOCK_ELEMENTS", 20 * qw.shape[1])  # 4 blocks of 20 rows
+    got = gpu.dequant_linear(x, qw)
+    assert got.shape == (3, 5, qw.shape[0])
+    torch.testing.assert_close(got, x @ full.t(), atol=1e-5, rtol=1e-5)
+    xb = x.bfloat16()
+    torch.testing.assert_close(gpu.dequant_linear(xb, qw).float(), xb.float() @ full.bfloat16().float().t(), atol=2e-2, rtol=2e-2)
+
+
+@needs_triton
+@interpreted
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_triton_qlinear_in_interpreter(fmt, rows):
+    """The fused-dequantization Triton kernel, run by Triton's interpreter on the CPU: output
+    widths that are not a multiple of the block, and an input width (160) that is not a multiple
+    of the K block (64), exercise the masks."""
+    qw, full = _qweight(fmt, scale_dtype=torch.float16)
+    x = torch.randn(rows, qw.shape[1], generator=torch.Generator().manual_seed(7))
+    got = gpu.triton_qlinear(x, qw, block_n=32, block_k=64)
+    torch.testing.assert_close(got, x @ full.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_qlinear_without_triton_uses_dequantized_blocks(monkeypatch):
+    monkeypatch.setenv("GEMMA4_NB_CUDA_QMM", "torch")
+    assert gpu.qmm_mode() == "torch"
+    qw, full = _qweight("int4")
+    x = torch.randn(2, qw.shape[1])
+    torch.testing.assert_close(gpu.qlinear(x, qw), x @ full.t(), atol=1e-5, rtol=1e-5)
+
+
+# -- on a CUDA GPU -----------------------------------------------------------------------------
+
+@cuda
+@pytest.mark.parametrize("d,hkv,window", GEOMETRIES)
+@pytest.mark.parametrize("past,tq", [(3000, 1), (1100, 300)], ids=["decode", "prefill"])
+def test_cuda_efficient_attention_head_dim_512(d, hkv, window, past, tq):
+    """Only the memory-efficient backend allowed: it must take head_dim 512, the mask and bf16."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q_pos, k_pos = range(past, past + tq), _cache_keys(past, tq, window)
+    q, k, v = _qkv(d, hkv, tq, len(k_pos), dtype=torch.bfloat16, device="cuda")
+    want = ref.attention(q.float(), k.float(), v.float(), q_pos, k_pos, window, 1.0)
+    gpu._sdpa_backends = lambda device: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
+    try:
+        got = gpu.attention(q, k, v, q_pos, k_pos, window, 1.0)
+    finally:
+        del gpu._sdpa_backends  # back to the module function
+    assert (got.float() - want).abs().max().item() < 3e-2
+
+
+@cuda
+@needs_triton
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_qlinear(fmt, dtype):
+    qw, full = _qweight(fmt, out=3840, inp=4096)
+    qw = qw.to("cuda")
+    x = torch.randn(4, 4096, device="cuda").to(dtype)
+    got = gpu.triton_qlinear(x, qw)
+    want = x.float() @ full.cuda().t()
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    assert (got.float() - want).abs().max().item() <= tol * want.abs().max().item()
+    torch.testing.assert_close(gpu.dequant_linear(x, qw).float(), want, atol=tol * want.abs().max().item(), rtol=0)
