@@ -18,7 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafting", choices=["auto", "mtp", "prompt_lookup", "off"], default="auto",
                    help="speculative decoding (output unchanged): the MTP assistant when found, else prompt lookup")
     p.add_argument("--assistant", help="the MTP assistant's directory or repo id (default: found next to the model)")
-    p.add_argument("--quant", choices=["int8", "int4"], help="quantize the weights while loading (CPU)")
+    p.add_argument("--quant", choices=["int8", "int4"], help="quantize the weights while loading (CPU; with --device cuda they then run on the GPU)")
 
 
 def _cmd_generate(args) -> int:
