@@ -86,6 +86,20 @@ def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
     return GemmaModel(cfg, weights)
 
 
+def on_device(net: GemmaModel, device, dtype: torch.dtype) -> GemmaModel:
+    """``net`` with its weights on ``device``: quantized ones keep their codes and compute in
+    ``dtype``, floating-point tensors are cast to ``dtype`` (the CUDA path of a random quantized
+    model, which is built on the CPU)."""
+    from .quant import QWeight
+
+    def moved(t):
+        if isinstance(t, QWeight):
+            return t.to(device, dtype)
+        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+    return GemmaModel(net.cfg, {k: moved(t) for k, t in net.weights.items()})
+
+
 def decode_bytes(net: GemmaModel, context: int) -> tuple[int, int]:
     """Bytes one decode step reads at ``context`` positions: (weights, KV cache). Every matrix is
     read once (the tied embedding as the head; an untied embedding only by rows, not counted)."""
@@ -629,17 +643,23 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
     if shape:
         if quant:
             net = random_quantized_model(shape, quant)
+            if device.type == "cuda":
+                net = on_device(net, device, {"fp32": torch.float32}.get(dtype, torch.bfloat16))
         else:
             net = random_model(shape, device.type, {"fp32": torch.float32, None: torch.bfloat16}.get(dtype, torch.bfloat16))
         name, gguf = f"{shape} (random weights)", None
+        hf_config = tiny_config(**dict(SHAPES[shape]))
     else:
+        import json
+
         from .resolve import resolve_model
         from .runtime import load
 
         src = resolve_model(model)
         gguf = src if src.suffix == ".gguf" else None
-        net = load(str(src), device=device.type, dtype=dtype, quant=quant, progress=False).net
-        name = src.name
+        loaded = load(str(src), device=device.type, dtype=dtype, quant=quant, progress=False)
+        net, name = loaded.net, src.name
+        hf_config = json.loads((loaded.model_dir / "config.json").read_text())
     load_s = time.perf_counter() - t0
     fmt = quant or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[net.dtype]
     compile_s = None
@@ -664,6 +684,15 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
             lc = _llama_cpp_speed(gguf, ids, depth, decode, threads)
             lc["engine"] = "llama.cpp"
             rows.append(lc)
+    if compare == "transformers":  # after ours: its copy of the weights stays out of our peak memory
+        from .bench_transformers import generate_speed, transformers_model
+
+        hf = transformers_model(net, hf_config)
+        for i in range(repeat):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            rows.insert(2 * i + 1, generate_speed(hf, ids, decode))
+        del hf
     w_bytes, kv_bytes = decode_bytes(net, depth + prompt + decode // 2)
     bw = None
     if bandwidth:
@@ -686,25 +715,25 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
 
             _nb()  # numba threads follow torch's
             bw = cpu_numba.measure_bandwidth()
-    hdr = f"{'engine':<10}{'depth':>7}{'prompt':>8}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak mem GiB':>14}"
+    hdr = f"{'engine':<13}{'depth':>7}{'prompt':>8}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak mem GiB':>14}"
     if bw:
         hdr += f"{'decode GB/s':>13}{'roofline':>10}"
     print(hdr)
     for r in rows:
         peak = r.get("peak_gpu_gib") or r.get("peak_rss_gib")
-        line = (f"{r['engine']:<10}{depth:>7}{prompt:>8}{r['ttft_s'] * 1000:>10.1f}{r['prefill_tok_s']:>15.1f}"
-                f"{r['decode_tok_s']:>14.2f}{(f'{peak:.2f}' if peak and r['engine'] == 'gemma4-nb' else '-'):>14}")
+        line = (f"{r['engine']:<13}{depth:>7}{prompt:>8}{r['ttft_s'] * 1000:>10.1f}{r['prefill_tok_s']:>15.1f}"
+                f"{r['decode_tok_s']:>14.2f}{(f'{peak:.2f}' if peak and r['engine'] != 'llama.cpp' else '-'):>14}")
         if bw and r["engine"] == "gemma4-nb":
             achieved = (w_bytes + kv_bytes) * r["decode_tok_s"]
             line += f"{achieved / 1e9:>13.1f}{achieved / bw * 100:>9.1f}%"
         print(line)
-    if compare == "llama.cpp":
+    if compare:
         ours = [r for r in rows if r["engine"] == "gemma4-nb"]
-        theirs = [r for r in rows if r["engine"] == "llama.cpp"]
+        theirs = [r for r in rows if r["engine"] == compare]
         for key, label in (("prefill_tok_s", "prefill"), ("decode_tok_s", "decode")):
             ratios = [a[key] / b[key] for a, b in zip(ours, theirs)]
             best = max(a[key] for a in ours) / max(b[key] for b in theirs)
-            print(f"ratio gemma4-nb / llama.cpp, {label}: " + ", ".join(f"{x:.2f}x" for x in ratios)
+            print(f"ratio gemma4-nb / {compare}, {label}: " + ", ".join(f"{x:.2f}x" for x in ratios)
                   + (f"; best of {len(ours)} each: {max(a[key] for a in ours):.1f} / {max(b[key] for b in theirs):.1f}"
                      f" = {best:.2f}x" if len(ours) > 1 else ""))
     if bw and len(rows) > 1:

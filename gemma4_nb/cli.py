@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode", type=int, default=64, help="greedy decode steps (timed)")
     b.add_argument("--depth", type=int, default=0, help="context tokens already in the cache before the prompt")
     b.add_argument("--repeat", type=int, default=1, help="repeat the measurement (side by side with --compare)")
-    b.add_argument("--compare", choices=["llama.cpp"], help="run llama-cpp-python on the same GGUF in the same run")
+    b.add_argument("--compare", choices=["llama.cpp", "transformers"],
+                   help="llama-cpp-python on the same GGUF, or transformers' generate on the same weights, in the same run")
     b.add_argument("--bandwidth", action="store_true", help="measure memory bandwidth; print decode's roofline fraction")
     b.set_defaults(func=_cmd_bench)
 

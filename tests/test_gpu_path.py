@@ -298,3 +298,38 @@ def test_cuda_quantized_load_matches_cpu(hf_checkpoints, quant):
     gpu_model.net.forward(ids[:-1], cache)
     step = gpu_model.net.forward(ids[-1:], cache).logits.cpu()  # decode: the Triton kernel
     assert (step[0] - got[-1]).abs().max().item() < 0.1 * got[-1].abs().max().item()
+
+
+# -- bench --compare transformers --------------------------------------------------------------
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_transformers_baseline_holds_the_same_weights(hf_checkpoints, quant):
+    """The benchmark's transformers model is built from gemma4-nb's weights (quantized ones
+    dequantized): its logits match ours, and its generate is timed."""
+    import json
+
+    import gemma4_nb
+    from gemma4_nb.bench_transformers import generate_speed, transformers_model
+
+    path, _ = hf_checkpoints["c"]
+    model = gemma4_nb.load(path, device="cpu", dtype="fp32", quant=quant, progress=False)
+    hf = transformers_model(model.net, json.loads((path / "config.json").read_text()))
+    ids = [2] + list(range(40, 70))
+    want = model.net.forward(torch.tensor(ids), model.net.new_cache(), outputs="all").logits
+    with torch.no_grad():
+        got = hf(input_ids=torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(got, want, atol=1e-3 if quant else 1e-4, rtol=1e-3)
+    r = generate_speed(hf, ids, decode=4)
+    assert r["engine"] == "transformers" and r["prompt"] == len(ids)
+    assert r["ttft_s"] > 0 and r["decode_tok_s"] > 0
+
+
+def test_bench_compare_transformers_runs_both_engines(hf_checkpoints, capsys):
+    from gemma4_nb.bench import bench_command
+
+    path, _ = hf_checkpoints["c"]
+    rows = bench_command(model=str(path), device="cpu", dtype="fp32", prompt=12, decode=3, compare="transformers",
+                         repeat=2)
+    assert [r["engine"] for r in rows] == ["gemma4-nb", "transformers"] * 2
+    out = capsys.readouterr().out
+    assert "ratio gemma4-nb / transformers, decode:" in out and "best of 2 each" in out
