@@ -333,3 +333,25 @@ def test_bench_compare_transformers_runs_both_engines(hf_checkpoints, capsys):
     assert [r["engine"] for r in rows] == ["gemma4-nb", "transformers"] * 2
     out = capsys.readouterr().out
     assert "ratio gemma4-nb / transformers, decode:" in out and "best of 2 each" in out
+
+
+def test_gpu_path_imports_neither_transformers_nor_triton():
+    """transformers is a test/benchmark dependency, and Triton is optional: importing the package,
+    its kernels and its benchmark module pulls in neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gemma4_nb, gemma4_nb.bench, gemma4_nb.kernels.ops, gemma4_nb.kernels.gpu; "
+            "print(sorted(m for m in ('transformers', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@cuda
+def test_cuda_bench_quantized_against_transformers(hf_checkpoints, capsys):
+    from gemma4_nb.bench import bench_command
+
+    path, _ = hf_checkpoints["c"]
+    rows = bench_command(model=str(path), device="cuda", quant="int4", prompt=64, decode=8, compare="transformers")
+    assert [r["engine"] for r in rows] == ["gemma4-nb", "transformers"]
+    assert "ratio gemma4-nb / transformers, decode:" in capsys.readouterr().out
