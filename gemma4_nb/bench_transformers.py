@@ -33,15 +33,18 @@ def transformers_model(net, hf_config: dict):
     config = transformers.AutoConfig.for_model(hf_config["model_type"], **fields)
     with torch.device(net.device):
         model = cls._from_config(config, dtype=net.dtype).eval()
-    state = {}
-    for name in expected_tensors(net.cfg):
-        t = net.weights[canonical_name(net.cfg, name)]
-        state[name] = t.dequantize() if isinstance(t, QWeight) else t
-    missing, _ = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", True) else set()
-    missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
-    if missing:
-        raise Gemma4Error(f"transformers' {arch} expects weights gemma4-nb does not hold, e.g. {missing[0]}")
+    own = model.state_dict()  # the model's parameters and persistent buffers (no copies)
+    filled = set()
+    with torch.no_grad():
+        for name in expected_tensors(net.cfg):
+            if name not in own:
+                raise Gemma4Error(f"transformers' {arch} has no tensor {name}")
+            t = net.weights[canonical_name(net.cfg, name)]
+            own[name].copy_(t.dequantize() if isinstance(t, QWeight) else t)  # one matrix at a time
+            filled.add(name)
+    unfilled = [n for n in own if n not in filled and not n.endswith("lm_head.weight")]
+    if unfilled:
+        raise Gemma4Error(f"transformers' {arch} expects weights gemma4-nb does not hold, e.g. {unfilled[0]}")
     return model
 
 

@@ -249,18 +249,15 @@ def test_model_through_gpu_kernels_matches_reference(hf_checkpoints, monkeypatch
 @cuda
 @pytest.mark.parametrize("d,hkv,window", GEOMETRIES)
 @pytest.mark.parametrize("past,tq", [(3000, 1), (1100, 300)], ids=["decode", "prefill"])
-def test_cuda_efficient_attention_head_dim_512(d, hkv, window, past, tq):
+def test_cuda_efficient_attention_head_dim_512(d, hkv, window, past, tq, monkeypatch):
     """Only the memory-efficient backend allowed: it must take head_dim 512, the mask and bf16."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q_pos, k_pos = range(past, past + tq), _cache_keys(past, tq, window)
     q, k, v = _qkv(d, hkv, tq, len(k_pos), dtype=torch.bfloat16, device="cuda")
     want = ref.attention(q.float(), k.float(), v.float(), q_pos, k_pos, window, 1.0)
-    gpu._sdpa_backends = lambda device: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
-    try:
-        got = gpu.attention(q, k, v, q_pos, k_pos, window, 1.0)
-    finally:
-        del gpu._sdpa_backends  # back to the module function
+    monkeypatch.setattr(gpu, "_sdpa_backends", lambda device: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]))
+    got = gpu.attention(q, k, v, q_pos, k_pos, window, 1.0)
     assert (got.float() - want).abs().max().item() < 3e-2
 
 
