@@ -138,9 +138,10 @@ def _greedy_step(net: GemmaModel, tok: torch.Tensor, cache) -> torch.Tensor:
 
 
 def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None = None,
-        ids: list[int] | None = None, depth: int = 0) -> dict:
+        ids: list[int] | None = None, depth: int = 0, cuda_graphs: bool = False) -> dict:
     """Time a chunked prefill of ``prompt_len`` random tokens (after ``depth`` untimed context
-    tokens), then ``decode`` greedy steps."""
+    tokens), then ``decode`` greedy steps (``cuda_graphs``: with :class:`StaticDecoder`, whose
+    graphs are captured before the timing starts; eager on the CPU)."""
     from .cache import PrefixCache
     from .generation import prefill
 
@@ -165,9 +166,18 @@ def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None
     tok = out.logits[-1].argmax()
     _sync(dev)
     prefill_s = time.perf_counter() - t0
+    step = lambda tok: _greedy_step(net, tok, prefix.kv)  # noqa: E731
+    if cuda_graphs:
+        from .static_decode import StaticDecoder
+
+        static = StaticDecoder(net, depth + prompt_len + decode + 1)
+        static.load(prefix.kv)
+        static.prepare(static.length + decode)
+        step = static.step
+        _sync(dev)
     t1 = time.perf_counter()
     for _ in range(decode):
-        tok = _greedy_step(net, tok, prefix.kv)
+        tok = step(tok)
     _sync(dev)
     dec = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
@@ -631,7 +641,7 @@ def load_memory(model_ref: str | None, quant: str | None) -> None:
 
 
 def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, threads=None, prompt=512,
-                  decode=64, depth=0, compare=None, bandwidth=False, repeat=1) -> list[dict]:
+                  decode=64, depth=0, compare=None, bandwidth=False, repeat=1, cuda_graphs=False) -> list[dict]:
     """``gemma4-nb bench``: prefill and decode tokens/s, time to first token and peak memory of
     one model, weight format, context depth and device; optionally llama.cpp on the same GGUF in
     the same run, and the measured memory bandwidth with the roofline fraction of decode."""
@@ -671,11 +681,14 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
     print(f"model: {name}   weights: {fmt}   device: {device.type}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ' (' + _cpu_name() + ')'}"
           f"   threads: {threads}   torch {torch.__version__}")
+    if cuda_graphs:
+        print("decode: static-shape steps (gemma4_nb/static_decode.py)"
+              + (", replayed as CUDA graphs" if device.type == "cuda" else ", eager (no CUDA)"))
     print(f"load: {load_s:.1f} s" + (f"   numba kernels ready in {compile_s:.2f} s (compiled or loaded from the on-disk cache)"
                                       if compile_s is not None else ""))
     rows = []
     for i in range(repeat):
-        r = run(net, prompt, decode, ids=ids, depth=depth)
+        r = run(net, prompt, decode, ids=ids, depth=depth, cuda_graphs=cuda_graphs)
         r["engine"] = "gemma4-nb"
         rows.append(r)
         if compare == "llama.cpp":

@@ -64,7 +64,7 @@ def _cmd_bench(args) -> int:
         raise Gemma4Error("give --model or --shape, not both")
     bench_command(model=args.model, shape=args.shape, quant=args.quant, dtype=args.dtype, device=args.device,
                   threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,
-                  compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat)
+                  compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat, cuda_graphs=args.cuda_graphs)
     return 0
 
 
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", choices=["llama.cpp", "transformers"],
                    help="llama-cpp-python on the same GGUF, or transformers' generate on the same weights, in the same run")
     b.add_argument("--bandwidth", action="store_true", help="measure memory bandwidth; print decode's roofline fraction")
+    b.add_argument("--cuda-graphs", action="store_true",
+                   help="decode with static-shape steps replayed as CUDA graphs (experimental; eager on the CPU)")
     b.set_defaults(func=_cmd_bench)
 
     tiny = sub.add_parser("tiny", help="write a tiny random Gemma 4 checkpoint (for smoke tests)")
