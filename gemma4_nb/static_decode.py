@@ -76,6 +76,7 @@ class StaticDecoder:
 
     # -- state -----------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def load(self, cache) -> None:
         """Copy the committed K/V of a :class:`KVCache` (e.g. after a prefill) into the buffers."""
         n = cache.length
@@ -125,6 +126,7 @@ class StaticDecoder:
         self.length += 1
         return self.next_tok
 
+    @torch.inference_mode()
     def prepare(self, last_length: int) -> None:
         """Capture the graphs of every bucket up to ``last_length`` positions now (capture runs
         the step at the current position, which only rewrites what it writes)."""
