@@ -264,7 +264,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         )
     saved_quant = qmod.is_quantized_dir(model_dir)
     if (quant or saved_quant) and device is None:
-        device = "cpu"  # quantized weights default to the CPU's fused kernels; device="cuda" is asked for
+        device = "cpu"  # quantized weights default to the CPU (fused numba kernels); CUDA only when asked for
     if (quant or saved_quant) and device is not None and torch.device(device).type not in ("cpu", "cuda"):
         raise Gemma4Error(f"quantized weights run on the CPU or a CUDA GPU; load with device='cpu' or 'cuda', "
                           f"or without quant on {device}")
