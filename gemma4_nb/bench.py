@@ -86,6 +86,20 @@ def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
     return GemmaModel(cfg, weights)
 
 
+def on_device(net: GemmaModel, device, dtype: torch.dtype) -> GemmaModel:
+    """``net`` with its weights on ``device``: quantized ones keep their codes and compute in
+    ``dtype``, floating-point tensors are cast to ``dtype`` (the CUDA path of a random quantized
+    model, which is built on the CPU)."""
+    from .quant import QWeight
+
+    def moved(t):
+        if isinstance(t, QWeight):
+            return t.to(device, dtype)
+        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+    return GemmaModel(net.cfg, {k: moved(t) for k, t in net.weights.items()})
+
+
 def decode_bytes(net: GemmaModel, context: int) -> tuple[int, int]:
     """Bytes one decode step reads at ``context`` positions: (weights, KV cache). Every matrix is
     read once (the tied embedding as the head; an untied embedding only by rows, not counted)."""
@@ -124,9 +138,10 @@ def _greedy_step(net: GemmaModel, tok: torch.Tensor, cache) -> torch.Tensor:
 
 
 def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None = None,
-        ids: list[int] | None = None, depth: int = 0) -> dict:
+        ids: list[int] | None = None, depth: int = 0, cuda_graphs: bool = False) -> dict:
     """Time a chunked prefill of ``prompt_len`` random tokens (after ``depth`` untimed context
-    tokens), then ``decode`` greedy steps."""
+    tokens), then ``decode`` greedy steps (``cuda_graphs``: with :class:`StaticDecoder`, whose
+    graphs are captured before the timing starts; eager on the CPU)."""
     from .cache import PrefixCache
     from .generation import prefill
 
@@ -151,9 +166,18 @@ def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None
     tok = out.logits[-1].argmax()
     _sync(dev)
     prefill_s = time.perf_counter() - t0
+    step = lambda tok: _greedy_step(net, tok, prefix.kv)  # noqa: E731
+    if cuda_graphs:
+        from .static_decode import StaticDecoder
+
+        static = StaticDecoder(net, depth + prompt_len + decode + 1)
+        static.load(prefix.kv)
+        static.prepare(static.length + decode)
+        step = static.step
+        _sync(dev)
     t1 = time.perf_counter()
     for _ in range(decode):
-        tok = _greedy_step(net, tok, prefix.kv)
+        tok = step(tok)
     _sync(dev)
     dec = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
@@ -617,7 +641,7 @@ def load_memory(model_ref: str | None, quant: str | None) -> None:
 
 
 def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, threads=None, prompt=512,
-                  decode=64, depth=0, compare=None, bandwidth=False, repeat=1) -> list[dict]:
+                  decode=64, depth=0, compare=None, bandwidth=False, repeat=1, cuda_graphs=False) -> list[dict]:
     """``gemma4-nb bench``: prefill and decode tokens/s, time to first token and peak memory of
     one model, weight format, context depth and device; optionally llama.cpp on the same GGUF in
     the same run, and the measured memory bandwidth with the roofline fraction of decode."""
@@ -629,17 +653,23 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
     if shape:
         if quant:
             net = random_quantized_model(shape, quant)
+            if device.type == "cuda":
+                net = on_device(net, device, {"fp32": torch.float32}.get(dtype, torch.bfloat16))
         else:
             net = random_model(shape, device.type, {"fp32": torch.float32, None: torch.bfloat16}.get(dtype, torch.bfloat16))
         name, gguf = f"{shape} (random weights)", None
+        hf_config = tiny_config(**dict(SHAPES[shape]))
     else:
+        import json
+
         from .resolve import resolve_model
         from .runtime import load
 
         src = resolve_model(model)
         gguf = src if src.suffix == ".gguf" else None
-        net = load(str(src), device=device.type, dtype=dtype, quant=quant, progress=False).net
-        name = src.name
+        loaded = load(str(src), device=device.type, dtype=dtype, quant=quant, progress=False)
+        net, name = loaded.net, src.name
+        hf_config = json.loads((loaded.model_dir / "config.json").read_text())
     load_s = time.perf_counter() - t0
     fmt = quant or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[net.dtype]
     compile_s = None
@@ -651,11 +681,14 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
     print(f"model: {name}   weights: {fmt}   device: {device.type}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ' (' + _cpu_name() + ')'}"
           f"   threads: {threads}   torch {torch.__version__}")
+    if cuda_graphs:
+        print("decode: static-shape steps (gemma4_nb/static_decode.py)"
+              + (", replayed as CUDA graphs" if device.type == "cuda" else ", eager (no CUDA)"))
     print(f"load: {load_s:.1f} s" + (f"   numba kernels ready in {compile_s:.2f} s (compiled or loaded from the on-disk cache)"
                                       if compile_s is not None else ""))
     rows = []
     for i in range(repeat):
-        r = run(net, prompt, decode, ids=ids, depth=depth)
+        r = run(net, prompt, decode, ids=ids, depth=depth, cuda_graphs=cuda_graphs)
         r["engine"] = "gemma4-nb"
         rows.append(r)
         if compare == "llama.cpp":
@@ -664,6 +697,15 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
             lc = _llama_cpp_speed(gguf, ids, depth, decode, threads)
             lc["engine"] = "llama.cpp"
             rows.append(lc)
+    if compare == "transformers":  # after ours: its copy of the weights stays out of our peak memory
+        from .bench_transformers import generate_speed, transformers_model
+
+        hf = transformers_model(net, hf_config)
+        for i in range(repeat):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            rows.insert(2 * i + 1, generate_speed(hf, ids, decode))
+        del hf
     w_bytes, kv_bytes = decode_bytes(net, depth + prompt + decode // 2)
     bw = None
     if bandwidth:
@@ -686,25 +728,25 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
 
             _nb()  # numba threads follow torch's
             bw = cpu_numba.measure_bandwidth()
-    hdr = f"{'engine':<10}{'depth':>7}{'prompt':>8}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak mem GiB':>14}"
+    hdr = f"{'engine':<13}{'depth':>7}{'prompt':>8}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak mem GiB':>14}"
     if bw:
         hdr += f"{'decode GB/s':>13}{'roofline':>10}"
     print(hdr)
     for r in rows:
         peak = r.get("peak_gpu_gib") or r.get("peak_rss_gib")
-        line = (f"{r['engine']:<10}{depth:>7}{prompt:>8}{r['ttft_s'] * 1000:>10.1f}{r['prefill_tok_s']:>15.1f}"
-                f"{r['decode_tok_s']:>14.2f}{(f'{peak:.2f}' if peak and r['engine'] == 'gemma4-nb' else '-'):>14}")
+        line = (f"{r['engine']:<13}{depth:>7}{prompt:>8}{r['ttft_s'] * 1000:>10.1f}{r['prefill_tok_s']:>15.1f}"
+                f"{r['decode_tok_s']:>14.2f}{(f'{peak:.2f}' if peak and r['engine'] != 'llama.cpp' else '-'):>14}")
         if bw and r["engine"] == "gemma4-nb":
             achieved = (w_bytes + kv_bytes) * r["decode_tok_s"]
             line += f"{achieved / 1e9:>13.1f}{achieved / bw * 100:>9.1f}%"
         print(line)
-    if compare == "llama.cpp":
+    if compare:
         ours = [r for r in rows if r["engine"] == "gemma4-nb"]
-        theirs = [r for r in rows if r["engine"] == "llama.cpp"]
+        theirs = [r for r in rows if r["engine"] == compare]
         for key, label in (("prefill_tok_s", "prefill"), ("decode_tok_s", "decode")):
             ratios = [a[key] / b[key] for a, b in zip(ours, theirs)]
             best = max(a[key] for a in ours) / max(b[key] for b in theirs)
-            print(f"ratio gemma4-nb / llama.cpp, {label}: " + ", ".join(f"{x:.2f}x" for x in ratios)
+            print(f"ratio gemma4-nb / {compare}, {label}: " + ", ".join(f"{x:.2f}x" for x in ratios)
                   + (f"; best of {len(ours)} each: {max(a[key] for a in ours):.1f} / {max(b[key] for b in theirs):.1f}"
                      f" = {best:.2f}x" if len(ours) > 1 else ""))
     if bw and len(rows) > 1:

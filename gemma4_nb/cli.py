@@ -18,7 +18,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafting", choices=["auto", "mtp", "prompt_lookup", "off"], default="auto",
                    help="speculative decoding (output unchanged): the MTP assistant when found, else prompt lookup")
     p.add_argument("--assistant", help="the MTP assistant's directory or repo id (default: found next to the model)")
-    p.add_argument("--quant", choices=["int8", "int4"], help="quantize the weights while loading (CPU)")
+    p.add_argument("--quant", choices=["int8", "int4"], help="quantize the weights while loading (CPU; with --device cuda they then run on the GPU)")
 
 
 def _cmd_generate(args) -> int:
@@ -64,7 +64,7 @@ def _cmd_bench(args) -> int:
         raise Gemma4Error("give --model or --shape, not both")
     bench_command(model=args.model, shape=args.shape, quant=args.quant, dtype=args.dtype, device=args.device,
                   threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,
-                  compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat)
+                  compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat, cuda_graphs=args.cuda_graphs)
     return 0
 
 
@@ -104,8 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode", type=int, default=64, help="greedy decode steps (timed)")
     b.add_argument("--depth", type=int, default=0, help="context tokens already in the cache before the prompt")
     b.add_argument("--repeat", type=int, default=1, help="repeat the measurement (side by side with --compare)")
-    b.add_argument("--compare", choices=["llama.cpp"], help="run llama-cpp-python on the same GGUF in the same run")
+    b.add_argument("--compare", choices=["llama.cpp", "transformers"],
+                   help="llama-cpp-python on the same GGUF, or transformers' generate on the same weights, in the same run")
     b.add_argument("--bandwidth", action="store_true", help="measure memory bandwidth; print decode's roofline fraction")
+    b.add_argument("--cuda-graphs", action="store_true",
+                   help="decode with static-shape steps replayed as CUDA graphs (experimental; eager on the CPU)")
     b.set_defaults(func=_cmd_bench)
 
     tiny = sub.add_parser("tiny", help="write a tiny random Gemma 4 checkpoint (for smoke tests)")

@@ -241,7 +241,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     requires the assistant; ``"prompt_lookup"``; or None (off).
     ``assistant``: the MTP drafter's directory or repo id.
     ``quant``: ``"int8"`` or ``"int4"`` weights (groups of 32 weights, see docs/kernels.md),
-    quantized while the checkpoint streams in (CPU; the fused numba kernels run them). A directory
+    quantized while the checkpoint streams in (on the CPU, where fused numba kernels run them; with
+    ``device="cuda"`` they then move to the GPU, where a fused Triton kernel runs them). A directory
     written by :meth:`Model.save_quantized` loads as saved, without quantizing again. The MTP
     assistant, when used, stays in the activation dtype.
     """
@@ -262,13 +263,13 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"max_context={max_context} is outside what this model supports (2 to {limit} tokens)"
         )
     saved_quant = qmod.is_quantized_dir(model_dir)
-    if (quant or saved_quant) and device is not None and torch.device(device).type != "cpu":
-        raise Gemma4Error(f"quantized weights run on the CPU only in this version; load with device='cpu' "
-                          f"or without quant on {device}")
     if (quant or saved_quant) and device is None:
-        device = "cpu"
-    if (quant or saved_quant) and dtype is None:
-        dtype = torch.float32  # activations; the weights are small
+        device = "cpu"  # quantized weights default to the CPU (fused numba kernels); CUDA only when asked for
+    if (quant or saved_quant) and device is not None and torch.device(device).type not in ("cpu", "cuda"):
+        raise Gemma4Error(f"quantized weights run on the CPU or a CUDA GPU; load with device='cpu' or 'cuda', "
+                          f"or without quant on {device}")
+    if (quant or saved_quant) and dtype is None and torch.device(device).type == "cpu":
+        dtype = torch.float32  # activations; the weights are small (bf16 on CUDA)
     device, dtype = choose_device_dtype(cfg, device, dtype)
     if kv_dtype not in (None, "int8"):
         raise Gemma4Error(f"kv_dtype {kv_dtype!r} is not supported: use None (the model dtype) or 'int8'")
@@ -293,6 +294,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress)
     else:
         weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
+    if quant and device.type != "cpu":
+        # quantized while streaming on the CPU; codes and scales then move to the GPU (kernels/gpu.py)
+        weights = {name: t.to(device) for name, t in weights.items()}
     drafter = None
     if assistant_dir is not None:
         from .assistant import load_assistant

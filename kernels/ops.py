@@ -7,8 +7,9 @@ A weight is either a tensor (the torch path, any device) or a :class:`~gemma4_nb
   matrix-vector or small matrix-matrix product; gate/up/GELU fused; the head fused with top-k);
   a prompt of more than ``SMALL_BATCH`` positions dequantizes blocks of rows and multiplies them
   with torch's GEMM (compute-bound, so the dequantization is a small extra);
-* elsewhere (CUDA), a QWeight is dequantized block by block and multiplied with torch
-  (weight-only quantization: memory saved, not yet a fused GPU kernel).
+* on CUDA, :mod:`.gpu` runs it (a fused-dequantization Triton kernel for decode-sized batches,
+  dequantized blocks and cuBLAS for prefill), and attention runs SDPA (head_dim 512 included);
+* elsewhere, a QWeight is dequantized block by block and multiplied with torch.
 
 ``fused=True`` (set by the model when its weights are quantized on the CPU) also sends a decode
 step's attention to the numba kernel; fp32/bf16 models keep the torch reference everywhere.
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..quant import QWeight
+from . import gpu as _gpu
 from . import torch_ops as _ref
 from .torch_ops import (RopeTable, apply_rope, attention_mask, gelu_tanh, rms_norm,  # noqa: F401
                         score_block_elements, softcap)
@@ -84,6 +86,8 @@ def dequantized_blocks(w: QWeight):
 
 
 def qlinear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
+    if x.device.type == "cuda":
+        return _gpu.qlinear(x, w)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     t = x2.shape[0]
@@ -130,6 +134,8 @@ def attention(q, k, v, q_pos, k_pos, window, scale, cap=None, blocks=None, *, fu
         hi = min(k.shape[1], qp - k0 + 1)
         out = _nb().decode_attention(_np(q[:, 0]), _np(k), _np(v), lo, hi, scale, cap)
         return torch.from_numpy(out).to(v.dtype).unsqueeze(0)
+    if q.device.type == "cuda":
+        return _gpu.attention(q, k, v, q_pos, k_pos, window, scale, cap, blocks)
     return _ref.attention(q, k, v, q_pos, k_pos, window, scale, cap, blocks)
 
 
