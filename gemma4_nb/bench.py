@@ -640,8 +640,24 @@ def load_memory(model_ref: str | None, quant: str | None) -> None:
           f"(of which {int(base.stdout) / gib:.3f} GiB is the interpreter with torch and numba imported)")
 
 
+def text_ids(encode, n: int) -> list[int]:
+    """The first ``n`` tokens of natural English text: the help topics every Python ships
+    (``pydoc_data``), so the prompt is deterministic and needs no download. Decoding after text
+    gives the peaked next-token distributions of real use; random ids give flat ones."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = encode(text[: 8 * n + 1000])
+    if len(ids) < n:
+        ids = encode(text)
+    if len(ids) < n:
+        raise SystemExit(f"--tokens text has {len(ids)} tokens; ask for fewer or use --tokens random")
+    return ids[:n]
+
+
 def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, threads=None, prompt=512,
-                  decode=64, depth=0, compare=None, bandwidth=False, repeat=1, cuda_graphs=False) -> list[dict]:
+                  decode=64, depth=0, compare=None, bandwidth=False, repeat=1, cuda_graphs=False,
+                  tokens="text") -> list[dict]:
     """``gemma4-nb bench``: prefill and decode tokens/s, time to first token and peak memory of
     one model, weight format, context depth and device; optionally llama.cpp on the same GGUF in
     the same run, and the measured memory bandwidth with the roofline fraction of decode."""
@@ -659,6 +675,7 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
             net = random_model(shape, device.type, {"fp32": torch.float32, None: torch.bfloat16}.get(dtype, torch.bfloat16))
         name, gguf = f"{shape} (random weights)", None
         hf_config = tiny_config(**dict(SHAPES[shape]))
+        encode, tokens = None, "random"  # random weights: text means nothing to them
     else:
         import json
 
@@ -669,6 +686,7 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
         gguf = src if src.suffix == ".gguf" else None
         loaded = load(str(src), device=device.type, dtype=dtype, quant=quant, progress=False)
         net, name = loaded.net, src.name
+        encode = loaded.encode
         hf_config = json.loads((loaded.model_dir / "config.json").read_text())
     load_s = time.perf_counter() - t0
     fmt = quant or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[net.dtype]
@@ -677,13 +695,18 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
         from .kernels import cpu_numba
 
         compile_s = cpu_numba.warm_up()
-    ids = torch.randint(10, net.cfg.vocab_size, (depth + prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    if tokens == "text":
+        ids = text_ids(encode, depth + prompt)
+    else:
+        ids = torch.randint(10, net.cfg.vocab_size, (depth + prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     print(f"model: {name}   weights: {fmt}   device: {device.type}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ' (' + _cpu_name() + ')'}"
           f"   threads: {threads}   torch {torch.__version__}")
     if cuda_graphs:
         print("decode: static-shape steps (gemma4_nb/static_decode.py)"
               + (", replayed as CUDA graphs" if device.type == "cuda" else ", eager (no CUDA)"))
+    print(f"prompt: {'English text (Python help topics)' if tokens == 'text' else 'random token ids'}; "
+          f"decode: greedy continuation")
     print(f"load: {load_s:.1f} s" + (f"   numba kernels ready in {compile_s:.2f} s (compiled or loaded from the on-disk cache)"
                                       if compile_s is not None else ""))
     rows = []

@@ -64,7 +64,8 @@ def _cmd_bench(args) -> int:
         raise Gemma4Error("give --model or --shape, not both")
     bench_command(model=args.model, shape=args.shape, quant=args.quant, dtype=args.dtype, device=args.device,
                   threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,
-                  compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat, cuda_graphs=args.cuda_graphs)
+                  compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat, cuda_graphs=args.cuda_graphs,
+                  tokens=args.tokens)
     return 0
 
 
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode", type=int, default=64, help="greedy decode steps (timed)")
     b.add_argument("--depth", type=int, default=0, help="context tokens already in the cache before the prompt")
     b.add_argument("--repeat", type=int, default=1, help="repeat the measurement (side by side with --compare)")
+    b.add_argument("--tokens", choices=["text", "random"], default="text",
+                   help="prompt: English text (Python's help topics; default) or random token ids")
     b.add_argument("--compare", choices=["llama.cpp", "transformers"],
                    help="llama-cpp-python on the same GGUF, or transformers' generate on the same weights, in the same run")
     b.add_argument("--bandwidth", action="store_true", help="measure memory bandwidth; print decode's roofline fraction")

@@ -235,8 +235,11 @@ def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[to
     materialized; otherwise they are computed with :func:`linear` and ranked with torch."""
     h = hidden.reshape(1, -1)
     if fused_cpu(head):
-        row_err = head.row_err.numpy() if head.planes else None
-        vals, ids = _nb().head_topk(_np(h), kernel_weight(head), k, cap, row_err=row_err)
+        row_err = policy = None
+        if head.planes:
+            row_err = head.row_err.numpy()
+            policy = head.__dict__.setdefault("_screen_policy", _nb().ScreenPolicy())
+        vals, ids = _nb().head_topk(_np(h), kernel_weight(head), k, cap, row_err=row_err, policy=policy)
         return torch.from_numpy(vals), torch.from_numpy(ids)
     logits = softcap(linear(h, head).float(), cap)[0]
     vals, ids = torch.topk(logits, k)
