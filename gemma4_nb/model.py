@@ -108,7 +108,7 @@ class GemmaModel:
         return ops.rms_norm(x, weight, self.cfg.rms_norm_eps, self.cfg.family.norm_offset)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return ops.softcap(ops.linear(hidden, self.lm_head).float(), self.cfg.final_softcap)
+        return ops.head_logits(hidden, self.lm_head, self.cfg.final_softcap)
 
     def top_k(self, hidden: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``k`` (soft-capped logits, token ids) of one position's final hidden state, without

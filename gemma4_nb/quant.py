@@ -58,7 +58,7 @@ class QWeight:
     shape: tuple[int, int]
     dtype: torch.dtype = torch.float32
     # int8 only, "nibble planes" layout (see to_planes): ``codes`` then holds the high nibbles,
-    # ``low`` the low nibbles, ``row_err`` each row's screening error bound
+    # ``low`` the low nibbles, ``row_err`` three norms per row for the head's error bounds
     low: torch.Tensor | None = None
     row_err: torch.Tensor | None = None
 
@@ -122,7 +122,7 @@ def to_planes(w: QWeight) -> QWeight:
     rows, cols = w.shape
     high = np.empty((rows, cols // 2), dtype=np.uint8)
     low = np.empty((rows, cols // 2), dtype=np.uint8)
-    err = np.empty(rows, dtype=np.float32)
+    err = np.empty((rows, 3), dtype=np.float32)
     nb.split_int8_planes(w.codes.numpy(), w.scales.numpy(), high, low, err)
     return QWeight("int8", torch.from_numpy(high), w.scales, None, w.shape, w.dtype, torch.from_numpy(low),
                    torch.from_numpy(err))

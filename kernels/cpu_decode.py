@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_numba import gelu_tanh, group_sums, row_dot
+from .cpu_numba import gelu_tanh, quantize_activations, row_dot
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 
@@ -59,7 +59,7 @@ def attention_inputs(x, in_norm, eps, wq, wk, wv, q_norm, k_norm, cos, sin, kv_m
     hkv, dk = v_out.shape
     y = np.empty((1, x.shape[1]), dtype=np.float32)
     rms_into(x[0], y[0], in_norm, eps)
-    ys = group_sums(y)
+    ya = quantize_activations(y)
     n_q = hq * d
     n_k = hkv * dk if kv_mode > 0 else 0
     n_v = hkv * dk if kv_mode == 1 else 0
@@ -68,11 +68,11 @@ def attention_inputs(x, in_norm, eps, wq, wk, wv, q_norm, k_norm, cos, sin, kv_m
     qf = q_out.reshape(n_q)
     for r in prange(n_q + n_k + n_v):
         if r < n_q:
-            qf[r] = row_dot(y, 0, ys, wq, r)
+            qf[r] = row_dot(ya, 0, wq, r)
         elif r < n_q + n_k:
-            raw_k[r - n_q] = row_dot(y, 0, ys, wk, r - n_q)
+            raw_k[r - n_q] = row_dot(ya, 0, wk, r - n_q)
         else:
-            raw_v[r - n_q - n_k] = row_dot(y, 0, ys, wv, r - n_q - n_k)
+            raw_v[r - n_q - n_k] = row_dot(ya, 0, wv, r - n_q - n_k)
     for h in range(hq):
         rms_into(q_out[h], q_out[h], q_norm, eps)
         rope_in_place(q_out[h], cos, sin)
@@ -96,24 +96,24 @@ def attention_output_and_mlp(x, attn, wo, post_attn_norm, pre_ffn_norm, wg, wu, 
     ``h = x + post_attn_norm(attn @ wo^T)``; ``x``, ``out`` ``[1, hidden]``, ``attn`` ``[1, Hq * D]``."""
     hidden = x.shape[1]
     inter = wg[0].shape[0]
-    asum = group_sums(attn)
+    aa = quantize_activations(attn)
     o = np.empty(hidden, dtype=np.float32)
     for n in prange(hidden):
-        o[n] = row_dot(attn, 0, asum, wo, n)
+        o[n] = row_dot(aa, 0, wo, n)
     h = np.empty(hidden, dtype=np.float32)
     rms_into(o, h, post_attn_norm, eps)
     for i in range(hidden):
         h[i] += x[0, i]
     y = np.empty((1, hidden), dtype=np.float32)
     rms_into(h, y[0], pre_ffn_norm, eps)
-    ys = group_sums(y)
+    ya = quantize_activations(y)
     act = np.empty((1, inter), dtype=np.float32)
     for n in prange(inter):
-        act[0, n] = gelu_tanh(row_dot(y, 0, ys, wg, n)) * row_dot(y, 0, ys, wu, n)
-    acts = group_sums(act)
+        act[0, n] = gelu_tanh(row_dot(ya, 0, wg, n)) * row_dot(ya, 0, wu, n)
+    acta = quantize_activations(act)
     m = np.empty(hidden, dtype=np.float32)
     for n in prange(hidden):
-        m[n] = row_dot(act, 0, acts, wd, n)
+        m[n] = row_dot(acta, 0, wd, n)
     rms_into(m, out[0], post_ffn_norm, eps)
     for i in range(hidden):
         out[0, i] = (out[0, i] + h[i]) * layer_scalar

@@ -83,38 +83,89 @@ INT8, INT4, INT8_PLANES = 8, 4, 2  # the ``kind`` of a kernel weight tuple
 
 
 @njit(inline="always", fastmath=True)
-def row_dot(x, t, xsum, w, n):
-    """Row ``n`` of quantized matrix ``w`` dotted with ``x[t]`` (``xsum``: group sums of ``x``)."""
+def row_dot(xa, t, w, n):
+    """Row ``n`` of quantized matrix ``w`` dotted with activation row ``t`` (``xa`` from
+    :func:`quantize_activations`)."""
     codes, scales, mins, low, kind = w
     if kind == INT4:
-        return dot_int4(x, t, xsum, codes, scales, mins, n)
+        return dot_int4(xa, t, codes, scales, mins, n)
     if kind == INT8_PLANES:
-        return dot_planes(x, t, xsum, codes, low, scales, n)
-    return dot_int8(x, t, codes, scales, n)
+        return dot_planes(xa, t, codes, low, scales, n)
+    return dot_int8(xa, t, codes, scales, n)
 
 
-@njit(inline="always", fastmath=True)
-def group_sums(x):
-    """Sums of each group of 32 of each row of ``x`` (the int4 minimums multiply them)."""
+# Not fastmath (and not inlined into the fastmath kernels): the rounding of ``x / d`` is exactly
+# IEEE's, as in the plain-torch reference the tests compare with.
+@njit(cache=True, nogil=True)
+def quantize_activations(x):
+    """fp32 activations ``[T, K]`` -> ``(xq, xd, xs)``: per group of 32, int8 ``xq`` with
+    ``xd = max|x| / 127`` (round half to even) and ``xs`` the group's sum of ``xd * xq`` (as
+    llama.cpp's Q8 activations). The products then run on integer dot products (:mod:`.simd`)."""
     t_n, k_n = x.shape
-    out = np.empty((t_n, k_n // 32), dtype=np.float32)
+    g_n = k_n // 32
+    xq = np.empty((t_n, k_n), dtype=np.int8)
+    xd = np.empty((t_n, g_n), dtype=np.float32)
+    xs = np.empty((t_n, g_n), dtype=np.float32)
     for t in range(t_n):
-        for g in range(k_n // 32):
-            a = np.float32(0.0)
+        for g in range(g_n):
+            amax = np.float32(0.0)
             for j in range(32):
-                a += x[t, g * 32 + j]
-            out[t, g] = a
-    return out
+                amax = max(amax, abs(x[t, g * 32 + j]))
+            d = amax / np.float32(127.0)
+            total = 0
+            for j in range(32):
+                q = 0 if d == 0 else min(127, max(-127, int(np.round(x[t, g * 32 + j] / d))))
+                xq[t, g * 32 + j] = q
+                total += q
+            xd[t, g] = d
+            xs[t, g] = np.float32(total) * d
+    return xq, xd, xs
+
+
+@njit(cache=True, nogil=True)
+def quantize_activations_fine(x):
+    """As :func:`quantize_activations`, plus a second int8 part ``xq2`` quantizing the remainder
+    ``x - xd * xq`` with ``xd2 = xd / 254`` (about 15 bits in all): ``(xq, xq2, xd, xd2, xs)``.
+    Used for the vocabulary head, whose logits decide the tokens."""
+    xq, xd, _ = quantize_activations(x)
+    t_n, k_n = x.shape
+    g_n = k_n // 32
+    xq2 = np.empty((t_n, k_n), dtype=np.int8)
+    xd2 = np.empty((t_n, g_n), dtype=np.float32)
+    xs = np.empty((t_n, g_n), dtype=np.float32)
+    for t in range(t_n):
+        for g in range(g_n):
+            d = xd[t, g]
+            d2 = d / np.float32(254.0)
+            total = np.float32(0.0)
+            for j in range(32):
+                q = np.float32(xq[t, g * 32 + j])
+                r = x[t, g * 32 + j] - q * d
+                q2 = 0 if d2 == 0 else min(127, max(-127, int(np.round(r / d2))))
+                xq2[t, g * 32 + j] = q2
+                total += q * d + np.float32(q2) * d2
+            xd2[t, g] = d2
+            xs[t, g] = total
+    return xq, xq2, xd, xd2, xs
 
 
 @njit(**_OPTS)
 def gemm(x, w, out):
     """``out[t, n] = sum_k x[t, k] * W[n, k]``: parallel over output rows, each row of ``W`` read
     once for every ``t`` (matrix-vector at decode, small matrix-matrix for verification)."""
-    xs = group_sums(x)
+    xa = quantize_activations(x)
     for n in prange(out.shape[1]):
         for t in range(x.shape[0]):
-            out[t, n] = row_dot(x, t, xs, w, n)
+            out[t, n] = row_dot(xa, t, w, n)
+
+
+@njit(**_OPTS)
+def gemm_fine(x, w, out):
+    """:func:`gemm` with the activations in two int8 parts (the vocabulary head's full logits)."""
+    xa = quantize_activations_fine(x)
+    for n in prange(out.shape[1]):
+        for t in range(x.shape[0]):
+            out[t, n] = row_dot(xa, t, w, n)
 
 
 @njit(inline="always", fastmath=True)
@@ -126,10 +177,10 @@ def gelu_tanh(g):
 @njit(**_OPTS)
 def gate_up_gelu(x, wg, wu, out):
     """``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices."""
-    xs = group_sums(x)
+    xa = quantize_activations(x)
     for n in prange(out.shape[1]):
         for t in range(x.shape[0]):
-            out[t, n] = gelu_tanh(row_dot(x, t, xs, wg, n)) * row_dot(x, t, xs, wu, n)
+            out[t, n] = gelu_tanh(row_dot(xa, t, wg, n)) * row_dot(xa, t, wu, n)
 
 
 @njit(**_OPTS)
@@ -154,10 +205,14 @@ def dequant_rows_int4(codes, scales, mins, r0, out):
 
 @njit(parallel=True, cache=True)
 def split_int8_planes(codes, scales, high, low, row_err):
-    """int8 codes -> the nibble planes of :func:`gemma4_nb.quant.to_planes` and each row's
-    screening error bound ``sqrt(sum_k ((low_k - 7.5) * scale_k)^2)``."""
+    """int8 codes -> the nibble planes of :func:`gemma4_nb.quant.to_planes`, and per row the two
+    norms the screened head's error bounds need: ``row_err[n, 0] = |S_n - W_n|`` (the low nibbles'
+    distance from 7.5, scaled), ``row_err[n, 1] = |S_n|`` (the screen's estimate of the row,
+    ``(16 * (high - 8) + 7.5) * scale``) and ``row_err[n, 2] = |W_n|``."""
     for n in prange(codes.shape[0]):
         e = 0.0
+        r = 0.0
+        wn = 0.0
         for g in range(scales.shape[1]):
             s = np.float64(scales[n, g])
             for j in range(16):
@@ -167,7 +222,11 @@ def split_int8_planes(codes, scales, high, low, row_err):
                 high[n, g * 16 + j] = np.uint8(((c0 >> 4) + 8) | (((c1 >> 4) + 8) << 4))
                 low[n, g * 16 + j] = np.uint8(l0 | (l1 << 4))
                 e += ((l0 - 7.5) * s) ** 2 + ((l1 - 7.5) * s) ** 2
-        row_err[n] = np.float32(np.sqrt(e) * (1.0 + 1e-6))
+                r += ((16 * (c0 >> 4) + 7.5) * s) ** 2 + ((16 * (c1 >> 4) + 7.5) * s) ** 2
+                wn += (c0 * s) ** 2 + (c1 * s) ** 2
+        row_err[n, 0] = np.float32(np.sqrt(e) * (1.0 + 1e-6))
+        row_err[n, 1] = np.float32(np.sqrt(r) * (1.0 + 1e-6))
+        row_err[n, 2] = np.float32(np.sqrt(wn) * (1.0 + 1e-6))
 
 
 # -- quantizers -------------------------------------------------------------------------------
@@ -270,29 +329,30 @@ def _push(vals, idx, v, i):
 def _head_topk(x, w, k, parts, part_vals, part_idx):
     n_rows = w[0].shape[0]
     per = (n_rows + parts - 1) // parts
-    xs = group_sums(x)
+    xa = quantize_activations_fine(x)
     for p in prange(parts):
         vals = np.full(k, NEG, dtype=np.float32)
         idx = np.zeros(k, dtype=np.int64)
         for n in range(p * per, min(n_rows, p * per + per)):
-            _push(vals, idx, row_dot(x, 0, xs, w, n), n)
+            _push(vals, idx, row_dot(xa, 0, w, n), n)
         part_vals[p, :] = vals
         part_idx[p, :] = idx
 
 
 @njit(**_OPTS)
-def _head_screen(x, w, k, parts, estimates, part_vals, part_idx):
-    """Pass 1 of the screened head: every row's estimate from the high nibble plane (half the
-    bytes), and each part's top-k of the estimates."""
+def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx):
+    """Pass 1 of the screened head: every row's estimate, and each part's top-k of the estimates.
+    The estimate multiplies one-part activations with the high nibble plane alone (half the bytes)
+    or, with ``full``, with both planes (the exact weights)."""
     codes, scales, mins, low, kind = w
     n_rows = codes.shape[0]
     per = (n_rows + parts - 1) // parts
-    xs = group_sums(x)
+    xa = quantize_activations(x)
     for p in prange(parts):
         vals = np.full(k, NEG, dtype=np.float32)
         idx = np.zeros(k, dtype=np.int64)
         for n in range(p * per, min(n_rows, p * per + per)):
-            v = dot_screen(x, 0, xs, codes, low, scales, n)
+            v = dot_planes(xa, 0, codes, low, scales, n) if full else dot_screen(xa, 0, codes, low, scales, n)
             estimates[n] = v
             _push(vals, idx, v, n)
         part_vals[p, :] = vals
@@ -300,23 +360,34 @@ def _head_screen(x, w, k, parts, estimates, part_vals, part_idx):
 
 
 @njit(**_OPTS)
-def _head_rescore(x, w, row_err, k, parts, estimates, threshold, part_vals, part_idx, part_count):
-    """Pass 2: the exact value of every row whose estimate plus its error bound
-    (``|x| * row_err``, Cauchy-Schwarz) reaches ``threshold``; each part's exact top-k."""
+def _head_rescore(x, w, row_err, k, parts, full, estimates, threshold, part_vals, part_idx, part_count):
+    """Pass 2: the exact value (two-part activations ``x2``) of every row whose estimate (screen
+    weights ``S``, or with ``full`` the weights ``W``, times one-part activations ``x1``) plus its
+    error bound reaches ``threshold``: ``|S x1 - W x2| <= |S| |x1 - x2| + |S - W| |x2|``, and
+    ``|W x1 - W x2| <= |W| |x1 - x2|`` (Cauchy-Schwarz; ``row_err[n]`` holds ``|S_n - W_n|``,
+    ``|S_n|`` and ``|W_n|``). Each part's exact top-k."""
     n_rows = w[0].shape[0]
     per = (n_rows + parts - 1) // parts
-    xs = group_sums(x)
-    norm = np.float32(0.0)
+    xa = quantize_activations_fine(x)
+    xq, xq2, xd, xd2, _ = xa
+    c_q, c_d, _ = quantize_activations(x)
+    norm = np.float32(0.0)  # |x2|
+    gap = np.float32(0.0)  # |x1 - x2|
     for i in range(x.shape[1]):
-        norm += x[0, i] * x[0, i]
-    norm = np.sqrt(norm)
+        v = np.float32(xq[0, i]) * xd[0, i // 32] + np.float32(xq2[0, i]) * xd2[0, i // 32]
+        norm += v * v
+        e = np.float32(c_q[0, i]) * c_d[0, i // 32] - v
+        gap += e * e
+    norm = np.sqrt(norm) * np.float32(1.0001)
+    gap = np.sqrt(gap) * np.float32(1.0001)
     for p in prange(parts):
         vals = np.full(k, NEG, dtype=np.float32)
         idx = np.zeros(k, dtype=np.int64)
         c = 0
         for n in range(p * per, min(n_rows, p * per + per)):
-            if estimates[n] + norm * row_err[n] >= threshold:
-                _push(vals, idx, row_dot(x, 0, xs, w, n), n)
+            bound = gap * row_err[n, 2] if full else norm * row_err[n, 0] + gap * row_err[n, 1]
+            if estimates[n] + bound >= threshold:
+                _push(vals, idx, row_dot(xa, 0, w, n), n)
                 c += 1
         part_vals[p, :] = vals
         part_idx[p, :] = idx
@@ -325,9 +396,9 @@ def _head_rescore(x, w, row_err, k, parts, estimates, threshold, part_vals, part
 
 @njit(cache=True, fastmath=True)
 def _exact_rows(x, w, ids, out):
-    xs = group_sums(x)
+    xa = quantize_activations_fine(x)
     for i in range(ids.shape[0]):
-        out[i] = row_dot(x, 0, xs, w, ids[i])
+        out[i] = row_dot(xa, 0, w, ids[i])
 
 
 def _top(part_vals, part_idx, k):
@@ -337,50 +408,53 @@ def _top(part_vals, part_idx, k):
 
 
 class ScreenPolicy:
-    """When to screen: the screen pays off when the logits are peaked (few rows within the error
-    bound of the k-th best, the usual case for text), and costs up to 1.5x the plain head when they
-    are flat (nearly every row must be computed exactly: e.g. random tokens); it breaks even near
-    45% of the rows (measured: pass 1 is ~55% of the plain head). After a screen that
-    had to compute more than ``MAX_FRACTION`` of the rows exactly, the next ``BACKOFF`` calls use
-    the plain head, then the screen is tried again."""
+    """Which first pass the head of nibble planes runs: the screen (high plane only) pays off when
+    the logits are peaked (few rows within the error bound of the k-th best: the usual case for
+    text); when they are flat (e.g. random tokens) nearly every row needs its exact value, and the
+    full pass (both planes, one-part activations, a bound ~100x tighter) is cheaper. After a screen
+    that had to compute more than ``MAX_FRACTION`` of the rows exactly, the next ``BACKOFF`` calls
+    use the full pass, then the screen is tried again."""
 
-    MAX_FRACTION = 0.3
+    MAX_FRACTION = 0.2
     BACKOFF = 16
 
     def __init__(self) -> None:
         self.skip = 0
-        self.screened = self.plain = 0  # calls, for statistics
+        self.screened = self.full = 0  # calls, for statistics
 
     def use_screen(self) -> bool:
         if self.skip > 0:
             self.skip -= 1
-            self.plain += 1
+            self.full += 1
             return False
         self.screened += 1
         return True
 
-    def observe(self, exact_rows: int, n_rows: int) -> None:
-        if exact_rows > self.MAX_FRACTION * n_rows:
+    def observe(self, exact_rows: int, n_rows: int, screened: bool) -> None:
+        if screened and exact_rows > self.MAX_FRACTION * n_rows:
             self.skip = self.BACKOFF
 
 
 def head_topk(x, w, k: int, cap: float | None, parts: int = 64, row_err=None, policy: ScreenPolicy | None = None):
-    """Top-``k`` (values, ids) of ``softcap(x @ W^T)`` for one position ``x`` ``[1, hidden]``.
+    """Top-``k`` (values, ids) of ``softcap(x @ W^T)`` for one position ``x`` ``[1, hidden]``, the
+    activations quantized in two int8 parts (see :mod:`.simd`).
 
-    A head in the nibble-plane layout (``row_err`` given) is screened: pass 1 estimates every row
-    from its high nibbles, the exact values of the best estimates set a threshold (the k-th best of
-    them), and pass 2 computes exactly only the rows whose estimate plus error bound reaches it.
-    Every other row is provably below the k-th best exact value, so the result is exactly the
-    top-k of the full product. ``policy`` (a :class:`ScreenPolicy`) may skip the screen."""
+    A head in the nibble-plane layout (``row_err`` given) runs two passes: pass 1 estimates every
+    row cheaply (one-part activations; the high plane only, or both planes, see
+    :class:`ScreenPolicy`), the exact values of the best estimates set a threshold (the k-th best
+    of them), and pass 2 computes exactly only the rows whose estimate plus error bound reaches
+    it. Every other row is provably below the k-th best exact value, so the result is exactly the
+    top-k of the full product."""
     n_rows = w[0].shape[0]
     parts = max(1, min(parts, n_rows // max(k, 1)))
     part_vals = np.empty((parts, k), dtype=np.float32)
     part_idx = np.empty((parts, k), dtype=np.int64)
-    if row_err is None or (policy is not None and not policy.use_screen()):
+    if row_err is None:
         _head_topk(x, w, k, parts, part_vals, part_idx)
     else:
+        screen = policy is None or policy.use_screen()
         estimates = np.empty(n_rows, dtype=np.float32)
-        _head_screen(x, w, k, parts, estimates, part_vals, part_idx)
+        _head_screen(x, w, k, parts, not screen, estimates, part_vals, part_idx)
         _, ids = _top(part_vals, part_idx, k)
         exact = np.empty(len(ids), dtype=np.float32)
         _exact_rows(x, w, ids, exact)
@@ -388,9 +462,9 @@ def head_topk(x, w, k: int, cap: float | None, parts: int = 64, row_err=None, po
         # slack for the fp32 rounding of both sums (~1e-6 relative; 1e-3 is far above it)
         threshold = np.float32(kth - 1e-3 * (abs(kth) + 1.0))
         part_count = np.empty(parts, dtype=np.int64)
-        _head_rescore(x, w, row_err, k, parts, estimates, threshold, part_vals, part_idx, part_count)
+        _head_rescore(x, w, row_err, k, parts, not screen, estimates, threshold, part_vals, part_idx, part_count)
         if policy is not None:
-            policy.observe(int(part_count.sum()), n_rows)
+            policy.observe(int(part_count.sum()), n_rows, screen)
     vals, ids = _top(part_vals, part_idx, k)
     if cap is not None:
         vals = (np.tanh(vals / cap) * cap).astype(np.float32)
@@ -491,7 +565,7 @@ def all_kernels() -> tuple:
     """Every compiled kernel of the CPU path (this module's and the fused decode layer's)."""
     from . import cpu_decode
 
-    return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, gemm, gate_up_gelu, dequant_rows_int8,
+    return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, gemm, gemm_fine, gate_up_gelu, dequant_rows_int8,
             dequant_rows_int4, _head_topk, _head_screen, _head_rescore, _exact_rows, _decode_attention,
             cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
 
@@ -509,12 +583,13 @@ def warm_up() -> float:
     no_low = np.zeros((1, 1), dtype=np.uint8)
     w8 = (np.ones((64, 64), dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((1, 1), dtype=f32), no_low, INT8)
     w4 = (np.full((64, 32), 0x98, dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((64, 2), dtype=f32), no_low, INT4)
-    high, low, err = np.empty((64, 32), dtype=np.uint8), np.empty((64, 32), dtype=np.uint8), np.empty(64, dtype=f32)
+    high, low, err = np.empty((64, 32), dtype=np.uint8), np.empty((64, 32), dtype=np.uint8), np.empty((64, 3), dtype=f32)
     split_int8_planes(np.ones((64, 64), dtype=np.int8), w8[1], high, low, err)
     w2 = (high, w8[1], w8[2], low, INT8_PLANES)
     out = np.empty((1, 64), dtype=f32)
     for w in (w8, w4, w2):
         gemm(x, w, out)
+        gemm_fine(x, w, out)
         gate_up_gelu(x, w, w, out)
         head_topk(x, w, 2, 30.0, parts=2)
     head_topk(x, w2, 2, 30.0, parts=2, row_err=err)

@@ -229,6 +229,18 @@ def decode_attention_output_and_mlp(a: DecodeLayerArgs, x: torch.Tensor, attn: t
     return torch.from_numpy(out)
 
 
+def head_logits(hidden: torch.Tensor, head, cap: float | None) -> torch.Tensor:
+    """Soft-capped fp32 logits ``[N, vocab]`` of final hidden states ``[N, hidden]``. A quantized
+    head on the CPU multiplies activations quantized in two int8 parts (about 15 bits: the logits
+    decide the tokens; see kernels/simd.py), as :func:`head_topk` does."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if fused_cpu(head) and h.shape[0] <= SMALL_BATCH:
+        out = np.empty((h.shape[0], head.shape[0]), dtype=np.float32)
+        _nb().gemm_fine(_np(h), kernel_weight(head), out)
+        return softcap(torch.from_numpy(out), cap)
+    return softcap(linear(h, head).float(), cap)
+
+
 def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, token ids) of the soft-capped logits of one position ``hidden``
     (``[hidden]`` or ``[1, hidden]``). For a quantized head on the CPU the logits are never
@@ -241,6 +253,6 @@ def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[to
             policy = head.__dict__.setdefault("_screen_policy", _nb().ScreenPolicy())
         vals, ids = _nb().head_topk(_np(h), kernel_weight(head), k, cap, row_err=row_err, policy=policy)
         return torch.from_numpy(vals), torch.from_numpy(ids)
-    logits = softcap(linear(h, head).float(), cap)[0]
+    logits = head_logits(h, head, cap)[0]
     vals, ids = torch.topk(logits, k)
     return vals, ids

@@ -1,29 +1,42 @@
 """Row dot products of quantized weights as explicit LLVM vector code (numba intrinsics).
 
-numba's loop vectorizer handles ``sum_k x[k] * code[k] * scale[k // 32]`` only partly (the scale
-index changes inside a vector) and turns a nested per-group loop into scalar code. These intrinsics
-write the loop the way the hardware wants it: per group of 32 weights, load the codes as a vector,
-convert them to fp32, multiply by the activations, scale the group's partial products once and
-accumulate in a vector register; one horizontal sum per row. LLVM picks the instructions for the
-machine numba compiles for (AVX2 or AVX-512 here).
+Activations are quantized per group of 32 to int8, ``x ~ xd * xq`` (as llama.cpp's Q8
+activations), or for the vocabulary head in two int8 parts, ``x ~ xd * xq + xd2 * xq2`` (``xq2``
+quantizes what ``xq`` leaves, with ``xd2 = xd / 254``: about 15 bits; one part there cost the
+270M 2 greedy tokens in 128, whose logits margins were below 0.1). A group's dot product is then
+one or two integer sums, each of which one AVX-VNNI /
+AVX512-VNNI instruction (``vpdpbusd``: unsigned bytes times signed bytes, summed in 32-bit lanes)
+computes for 32 weights; its 8 lanes are converted to fp32, scaled by the group's two scales and
+accumulated, with one horizontal sum per row. Machines without VNNI get the same integer sums in
+fp32 arithmetic (exact: every product and every group sum of a group is an integer below 2^24), so
+results do not depend on the instruction set beyond the order of the final fp32 additions.
 
-Callable from any ``@njit`` function:
+numba's own loop vectorizer handles neither the per-group scales nor byte arithmetic well (a
+nested per-group loop became scalar code, 4x slower); these intrinsics write the loop out.
 
-* ``dot_int8(x, t, codes, scales, n)``: ``sum_k x[t, k] * codes[n, k] * scales[n, k // 32]``;
-* ``dot_int4(x, t, xsum, codes, scales, mins, n)``: the same for an int4 row (byte ``j`` of a group
-  holds weight ``j`` in the low nibble and ``j + 16`` in the high one; ``w = q * scale + min``),
-  with ``xsum[t, g]`` the sum of group ``g`` of ``x[t]`` (for the minimums);
-* ``dot_planes(x, t, xsum, high, low, scales, n)``: an int8 row stored as two such nibble planes
-  (``code = 16 * (high - 8) + low``); ``dot_screen(...)``: its estimate from the high plane alone
-  (half the bytes; the vocabulary head screens its rows with it, see ``cpu_numba.head_topk``).
+The weight side of each format becomes, per group, 32 unsigned bytes ``U`` and a correction:
 
-``x`` is fp32 ``[T, K]``; ``codes`` int8 ``[N, K]`` / uint8 ``[N, K // 2]``; ``scales``/``mins``
-``[N, K // 32]`` either fp32 or IEEE half stored as uint16 (numba has no fp16 type on the CPU; the
-intrinsic converts). Every array must be C-contiguous (the wrappers in :mod:`.ops` make sure).
+* ``int8``: ``U = code + 128`` (the sign bit flipped), correction ``-128 * sum(xq)``;
+* ``int4``: ``U = q`` (the nibbles in weight order), ``w = q * scale + min``: the minimum times the
+  group's sum of the dequantized activations;
+* ``planes`` (an int8 matrix stored as a high and a low nibble plane, see ``quant.to_planes``):
+  ``U = 16 * high + low = code + 128``, as int8;
+* ``screen``: the high plane alone, each low nibble taken as 7.5: ``U = 16 * high``, correction
+  ``-120.5 * sum(xq)``: half the bytes, with a known error bound (the vocabulary head's screen).
+
+Callable from any ``@njit`` function: ``dot_int8(xa, t, codes, scales, n)``,
+``dot_int4(xa, t, codes, scales, mins, n)``, ``dot_planes(xa, t, high, low, scales, n)``,
+``dot_screen(...)`` (same arguments). ``xa``: ``(xq, xd, xs)`` from
+``cpu_numba.quantize_activations`` or ``(xq, xq2, xd, xd2, xs)`` from
+``cpu_numba.quantize_activations_fine``: int8 ``[T, K]`` parts, their scales ``[T, K // 32]`` and
+``xs[t, g]`` the group's sum of the dequantized activations; ``codes`` int8/uint8 ``[N, K]``
+or packed nibbles ``[N, K // 2]``; ``scales``/``mins`` fp32 ``[N, K // 32]``. Every array must be
+C-contiguous (the wrappers in :mod:`.ops` make sure).
 """
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -32,17 +45,22 @@ from numba.extending import intrinsic
 GROUP = 32
 _F32 = ir.FloatType()
 _I8 = ir.IntType(8)
-_I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
-_V16F = ir.VectorType(_F32, 16)
+_V8I = ir.VectorType(_I32, 8)
+_V8F = ir.VectorType(_F32, 8)
 _V16B = ir.VectorType(_I8, 16)
+_V32B = ir.VectorType(_I8, 32)
+_V32F = ir.VectorType(_F32, 32)
 _FAST = ("fast",)
 
 
-def _check_scales(ty, what: str):
-    if not isinstance(ty, types.Array) or ty.dtype not in (types.float32, types.uint16):
-        raise TypeError(f"{what} must be a float32 or uint16 (IEEE half) array, got {ty}")
+def _has_vnni() -> bool:
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avxvnni") or (features.get("avx512vnni") and features.get("avx512vl")))
+
+
+HAS_VNNI = _has_vnni()  # numba compiles for the host CPU; its on-disk cache is keyed by it too
 
 
 def _row_ptr(builder, arr, row, width):
@@ -51,142 +69,157 @@ def _row_ptr(builder, arr, row, width):
     return builder.gep(arr.data, [builder.mul(row, width)])
 
 
-def _load_scale(builder, ptr, index, is_half: bool):
-    v = builder.load(builder.gep(ptr, [index]))
-    if is_half:
-        return builder.fpext(builder.bitcast(v, ir.HalfType()), _F32)
-    return v
-
-
-def _splat(builder, value):
-    v = builder.insert_element(ir.Constant(_V16F, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, ir.Constant(_V16F, ir.Undefined), ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
-
-
 def _vload(builder, base, offset, vtype):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), vtype.as_pointer()), align=1)
 
 
+def _splat(builder, value, vtype):
+    v = builder.insert_element(ir.Constant(vtype, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vtype, ir.Undefined), ir.Constant(ir.VectorType(_I32, vtype.count), [0] * vtype.count))
+
+
+def _bytes(value, n=16):
+    return ir.Constant(ir.VectorType(_I8, n), [value] * n)
+
+
+def _concat(builder, lo, hi):
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+
+
+def _group_sum(builder, u, xq):
+    """The integer dot product of 32 unsigned bytes ``u`` and 32 signed bytes ``xq``, as an
+    ``<8 x float>`` of partial sums (``vpdpbusd``; or the same sums in exact fp32 arithmetic)."""
+    if HAS_VNNI:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I, [_V8I, _V8I, _V8I]),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        s = builder.call(fn, [ir.Constant(_V8I, [0] * 8), builder.bitcast(u, _V8I), builder.bitcast(xq, _V8I)])
+        return builder.sitofp(s, _V8F)
+    p = builder.fmul(builder.uitofp(u, _V32F), builder.sitofp(xq, _V32F), flags=_FAST)
+    out = None
+    for i in range(4):  # 32 products -> 8 partial sums (integers below 2^24: exact)
+        part = builder.shuffle_vector(p, p, ir.Constant(ir.VectorType(_I32, 8), list(range(8 * i, 8 * i + 8))))
+        out = part if out is None else builder.fadd(out, part, flags=_FAST)
+    return out
+
+
 def _hsum(builder, vec):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V16F]),
-                                        "llvm.vector.reduce.fadd.v16f32")
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F]),
+                                        "llvm.vector.reduce.fadd.v8f32")
     return builder.call(fn, [ir.Constant(_F32, 0.0), vec], fastmath=_FAST)
 
 
-@intrinsic
-def dot_int8(typingctx, x, t, codes, scales, n):
-    _check_scales(scales, "scales")
-    sig = types.float32(x, t, codes, scales, n)
-    half = scales.dtype == types.uint16
-
-    def codegen(context, builder, signature, args):
-        xa, tv, ca, sa, nv = args
-        xs = context.make_array(signature.args[0])(context, builder, xa)
-        cs = context.make_array(signature.args[2])(context, builder, ca)
-        ss = context.make_array(signature.args[3])(context, builder, sa)
-        k = builder.extract_value(cs.shape, 1)
-        g_n = builder.extract_value(ss.shape, 1)
-        xrow = _row_ptr(builder, xs, tv, builder.extract_value(xs.shape, 1))
-        wrow = _row_ptr(builder, cs, nv, k)
-        srow = _row_ptr(builder, ss, nv, g_n)
-        acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
-        with cgutils.for_range(builder, g_n) as loop:
-            base = builder.mul(loop.index, ir.Constant(_I64, GROUP))
-            prods = None
-            for h in range(2):
-                off = builder.add(base, ir.Constant(_I64, 16 * h))
-                w = builder.sitofp(_vload(builder, wrow, off, _V16B), _V16F)
-                p = builder.fmul(_vload(builder, xrow, off, _V16F), w, flags=_FAST)
-                prods = p if prods is None else builder.fadd(prods, p, flags=_FAST)
-            scale = _splat(builder, _load_scale(builder, srow, loop.index, half))
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(prods, scale, flags=_FAST), flags=_FAST), acc)
-        return _hsum(builder, builder.load(acc))
-
-    return sig, codegen
+def _check(*arrays):
+    for ty, dtypes in arrays:
+        if not isinstance(ty, types.Array) or ty.dtype not in dtypes:
+            raise TypeError(f"expected an array of {dtypes}, got {ty}")
 
 
-def _nibbles(builder, row, g, xrow, base):
-    """Group ``g`` of a nibble-packed row against ``x``: the vector ``x_lo * low + x_hi * high``
-    (byte ``j`` holds weight ``j`` in its low nibble and weight ``j + 16`` in its high one)."""
-    packed = _vload(builder, row, builder.mul(g, ir.Constant(_I64, 16)), _V16B)
-    lo = builder.uitofp(builder.and_(packed, ir.Constant(_V16B, [15] * 16)), _V16F)
-    hi = builder.uitofp(builder.lshr(packed, ir.Constant(_V16B, [4] * 16)), _V16F)
-    x_lo = _vload(builder, xrow, base, _V16F)
-    x_hi = _vload(builder, xrow, builder.add(base, ir.Constant(_I64, 16)), _V16F)
-    return builder.fadd(builder.fmul(x_lo, lo, flags=_FAST), builder.fmul(x_hi, hi, flags=_FAST), flags=_FAST)
+_WEIGHT = (types.int8, types.uint8)
+_FLOAT = (types.float32,)
 
 
-def _nibble_dot(context, builder, signature, args, mode: str):
-    """The int4-style dot products. ``mode``:
-
-    * ``"int4"``: ``args = (x, t, xsum, codes, scales, mins, n)``, ``w = q * scale + min``;
-    * ``"planes"``: ``args = (x, t, xsum, high, low, scales, n)``: int8 codes split in two nibble
-      planes, ``code = 16 * (high - 8) + low``, ``w = code * scale``;
-    * ``"screen"``: the same arguments, the high plane only, each low nibble taken as 7.5 (the
-      middle of its range): ``w ~ (16 * (high - 8) + 7.5) * scale``."""
-    xa, tv, sua, ca, second, sa, nv = args
-    tys = signature.args
-    xs = context.make_array(tys[0])(context, builder, xa)
-    sus = context.make_array(tys[2])(context, builder, sua)
-    cs = context.make_array(tys[3])(context, builder, ca)
-    ss = context.make_array(tys[5])(context, builder, sa)
-    second_arr = context.make_array(tys[4])(context, builder, second)
+def _qdot(context, builder, sig, args, mode: str):
+    """``sum_g scale_g * (xd_g * dot(U_g, xq_g) + xd2_g * dot(U_g, xq2_g)) + correction_g`` over
+    the groups of row ``n``. ``args``: ``(xa, t, codes, second, scales, n)`` with ``xa`` the
+    activation tuple and ``second`` the int4 minimums or the low plane (unused for int8)."""
+    xa, tv, ca, sa2, sa, nv = args
+    ty = sig.args
+    parts = []
+    for i in range(len(ty[0])):  # (xq, xd, xs) or (xq, xq2, xd, xd2, xs)
+        a = context.make_array(ty[0].types[i])(context, builder, builder.extract_value(xa, i))
+        parts.append(_row_ptr(builder, a, tv, builder.extract_value(a.shape, 1)))
+    if len(parts) == 3:
+        activations, srow_x = [(parts[0], parts[1])], parts[2]
+    else:
+        activations, srow_x = [(parts[0], parts[2]), (parts[1], parts[3])], parts[4]
+    arr = lambda i, v: context.make_array(ty[i])(context, builder, v)  # noqa: E731
+    cs, s2, ss = arr(2, ca), arr(3, sa2), arr(4, sa)
     g_n = builder.extract_value(ss.shape, 1)
-    half_s = tys[5].dtype == types.uint16
-    xrow = _row_ptr(builder, xs, tv, builder.extract_value(xs.shape, 1))
-    sumrow = _row_ptr(builder, sus, tv, builder.extract_value(sus.shape, 1))
     wrow = _row_ptr(builder, cs, nv, builder.extract_value(cs.shape, 1))
+    row2 = _row_ptr(builder, s2, nv, builder.extract_value(s2.shape, 1))
     srow = _row_ptr(builder, ss, nv, g_n)
-    srow2 = _row_ptr(builder, second_arr, nv, builder.extract_value(second_arr.shape, 1))
-    acc = cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
+    acc = cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8))
     macc = cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))
-    sixteen = _splat(builder, ir.Constant(_F32, 16.0))
     with cgutils.for_range(builder, g_n) as loop:
         g = loop.index
         base = builder.mul(g, ir.Constant(_I64, GROUP))
-        prods = _nibbles(builder, wrow, g, xrow, base)
-        scale = _load_scale(builder, srow, g, half_s)
-        if mode == "int4":
-            offset = _load_scale(builder, srow2, g, tys[4].dtype == types.uint16)
+        half = builder.mul(g, ir.Constant(_I64, GROUP // 2))
+        if mode == "int8":
+            u = builder.xor(_vload(builder, wrow, base, _V32B), _bytes(-128, 32))
         else:
-            prods = builder.fmul(prods, sixteen, flags=_FAST)
-            if mode == "planes":
-                prods = builder.fadd(prods, _nibbles(builder, srow2, g, xrow, base), flags=_FAST)
-            offset = builder.fmul(scale, ir.Constant(_F32, -128.0 if mode == "planes" else -120.5), flags=_FAST)
-        builder.store(builder.fadd(builder.load(acc), builder.fmul(prods, _splat(builder, scale), flags=_FAST),
-                                   flags=_FAST), acc)
-        m = builder.fmul(offset, builder.load(builder.gep(sumrow, [g])), flags=_FAST)
-        builder.store(builder.fadd(builder.load(macc), m, flags=_FAST), macc)
+            b = _vload(builder, wrow, half, _V16B)  # int4 codes, or the high plane
+            if mode == "int4":
+                lo, hi = builder.and_(b, _bytes(15)), builder.lshr(b, _bytes(4))
+            else:
+                lo, hi = builder.shl(b, _bytes(4)), builder.and_(b, _bytes(-16))  # 16 * high nibble
+                if mode == "planes":
+                    low = _vload(builder, row2, half, _V16B)
+                    lo = builder.or_(lo, builder.and_(low, _bytes(15)))
+                    hi = builder.or_(hi, builder.lshr(low, _bytes(4)))
+            u = _concat(builder, lo, hi)
+        scale = builder.load(builder.gep(srow, [g]))
+        for xr, dr in activations:
+            sums = _group_sum(builder, u, _vload(builder, xr, base, _V32B))
+            f = builder.fmul(scale, builder.load(builder.gep(dr, [g])), flags=_FAST)
+            builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, _splat(builder, f, _V8F), flags=_FAST),
+                                       flags=_FAST), acc)
+        xsum = builder.load(builder.gep(srow_x, [g]))
+        if mode == "int4":
+            corr = builder.fmul(builder.load(builder.gep(row2, [g])), xsum, flags=_FAST)
+        else:
+            k = -120.5 if mode == "screen" else -128.0
+            corr = builder.fmul(scale, builder.fmul(xsum, ir.Constant(_F32, k), flags=_FAST), flags=_FAST)
+        builder.store(builder.fadd(builder.load(macc), corr, flags=_FAST), macc)
     return builder.fadd(_hsum(builder, builder.load(acc)), builder.load(macc), flags=_FAST)
 
 
+def _check_activations(xa):
+    want = {3: (types.int8, types.float32, types.float32),
+            5: (types.int8, types.int8, types.float32, types.float32, types.float32)}
+    if not isinstance(xa, types.BaseTuple) or len(xa) not in want or any(
+            not isinstance(t, types.Array) or t.dtype != d for t, d in zip(xa.types, want[len(xa)])):
+        raise TypeError(f"expected an activation tuple (xq, xd, xs) or (xq, xq2, xd, xd2, xs), got {xa}")
+
+
 @intrinsic
-def dot_int4(typingctx, x, t, xsum, codes, scales, mins, n):
-    _check_scales(scales, "scales")
-    _check_scales(mins, "mins")
-    sig = types.float32(x, t, xsum, codes, scales, mins, n)
+def dot_int8(typingctx, xa, t, codes, scales, n):
+    _check_activations(xa)
+    _check((codes, _WEIGHT), (scales, _FLOAT))
+    sig = types.float32(xa, t, codes, scales, n)
 
     def codegen(context, builder, signature, args):
-        x, t, xsum, codes, scales, mins, n = args
+        xa, t, codes, scales, n = args
         a = signature.args
-        order = types.float32(a[0], a[1], a[2], a[3], a[5], a[4], a[6])
-        return _nibble_dot(context, builder, order, (x, t, xsum, codes, mins, scales, n), "int4")
+        full = types.float32(a[0], a[1], a[2], a[3], a[3], a[4])
+        return _qdot(context, builder, full, (xa, t, codes, scales, scales, n), "int8")
 
     return sig, codegen
 
 
 @intrinsic
-def dot_planes(typingctx, x, t, xsum, high, low, scales, n):
-    """Row ``n`` of an int8 matrix stored as two nibble planes (see :func:`_nibble_dot`)."""
-    _check_scales(scales, "scales")
-    return types.float32(x, t, xsum, high, low, scales, n), \
-        lambda context, builder, sig, args: _nibble_dot(context, builder, sig, args, "planes")
+def dot_int4(typingctx, xa, t, codes, scales, mins, n):
+    _check_activations(xa)
+    _check((codes, _WEIGHT), (scales, _FLOAT), (mins, _FLOAT))
+    sig = types.float32(xa, t, codes, scales, mins, n)
+
+    def codegen(context, builder, signature, args):
+        xa, t, codes, scales, mins, n = args
+        a = signature.args
+        full = types.float32(a[0], a[1], a[2], a[4], a[3], a[5])
+        return _qdot(context, builder, full, (xa, t, codes, mins, scales, n), "int4")
+
+    return sig, codegen
 
 
-@intrinsic
-def dot_screen(typingctx, x, t, xsum, high, low, scales, n):
-    """Approximate row ``n`` of a nibble-plane int8 matrix from its high plane alone: the error is
-    at most ``sum_k |x_k| * 7.5 * scale`` (each low nibble is 0..15, taken as 7.5)."""
-    _check_scales(scales, "scales")
-    return types.float32(x, t, xsum, high, low, scales, n), \
-        lambda context, builder, sig, args: _nibble_dot(context, builder, sig, args, "screen")
+def _planes(mode):
+    def typer(typingctx, xa, t, high, low, scales, n):
+        _check_activations(xa)
+        _check((high, _WEIGHT), (low, _WEIGHT), (scales, _FLOAT))
+        return types.float32(xa, t, high, low, scales, n), \
+            lambda context, builder, sig, args: _qdot(context, builder, sig, args, mode)
+    typer.__name__ = f"dot_{mode}"
+    return intrinsic(typer)
+
+
+dot_planes = _planes("planes")  # an int8 row stored as two nibble planes, exactly
+dot_screen = _planes("screen")  # its estimate from the high plane: |error| <= |x| * row_err

@@ -1,5 +1,7 @@
 """The numba CPU kernels against plain torch on dequantized weights.
 
+The products quantize their activations to int8 per group of 32 (see kernels/simd.py); the
+reference multiplies the same quantized activations (``quant_reference.fake_quant_activations``).
 Tolerances: products accumulate in fp32 in a different order than torch's GEMM, so results are
 compared with ``atol = 1e-4 * max|reference|`` (about 100 fp32 ulps of the largest output);
 attention, whose outputs are convex combinations of V rows, with ``atol = 1e-5``.
@@ -21,6 +23,7 @@ from gemma4_nb.kernels import cpu_numba as nb  # noqa: E402
 from gemma4_nb.kernels import ops  # noqa: E402
 from gemma4_nb.kernels import torch_ops as ref  # noqa: E402
 from gemma4_nb.quant import dequantize, quantize, quantize_weight  # noqa: E402
+from quant_reference import fake_quant_activations as fq  # noqa: E402
 
 
 def close(got, want, rel=1e-4):
@@ -70,7 +73,8 @@ def test_search_reproduces_block_quantized_weights(gen):
 def test_quantized_linear(fmt, t, gen):
     w = quantize_weight(torch.randn(200, 320, generator=gen), fmt)
     x = torch.randn(t, 320, generator=gen)
-    close(ops.linear(x, w), x @ w.dequantize().t())  # t=40 takes the dequantized-block GEMM path
+    want = (fq(x) if t <= ops.SMALL_BATCH else x) @ w.dequantize().t()  # t=40: dequantized blocks, torch GEMM
+    close(ops.linear(x, w), want)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -78,8 +82,8 @@ def test_fused_gate_up_gelu(fmt, gen):
     gate, up = (quantize_weight(torch.randn(160, 64, generator=gen), fmt) for _ in range(2))
     down = quantize_weight(torch.randn(64, 160, generator=gen), fmt)
     x = torch.randn(2, 64, generator=gen)
-    want = ref.gated_mlp(x, gate.dequantize(), up.dequantize(), down.dequantize())
-    close(ops.gated_mlp(x, gate, up, down), want)
+    h = ref.gelu_tanh(fq(x) @ gate.dequantize().t()) * (fq(x) @ up.dequantize().t())
+    close(ops.gated_mlp(x, gate, up, down), fq(h) @ down.dequantize().t())
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -87,7 +91,8 @@ def test_fused_gate_up_gelu(fmt, gen):
 def test_fused_head_topk(fmt, cap, gen):
     head = quantize_weight(torch.randn(5000, 64, generator=gen), fmt)
     h = torch.randn(64, generator=gen)
-    logits = ref.softcap(h[None] @ head.dequantize().t(), cap)[0]
+    logits = ref.softcap(fq(h[None], fine=True) @ head.dequantize().t(), cap)[0]
+    close(ops.head_logits(h[None], head, cap)[0], logits)  # the full logits, same activations
     vals, ids = ops.head_topk(h, head, cap, 8)
     want_vals, want_ids = torch.topk(logits, 8)
     assert torch.equal(ids, want_ids)
@@ -104,21 +109,26 @@ def test_nibble_planes_hold_the_int8_codes(gen):
     assert torch.equal(p.dequantize(), w.dequantize())
     assert torch.equal(p[torch.tensor([3, 69])], w.dequantize()[[3, 69]])
     x = torch.randn(2, 96, generator=gen)
-    close(ops.linear(x, p), x @ w.dequantize().t())
+    close(ops.linear(x, p), fq(x) @ w.dequantize().t())
 
 
 @pytest.mark.parametrize("k", [1, 8, 64])
 @pytest.mark.parametrize("cap", [None, 30.0])
-def test_screened_head_is_exact(k, cap, gen):
-    """The screened head (pass 1 on the high nibbles, exact pass 2 on the rows the error bound
-    cannot exclude) returns exactly the plain head's top-k, including near-ties: rows that differ
-    only in their low nibbles, the case the screen cannot tell apart."""
+@pytest.mark.parametrize("first_pass", ["screen", "full"])
+def test_screened_head_is_exact(k, cap, first_pass, gen):
+    """The head of nibble planes (pass 1: estimates from the high plane, or from both planes with
+    one-part activations; pass 2: exact values of the rows the error bound cannot exclude) returns
+    exactly the plain head's top-k, including near-ties: rows that differ only in their low
+    nibbles, the case the screen cannot tell apart."""
+    from gemma4_nb.kernels.cpu_numba import ScreenPolicy
     from gemma4_nb.quant import to_planes
 
     base = torch.randn(6000, 128, generator=gen) * 0.05
     base[1000:1100] = base[7] + 0.002 * torch.randn(100, 128, generator=gen)  # 100 near-copies of row 7
     w = quantize_weight(base, "int8")
     p = to_planes(w)
+    policy = p.__dict__["_screen_policy"] = ScreenPolicy()
+    policy.skip = 0 if first_pass == "screen" else 10**9
     for scale in (0.1, 1.0, 30.0):
         for row in (None, 7):
             h = torch.randn(128, generator=gen) * scale if row is None else w.dequantize()[row] * scale
@@ -126,6 +136,19 @@ def test_screened_head_is_exact(k, cap, gen):
             got_vals, got_ids = ops.head_topk(h, p, cap, k)
             assert torch.equal(got_ids, want_ids)
             close(got_vals, want_vals, rel=1e-5)
+    assert (policy.full > 0) == (first_pass == "full")
+
+
+def test_screen_policy_backs_off_on_flat_logits():
+    from gemma4_nb.kernels.cpu_numba import ScreenPolicy
+
+    policy = ScreenPolicy()
+    assert policy.use_screen()
+    policy.observe(900, 1000, screened=True)  # nearly every row had to be computed exactly
+    assert [policy.use_screen() for _ in range(ScreenPolicy.BACKOFF)] == [False] * ScreenPolicy.BACKOFF
+    assert policy.use_screen()  # tried again
+    policy.observe(10, 1000, screened=True)
+    assert policy.use_screen()
 
 
 @pytest.mark.parametrize("window,cap,groups", [(None, None, 4), (7, None, 2), (None, 50.0, 1), (33, 20.0, 8)])
@@ -161,7 +184,7 @@ def test_row_dot_intrinsics(fmt, shape, gen):
     x = torch.randn(t, k, generator=gen)
     out = np.empty((t, 37), dtype=np.float32)
     nb.gemm(x.numpy(), ops.kernel_weight(w), out)
-    want = x.double() @ w.dequantize().double().t()
+    want = fq(x).double() @ w.dequantize().double().t()
     close(out, want, rel=1e-5)
 
 

@@ -16,6 +16,7 @@ from gemma4_nb.errors import CheckpointError, Gemma4Error  # noqa: E402
 from gemma4_nb.model import GemmaModel  # noqa: E402
 from gemma4_nb.quant import MARKER_FILE, QWeight  # noqa: E402
 from gemma4_nb.resolve import embedded_model  # noqa: E402
+from quant_reference import quantized_activation_linear  # noqa: E402
 
 
 def dequantized_twin(net: GemmaModel) -> GemmaModel:
@@ -26,9 +27,11 @@ def dequantized_twin(net: GemmaModel) -> GemmaModel:
 
 @pytest.mark.parametrize("variant", ["a", "b", "c"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_fused_path_matches_torch_on_dequantized_weights(hf_checkpoints, variant, quant):
+def test_fused_path_matches_torch_on_dequantized_weights(hf_checkpoints, variant, quant, monkeypatch):
     """Prefill (dequantized blocks) and decode steps (numba GEMV, fused MLP, decode attention)
-    give the logits of the torch path on the same dequantized weights (fp32, 1e-4 relative)."""
+    give the logits of the torch path on the same dequantized weights, the torch path quantizing its
+    activations where the kernels do (quant_reference)."""
+    quantized_activation_linear(monkeypatch)
     model = gemma4_nb.load(hf_checkpoints[variant][0], quant=quant, progress=False)
     net = model.net
     assert net.fused and isinstance(net.weights["layers.0.mlp.gate_proj.weight"], QWeight)
@@ -41,7 +44,13 @@ def test_fused_path_matches_torch_on_dequantized_weights(hf_checkpoints, variant
         got.append(net.forward(ids[i : i + 1], c1).logits)
         want.append(twin.forward(ids[i : i + 1], c2).logits)
     got, want = torch.cat(got), torch.cat(want)
-    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    # Not bit-exact: both quantize activations to int8, and fp32 differences of ~1e-6 upstream
+    # (attention's summation order) move an occasional activation across a rounding boundary,
+    # which changes that product by one code step (~1% of the logits' scale after the norms
+    # amplify it). A wrong kernel, rope or cache read changes everything. The kernels themselves are
+    # held to 1e-5 on identical inputs in test_fused_decode_layer_kernels and test_cpu_kernels.
+    assert float((got - want).abs().max()) <= 3e-2 * float(want.abs().max())
+    assert int((got.argmax(-1) == want.argmax(-1)).sum()) >= len(want) - 1
     # decode steps ran the fused layer kernels wherever every matrix is quantized (variant b's
     # 24-wide heads leave its attention output projection unquantized: those layers fall back)
     fused = [a.ok for a in net._decode_args]
@@ -51,11 +60,23 @@ def test_fused_path_matches_torch_on_dequantized_weights(hf_checkpoints, variant
     assert torch.equal(top, net.logits(hidden).topk(3).indices[-1])
 
 
+def agree(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Fused kernels against the torch composition: the kernels normalize in numba (fastmath), so
+    the normalized activations differ from torch's by ~1e-7, which now and then moves one across an
+    int8 rounding boundary: every output of that product moves by one activation code step times
+    its weight (a fraction of a percent; the products themselves are held to 1e-5 on identical
+    inputs in test_cpu_kernels). A wrong norm, rope, residual or layer scalar is off by O(1)."""
+    assert float((got - want).abs().max()) <= 2e-2 * float(want.abs().max())
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_fused_decode_layer_kernels(hf_checkpoints, quant):
+def test_fused_decode_layer_kernels(hf_checkpoints, quant, monkeypatch):
     """The two fused decode-layer kernels against the torch composition they replace, layer by
-    layer (sliding and K=V full layers, KV-shared layers), on the same dequantized weights."""
+    layer (sliding and K=V full layers, KV-shared layers), on the same dequantized weights (the
+    torch products quantizing their activations as the kernels do)."""
     from gemma4_nb.kernels import ops
+
+    quantized_activation_linear(monkeypatch)
 
     net = gemma4_nb.load(hf_checkpoints["a"][0], quant=quant, progress=False).net
     twin = dequantized_twin(net)
@@ -71,13 +92,12 @@ def test_fused_decode_layer_kernels(hf_checkpoints, quant):
         for g, t in zip(got, want):
             assert (g is None) == (t is None)
             if t is not None:
-                assert float((g - t).abs().max()) <= 1e-5 * float(t.abs().max()) + 1e-6
+                agree(g, t)
         attn = torch.randn(1, net.cfg.num_heads * spec.head_dim, generator=gen)
         h = x + twin.norm(ops.linear(attn, w["o_proj"]), w["post_attn_norm"])
         mlp = ops.gated_mlp(twin.norm(h, w["pre_ffn_norm"]), w["gate"], w["up"], w["down"])
         want = (h + twin.norm(mlp, w["post_ffn_norm"])) * (w["layer_scalar"] if w["layer_scalar"] is not None else 1)
-        got = ops.decode_attention_output_and_mlp(args, x, attn)
-        assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        agree(ops.decode_attention_output_and_mlp(args, x, attn), want)
 
 
 def test_screened_head_generation_and_save(hf_checkpoints, tmp_path, monkeypatch):
@@ -136,16 +156,18 @@ def fp32_270m(conversion_cache):
 @pytest.mark.parametrize("quant,target", [("int8", 0.99), ("int4", 0.95)])
 def test_270m_greedy_agreement_with_fp32(fp32_270m, quant, target):
     """Teacher-forced over the same fixed 256-token text: top-1 of the quantized model against
-    fp32 at every position (the last 16 through the fused decode step)."""
+    fp32 at every position: the first 128 through the prefill path (dequantized blocks, fp32
+    activations), the last 128 through the fused decode step (int8 activations, screened head)."""
     ids = fp32_270m.encode(AGREEMENT_TEXT)[:256]
     assert len(ids) == 256
     want = fp32_270m.net.forward(torch.tensor(ids), fp32_270m.net.new_cache(), outputs="all").logits.argmax(-1)
     model = gemma4_nb.load(embedded_model(), quant=quant, progress=False)
     net = model.net
     cache = net.new_cache()
-    top = [net.forward(torch.tensor(ids[:240]), cache, outputs="all").logits.argmax(-1)]
-    for i in range(240, 256):
-        top.append(net.forward(torch.tensor(ids[i : i + 1]), cache).logits.argmax(-1))
+    top = [net.forward(torch.tensor(ids[:128]), cache, outputs="all").logits.argmax(-1)]
+    for i in range(128, 256):
+        hidden = net.forward(torch.tensor(ids[i : i + 1]), cache, logits=False).hidden
+        top.append(net.top_k(hidden[-1], 1)[1])  # the fused head, as greedy decoding runs it
     agreement = float((torch.cat(top) == want).float().mean())
     print(f"{quant}: top-1 agreement with fp32 {agreement * 100:.1f}% over 256 positions")
     assert agreement >= target

@@ -1,0 +1,49 @@
+"""Plain-torch reference of the fused CPU kernels' 8-bit activations.
+
+The kernels quantize the activations of every product of at most ``ops.SMALL_BATCH`` positions
+per group of 32, in two int8 parts (``d = max|x| / 127``, then the remainder with ``d / 254``;
+round half to even; see kernels/simd.py); the reference products here do the same, so the
+kernels can be held to tight tolerances.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fake_quant_activations(x: torch.Tensor, fine: bool = False) -> torch.Tensor:
+    """``x`` as the kernels see it: quantized to int8 per group of 32 and back (``fine``: plus the
+    second int8 part, as the vocabulary head's products quantize it)."""
+    g = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127.0
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.where(d > 0, torch.round(g / safe), torch.zeros_like(g)).clamp(-127, 127)
+    if not fine:
+        return (q * d).reshape(x.shape).to(x.dtype)
+    r = g - q * d
+    d2 = d / 254.0
+    q2 = torch.where(d2 > 0, torch.round(r / torch.where(d2 > 0, d2, torch.ones_like(d2))), torch.zeros_like(g))
+    return (q * d + q2.clamp(-127, 127) * d2).reshape(x.shape).to(x.dtype)
+
+
+def quantized_activation_linear(monkeypatch) -> None:
+    """Make the torch reference path's products quantize their activations where the fused path
+    does (at most SMALL_BATCH positions), so a dequantized twin is an exact oracle."""
+    from gemma4_nb.kernels import ops, torch_ops
+
+    plain, plain_head = torch_ops.linear, ops.head_logits
+
+    def head_logits(hidden, head, cap):
+        if isinstance(head, torch.Tensor) and hidden.reshape(-1, hidden.shape[-1]).shape[0] <= ops.SMALL_BATCH:
+            return torch_ops.softcap(plain(fake_quant_activations(hidden, fine=True), head).float(), cap)
+        return plain_head(hidden, head, cap)
+
+    monkeypatch.setattr(ops, "head_logits", head_logits)
+
+    def linear(x, weight):
+        rows = x.reshape(-1, x.shape[-1]).shape[0]
+        if rows <= ops.SMALL_BATCH and x.shape[-1] % 32 == 0:
+            x = fake_quant_activations(x)
+        return plain(x, weight)
+
+    monkeypatch.setattr(torch_ops, "linear", linear)
