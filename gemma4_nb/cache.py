@@ -81,6 +81,9 @@ class ChunkPool:
             scale = xf.abs().amax(-1).clamp_min(1e-12) / 127.0
             self.data[slot, offset : offset + n] = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
             self.scale[slot, offset : offset + n] = scale
+        elif self.device.type == "cpu" and x.dtype == self.dtype and x.dtype in (torch.float32, torch.float16):
+            # a numpy copy: no torch dispatch (about 5 us less per write, twice per layer per token)
+            self.data.numpy()[slot, offset : offset + n] = x.numpy()
         else:
             self.data[slot, offset : offset + n] = x.to(self.dtype)
 

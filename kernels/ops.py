@@ -30,26 +30,28 @@ SMALL_BATCH = 16  # up to this many positions: numba products; above: dequantize
 DEQUANT_BLOCK_ELEMENTS = 1 << 22  # fp32 elements of one dequantized block (16 MiB)
 
 _threads = None
+_modules = None  # (cpu_numba, cpu_decode), imported on first use (numba is imported lazily)
 
 
 def _nb():
     """The numba kernels, with numba's thread count following torch's (the runtime's setting)."""
-    global _threads
-    from . import cpu_numba
-    import numba
+    global _threads, _modules
+    if _modules is None:
+        from . import cpu_decode, cpu_numba
 
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        _modules = (cpu_numba, cpu_decode)
+    want = torch.get_num_threads()
     if want != _threads:
-        numba.set_num_threads(want)
+        import numba
+
+        numba.set_num_threads(max(1, min(want, numba.config.NUMBA_NUM_THREADS)))
         _threads = want
-    return cpu_numba
+    return _modules[0]
 
 
 def _decode():
     _nb()  # thread count
-    from . import cpu_decode
-
-    return cpu_decode
+    return _modules[1]
 
 
 def numba_available() -> bool:
@@ -65,6 +67,9 @@ def fused_cpu(weight) -> bool:
 
 
 def _np(x: torch.Tensor) -> np.ndarray:
+    """fp32 C-contiguous numpy view of ``x`` (a copy only when the dtype or layout differs)."""
+    if x.dtype is torch.float32 and x.is_contiguous() and not x.requires_grad:
+        return x.numpy()
     return x.detach().to(torch.float32).contiguous().numpy()
 
 
