@@ -2,7 +2,8 @@
 
 A decode step of a small model is dominated by per-operation overhead when every norm, rope and
 projection is its own Python-level call (the 270M runs ~15 operations per layer, 18 layers). Here
-a layer is two compiled calls around the KV-cache update and the attention:
+a layer is two compiled calls around the KV-cache update and the attention (serial code calling
+the parallel product kernels):
 
 * :func:`attention_inputs`: RMSNorm, the q/k/v projections in one parallel pass over all their
   rows, per-head q/k norms, RoPE and the weight-free v norm;
@@ -19,9 +20,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_numba import gelu_tanh, quantize_activations, row_dot
+from .cpu_numba import gate_up_gelu, gemm, quantize_activations, row_dot
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+_SERIAL = dict(fastmath=True, cache=True, nogil=True)
 
 
 @njit(inline="always", fastmath=True)
@@ -48,6 +50,24 @@ def rope_in_place(x, cos, sin):
 
 
 @njit(**_OPTS)
+def _qkv_rows(ya, wq, wk, wv, n_k, n_v, qf, raw_k, raw_v):
+    """The rows of the q, k and v projections in one parallel pass."""
+    n_q = qf.shape[0]
+    for r in prange(n_q + n_k + n_v):
+        if r < n_q:
+            qf[r] = row_dot(ya, 0, wq, r)
+        elif r < n_q + n_k:
+            raw_k[r - n_q] = row_dot(ya, 0, wk, r - n_q)
+        else:
+            raw_v[r - n_q - n_k] = row_dot(ya, 0, wv, r - n_q - n_k)
+
+
+# The two layer functions are serial code around parallel product kernels, not one parallel
+# function: with the prange loops inlined between serial sections numba's parallel code ran the
+# products at about half the speed of the same kernels called this way (measured on the 12B
+# shape's output projection + MLP: 10-16 ms against 5.7 ms).
+
+@njit(**_SERIAL)
 def attention_inputs(x, in_norm, eps, wq, wk, wv, q_norm, k_norm, cos, sin, kv_mode, v_norm, q_out, k_out, v_out):
     """``x`` ``[1, hidden]`` -> ``q_out`` ``[Hq, D]``, ``k_out``/``v_out`` ``[Hkv, D]``.
 
@@ -60,19 +80,11 @@ def attention_inputs(x, in_norm, eps, wq, wk, wv, q_norm, k_norm, cos, sin, kv_m
     y = np.empty((1, x.shape[1]), dtype=np.float32)
     rms_into(x[0], y[0], in_norm, eps)
     ya = quantize_activations(y)
-    n_q = hq * d
     n_k = hkv * dk if kv_mode > 0 else 0
     n_v = hkv * dk if kv_mode == 1 else 0
     raw_k = np.empty(hkv * dk, dtype=np.float32)
     raw_v = np.empty(hkv * dk, dtype=np.float32)
-    qf = q_out.reshape(n_q)
-    for r in prange(n_q + n_k + n_v):
-        if r < n_q:
-            qf[r] = row_dot(ya, 0, wq, r)
-        elif r < n_q + n_k:
-            raw_k[r - n_q] = row_dot(ya, 0, wk, r - n_q)
-        else:
-            raw_v[r - n_q - n_k] = row_dot(ya, 0, wv, r - n_q - n_k)
+    _qkv_rows(ya, wq, wk, wv, n_k, n_v, q_out.reshape(hq * d), raw_k, raw_v)
     for h in range(hq):
         rms_into(q_out[h], q_out[h], q_norm, eps)
         rope_in_place(q_out[h], cos, sin)
@@ -89,31 +101,24 @@ def attention_inputs(x, in_norm, eps, wq, wk, wv, q_norm, k_norm, cos, sin, kv_m
             v_out[h, :] = raw_v[h * dk:(h + 1) * dk]
 
 
-@njit(**_OPTS)
+@njit(**_SERIAL)
 def attention_output_and_mlp(x, attn, wo, post_attn_norm, pre_ffn_norm, wg, wu, wd, post_ffn_norm,
                              layer_scalar, eps, out):
     """``out = (h + post_ffn_norm(mlp(pre_ffn_norm(h)))) * layer_scalar`` with
     ``h = x + post_attn_norm(attn @ wo^T)``; ``x``, ``out`` ``[1, hidden]``, ``attn`` ``[1, Hq * D]``."""
     hidden = x.shape[1]
-    inter = wg[0].shape[0]
-    aa = quantize_activations(attn)
-    o = np.empty(hidden, dtype=np.float32)
-    for n in prange(hidden):
-        o[n] = row_dot(aa, 0, wo, n)
+    o = np.empty((1, hidden), dtype=np.float32)
+    gemm(attn, wo, o)
     h = np.empty(hidden, dtype=np.float32)
-    rms_into(o, h, post_attn_norm, eps)
+    rms_into(o[0], h, post_attn_norm, eps)
     for i in range(hidden):
         h[i] += x[0, i]
     y = np.empty((1, hidden), dtype=np.float32)
     rms_into(h, y[0], pre_ffn_norm, eps)
-    ya = quantize_activations(y)
-    act = np.empty((1, inter), dtype=np.float32)
-    for n in prange(inter):
-        act[0, n] = gelu_tanh(row_dot(ya, 0, wg, n)) * row_dot(ya, 0, wu, n)
-    acta = quantize_activations(act)
-    m = np.empty(hidden, dtype=np.float32)
-    for n in prange(hidden):
-        m[n] = row_dot(acta, 0, wd, n)
-    rms_into(m, out[0], post_ffn_norm, eps)
+    act = np.empty((1, wg[0].shape[0]), dtype=np.float32)
+    gate_up_gelu(y, wg, wu, act)
+    m = np.empty((1, hidden), dtype=np.float32)
+    gemm(act, wd, m)
+    rms_into(m[0], out[0], post_ffn_norm, eps)
     for i in range(hidden):
         out[0, i] = (out[0, i] + h[i]) * layer_scalar

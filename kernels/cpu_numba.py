@@ -567,7 +567,7 @@ def all_kernels() -> tuple:
 
     return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, gemm, gemm_fine, gate_up_gelu, dequant_rows_int8,
             dequant_rows_int4, _head_topk, _head_screen, _head_rescore, _exact_rows, _decode_attention,
-            cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
+            cpu_decode._qkv_rows, cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
 
 
 def warm_up() -> float:
