@@ -562,12 +562,14 @@ def decode_attention(q, k, v, lo: int, hi: int, scale: float, cap: float | None,
 
 
 def all_kernels() -> tuple:
-    """Every compiled kernel of the CPU path (this module's and the fused decode layer's)."""
+    """Every compiled kernel of the CPU path that Python calls directly (this module's and the
+    fused decode layer's; kernels only called from other kernels are compiled and cached with
+    them)."""
     from . import cpu_decode
 
     return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, gemm, gemm_fine, gate_up_gelu, dequant_rows_int8,
             dequant_rows_int4, _head_topk, _head_screen, _head_rescore, _exact_rows, _decode_attention,
-            cpu_decode._qkv_rows, cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
+            cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
 
 
 def warm_up() -> float:
