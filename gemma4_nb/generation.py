@@ -166,9 +166,14 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
     from .assistant import DraftContext
     from .speculative import AdaptiveK, CostAwareK, DraftStats, accept_or_resample
 
-    # a drafter that costs real time (the MTP assistant) sizes its drafts from measured costs
+    # Draft lengths follow measured costs when drafting costs real time (the MTP assistant) or when
+    # a plain step is much cheaper than a verification: with quantized weights on the CPU a plain
+    # step takes its tokens from the fused head (the top-k, never every logit) while a verification
+    # needs every logit of every position, so prompt lookup pays only when enough drafts land.
     stats = DraftStats()
-    k = CostAwareK(draft_k) if getattr(drafter, "cost_aware", False) else AdaptiveK(draft_k)
+    fused = getattr(model, "fused", False)
+    plain_k = sampler.head_k() if fused else None
+    k = CostAwareK(draft_k) if (getattr(drafter, "cost_aware", False) or fused) else AdaptiveK(draft_k)
     usage.drafting = stats
     history = list(req.prompt_ids)
 
@@ -192,6 +197,14 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
         drafts = drafter.propose(history, min(k.k, budget - usage.generated_tokens),
                                  DraftContext(model, prefix.kv, hidden))
         t_verify = time.perf_counter()
+        if not drafts and plain_k is not None:  # a plain step, as generate_ids takes it
+            out = model.forward(torch.tensor([token], dtype=torch.long), prefix.kv, logits=False)
+            prefix.appended([token])
+            stats.record(0, 0, t_verify - t_draft, time.perf_counter() - t_verify)
+            k.update(0, 0, t_verify - t_draft, time.perf_counter() - t_verify)
+            hidden = out.hidden[-1]
+            token = sampler.pick(*model.top_k(hidden, plain_k))
+            continue
         start = prefix.kv.length
         fed = [token] + drafts
         out = model.forward(torch.tensor(fed, dtype=torch.long), prefix.kv, outputs="all" if drafts else "last")

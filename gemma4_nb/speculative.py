@@ -32,6 +32,8 @@ class PromptLookupDrafter:
 
     def propose(self, tokens: list[int], k: int, target=None) -> list[int]:
         """Up to ``k`` drafts after ``tokens`` (``target``, the model's state, is not needed here)."""
+        if k <= 0:  # drafting paused
+            return []
         n_tokens = len(tokens)
         for n in range(min(self.max_ngram, n_tokens - 1), self.min_ngram - 1, -1):
             tail = tokens[-n:]
