@@ -9,9 +9,9 @@ A quantized matrix arrives as a tuple ``w = (codes as uint8, scales, mins, bits)
 :func:`gemma4_nb.kernels.ops.kernel_weight`); one compiled kernel serves int8 and int4 rows (the
 row dot products are the vector intrinsics of :mod:`.simd`).
 
-* ``gemm``: ``out[t, n] = sum_k x[t, k] * W[n, k]`` with the dequantization fused into the dot
-  product; parallel over output rows, each weight row read once for all ``t`` (matrix-vector at
-  decode, small matrix-matrix for speculative verification).
+* ``gemm`` / ``gemm_fine``: ``out[t, n] = sum_k x[t, k] * W[n, k]`` on quantized activations
+  (one or two int8 parts), through ``gemm_quantized``: parallel over output rows, each weight row
+  read once for all ``t`` (matrix-vector at decode, small matrix-matrix for verification).
 * ``gate_up_gelu``: ``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices.
 * ``decode_attention`` / ``decode_attention_chunks``: one query position, grouped-query attention
   with an online softmax over K/V read in place from the cache's chunks; each K/V row is read once
@@ -150,22 +150,26 @@ def quantize_activations_fine(x):
 
 
 @njit(**_OPTS)
+def gemm_quantized(xa, w, out):
+    """``out[t, n] = sum_k x[t, k] * W[n, k]`` for activations already quantized (``xa`` from
+    :func:`quantize_activations` or :func:`quantize_activations_fine`): parallel over output rows,
+    each row of ``W`` read once for every ``t`` (matrix-vector at decode, small matrix-matrix for
+    verification)."""
+    for n in prange(out.shape[1]):
+        for t in range(xa[0].shape[0]):
+            out[t, n] = row_dot(xa, t, w, n)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def gemm(x, w, out):
-    """``out[t, n] = sum_k x[t, k] * W[n, k]``: parallel over output rows, each row of ``W`` read
-    once for every ``t`` (matrix-vector at decode, small matrix-matrix for verification)."""
-    xa = quantize_activations(x)
-    for n in prange(out.shape[1]):
-        for t in range(x.shape[0]):
-            out[t, n] = row_dot(xa, t, w, n)
+    """``out = x @ W^T`` with one-part int8 activations (every product but the head's)."""
+    gemm_quantized(quantize_activations(x), w, out)
 
 
-@njit(**_OPTS)
+@njit(fastmath=True, cache=True, nogil=True)
 def gemm_fine(x, w, out):
-    """:func:`gemm` with the activations in two int8 parts (the vocabulary head's full logits)."""
-    xa = quantize_activations_fine(x)
-    for n in prange(out.shape[1]):
-        for t in range(x.shape[0]):
-            out[t, n] = row_dot(xa, t, w, n)
+    """``out = x @ W^T`` with two-part activations (the vocabulary head's full logits)."""
+    gemm_quantized(quantize_activations_fine(x), w, out)
 
 
 @njit(inline="always", fastmath=True)
