@@ -6,3 +6,7 @@ Modules here import only relatively and from third-party libraries.
 
 ``torch_ops`` holds the plain PyTorch kernels every backend is checked against.
 """
+
+from . import numba_cache
+
+numba_cache.install()

@@ -114,12 +114,12 @@ def test_nibble_planes_hold_the_int8_codes(gen):
 
 @pytest.mark.parametrize("k", [1, 8, 64])
 @pytest.mark.parametrize("cap", [None, 30.0])
-@pytest.mark.parametrize("first_pass", ["screen", "full"])
+@pytest.mark.parametrize("first_pass", ["screen", "columns", "full"])
 def test_screened_head_is_exact(k, cap, first_pass, gen):
-    """The head of nibble planes (pass 1: estimates from the high plane, or from both planes with
-    one-part activations; pass 2: exact values of the rows the error bound cannot exclude) returns
-    exactly the plain head's top-k, including near-ties: rows that differ only in their low
-    nibbles, the case the screen cannot tell apart."""
+    """The head of nibble planes (pass 1: estimates from the high plane, the same with learned
+    exact columns, or from both planes with one-part activations; pass 2: exact values of the rows
+    the error bound cannot exclude) returns exactly the plain head's top-k, including near-ties:
+    rows that differ only in their low nibbles, the case the screen cannot tell apart."""
     from gemma4_nb.kernels.cpu_numba import ScreenPolicy
     from gemma4_nb.quant import to_planes
 
@@ -128,15 +128,65 @@ def test_screened_head_is_exact(k, cap, first_pass, gen):
     w = quantize_weight(base, "int8")
     p = to_planes(w)
     policy = p.__dict__["_screen_policy"] = ScreenPolicy()
-    policy.skip = 0 if first_pass == "screen" else 10**9
+    policy.skip = 0 if first_pass != "full" else 10**9
+    policy.LEARN_CALLS = 2 if first_pass == "columns" else 10**9
     for scale in (0.1, 1.0, 30.0):
         for row in (None, 7):
             h = torch.randn(128, generator=gen) * scale if row is None else w.dequantize()[row] * scale
+            h[[5, 40, 99]] = torch.tensor([4.0, -5.0, 6.0]) * h.abs().max()  # outlier columns, as in real hidden states
             want_vals, want_ids = ops.head_topk(h, w, cap, k)
             got_vals, got_ids = ops.head_topk(h, p, cap, k)
             assert torch.equal(got_ids, want_ids)
             close(got_vals, want_vals, rel=1e-5)
     assert (policy.full > 0) == (first_pass == "full")
+    learned = set(policy.cols.tolist())
+    assert learned >= {5, 40, 99} if first_pass == "columns" else not learned
+
+
+def test_screen_columns_norms(gen):
+    """The screen's side data for exact columns against torch: its errors there, and per row the
+    norm of its error outside them and the norm of its row with them exact."""
+    from gemma4_nb.kernels import cpu_numba
+    from gemma4_nb.quant import to_planes
+
+    w = quantize_weight(torch.randn(50, 96, generator=gen), "int8")
+    p = to_planes(w)
+    cols = np.array([0, 17, 31, 32, 95], dtype=np.int64)
+    col_err = np.empty((50, cpu_numba.EXACT_COLUMNS), dtype=np.float32)
+    err = np.empty((50, 2), dtype=np.float32)
+    cpu_numba.screen_columns(p.codes.numpy(), p.low.numpy(), p.scales.numpy(), cols, col_err, err)
+    c = w.codes.long()
+    s = w.scales.double().repeat_interleave(32, dim=1)
+    screen = (16 * (c >> 4) + 7.5) * s
+    exact = c * s
+    mask = torch.zeros(96, dtype=torch.bool)
+    mask[cols] = True
+    close(col_err[:, :5], (exact - screen)[:, cols], rel=1e-6)
+    assert not col_err[:, 5:].any()
+    close(err[:, 0], (exact - screen)[:, ~mask].norm(dim=1), rel=1e-5)
+    close(err[:, 1], torch.where(mask, exact, screen).norm(dim=1), rel=1e-5)
+
+
+def test_exact_columns_shrink_pass_2(gen):
+    """With the columns that hold most of the activations' energy computed exactly, pass 2
+    rescores far fewer rows (same answers: see test_screened_head_is_exact)."""
+    from gemma4_nb.kernels.cpu_numba import ScreenPolicy
+    from gemma4_nb.quant import to_planes
+
+    p = to_planes(quantize_weight(torch.randn(20000, 256, generator=gen) * 0.05, "int8"))
+    hs = [torch.randn(256, generator=gen) for _ in range(24)]
+    for h in hs:
+        h[[3, 70, 71, 200]] *= 12
+    rescored = {}
+    for learn in (10**9, 4):
+        policy = p.__dict__["_screen_policy"] = ScreenPolicy()
+        policy.LEARN_CALLS = learn
+        for i, h in enumerate(hs):
+            if i == 8:
+                policy.rescored = 0  # count the last 16 calls
+            ops.head_topk(h, p, None, 1)
+        rescored[learn] = policy.rescored
+    assert rescored[4] < 0.5 * rescored[10**9], rescored
 
 
 def test_screen_policy_backs_off_on_flat_logits():
@@ -176,9 +226,10 @@ def test_decode_attention_splits_agree(gen):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("shape", [(1, 32), (3, 96), (1, 640)])
+@pytest.mark.parametrize("shape", [(1, 32), (3, 96), (2, 224), (1, 640)])
 def test_row_dot_intrinsics(fmt, shape, gen):
-    """The vector intrinsics against numpy in float64, one row at a time and every row."""
+    """The vector intrinsics against numpy in float64, one row at a time and every row (1 to 20
+    groups: the unrolled blocks of 4 groups, the remainder loop, and both)."""
     t, k = shape
     w = quantize_weight(torch.randn(37, k, generator=gen), fmt)
     x = torch.randn(t, k, generator=gen)
@@ -217,3 +268,29 @@ def test_compiled_kernels_are_cached_on_disk():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     misses, hits = int(out[0]), int(out[1])
     assert misses == 0 and hits >= len(nb.all_kernels())
+
+
+def test_kernel_cache_follows_every_source_of_the_folder(tmp_path):
+    """numba checks a cached function against its own file only; with kernels/numba_cache.py a
+    change in a file it merely calls into (as cpu_numba calls simd's intrinsics) recompiles it
+    instead of running the stale machine code."""
+    pkg = tmp_path / "stampedpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "from gemma4_nb.kernels import numba_cache\n"
+        "numba_cache.install(Path(__file__).parent)\n")
+    (pkg / "helper.py").write_text("from numba import njit\n\n@njit\ndef value():\n    return 1\n")
+    (pkg / "main.py").write_text("from numba import njit\nfrom .helper import value\n\n"
+                                 "@njit(cache=True)\ndef twice():\n    return 2 * value()\n")
+    code = "import stampedpkg.main as m; print(m.twice(), len(m.twice.stats.cache_hits))"
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+        return out.stdout.split()
+
+    assert run() == ["2", "0"]  # compiled
+    assert run() == ["2", "1"]  # loaded from the on-disk cache
+    (pkg / "helper.py").write_text("from numba import njit\n\n@njit\ndef value():\n    return 5\n")
+    assert run() == ["10", "0"]  # main.py unchanged, but the folder changed: recompiled
