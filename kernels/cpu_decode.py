@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_numba import gate_up_gelu, gemm, quantize_activations, row_dot
+from .cpu_numba import gate_up_gelu, gemm, quantize_activations_fine, row_dot
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -79,7 +79,7 @@ def attention_inputs(x, in_norm, eps, wq, wk, wv, q_norm, k_norm, cos, sin, kv_m
     hkv, dk = v_out.shape
     y = np.empty((1, x.shape[1]), dtype=np.float32)
     rms_into(x[0], y[0], in_norm, eps)
-    ya = quantize_activations(y)
+    ya = quantize_activations_fine(y)
     n_k = hkv * dk if kv_mode > 0 else 0
     n_v = hkv * dk if kv_mode == 1 else 0
     raw_k = np.empty(hkv * dk, dtype=np.float32)

@@ -9,8 +9,8 @@ A quantized matrix arrives as a tuple ``w = (codes as uint8, scales, mins, bits)
 :func:`gemma4_nb.kernels.ops.kernel_weight`); one compiled kernel serves int8 and int4 rows (the
 row dot products are the vector intrinsics of :mod:`.simd`).
 
-* ``gemm`` / ``gemm_fine``: ``out[t, n] = sum_k x[t, k] * W[n, k]`` on quantized activations
-  (one or two int8 parts), through ``gemm_quantized``: parallel over output rows, each weight row
+* ``gemm``: ``out[t, n] = sum_k x[t, k] * W[n, k]`` on activations quantized in two int8 parts,
+  through ``gemm_quantized``: parallel over output rows, each weight row
   read once for all ``t`` (matrix-vector at decode, small matrix-matrix for verification).
 * ``gate_up_gelu``: ``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices.
 * ``decode_attention`` / ``decode_attention_chunks``: one query position, grouped-query attention
@@ -176,13 +176,8 @@ def gemm_quantized(xa, w, out):
 
 @njit(fastmath=True, cache=True, nogil=True)
 def gemm(x, w, out):
-    """``out = x @ W^T`` with one-part int8 activations (every product but the head's)."""
-    gemm_quantized(quantize_activations(x), w, out)
-
-
-@njit(fastmath=True, cache=True, nogil=True)
-def gemm_fine(x, w, out):
-    """``out = x @ W^T`` with two-part activations (the vocabulary head's full logits)."""
+    """``out = x @ W^T`` with the activations quantized in two int8 parts (every product; see
+    :mod:`.simd`)."""
     gemm_quantized(quantize_activations_fine(x), w, out)
 
 
@@ -195,7 +190,7 @@ def gelu_tanh(g):
 @njit(**_OPTS)
 def gate_up_gelu(x, wg, wu, out):
     """``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices."""
-    xa = quantize_activations(x)
+    xa = quantize_activations_fine(x)
     for n in prange(out.shape[1]):
         for t in range(x.shape[0]):
             out[t, n] = gelu_tanh(row_dot(xa, t, wg, n)) * row_dot(xa, t, wu, n)
@@ -690,7 +685,7 @@ def all_kernels() -> tuple:
     them)."""
     from . import cpu_decode
 
-    return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, screen_columns, gemm, gemm_fine, gate_up_gelu, dequant_rows_int8,
+    return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, screen_columns, gemm, gate_up_gelu, dequant_rows_int8,
             dequant_rows_int4, _head_topk, _head_screen, _head_rescore, _exact_rows, _decode_attention,
             cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
 
@@ -714,7 +709,6 @@ def warm_up() -> float:
     out = np.empty((1, 64), dtype=f32)
     for w in (w8, w4, w2):
         gemm(x, w, out)
-        gemm_fine(x, w, out)
         gate_up_gelu(x, w, w, out)
         head_topk(x, w, 2, 30.0, parts=2)
     head_topk(x, w2, 2, 30.0, parts=2, row_err=err)

@@ -236,12 +236,12 @@ def decode_attention_output_and_mlp(a: DecodeLayerArgs, x: torch.Tensor, attn: t
 
 def head_logits(hidden: torch.Tensor, head, cap: float | None) -> torch.Tensor:
     """Soft-capped fp32 logits ``[N, vocab]`` of final hidden states ``[N, hidden]``. A quantized
-    head on the CPU multiplies activations quantized in two int8 parts (about 15 bits: the logits
-    decide the tokens; see kernels/simd.py), as :func:`head_topk` does."""
+    head on the CPU multiplies activations quantized in two int8 parts (about 15 bits; see
+    kernels/simd.py), as :func:`head_topk` and every other product do."""
     h = hidden.reshape(-1, hidden.shape[-1])
     if fused_cpu(head) and h.shape[0] <= SMALL_BATCH:
         out = np.empty((h.shape[0], head.shape[0]), dtype=np.float32)
-        _nb().gemm_fine(_np(h), kernel_weight(head), out)
+        _nb().gemm(_np(h), kernel_weight(head), out)
         return softcap(torch.from_numpy(out), cap)
     return softcap(linear(h, head).float(), cap)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 
-def fake_quant_activations(x: torch.Tensor, fine: bool = False) -> torch.Tensor:
-    """``x`` as the kernels see it: quantized to int8 per group of 32 and back (``fine``: plus the
-    second int8 part, as the vocabulary head's products quantize it)."""
+def fake_quant_activations(x: torch.Tensor, fine: bool = True) -> torch.Tensor:
+    """``x`` as the kernels' products see it: quantized per group of 32 in two int8 parts and back
+    (``fine=False``: the first part only, as the head's screen quantizes it)."""
     g = x.float().reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
     d = g.abs().amax(-1, keepdim=True) / 127.0
     safe = torch.where(d > 0, d, torch.ones_like(d))
@@ -35,7 +35,7 @@ def quantized_activation_linear(monkeypatch) -> None:
 
     def head_logits(hidden, head, cap):
         if isinstance(head, torch.Tensor) and hidden.reshape(-1, hidden.shape[-1]).shape[0] <= ops.SMALL_BATCH:
-            return torch_ops.softcap(plain(fake_quant_activations(hidden, fine=True), head).float(), cap)
+            return torch_ops.softcap(plain(fake_quant_activations(hidden), head).float(), cap)
         return plain_head(hidden, head, cap)
 
     monkeypatch.setattr(ops, "head_logits", head_logits)
