@@ -9,7 +9,8 @@ A quantized matrix arrives as a tuple ``w = (codes as uint8, scales, mins, bits)
 :func:`gemma4_nb.kernels.ops.kernel_weight`); one compiled kernel serves int8 and int4 rows (the
 row dot products are the vector intrinsics of :mod:`.simd`).
 
-* ``gemm``: ``out[t, n] = sum_k x[t, k] * W[n, k]`` on activations quantized in two int8 parts,
+* ``gemm``: ``out[t, n] = sum_k x[t, k] * W[n, k]`` on activations quantized in int8 (two parts;
+  one for int4 weights),
   through ``gemm_quantized``: parallel over output rows, each weight row
   read once for all ``t`` (matrix-vector at decode, small matrix-matrix for verification).
 * ``gate_up_gelu``: ``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices.
@@ -33,7 +34,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import PREFETCH, dot8, dot_int4, dot_int8, dot_planes, dot_screen, prefetch_row
+from .simd import PREFETCH, dot8, dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row
 
 def _choose_threading_layer() -> None:
     """TBB when it can be loaded, else numba's work queue; ``NUMBA_THREADING_LAYER`` overrides.
@@ -87,10 +88,13 @@ INT8, INT4, INT8_PLANES = 8, 4, 2  # the ``kind`` of a kernel weight tuple
 @njit(inline="always", fastmath=True)
 def row_dot(xa, t, w, n):
     """Row ``n`` of quantized matrix ``w`` dotted with activation row ``t`` (``xa`` from
-    :func:`quantize_activations`)."""
+    :func:`quantize_activations_fine`, or :func:`quantize_activations`). An int4 row takes the
+    first part of the activations only: its own rounding (1/30 of a group's range) is 8x coarser
+    than one part's (1/254), and the second part cost the 12B shape 20% of its speed (the int8
+    layouts, whose rounding is as fine as one part's, keep both)."""
     codes, scales, mins, low, kind = w
     if kind == INT4:
-        return dot_int4(xa, t, codes, scales, mins, n)
+        return dot_int4(first_part(xa), t, codes, scales, mins, n)
     if kind == INT8_PLANES:
         return dot_planes(xa, t, codes, low, scales, n)
     return dot_int8(xa, t, codes, scales, n)
@@ -139,9 +143,9 @@ def quantize_activations(x):
 @njit(cache=True, nogil=True)
 def quantize_activations_fine(x):
     """As :func:`quantize_activations`, plus a second int8 part ``xq2`` quantizing the remainder
-    ``x - xd * xq`` with ``xd2 = xd / 254`` (about 15 bits in all): ``(xq, xq2, xd, xd2, xs)``.
-    Used for the vocabulary head, whose logits decide the tokens."""
-    xq, xd, _ = quantize_activations(x)
+    ``x - xd * xq`` with ``xd2 = xd / 254`` (about 15 bits in all): ``(xq, xq2, xd, xd2, xs, xs1)``,
+    ``xs`` the group sums of both parts, ``xs1`` of the first (see :func:`.simd.first_part`)."""
+    xq, xd, xs1 = quantize_activations(x)
     t_n, k_n = x.shape
     g_n = k_n // 32
     xq2 = np.empty((t_n, k_n), dtype=np.int8)
@@ -160,7 +164,7 @@ def quantize_activations_fine(x):
                 total += q * d + np.float32(q2) * d2
             xd2[t, g] = d2
             xs[t, g] = total
-    return xq, xq2, xd, xd2, xs
+    return xq, xq2, xd, xd2, xs, xs1
 
 
 @njit(**_OPTS)
@@ -176,8 +180,8 @@ def gemm_quantized(xa, w, out):
 
 @njit(fastmath=True, cache=True, nogil=True)
 def gemm(x, w, out):
-    """``out = x @ W^T`` with the activations quantized in two int8 parts (every product; see
-    :mod:`.simd`)."""
+    """``out = x @ W^T`` with the activations quantized in two int8 parts (the first only against
+    int4 rows; see :mod:`.simd`)."""
     gemm_quantized(quantize_activations_fine(x), w, out)
 
 
@@ -434,7 +438,7 @@ def _head_rescore(x, w, row_err, k, parts, full, estimates, threshold, part_vals
     n_rows = w[0].shape[0]
     per = (n_rows + parts - 1) // parts
     xa = quantize_activations_fine(x)
-    xq, xq2, xd, xd2, _ = xa
+    xq, xq2, xd, xd2, _, _ = xa
     c_q, c_d, _ = quantize_activations(x)
     norm = np.float32(0.0)  # |x2| outside the exact columns
     gap = np.float32(0.0)  # |x1 - x2|
@@ -552,7 +556,7 @@ class ScreenPolicy:
 
 def head_topk(x, w, k: int, cap: float | None, parts: int = 64, row_err=None, policy: ScreenPolicy | None = None):
     """Top-``k`` (values, ids) of ``softcap(x @ W^T)`` for one position ``x`` ``[1, hidden]``, the
-    activations quantized in two int8 parts (see :mod:`.simd`).
+    activations quantized in int8 parts as every product's (see :mod:`.simd`).
 
     A head in the nibble-plane layout (``row_err`` given) runs two passes: pass 1 estimates every
     row cheaply (one-part activations; the high plane only, or both planes, see

@@ -236,8 +236,8 @@ def decode_attention_output_and_mlp(a: DecodeLayerArgs, x: torch.Tensor, attn: t
 
 def head_logits(hidden: torch.Tensor, head, cap: float | None) -> torch.Tensor:
     """Soft-capped fp32 logits ``[N, vocab]`` of final hidden states ``[N, hidden]``. A quantized
-    head on the CPU multiplies activations quantized in two int8 parts (about 15 bits; see
-    kernels/simd.py), as :func:`head_topk` and every other product do."""
+    head on the CPU multiplies activations quantized as every product's (two int8 parts, about 15
+    bits, for int8 weights; see kernels/simd.py), as :func:`head_topk` does."""
     h = hidden.reshape(-1, hidden.shape[-1])
     if fused_cpu(head) and h.shape[0] <= SMALL_BATCH:
         out = np.empty((h.shape[0], head.shape[0]), dtype=np.float32)

@@ -2,9 +2,11 @@
 
 Activations are quantized per group of 32 in two int8 parts, ``x ~ xd * xq + xd2 * xq2`` (``xq2``
 quantizes what ``xq`` leaves, with ``xd2 = xd / 254``: about 15 bits), or in one part,
-``x ~ xd * xq`` (llama.cpp's Q8 activations), for the vocabulary head's screen only. Every product
-takes two parts: with one, the 270M's greedy tokens differed from fp32 at 1-3 more positions of
-256 (logit margins 0.01-0.13), for 2-5% less time per token. A group's dot product is then
+``x ~ xd * xq`` (llama.cpp's Q8 activations). Products with int8 weights take two parts: with
+one, the 270M's greedy tokens differed from fp32 at 1-3 more positions of 256 (logit margins
+0.01-0.13), for 2-5% less time per token. Products with int4 weights, whose own rounding is 8x
+coarser, and the vocabulary head's screen take the first part (:func:`first_part`). A group's
+dot product is then
 one or two integer sums, each of which one AVX-VNNI /
 AVX512-VNNI instruction (``vpdpbusd``: unsigned bytes times signed bytes, summed in 32-bit lanes)
 computes for 32 weights; its 8 lanes are converted to fp32, scaled by the group's two scales and
@@ -28,7 +30,7 @@ The weight side of each format becomes, per group, 32 unsigned bytes ``U`` and a
 Callable from any ``@njit`` function: ``dot_int8(xa, t, codes, scales, n)``,
 ``dot_int4(xa, t, codes, scales, mins, n)``, ``dot_planes(xa, t, high, low, scales, n)``,
 ``dot_screen(...)`` (same arguments). ``xa``: ``(xq, xd, xs)`` from
-``cpu_numba.quantize_activations`` or ``(xq, xq2, xd, xd2, xs)`` from
+``cpu_numba.quantize_activations`` or ``(xq, xq2, xd, xd2, xs, xs1)`` from
 ``cpu_numba.quantize_activations_fine``: int8 ``[T, K]`` parts, their scales ``[T, K // 32]`` and
 ``xs[t, g]`` the group's sum of the dequantized activations; ``codes`` int8/uint8 ``[N, K]``
 or packed nibbles ``[N, K // 2]``; ``scales``/``mins`` fp32 ``[N, K // 32]``. Every array must be
@@ -41,7 +43,7 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 GROUP = 32
 UNROLL = 4  # groups per loop iteration, each into its own accumulators
@@ -136,7 +138,7 @@ def _qdot(context, builder, sig, args, mode: str):
     xa, tv, ca, sa2, sa, nv = args
     ty = sig.args
     parts = []
-    for i in range(len(ty[0])):  # (xq, xd, xs) or (xq, xq2, xd, xd2, xs)
+    for i in range(len(ty[0])):  # (xq, xd, xs) or (xq, xq2, xd, xd2, xs, xs1)
         a = context.make_array(ty[0].types[i])(context, builder, builder.extract_value(xa, i))
         parts.append(_row_ptr(builder, a, tv, builder.extract_value(a.shape, 1)))
     if len(parts) == 3:
@@ -216,10 +218,10 @@ def _qdot(context, builder, sig, args, mode: str):
 
 def _check_activations(xa):
     want = {3: (types.int8, types.float32, types.float32),
-            5: (types.int8, types.int8, types.float32, types.float32, types.float32)}
+            6: (types.int8, types.int8, types.float32, types.float32, types.float32, types.float32)}
     if not isinstance(xa, types.BaseTuple) or len(xa) not in want or any(
             not isinstance(t, types.Array) or t.dtype != d for t, d in zip(xa.types, want[len(xa)])):
-        raise TypeError(f"expected an activation tuple (xq, xd, xs) or (xq, xq2, xd, xd2, xs), got {xa}")
+        raise TypeError(f"expected an activation tuple (xq, xd, xs) or (xq, xq2, xd, xd2, xs, xs1), got {xa}")
 
 
 @intrinsic
@@ -305,3 +307,18 @@ def dot8(typingctx, arr, n, vec):
         return _hsum(builder, prod)
 
     return sig, codegen
+
+
+def first_part(xa):
+    """The one-part activations ``(xq, xd, xs1)`` of a two-part tuple ``(xq, xq2, xd, xd2, xs,
+    xs1)`` (the first part's arrays; ``xs1`` its group sums); a one-part tuple as it is. In
+    ``@njit`` code."""
+    return xa if len(xa) == 3 else (xa[0], xa[2], xa[5])
+
+
+@overload(first_part, inline="always")
+def _first_part(xa):
+    _check_activations(xa)
+    if len(xa) == 6:
+        return lambda xa: (xa[0], xa[2], xa[5])
+    return lambda xa: xa

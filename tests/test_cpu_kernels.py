@@ -24,6 +24,7 @@ from gemma4_nb.kernels import ops  # noqa: E402
 from gemma4_nb.kernels import torch_ops as ref  # noqa: E402
 from gemma4_nb.quant import dequantize, quantize, quantize_weight  # noqa: E402
 from quant_reference import fake_quant_activations as fq  # noqa: E402
+from quant_reference import fake_quant_for  # noqa: E402
 
 
 def close(got, want, rel=1e-4):
@@ -73,7 +74,7 @@ def test_search_reproduces_block_quantized_weights(gen):
 def test_quantized_linear(fmt, t, gen):
     w = quantize_weight(torch.randn(200, 320, generator=gen), fmt)
     x = torch.randn(t, 320, generator=gen)
-    want = (fq(x) if t <= ops.SMALL_BATCH else x) @ w.dequantize().t()  # t=40: dequantized blocks, torch GEMM
+    want = (fake_quant_for(x, w) if t <= ops.SMALL_BATCH else x) @ w.dequantize().t()  # t=40: dequantized blocks, torch GEMM
     close(ops.linear(x, w), want)
 
 
@@ -82,8 +83,9 @@ def test_fused_gate_up_gelu(fmt, gen):
     gate, up = (quantize_weight(torch.randn(160, 64, generator=gen), fmt) for _ in range(2))
     down = quantize_weight(torch.randn(64, 160, generator=gen), fmt)
     x = torch.randn(2, 64, generator=gen)
-    h = ref.gelu_tanh(fq(x) @ gate.dequantize().t()) * (fq(x) @ up.dequantize().t())
-    close(ops.gated_mlp(x, gate, up, down), fq(h) @ down.dequantize().t())
+    xq = fake_quant_for(x, gate)
+    h = ref.gelu_tanh(xq @ gate.dequantize().t()) * (xq @ up.dequantize().t())
+    close(ops.gated_mlp(x, gate, up, down), fake_quant_for(h, down) @ down.dequantize().t())
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -91,7 +93,7 @@ def test_fused_gate_up_gelu(fmt, gen):
 def test_fused_head_topk(fmt, cap, gen):
     head = quantize_weight(torch.randn(5000, 64, generator=gen), fmt)
     h = torch.randn(64, generator=gen)
-    logits = ref.softcap(fq(h[None]) @ head.dequantize().t(), cap)[0]
+    logits = ref.softcap(fake_quant_for(h[None], head) @ head.dequantize().t(), cap)[0]
     close(ops.head_logits(h[None], head, cap)[0], logits)  # the full logits, same activations
     vals, ids = ops.head_topk(h, head, cap, 8)
     want_vals, want_ids = torch.topk(logits, 8)
@@ -235,7 +237,7 @@ def test_row_dot_intrinsics(fmt, shape, gen):
     x = torch.randn(t, k, generator=gen)
     out = np.empty((t, 37), dtype=np.float32)
     nb.gemm(x.numpy(), ops.kernel_weight(w), out)
-    want = fq(x).double() @ w.dequantize().double().t()
+    want = fake_quant_for(x, w).double() @ w.dequantize().double().t()
     close(out, want, rel=1e-5)
 
 

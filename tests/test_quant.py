@@ -16,12 +16,12 @@ from gemma4_nb.errors import CheckpointError, Gemma4Error  # noqa: E402
 from gemma4_nb.model import GemmaModel  # noqa: E402
 from gemma4_nb.quant import MARKER_FILE, QWeight  # noqa: E402
 from gemma4_nb.resolve import embedded_model  # noqa: E402
-from quant_reference import quantized_activation_linear  # noqa: E402
+from quant_reference import dequantized, quantized_activation_linear  # noqa: E402
 
 
 def dequantized_twin(net: GemmaModel) -> GemmaModel:
     """The same model with every quantized weight dequantized: the plain torch path."""
-    weights = {n: (w.dequantize() if isinstance(w, QWeight) else w) for n, w in net.weights.items()}
+    weights = {n: (dequantized(w) if isinstance(w, QWeight) else w) for n, w in net.weights.items()}
     return GemmaModel(net.cfg, weights)
 
 
