@@ -192,18 +192,17 @@ def _qdot(context, builder, sig, args, mode: str):
     blocks = builder.udiv(g_n, unroll)
     with cgutils.for_range(builder, blocks) as loop:
         g0 = builder.mul(loop.index, unroll)
-        if PREFETCH:
-            # the next rows' bytes, ahead of the hardware prefetcher (which does not run far enough
-            # ahead of a loop with this much arithmetic per byte: the screen ran at compute time
-            # plus memory time instead of the larger of the two)
-            step = GROUP if mode == "int8" else GROUP // 2
-            for line in range(0, UNROLL * step, 64):
-                _prefetch(builder, wrow, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH + line)))
-            if mode == "planes":
-                _prefetch(builder, row2, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH)))
-            _prefetch(builder, srow, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
-            if mode == "int4":
-                _prefetch(builder, row2, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
+        # the next rows' bytes, ahead of the hardware prefetcher (which does not run far enough
+        # ahead of a loop with this much arithmetic per byte: the screen ran at compute time plus
+        # memory time instead of the larger of the two)
+        step = GROUP if mode == "int8" else GROUP // 2
+        for line in range(0, UNROLL * step, 64):
+            _prefetch(builder, wrow, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH + line)))
+        if mode == "planes":
+            _prefetch(builder, row2, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH)))
+        _prefetch(builder, srow, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
+        if mode == "int4":
+            _prefetch(builder, row2, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
         for i in range(UNROLL):
             group(builder.add(g0, ir.Constant(_I64, i)), i)
     done = builder.mul(blocks, unroll)

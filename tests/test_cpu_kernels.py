@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +240,35 @@ def test_row_dot_intrinsics(fmt, shape, gen):
     nb.gemm(x.numpy(), ops.kernel_weight(w), out)
     want = fake_quant_for(x, w).double() @ w.dequantize().double().t()
     close(out, want, rel=1e-5)
+
+
+def test_products_without_vnni(tmp_path):
+    """Machines without AVX-VNNI run the same integer sums in fp32 arithmetic (kernels/simd.py):
+    compiled that way in a fresh process (its own numba cache), every layout's product and the
+    screened head still match the reference."""
+    code = """
+import numpy as np, torch
+from gemma4_nb.kernels import simd
+simd.HAS_VNNI = False  # before any kernel compiles
+from gemma4_nb.kernels import cpu_numba as nb, ops
+from gemma4_nb.quant import quantize_weight, to_planes
+from quant_reference import fake_quant_for
+g = torch.Generator().manual_seed(5)
+worst = 0.0
+for fmt in ("int8", "int4", "planes"):
+    w = quantize_weight(torch.randn(300, 224, generator=g), "int4" if fmt == "int4" else "int8")
+    w = to_planes(w) if fmt == "planes" else w
+    x = torch.randn(2, 224, generator=g)
+    want = fake_quant_for(x, w) @ w.dequantize().t()
+    worst = max(worst, float((ops.linear(x, w) - want).abs().max() / want.abs().max()))
+h = torch.randn(224, generator=g)
+_, ids = ops.head_topk(h, w, None, 5)
+assert torch.equal(ids, (fake_quant_for(h[None], w) @ w.dequantize().t())[0].topk(5).indices)
+print(worst)
+"""
+    env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent)}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    assert float(out.stdout.split()[-1]) < 1e-5
 
 
 def test_threading_layer_is_tbb_or_work_queue():
