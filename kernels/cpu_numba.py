@@ -73,7 +73,7 @@ _choose_threading_layer()
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 # fastmath lets LLVM assume no infinities, so "minus infinity" is a finite sentinel here
 RESCORE_AHEAD = 4  # rows prefetched ahead in the head's pass 2 (measured 2-8: alike; none: +25%)
-EXACT_COLUMNS = 8  # columns the screened head computes exactly (see ScreenPolicy)
+EXACT_COLUMNS = 8  # columns the screened head computes exactly (see ScreenPolicy): simd.dot8's width
 NEG = np.float32(-3.0e38)
 
 
