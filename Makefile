@@ -68,7 +68,7 @@ install: $(VENV)/.deps $(LABEXT)
 install-test: $(VENV)/.deps-test $(VENV)/.deps-browser install
 
 demo: install
-	$(BIN)/python -m gemma4_nb.demo examples/quickstart.ipynb build
+	$(BIN)/python -m gemma4_nb.devtools.demo examples/quickstart.ipynb build
 
 # The sidebar's unit tests (vitest), then every Python test, the browser end-to-end test among them
 # (its screenshots land in build/e2e/).

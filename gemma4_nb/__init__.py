@@ -3,20 +3,20 @@
 __version__ = "0.1.0"
 
 from .errors import Gemma4Error
-from .runtime import Model, load
+from .runtime.model import Model, load
 
 __all__ = ["Gemma4Error", "Model", "chat", "load"]
 
 
 def chat():
     """A chat panel (ipywidgets) for this kernel: send, stop, attachments, insert/run code."""
-    from .panel import chat as _chat
+    from .notebook.panel import chat as _chat
 
     return _chat()
 
 
 def load_ipython_extension(ipython):
     """``%load_ext gemma4_nb``: registers ``%%gemma`` and ``%gemma``."""
-    from .magics import load_ipython_extension as _load
+    from .notebook.magics import load_ipython_extension as _load
 
     _load(ipython)

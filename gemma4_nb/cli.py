@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .chat_template import PLAIN_STOPS, plain_prompt
+from .runtime.chat_template import PLAIN_STOPS, plain_prompt
 from .errors import Gemma4Error
 
 
@@ -22,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_generate(args) -> int:
-    from .runtime import load
+    from .runtime.model import load
 
     model = load(args.model, dtype=args.dtype, device=args.device, max_context=args.max_context,
                  download=args.download, drafting=None if args.drafting == "off" else args.drafting,
@@ -56,7 +56,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import SHAPES, bench_command
+    from .devtools.bench import SHAPES, bench_command
 
     if args.shape and args.shape not in SHAPES:
         raise Gemma4Error(f"unknown shape {args.shape!r}; use one of {sorted(SHAPES)}")
@@ -70,7 +70,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_tiny(args) -> int:
-    from .tiny import write_tiny_checkpoint
+    from .devtools.tiny import write_tiny_checkpoint
 
     print(write_tiny_checkpoint(args.out_dir, args.seed))
     return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..quant import QWeight
+from ..runtime.quant import QWeight
 from . import gpu as _gpu
 from . import torch_ops as _ref
 from .torch_ops import (RopeTable, apply_rope, attention_mask, gelu_tanh, rms_norm,  # noqa: F401

@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from gemma4_nb.tiny import write_tokenizer
+from gemma4_nb.devtools.tiny import write_tokenizer
 
 # Three shapes: window shorter than every test prompt, K=V full layers, head_dim differing
 # between sliding and full layers, sharded and single-file weights, KV sharing, no softcap.

@@ -12,11 +12,11 @@ import uuid
 
 import pytest
 
-from gemma4_nb.chat_service import BUSY, code_blocks, decode_attachment
-from gemma4_nb.comm import ChatProtocol
-from gemma4_nb.copilot import Copilot
+from gemma4_nb.notebook.chat_service import BUSY, code_blocks, decode_attachment
+from gemma4_nb.notebook.comm import ChatProtocol
+from gemma4_nb.notebook.copilot import Copilot
 from gemma4_nb.errors import Gemma4Error
-from gemma4_nb.backend import Reply
+from gemma4_nb.backends.base import Reply
 
 
 class Scripted:
@@ -224,7 +224,7 @@ def test_model_load_failure_is_a_message(monkeypatch, tmp_path):
 
 
 def test_the_agent_inserts_cells_through_the_frontend():
-    from gemma4_nb.notebook import KernelWorkspace
+    from gemma4_nb.notebook.workspace import KernelWorkspace
 
     sent = []
     proto = ChatProtocol(Copilot(None), sent.append)
@@ -297,7 +297,7 @@ class KernelComm:
 def test_sidebar_protocol_in_a_real_kernel_with_the_embedded_model(tmp_path):
     k = KernelComm(tmp_path)
     try:
-        k.execute("import gemma4_nb.comm\ngemma4_nb.comm.register()\n%load_ext gemma4_nb\n"
+        k.execute("import gemma4_nb.notebook.comm\ngemma4_nb.notebook.comm.register()\n%load_ext gemma4_nb\n"
                   "%gemma config max_new_tokens=24 temperature=0\nimport pandas as pd\n"
                   "df = pd.DataFrame({'a': [1, 2, 3]})\ny = 7")
         k.open()
@@ -347,8 +347,8 @@ def test_widget_panel_streams_stops_and_reports_bad_input(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     from types import SimpleNamespace
 
-    from gemma4_nb.copilot import get_copilot
-    from gemma4_nb.panel import ChatPanel
+    from gemma4_nb.notebook.copilot import get_copilot
+    from gemma4_nb.notebook.panel import ChatPanel
 
     shell = SimpleNamespace(user_ns={})
     get_copilot(shell).backend = Scripted(["Try:\n```python\n", "x = 1\n", "```"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gemma4_nb
-from gemma4_nb.generation import GenerationRequest, Usage, generate_ids
+from gemma4_nb.runtime.generation import GenerationRequest, Usage, generate_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,8 +7,8 @@ import torch
 from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import gemma4_nb
-from gemma4_nb.sampling import Sampler, SamplingParams, filter_logits
-from gemma4_nb.tokenizer import StreamDecoder, Tokenizer
+from gemma4_nb.runtime.sampling import Sampler, SamplingParams, filter_logits
+from gemma4_nb.runtime.tokenizer import StreamDecoder, Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_filters_match_transformers_warpers(params):
 def test_sampling_from_head_top_k_is_the_full_distribution(params):
     """``Sampler.pick`` on the top-k logits gives every token the probability ``__call__``'s
     filtering of all the logits gives it (and the rest none)."""
-    from gemma4_nb.sampling import filter_logits
+    from gemma4_nb.runtime.sampling import filter_logits
 
     logits = torch.randn(5000, generator=torch.Generator().manual_seed(4)) * 4
     full = filter_logits(logits, params).softmax(-1)

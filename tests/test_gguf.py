@@ -14,9 +14,9 @@ from gguf.quants import dequantize, quantize
 
 import gemma4_nb
 from gemma4_nb.errors import CheckpointError, ConfigError
-from gemma4_nb.generation import GenerationRequest, Usage, generate_ids
-from gemma4_nb.gguf_file import GGUFFile
-from gemma4_nb.resolve import embedded_model
+from gemma4_nb.runtime.generation import GenerationRequest, Usage, generate_ids
+from gemma4_nb.runtime.gguf_file import GGUFFile
+from gemma4_nb.runtime.resolve import embedded_model
 from gguf_helpers import write_gguf
 
 PROMPTS = [
@@ -166,8 +166,8 @@ def test_directory_with_one_gguf(tmp_path, gguf_cache):
 
 
 def test_int8_kv_keeps_greedy_tokens_of_the_real_model(embedded):
-    from gemma4_nb.bench import AGREEMENT_TEXT
-    from gemma4_nb.cache import PrefixCache
+    from gemma4_nb.devtools.bench import AGREEMENT_TEXT
+    from gemma4_nb.runtime.kv_cache import PrefixCache
 
     net = embedded.net
     ids = embedded.encode(AGREEMENT_TEXT * 3)[:512]
@@ -186,7 +186,7 @@ def test_int8_kv_keeps_greedy_tokens_of_the_real_model(embedded):
 def test_base_model_is_asked_with_a_plain_question_and_answer_prompt(gguf_cache, monkeypatch):
     from IPython.core.interactiveshell import InteractiveShell
 
-    from gemma4_nb.copilot import Copilot
+    from gemma4_nb.notebook.copilot import Copilot
 
     monkeypatch.delenv("GEMMA4_NB_MODEL", raising=False)
     shell = InteractiveShell.instance()

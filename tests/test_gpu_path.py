@@ -18,7 +18,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 from gemma4_nb.kernels import gpu
 from gemma4_nb.kernels import torch_ops as ref
-from gemma4_nb.quant import QWeight, dequantize, quantize_weight
+from gemma4_nb.runtime.quant import QWeight, dequantize, quantize_weight
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_triton = pytest.mark.skipif(not gpu.triton_available(),
@@ -117,9 +117,9 @@ def test_softcap_goes_to_the_reference():
 def test_attention_chunks_reads_the_chunked_cache():
     """Decode steps over a KV cache of small chunks (sliding layer dropped chunks, full layer
     kept all) through chunk_view agree with the reference over the gathered K/V."""
-    from gemma4_nb.cache import KVCache
-    from gemma4_nb.config import parse_config
-    from gemma4_nb.tiny import tiny_config
+    from gemma4_nb.runtime.kv_cache import KVCache
+    from gemma4_nb.runtime.config import parse_config
+    from gemma4_nb.devtools.tiny import tiny_config
 
     cfg = parse_config(tiny_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
                                    global_head_dim=512, attention_k_eq_v=False, sliding_window=24,
@@ -223,7 +223,7 @@ def test_model_through_gpu_kernels_matches_reference(hf_checkpoints, monkeypatch
     shorter than the prompt, head dims differing by layer type) and every quantized product
     through the GPU path's kernels, against the same weights on the reference path."""
     import gemma4_nb
-    from gemma4_nb.model import GemmaModel
+    from gemma4_nb.runtime.decoder import GemmaModel
 
     path, _ = hf_checkpoints[variant]
     model = gemma4_nb.load(path, device="cpu", dtype="fp32", quant=quant, progress=False)
@@ -238,7 +238,7 @@ def test_model_through_gpu_kernels_matches_reference(hf_checkpoints, monkeypatch
 
     # the reference: the same (dequantized) weights through plain torch (the CPU's fused numba
     # kernels quantize activations to int8, which the GPU path does not)
-    from gemma4_nb.quant import QWeight
+    from gemma4_nb.runtime.quant import QWeight
 
     want = run(GemmaModel(net.cfg, {n: w.dequantize() if isinstance(w, QWeight) else w for n, w in net.weights.items()}))
     _route_ops_to_gpu_kernels(monkeypatch)
@@ -310,7 +310,7 @@ def test_transformers_baseline_holds_the_same_weights(hf_checkpoints, quant):
     import json
 
     import gemma4_nb
-    from gemma4_nb.bench_transformers import generate_speed, transformers_model
+    from gemma4_nb.devtools.bench_transformers import generate_speed, transformers_model
 
     path, _ = hf_checkpoints["c"]
     model = gemma4_nb.load(path, device="cpu", dtype="fp32", quant=quant, progress=False)
@@ -326,7 +326,7 @@ def test_transformers_baseline_holds_the_same_weights(hf_checkpoints, quant):
 
 
 def test_bench_compare_transformers_runs_both_engines(hf_checkpoints, capsys):
-    from gemma4_nb.bench import bench_command
+    from gemma4_nb.devtools.bench import bench_command
 
     path, _ = hf_checkpoints["c"]
     rows = bench_command(model=str(path), device="cpu", dtype="fp32", prompt=12, decode=3, compare="transformers",
@@ -342,7 +342,7 @@ def test_gpu_path_imports_neither_transformers_nor_triton():
     import subprocess
     import sys
 
-    code = ("import sys, gemma4_nb, gemma4_nb.bench, gemma4_nb.kernels.ops, gemma4_nb.kernels.gpu; "
+    code = ("import sys, gemma4_nb, gemma4_nb.devtools.bench, gemma4_nb.kernels.ops, gemma4_nb.kernels.gpu; "
             "print(sorted(m for m in ('transformers', 'triton') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -350,7 +350,7 @@ def test_gpu_path_imports_neither_transformers_nor_triton():
 
 @cuda
 def test_cuda_bench_quantized_against_transformers(hf_checkpoints, capsys):
-    from gemma4_nb.bench import bench_command
+    from gemma4_nb.devtools.bench import bench_command
 
     path, _ = hf_checkpoints["c"]
     rows = bench_command(model=str(path), device="cuda", quant="int4", prompt=64, decode=8, compare="transformers")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import gemma4_nb
-from gemma4_nb.cache import CacheRollbackError, PrefixCache
-from gemma4_nb.generation import prefill
-from gemma4_nb.memory import MemoryPlanError, plan_memory
-from gemma4_nb.tiny import write_tiny_checkpoint
+from gemma4_nb.runtime.kv_cache import CacheRollbackError, PrefixCache
+from gemma4_nb.runtime.generation import prefill
+from gemma4_nb.runtime.memory import MemoryPlanError, plan_memory
+from gemma4_nb.devtools.tiny import write_tiny_checkpoint
 
 SMALL = dict(chunk=4, max_rollback=3)  # boundaries crossed every few tokens
 
@@ -162,18 +162,18 @@ def test_32k_context_memory_is_bounded_and_planned(long_model):
 
 def test_refuses_what_will_not_fit(tiny_dir, monkeypatch):
     model = gemma4_nb.load(tiny_dir, progress=False)
-    monkeypatch.setattr("gemma4_nb.runtime.available_memory", lambda device: 1 << 20)
+    monkeypatch.setattr("gemma4_nb.runtime.model.available_memory", lambda device: 1 << 20)
     with pytest.raises(MemoryPlanError, match=r"needs about .* GiB more memory .* but only 0\.00 GiB is available"):
         model.generate("hello", max_new_tokens=8)
     with pytest.raises(MemoryPlanError, match="weights need"):
-        monkeypatch.setattr("gemma4_nb.runtime.available_memory", lambda device: 1000)
+        monkeypatch.setattr("gemma4_nb.runtime.model.available_memory", lambda device: 1000)
         gemma4_nb.load(tiny_dir, progress=False)
 
 
 def test_planner_figures_for_gemma4_12b():
-    from gemma4_nb.bench import SHAPES
-    from gemma4_nb.config import parse_config
-    from gemma4_nb.tiny import tiny_config
+    from gemma4_nb.devtools.bench import SHAPES
+    from gemma4_nb.runtime.config import parse_config
+    from gemma4_nb.devtools.tiny import tiny_config
 
     cfg = parse_config(tiny_config(**dict(SHAPES["gemma4-12b"])))
     assert 11.5e9 < cfg.parameter_count() < 12.5e9

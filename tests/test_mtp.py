@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import gemma4_nb
-from gemma4_nb.assistant import DraftContext, MTPDrafter
+from gemma4_nb.runtime.mtp import DraftContext, MTPDrafter
 from gemma4_nb.errors import ConfigError, ModelNotFoundError
-from gemma4_nb.speculative import PromptLookupDrafter
+from gemma4_nb.runtime.speculative import PromptLookupDrafter
 
 from conftest import randomize_
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import gemma4_nb
-from gemma4_nb.media import MediaError, load_audio, load_image
-from gemma4_nb.multimodal import image_patches, target_size
-from gemma4_nb.tiny import SPECIAL_TOKENS
+from gemma4_nb.runtime.media import MediaError, load_audio, load_image
+from gemma4_nb.runtime.multimodal import image_patches, target_size
+from gemma4_nb.devtools.tiny import SPECIAL_TOKENS
 
 TOKENS = {name: SPECIAL_TOKENS.index(tok) for name, tok in [
     ("image_token_id", "<|image|>"), ("audio_token_id", "<|audio|>"), ("boi_token_id", "<|image>"),
@@ -127,7 +127,7 @@ def test_token_sequence_and_soft_tokens_match_transformers(mm_checkpoint, media_
         out = ref(input_ids=ids[None], pixel_values=pixel_values, image_position_ids=positions,
                   input_features=torch.from_numpy(frames)[None], input_features_mask=torch.ones(1, len(frames), dtype=torch.bool),
                   mm_token_type_ids=mm_types[None], attention_mask=masks)
-    from gemma4_nb.model import SoftTokens
+    from gemma4_nb.runtime.decoder import SoftTokens
 
     got = model.net.forward(ids, model.net.new_cache(), soft=SoftTokens(prompt.soft_mask, prompt.soft, prompt.blocks),
                             outputs="all").logits
@@ -272,7 +272,7 @@ def test_copilot_shows_open_figures_to_a_vision_model(mm_checkpoint):
     import matplotlib.pyplot as plt
     from IPython.core.interactiveshell import InteractiveShell
 
-    from gemma4_nb.copilot import Copilot
+    from gemma4_nb.notebook.copilot import Copilot
 
     path, _ = mm_checkpoint
     shell = InteractiveShell.instance()

@@ -102,7 +102,7 @@ def test_history_file_survives_a_kernel_restart(tiny_dir, tmp_path):
 def test_interrupt_stops_generation_and_keeps_the_partial_answer(tmp_path):
     from jupyter_client.manager import KernelManager
 
-    from gemma4_nb.tiny import write_tiny_checkpoint
+    from gemma4_nb.devtools.tiny import write_tiny_checkpoint
 
     import json
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gemma4_nb
-from gemma4_nb.generation import GenerationRequest, Usage, generate_ids
+from gemma4_nb.runtime.generation import GenerationRequest, Usage, generate_ids
 
 VARIANTS = ["a", "b", "c"]
 
@@ -100,7 +100,7 @@ def test_bare_text_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
 
 def test_soft_tokens_replace_embeddings(loaded):
     """The embedding step takes overrides (how image and audio embeddings enter the decoder)."""
-    from gemma4_nb.model import SoftTokens
+    from gemma4_nb.runtime.decoder import SoftTokens
 
     net = loaded["a"].net
     ids = torch.tensor(prompt_ids(20, seed=6))

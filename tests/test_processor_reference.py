@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("torchvision", reason="transformers' Gemma4Unified image processor needs torchvision")
 
 import gemma4_nb  # noqa: E402
-from gemma4_nb.multimodal import audio_frames, image_patches  # noqa: E402
-from gemma4_nb.tokenizer import Tokenizer  # noqa: E402
+from gemma4_nb.runtime.multimodal import audio_frames, image_patches  # noqa: E402
+from gemma4_nb.runtime.tokenizer import Tokenizer  # noqa: E402
 
 
 def photo(h, w, seed):
@@ -64,9 +64,9 @@ def test_prompt_token_sequence_matches_the_reference_processor(processor, tokeni
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ref = processor(text=text, images=[[Image.fromarray(i) for i in images]], audio=[clip], return_tensors="pt",
                     add_special_tokens=False)  # the template already wrote <bos>
-    from gemma4_nb.multimodal import prepare_prompt
-    from gemma4_nb.config import parse_config
-    from gemma4_nb.tiny import tiny_config
+    from gemma4_nb.runtime.multimodal import prepare_prompt
+    from gemma4_nb.runtime.config import parse_config
+    from gemma4_nb.devtools.tiny import tiny_config
 
     cfg_dict = tiny_config()
     cfg_dict.update(image_token_id=17, audio_token_id=18, boi_token_id=19, eoi_token_id=20, boa_token_id=21, eoa_token_index=22,

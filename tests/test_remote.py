@@ -12,9 +12,9 @@ import httpx
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from gemma4_nb.copilot import Copilot
-from gemma4_nb.remote import OpenAIBackend, RemoteError
-from gemma4_nb.resolve import embedded_model
+from gemma4_nb.notebook.copilot import Copilot
+from gemma4_nb.backends.openai_compat import OpenAIBackend, RemoteError
+from gemma4_nb.runtime.resolve import embedded_model
 
 
 def free_port() -> int:
@@ -113,7 +113,7 @@ def test_agent_loop_through_the_remote_backend(server):
 
 
 def test_tool_calls_stream_from_the_server(tool_server):
-    from gemma4_nb.agent import TOOLS
+    from gemma4_nb.notebook.agent import TOOLS
 
     backend = OpenAIBackend(tool_server, tools=True)
     reply = backend.complete([{"role": "user", "content": "Compute the total revenue per region of `sales`."}],

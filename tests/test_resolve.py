@@ -10,7 +10,7 @@ import pytest
 
 import gemma4_nb
 from gemma4_nb.errors import ModelNotFoundError
-from gemma4_nb.resolve import resolve_model
+from gemma4_nb.runtime.resolve import resolve_model
 
 
 @pytest.fixture

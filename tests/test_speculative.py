@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import gemma4_nb
-from gemma4_nb.sampling import SamplingParams
-from gemma4_nb.speculative import DraftStats, PromptLookupDrafter, accept_or_resample
+from gemma4_nb.runtime.sampling import SamplingParams
+from gemma4_nb.runtime.speculative import DraftStats, PromptLookupDrafter, accept_or_resample
 
 
 def test_prompt_lookup_proposes_what_followed_the_last_ngram():
@@ -71,7 +71,7 @@ def test_rejection_sampling_preserves_the_target_distribution(params, draft):
     """200,000 samples over a 6-token vocabulary: every probability within 0.006 of the target
     (the standard error is at most 0.0011, so the bound is over 5 sigma)."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
-    target = torch.softmax(__import__("gemma4_nb.sampling", fromlist=["x"]).filter_logits(logits, params), -1)
+    target = torch.softmax(__import__("gemma4_nb.runtime.sampling", fromlist=["x"]).filter_logits(logits, params), -1)
     gen = torch.Generator().manual_seed(0)
     n = 200_000
     counts = torch.zeros(6)
@@ -108,7 +108,7 @@ def _simulate(policy, accept_rate: float, draft: float, c0: float, c1: float, ro
 
 
 def test_cost_aware_draft_length_follows_the_costs():
-    from gemma4_nb.speculative import CostAwareK, expected_tokens
+    from gemma4_nb.runtime.speculative import CostAwareK, expected_tokens
 
     assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
     assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12

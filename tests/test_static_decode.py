@@ -8,7 +8,7 @@ import torch
 
 import gemma4_nb
 from gemma4_nb.errors import Gemma4Error
-from gemma4_nb.static_decode import StaticDecoder
+from gemma4_nb.runtime.static_decode import StaticDecoder
 
 
 def _decode_both(net, prompt: list[int], steps: int, capacity: int, graphs: bool = False, min_bucket: int = 16):
@@ -54,7 +54,7 @@ def test_static_steps_with_an_attention_softcap(hf_checkpoints):
     """Gemma 2-style score soft-capping (none in Gemma 3/4) takes the explicit fp32 branch."""
     from dataclasses import replace
 
-    from gemma4_nb.model import GemmaModel
+    from gemma4_nb.runtime.decoder import GemmaModel
 
     path, _ = hf_checkpoints["c"]
     base = gemma4_nb.load(path, device="cpu", dtype="fp32", progress=False).net
@@ -96,7 +96,7 @@ def test_cuda_graph_replay_matches_eager_steps(hf_checkpoints, quant):
 
 
 def test_bench_with_static_steps(hf_checkpoints, capsys):
-    from gemma4_nb.bench import bench_command
+    from gemma4_nb.devtools.bench import bench_command
 
     path, _ = hf_checkpoints["c"]
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,7 +10,7 @@ export const TARGET = 'gemma4_nb.chat';
 export const FRONTEND_TARGET = 'gemma4_nb.frontend';
 /** Run silently before opening the comm: makes the kernel accept it (no %load_ext needed). */
 export const BOOTSTRAP =
-  'import gemma4_nb.comm as _gemma4_nb_comm\n_gemma4_nb_comm.register()\ndel _gemma4_nb_comm';
+  'import gemma4_nb.notebook.comm as _gemma4_nb_comm\n_gemma4_nb_comm.register()\ndel _gemma4_nb_comm';
 
 export type AttachmentKind = 'image' | 'audio';
 

@@ -1,0 +1,77 @@
+"""The in-kernel runtime as a backend: a loaded :class:`~gemma4_nb.runtime.model.Model`."""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from ..runtime.generation import TextStream, Usage, generate_ids
+from ..runtime.tokenizer import StreamDecoder
+from .base import Reply, visible
+from .toolcalls import CALL_OPEN, parse_tool_calls
+
+
+class LocalBackend:
+    """The in-kernel runtime (a loaded :class:`~gemma4_nb.runtime.model.Model`)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        tok = model.tokenizer
+        self.supports_tools = tok.token_id(CALL_OPEN) is not None and "tool" in (tok.chat_template or "")
+        self.supports_images = model.config.vision is not None
+        self.base_model = tok.base_model  # answers plain-text prompts better than chat turns
+        specials = sorted((t for i in tok.all_special_ids if (t := tok.hf.id_to_token(i))), key=len, reverse=True)
+        self._special = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
+
+    def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, draft: bool | None = None,
+                      on_text: Callable[[str], None] | None = None, **sampling) -> Reply:
+        """Continue plain text (no chat template): the code-completion and question-and-answer
+        protocols for base models. Streams through the same stop-string handling as ``generate``."""
+        m = self.model
+        req = m._request(m.encode(text), max_new_tokens, stop, **sampling)
+        m._check_memory(req)
+        stream = TextStream(m.net, m.tokenizer, req, m.max_context, prefix=m.cache, prefill_chunk=m.prefill_chunk,
+                            drafter=m.drafter_for(draft))
+        m.last_usage = stream.usage
+        stopped = False
+        try:
+            for delta in stream:
+                if on_text:
+                    on_text(delta)
+        except KeyboardInterrupt:
+            stopped = True
+        return Reply(text=stream.text, usage=stream.usage, stopped=stopped, raw=stream.text)
+
+    def _strip(self, text: str) -> str:
+        return self._special.sub("", text) if self._special is not None and "<" in text else text
+
+    def complete(self, messages, *, tools=None, on_text=None, max_new_tokens=512, draft: bool | None = None,
+                 **sampling) -> Reply:
+        m = self.model
+        prompt = m.prepare_chat(messages, tools=tools if self.supports_tools else None)
+        req = m._request(prompt.ids, max_new_tokens, None, prompt=prompt if prompt.soft_mask is not None else None,
+                         **sampling)
+        m._check_memory(req)
+        usage = Usage()
+        m.last_usage = usage
+        decoder = StreamDecoder(m.tokenizer, skip_special_tokens=False)
+        raw, shown, stopped = "", "", False
+        try:
+            for token in generate_ids(m.net, req, m.max_context, usage, prefix=m.cache, prefill_chunk=m.prefill_chunk,
+                                      drafter=m.drafter_for(draft)):
+                raw += decoder.push(token)
+                view = self._strip(visible(raw))
+                if len(view) > len(shown) and CALL_OPEN not in raw:
+                    if on_text:
+                        on_text(view[len(shown):])
+                    shown = view
+        except KeyboardInterrupt:
+            stopped = True
+            usage.finish_reason = "interrupted"
+        raw += decoder.flush()
+        text, calls, errors = parse_tool_calls(raw)
+        text = shown if stopped else self._strip(visible(raw))
+        return Reply(text=text, tool_calls=[] if stopped else calls, errors=[] if stopped else errors,
+                     usage=usage, stopped=stopped, raw=raw)
+
+

@@ -1,0 +1,249 @@
+"""A serving engine as the backend: any OpenAI-compatible chat-completions endpoint (vLLM,
+llama.cpp's server, Ollama, LM Studio). The notebook features work unchanged through it.
+
+Streaming, tool calls, images and audio (where the server accepts them), usage figures; timeouts,
+retries with backoff before the first byte, and errors that say what to do.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from typing import Callable
+
+import httpx
+
+from .base import Reply
+from ..errors import Gemma4Error
+from ..runtime.generation import Usage
+from .toolcalls import ToolCall
+
+ENV_URL, ENV_MODEL, ENV_KEY = "GEMMA4_NB_BACKEND_URL", "GEMMA4_NB_BACKEND_MODEL", "GEMMA4_NB_API_KEY"
+
+
+class RemoteError(Gemma4Error):
+    """The server could not be reached or answered with an error."""
+
+
+def _png(obj) -> str:
+    from PIL import Image
+
+    from ..runtime.media import load_image
+
+    buf = io.BytesIO()
+    Image.fromarray(load_image(obj)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _wav(obj, rate=None) -> str:
+    import soundfile
+
+    from ..runtime.media import SAMPLING_RATE, load_audio
+
+    buf = io.BytesIO()
+    soundfile.write(buf, load_audio(obj, rate), SAMPLING_RATE, format="WAV")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def to_openai_messages(messages: list[dict]) -> list[dict]:
+    """Our messages (transformers' format) as OpenAI chat messages."""
+    out = []
+    for m in messages:
+        msg = {"role": "assistant" if m["role"] in ("assistant", "model") else m["role"]}
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                kind = p.get("type")
+                if kind == "text":
+                    parts.append({"type": "text", "text": p["text"]})
+                elif kind == "image":
+                    src = p.get("image", p.get("path", p.get("url")))
+                    parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_png(src)}"}})
+                elif kind == "audio":
+                    src = p.get("audio", p.get("path", p.get("url")))
+                    parts.append({"type": "input_audio", "input_audio": {"data": _wav(src, p.get("sampling_rate")),
+                                                                          "format": "wav"}})
+            msg["content"] = parts
+        else:
+            msg["content"] = content or ""
+        if m.get("tool_calls"):
+            msg["tool_calls"] = [{"id": c.get("id") or f"call_{i}", "type": "function",
+                                  "function": {"name": c["function"]["name"],
+                                               "arguments": json.dumps(c["function"].get("arguments", {}))}}
+                                 for i, c in enumerate(m["tool_calls"])]
+        if m["role"] == "tool":
+            msg["tool_call_id"] = m.get("tool_call_id") or "call_0"
+        out.append(msg)
+    return out
+
+
+class OpenAIBackend:
+    """A remote OpenAI-compatible server.
+
+    ``tools=False`` for servers or models without tool calling: the agent then uses its
+    code-completion protocol through ``/v1/completions``.
+    """
+
+    supports_images = True
+
+    def __init__(self, url: str, model: str | None = None, *, api_key: str | None = None, tools: bool = True,
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 0.5) -> None:
+        url = url.rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise RemoteError(f"backend URL {url!r} must start with http:// or https://")
+        self.url = url if url.endswith("/v1") else url + "/v1"
+        self.model = model or "default"
+        self.api_key = api_key or os.environ.get(ENV_KEY) or os.environ.get("OPENAI_API_KEY")
+        self.supports_tools = tools
+        self.retries, self.backoff = retries, backoff
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)), headers=headers)
+        self.last_usage: Usage | None = None
+
+    def __repr__(self) -> str:
+        return f"<remote backend {self.url} model={self.model}>"
+
+    @classmethod
+    def from_env(cls) -> "OpenAIBackend | None":
+        url = os.environ.get(ENV_URL)
+        return cls(url, os.environ.get(ENV_MODEL)) if url else None
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _stream(self, path: str, body: dict):
+        """Open a streaming POST, retrying connection failures and 429/5xx with backoff."""
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                req = self.client.build_request("POST", self.url + path, json=body)
+                resp = self.client.send(req, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                last = RemoteError(f"cannot reach the server at {self.url} ({exc.__class__.__name__}: {exc}). Is it "
+                                   "running? Check the URL with `%gemma backend`, or `%gemma backend local` to use "
+                                   "the in-kernel model.")
+                continue
+            except httpx.TimeoutException as exc:
+                last = RemoteError(f"the server at {self.url} did not answer in time ({exc}); it may be overloaded")
+                continue
+            if resp.status_code == 429 or resp.status_code >= 500:
+                detail = resp.read().decode(errors="replace")[:300]
+                resp.close()
+                last = RemoteError(f"the server at {self.url} answered HTTP {resp.status_code}: {detail}")
+                continue
+            if resp.status_code >= 400:
+                detail = resp.read().decode(errors="replace")[:500]
+                resp.close()
+                hint = " (check the API key: $GEMMA4_NB_API_KEY)" if resp.status_code in (401, 403) else ""
+                raise RemoteError(f"the server at {self.url} answered HTTP {resp.status_code} to {path}: {detail}{hint}")
+            return resp
+        raise last
+
+    @staticmethod
+    def _events(resp):
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                yield json.loads(data)
+            except json.JSONDecodeError:
+                raise RemoteError(f"the server sent a malformed event: {data[:200]!r}") from None
+
+    @staticmethod
+    def _usage(usage: Usage, event: dict) -> None:
+        u = event.get("usage") or {}
+        if u:
+            usage.prompt_tokens = int(u.get("prompt_tokens", 0))
+            usage.generated_tokens = int(u.get("completion_tokens", usage.generated_tokens))
+
+    # -- the backend interface --------------------------------------------------------------
+
+    def complete(self, messages, *, tools=None, on_text: Callable[[str], None] | None = None, stop=None, max_new_tokens=512, temperature=None, top_p=None, seed=None, tool_choice=None,
+                 **_) -> Reply:
+        body = {"model": self.model, "messages": to_openai_messages(messages), "stream": True,
+                "stream_options": {"include_usage": True}, "max_tokens": max_new_tokens}
+        if tools and self.supports_tools:
+            body["tools"] = tools
+            if tool_choice is not None:
+                body["tool_choice"] = tool_choice
+        for key, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("stop", stop)):
+            if value is not None:
+                body[key] = value
+        return self._run("/chat/completions", body, on_text, chat=True)
+
+    def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, temperature=None,
+                      on_text: Callable[[str], None] | None = None, **_) -> Reply:
+        body = {"model": self.model, "prompt": text, "stream": True, "max_tokens": max_new_tokens, "stop": stop,
+                "stream_options": {"include_usage": True}}
+        if temperature is not None:
+            body["temperature"] = temperature
+        return self._run("/completions", body, on_text, chat=False)
+
+    def _run(self, path: str, body: dict, on_text, chat: bool) -> Reply:
+        usage = Usage()
+        self.last_usage = usage
+        t0 = time.perf_counter()
+        text, calls, stopped = "", {}, False
+        resp = self._stream(path, body)
+        t_first = None
+        try:
+            for event in self._events(resp):
+                self._usage(usage, event)
+                for choice in event.get("choices") or []:
+                    delta = choice.get("delta", {}) if chat else {"content": choice.get("text", "")}
+                    piece = delta.get("content") or ""
+                    if piece:
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                        text += piece
+                        usage.generated_tokens += 0 if event.get("usage") else 1
+                        if on_text:
+                            on_text(piece)
+                    for tc in delta.get("tool_calls") or []:
+                        slot = calls.setdefault(tc.get("index", 0), {"id": tc.get("id", ""), "name": "", "arguments": ""})
+                        fn = tc.get("function") or {}
+                        slot["name"] = slot["name"] or fn.get("name") or ""  # sent whole (some servers repeat it)
+                        slot["id"] = slot["id"] or tc.get("id") or ""
+                        slot["arguments"] += fn.get("arguments") or ""
+                    if choice.get("finish_reason"):
+                        usage.finish_reason = {"stop": "eos", "tool_calls": "eos"}.get(choice["finish_reason"],
+                                                                                        choice["finish_reason"])
+        except KeyboardInterrupt:  # Stop: dropping the connection ends the generation on the server
+            stopped = True
+            usage.finish_reason = "interrupted"
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"the connection to {self.url} broke during the reply ({exc}); the partial "
+                              f"answer was: {text[:200]!r}") from None
+        finally:
+            resp.close()
+        end = time.perf_counter()
+        usage.prefill_seconds = (t_first or end) - t0
+        usage.decode_seconds = end - (t_first or end)
+        tool_calls, errors = [], []
+        for i, slot in sorted(calls.items()):
+            try:
+                args = json.loads(slot["arguments"]) if slot["arguments"].strip() else {}
+                if not isinstance(args, dict):
+                    raise ValueError("arguments are not an object")
+                tool_calls.append(ToolCall(slot["name"], args, id=slot["id"] or f"call_{i}"))
+            except ValueError as exc:
+                errors.append(f"tool call {slot['name']!r} has malformed arguments ({exc}): {slot['arguments'][:200]!r}")
+        return Reply(text=text, tool_calls=[] if stopped else tool_calls, errors=[] if stopped else errors,
+                     usage=usage, stopped=stopped, raw=text)
+
+    def status(self) -> str:
+        try:
+            r = self.client.get(self.url + "/models", timeout=5)
+            models = [m.get("id") for m in r.json().get("data", [])] if r.status_code == 200 else []
+            state = f"reachable, serving {', '.join(models) or '?'}" if r.status_code == 200 else f"HTTP {r.status_code}"
+        except (httpx.HTTPError, ValueError) as exc:
+            state = f"unreachable ({exc.__class__.__name__})"
+        return f"backend: {self.url} (model {self.model}; {state}; tools {'on' if self.supports_tools else 'off'})"

@@ -1,0 +1,234 @@
+"""``%load_ext gemma4_nb``: the ``%%gemma`` cell magic and the ``%gemma`` line magic."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+
+from .agent import AgentResult
+from .chat_service import BUSY
+from .copilot import get_copilot
+from ..errors import Gemma4Error
+
+HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--no-context]
+    [--max-new-tokens N] [--temperature T] [--no-draft]
+<your question>
+    Ask about your notebook. The answer streams below as Markdown. The copilot sees your
+    DataFrames, open figures, recent cells and the last error. --agent lets it write code: the
+    code appears as a new cell below and runs per the approval setting. --image/--audio take a
+    file path or a variable name (a figure, an array, PIL image, bytes...). Speculative drafting
+    (prompt lookup; output unchanged) is on unless --no-draft.
+
+%gemma status              model, memory, last reply's speed
+%gemma model [REF]         show or set the model (a directory, .gguf file or HF repo id)
+%gemma config [key=value]  show or change settings (approval, max_new_tokens, temperature,
+                           context_tokens, max_steps, history_file)
+%gemma approval ask|auto|never   ask before running generated code (default), run it, or never
+%gemma backend URL [--model NAME] [--no-tools]   use an OpenAI-compatible server (vLLM,
+                           llama.cpp, Ollama); `%gemma backend local` returns to the in-kernel model
+%gemma context [--df NAME] show what the model would see
+%gemma panel               a chat panel (ipywidgets) with Send, Stop, attachments
+%gemma history             the conversation so far
+%gemma reset               forget the conversation (and the cached prompt)
+%gemma unload              free the model's memory (reloads on next use)
+%gemma help                this text"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise Gemma4Error(f"{message}\n\n{HELP}")
+
+
+def _cell_parser() -> _Parser:
+    p = _Parser(prog="%%gemma", add_help=False)
+    p.add_argument("--agent", action="store_true")
+    p.add_argument("--df", action="append", default=None)
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("--audio", action="append", default=[])
+    p.add_argument("--no-context", action="store_true")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--no-draft", action="store_true")
+    return p
+
+
+class _Stream:
+    """Markdown that grows in place as the reply streams (plain text in a terminal)."""
+
+    def __init__(self, rich: bool) -> None:
+        from IPython.display import Markdown, display
+
+        self.rich, self.text, self._last = rich, "", 0.0
+        self.Markdown, self._display = Markdown, display
+        self.handle = None
+
+    def write(self, delta: str) -> None:
+        if self.rich and self.handle is None:  # created on first output: an error leaves no empty box
+            self.handle = self._display(self.Markdown(""), display_id=True)
+        self.text += delta
+        if not self.rich:
+            print(delta, end="", flush=True)
+        elif time.monotonic() - self._last > 0.1:
+            self.handle.update(self.Markdown(self.text))
+            self._last = time.monotonic()
+
+    def close(self, text: str | None = None) -> None:
+        if text is not None:
+            self.text = text
+        if self.rich:
+            if self.handle is None:
+                self.handle = self._display(self.Markdown(""), display_id=True)
+            self.handle.update(self.Markdown(self.text or "*(no answer)*"))
+        else:
+            print()
+
+
+@magics_class
+class GemmaMagics(Magics):
+    def __init__(self, shell) -> None:
+        super().__init__(shell)
+        self.copilot = get_copilot(shell)
+
+    def _resolve(self, ref: str):
+        """A variable name from the notebook, else the text itself (a path)."""
+        return self.shell.user_ns.get(ref, ref)
+
+    def _ask_approval(self, code: str, why: str) -> bool:
+        try:
+            answer = input(f"gemma4-nb wants to run this code ({why}):\n{code}\nRun it? [y/N] ")
+        except Exception:  # no stdin in this frontend (nbclient, some IDEs): do not run
+            print("(cannot ask here; set `%gemma approval auto` to run generated code)")
+            return False
+        return answer.strip().lower() in ("y", "yes")
+
+    @line_cell_magic
+    def gemma(self, line: str, cell: str | None = None):
+        try:
+            if cell is None:
+                return self._line(line)
+            return self._cell(line, cell)
+        except Gemma4Error as exc:  # a clear message; the kernel and the user's work stay intact
+            print(f"gemma4-nb: {exc}")
+        except KeyboardInterrupt:  # Stop before generation started: nothing half-done to keep
+            print("gemma4-nb: stopped")
+
+    def _cell(self, line: str, cell: str):
+        args = _cell_parser().parse_args(shlex.split(line))
+        c = self.copilot
+        if args.max_new_tokens:
+            c.settings.max_new_tokens = args.max_new_tokens
+        if args.temperature is not None:
+            c.settings.temperature = args.temperature
+        c.draft = not args.no_draft
+        question = cell.strip()
+        if not question:
+            raise Gemma4Error("the cell is empty: write a question under %%gemma")
+        rich = getattr(self.shell, "kernel", None) is not None
+        stream = _Stream(rich)
+
+        def on_event(kind: str, text: str) -> None:
+            if kind == "code":
+                stream.write(f"\n\n```python\n{text}\n```\n")
+            elif kind == "skipped":
+                stream.write(f"\n*{text}*\n")
+
+        if not c.lock.acquire(blocking=False):
+            raise Gemma4Error(BUSY)
+        try:
+            result = c.ask(question, agent=args.agent, frames=args.df, images=[self._resolve(i) for i in args.image],
+                           audios=[self._resolve(a) for a in args.audio], use_context=not args.no_context,
+                           on_text=stream.write, ask_approval=self._ask_approval, on_event=on_event)
+        except KeyboardInterrupt:  # Stop outside the generation loop: keep what was shown
+            result = AgentResult(answer=stream.text, stopped=True)
+        finally:
+            c.lock.release()
+        final = result.answer
+        if args.agent and result.cells:
+            final = stream.text.rstrip() + ("\n\n" + result.answer if result.answer not in stream.text else "")
+        stream.close(final + ("\n\n*(stopped)*" if result.stopped else ""))
+        if c.last_usage is not None and not rich:
+            print(f"[{c.last_usage.summary()}]")
+
+    def _line(self, line: str):
+        parts = shlex.split(line)
+        cmd, rest = (parts[0], parts[1:]) if parts else ("status", [])
+        c = self.copilot
+        if c.lock.locked() and (cmd in ("unload", "reset") or (cmd in ("model", "backend") and rest)):
+            raise Gemma4Error(BUSY)  # a chat panel is generating with the model this would replace
+        if cmd == "status":
+            print(c.status())
+        elif cmd == "model":
+            if rest:
+                c.unload()
+                c.settings.model = rest[0]
+                print(f"model set to {rest[0]} (loads on first use)")
+            else:
+                print(c.settings.model or "(default: $GEMMA4_NB_MODEL or the embedded Gemma 3 270M)")
+        elif cmd == "backend":
+            if not rest:
+                print(c.settings.backend_url or "local (the in-kernel model)")
+            elif rest[0] == "local":
+                c.use_backend(None)
+                print("backend: the in-kernel model")
+            else:
+                p = _Parser(prog="%gemma backend", add_help=False)
+                p.add_argument("url")
+                p.add_argument("--model")
+                p.add_argument("--no-tools", action="store_true")
+                a = p.parse_args(rest)
+                c.use_backend(a.url, a.model, tools=not a.no_tools)
+                c.ensure_model()
+                print(c.backend.status())
+        elif cmd == "config":
+            for item in rest:
+                key, _, value = item.partition("=")
+                c.settings.update(key.strip(), value.strip())
+            for k, v in vars(c.settings).items():
+                print(f"{k} = {v}")
+        elif cmd == "approval":
+            if not rest:
+                print(c.settings.approval)
+            else:
+                c.settings.update("approval", rest[0])
+                print(f"approval = {c.settings.approval}")
+        elif cmd == "context":
+            frames = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--df"] or None
+            from .context import build_context
+
+            ctx = build_context(self.shell, frames=frames, budget_tokens=c.settings.context_tokens)
+            print(ctx.render() or "(nothing to show: no dataframes, figures or recent cells)")
+        elif cmd == "panel":
+            from IPython.display import display
+
+            from .panel import ChatPanel
+
+            display(ChatPanel(self.shell))
+        elif cmd == "history":
+            if not c.turns:
+                print("(no conversation yet)")
+            for t in c.turns:
+                print(f"{t['role']}: {t['content']}\n")
+        elif cmd == "reset":
+            c.reset()
+            print("conversation cleared")
+        elif cmd == "unload":
+            c.unload()
+            print("model unloaded")
+        elif cmd in ("help", "-h", "--help"):
+            print(HELP)
+        else:
+            raise Gemma4Error(f"unknown command {cmd!r}\n\n{HELP}")
+
+
+def load_ipython_extension(ipython) -> None:
+    from .comm import register
+
+    ipython.register_magics(GemmaMagics)
+    register(ipython)  # the JupyterLab sidebar's comm
+
+
+def unload_ipython_extension(ipython) -> None:
+    pass

@@ -1,0 +1,221 @@
+"""The Gemma text decoder: one functional implementation driven by :class:`ModelConfig`.
+
+Weights live in a flat dict keyed by canonical names (the checkpoint names without the text
+prefix). Layers call the kernels in :mod:`gemma4_nb.kernels`; nothing here depends on how a
+weight is stored, so quantized weights and fused kernels plug in behind the same calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kv_cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK, KVCache
+from .config import LayerSpec, ModelConfig
+from ..kernels import ops
+from .multimodal import Embedders
+from .quant import to_planes
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor | None  # [N, vocab] fp32 for the requested positions
+    hidden: torch.Tensor  # [N, hidden] final-normed hidden state for the same positions
+
+
+@dataclass
+class SoftTokens:
+    """Embeddings that replace the token embeddings at ``mask`` positions (images, audio)."""
+
+    mask: torch.Tensor  # bool [T]
+    embeddings: torch.Tensor  # [mask.sum(), hidden]
+    blocks: torch.Tensor | None = None  # long [T]: image block ids, bidirectional on sliding layers
+
+
+class GemmaModel:
+    # heads with at least this many rows (vocabularies) are screened on the CPU (see _screened_head)
+    SCREENED_HEAD_MIN_ROWS = 32768
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        self.cfg = cfg
+        self.weights = weights
+        self.embed_weight = weights["embed_tokens.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed_weight)
+        self.dtype = self.embed_weight.dtype
+        self.device = self.embed_weight.device
+        # The reference casts the sqrt(hidden) scale to the weight dtype before multiplying.
+        self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype)
+        self.layer_weights = [self._layer_weights(s) for s in cfg.layers]
+        self.fused = ops.fused_cpu(self.lm_head)  # quantized weights on the CPU: numba kernels
+        if (self.fused and self.lm_head.fmt == "int8" and not self.lm_head.planes
+                and self.lm_head.shape[0] >= self.SCREENED_HEAD_MIN_ROWS):
+            self._screened_head()
+        self._decode_args = None  # per-layer arguments of the fused decode kernels, built on first use
+        self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
+        self._rope = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
+                      for s in cfg.layers}
+
+    def _screened_head(self) -> None:
+        """Store an int8 vocabulary head as nibble planes (same bytes; see ``quant.to_planes``):
+        greedy and top-k decoding then read about half of it per token, exactly. A tied embedding
+        is the same tensor, converted once."""
+        planes = to_planes(self.lm_head)
+        for name in ("lm_head.weight", "embed_tokens.weight"):
+            if self.weights.get(name) is self.lm_head:
+                self.weights[name] = planes
+        if self.embed_weight is self.lm_head:
+            self.embed_weight = planes
+        self.lm_head = planes
+
+    def _layer_weights(self, spec: LayerSpec) -> dict[str, torch.Tensor | None]:
+        p = f"layers.{spec.index}."
+        get = self.weights.get
+        return {
+            "input_norm": get(p + "input_layernorm.weight"),
+            "q_proj": get(p + "self_attn.q_proj.weight"),
+            "q_norm": get(p + "self_attn.q_norm.weight"),
+            "k_proj": get(p + "self_attn.k_proj.weight"),
+            "k_norm": get(p + "self_attn.k_norm.weight"),
+            "v_proj": get(p + "self_attn.v_proj.weight"),
+            "o_proj": get(p + "self_attn.o_proj.weight"),
+            "post_attn_norm": get(p + "post_attention_layernorm.weight"),
+            "pre_ffn_norm": get(p + "pre_feedforward_layernorm.weight"),
+            "post_ffn_norm": get(p + "post_feedforward_layernorm.weight"),
+            "gate": get(p + "mlp.gate_proj.weight"),
+            "up": get(p + "mlp.up_proj.weight"),
+            "down": get(p + "mlp.down_proj.weight"),
+            "layer_scalar": get(p + "layer_scalar"),
+        }
+
+    def new_cache(self, *, chunk: int = DEFAULT_CHUNK, kv_dtype: str | None = None,
+                  max_rollback: int = DEFAULT_MAX_ROLLBACK, offload_after: int | None = None) -> KVCache:
+        return KVCache(self.cfg, self.device, self.dtype, chunk=chunk, kv_dtype=kv_dtype,
+                       max_rollback=max_rollback, offload_after=offload_after)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def embed(self, ids: torch.Tensor, soft: SoftTokens | None = None) -> torch.Tensor:
+        if soft is not None:
+            ids = torch.where(soft.mask, self.cfg.pad_token_id, ids)
+        x = self.embed_weight[ids] * self.embed_scale
+        if soft is not None:
+            x = x.clone()
+            x[soft.mask] = soft.embeddings.to(x.dtype)
+        return x
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return ops.rms_norm(x, weight, self.cfg.rms_norm_eps, self.cfg.family.norm_offset)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return ops.head_logits(hidden, self.lm_head, self.cfg.final_softcap)
+
+    def top_k(self, hidden: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` (soft-capped logits, token ids) of one position's final hidden state, without
+        materializing every logit when the head is quantized on the CPU."""
+        return ops.head_topk(hidden, self.lm_head, self.cfg.final_softcap, k)
+
+    def _keys_from_values(self, layer: int, v_all: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """K=V layers store V = rmsnorm(k_proj(x)) once; K = rope(V * k_norm weight) is rebuilt here."""
+        spec = self.cfg.layers[layer]
+        w = self.layer_weights[layer]["k_norm"].float() + self.cfg.family.norm_offset
+        cos, sin = self._rope[spec.rope].get(k_pos)
+        return ops.apply_rope((v_all.float() * w).to(self.dtype), cos, sin, seq_dim=1)
+
+    def _qkv(self, spec: LayerSpec, w, h, rope):
+        """Projections of one layer: ``q`` ``[T, Hq, D]`` (normed, rotated) and this layer's new
+        ``k``, ``v`` ``[T, Hkv, D]`` (None for a layer reading another layer's K/V; ``k`` None for
+        a K=V layer, whose ``v`` is the weight-free norm of the raw projection)."""
+        cfg = self.cfg
+        t = h.shape[0]
+        cos, sin = rope
+        q = ops.linear(h, w["q_proj"]).view(t, cfg.num_heads, spec.head_dim)
+        q = ops.apply_rope(self.norm(q, w["q_norm"]), cos, sin)
+        if not spec.owns_kv:
+            return q, None, None
+        raw = ops.linear(h, w["k_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
+        if spec.k_eq_v:
+            return q, None, ops.rms_norm(raw, None, cfg.rms_norm_eps)
+        v = ops.linear(h, w["v_proj"]).view(t, spec.num_kv_heads, spec.head_dim)
+        k = ops.apply_rope(self.norm(raw, w["k_norm"]), cos, sin)
+        if cfg.family.has_v_norm:
+            v = ops.rms_norm(v, None, cfg.rms_norm_eps)
+        return q, k, v
+
+    def _attend(self, spec: LayerSpec, q, k, v, q_pos, cache, blocks=None) -> torch.Tensor:
+        """Store this layer's K/V and attend: ``[T, Hq * D]``."""
+        cfg = self.cfg
+        t = q.shape[0]
+        # a fused decode step reads K/V straight from the cache's chunks (no contiguous copy)
+        direct = (self.fused and t == 1 and blocks is None and not spec.k_eq_v
+                  and getattr(cache, "chunk_view", None) is not None and cache.kv_dtype is None)
+        k_all = v_all = k_pos = None
+        if spec.owns_kv:
+            stored = cache.update(spec.index, None if k is None else k.transpose(0, 1), v.transpose(0, 1),
+                                  gather=not direct)
+            if stored is not None:
+                k_all, v_all, k_pos = stored
+        elif not direct:
+            k_all, v_all, k_pos = cache.read(spec.kv_source)
+        view = cache.chunk_view(spec.kv_source) if direct else None
+        if view is not None:
+            out = ops.attention_chunks(q.transpose(0, 1), view, cfg.query_scale, cfg.attn_softcap)
+            return out.reshape(t, cfg.num_heads * spec.head_dim)
+        if v_all is None:  # not representable as chunks after all: gather
+            k_all, v_all, k_pos = cache.read(spec.kv_source)
+        if k_all is None:
+            k_all = self._keys_from_values(spec.kv_source, v_all, k_pos)
+        # images attend to themselves both ways on sliding layers only (full layers stay causal)
+        out = ops.attention(q.transpose(0, 1), k_all, v_all, q_pos, k_pos, spec.window, cfg.query_scale,
+                            cfg.attn_softcap, blocks if spec.kind == "sliding" else None, fused=self.fused)
+        return out.reshape(t, cfg.num_heads * spec.head_dim)
+
+    def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache, blocks=None) -> torch.Tensor:
+        w = self.layer_weights[spec.index]
+        if self.fused and x.shape[0] == 1 and blocks is None and x.dtype == torch.float32:
+            if self._decode_args is None:
+                self._decode_args = [ops.DecodeLayerArgs(self.cfg, s, self.layer_weights[s.index]) for s in self.cfg.layers]
+            args = self._decode_args[spec.index]
+            if args.ok:
+                q, k, v = ops.decode_attention_inputs(args, x, rope)
+                return ops.decode_attention_output_and_mlp(args, x, self._attend(spec, q, k, v, q_pos, cache))
+        q, k, v = self._qkv(spec, w, self.norm(x, w["input_norm"]), rope)
+        attn = ops.linear(self._attend(spec, q, k, v, q_pos, cache, blocks), w["o_proj"])
+        x = x + self.norm(attn, w["post_attn_norm"])
+        mlp = ops.gated_mlp(self.norm(x, w["pre_ffn_norm"]), w["gate"], w["up"], w["down"])
+        x = x + self.norm(mlp, w["post_ffn_norm"])
+        if w["layer_scalar"] is not None:
+            x = x * w["layer_scalar"]
+        return x
+
+    # -- forward ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache,
+        *,
+        soft: SoftTokens | None = None,
+        outputs: str = "last",
+        logits: bool = True,
+    ) -> ForwardOutput:
+        """Run ``ids`` (1-D, the next positions after ``cache.length``) through the decoder.
+
+        ``outputs``: ``"last"`` returns the last position only, ``"all"`` every position.
+        The cache is updated and committed.
+        """
+        ids = ids.to(self.device)
+        q_pos = cache.begin(ids.shape[0])
+        x = self.embed(ids, soft)
+        ropes = {r: table.get(q_pos) for r, table in self._rope.items()}
+        blocks = None
+        if soft is not None and soft.blocks is not None and bool((soft.blocks >= 0).any()):
+            blocks = soft.blocks.to(self.device)
+        for spec in self.cfg.layers:
+            x = self._layer(spec, x, ropes[spec.rope], q_pos, cache, blocks)
+        cache.commit()
+        if outputs == "last":
+            x = x[-1:]
+        hidden = self.norm(x, self.weights["norm.weight"])
+        return ForwardOutput(self.logits(hidden) if logits else None, hidden)

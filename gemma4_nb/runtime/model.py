@@ -1,0 +1,333 @@
+"""The user-facing runtime: :func:`load` a checkpoint, then ``generate`` or ``chat``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .chat_template import validate_messages
+from .checkpoint import load_checkpoint
+from .config import ModelConfig, load_config
+from ..errors import ContextLengthError, Gemma4Error, ModelNotFoundError, PromptError
+from .kv_cache import DEFAULT_CHUNK, PrefixCache
+from .generation import GenerationRequest, TextStream, Usage
+from .memory import GiB, MemoryPlanError, available_memory, plan_memory
+from .decoder import GemmaModel
+from .multimodal import PreparedPrompt, collect_media, prepare_prompt
+from .resolve import resolve_model
+from .sampling import SamplingParams
+from .speculative import PromptLookupDrafter
+from .tokenizer import Tokenizer
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def choose_device_dtype(cfg: ModelConfig, device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
+    """bf16 on CUDA; on CPU fp32 when it fits comfortably in memory, else bf16."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise Gemma4Error("device='cuda' was asked for but PyTorch sees no CUDA GPU; use device='cpu'")
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise Gemma4Error(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype is None:
+        if device.type == "cuda":
+            dtype = torch.bfloat16
+        else:
+            fits = cfg.parameter_count() * 4 < _available_memory() // 2
+            dtype = torch.float32 if fits else torch.bfloat16
+    return device, dtype
+
+
+class Model:
+    """A loaded model with its tokenizer, ready to ``generate`` and ``chat``."""
+
+    def __init__(self, model_dir: Path, cfg: ModelConfig, net: GemmaModel, tokenizer: Tokenizer,
+                 generation_config: dict, max_context: int, source: Path | None = None, *,
+                 kv_dtype: str | None = None, kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
+                 kv_offload_after: int | None = None, drafter=None, quant: str | None = None) -> None:
+        self.quant = quant
+        self.model_dir = model_dir
+        self.source = source or model_dir  # what the user pointed at (a GGUF is converted to model_dir)
+        self.config = cfg
+        self.net = net
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.max_context = max_context
+        self.default_sampling = SamplingParams.from_generation_config(generation_config)
+        eos = set(cfg.eos_token_ids)
+        gen_eos = generation_config.get("eos_token_id")
+        eos.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        self.stop_token_ids = frozenset(eos)
+        self.last_usage: Usage | None = None
+        self.kv_dtype, self.kv_chunk = kv_dtype, kv_chunk
+        self.prefill_chunk = prefill_chunk or (2048 if net.device.type == "cuda" else 512)
+        self.drafter = drafter  # speculative decoding: an MTPDrafter, a PromptLookupDrafter, or None
+        self.cache = PrefixCache(lambda: net.new_cache(chunk=kv_chunk, kv_dtype=kv_dtype, offload_after=kv_offload_after))
+
+    def save_quantized(self, out_dir) -> Path:
+        """Write this model's quantized weights with its config and tokenizer to ``out_dir``;
+        ``load(out_dir)`` then loads them without quantizing again."""
+        from .quant import save_quantized
+
+        if not self.quant:
+            raise Gemma4Error("this model is not quantized: load it with quant='int8' or quant='int4' first")
+        return save_quantized(self.net.weights, self.quant, self.model_dir, Path(out_dir))
+
+    def reset(self) -> None:
+        """Drop the KV cache (it is rebuilt on the next request)."""
+        self.cache.clear()
+
+    def memory_plan(self, context: int):
+        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.net.dtype]
+        return plan_memory(self.config, context=context, weights=dtype, kv=self.kv_dtype or dtype,
+                           chunk=self.kv_chunk, prefill_chunk=self.prefill_chunk, device=self.net.device.type)
+
+    def _check_memory(self, req: GenerationRequest) -> None:
+        """Refuse a request whose KV cache and activations will not fit, before allocating them."""
+        context = min(len(req.prompt_ids) + req.max_new_tokens, self.max_context)
+        plan = self.memory_plan(context)
+        held = self.cache.kv.memory()["pool_allocated"] if self.cache.kv is not None else 0
+        need = plan.kv + plan.activations - held
+        free = available_memory(self.net.device)
+        if need > free:
+            raise MemoryPlanError(
+                f"this request needs about {need / GiB:.2f} GiB more memory ({len(req.prompt_ids)} prompt tokens + "
+                f"{req.max_new_tokens} new: KV cache {plan.kv / GiB:.2f} GiB, activations {plan.activations / GiB:.2f} GiB) "
+                f"but only {free / GiB:.2f} GiB is available on {self.net.device}. Shorten the prompt or "
+                f"max_new_tokens, or load with kv_dtype='int8'."
+            )
+
+    def __repr__(self) -> str:
+        cfg = self.config
+        return (f"<gemma4_nb.Model {self.source.name}: {cfg.model_type}, {cfg.num_layers} layers, "
+                f"{cfg.parameter_count() / 1e9:.2f}B params, {self.net.dtype}, {self.net.device}>")
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a raw prompt, starting with BOS as Gemma expects."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        bos = self.config.bos_token_id
+        if text and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def chat_prompt(self, messages: list[dict], *, enable_thinking: bool = False, tools=None) -> str:
+        return self.tokenizer.render_chat(messages, add_generation_prompt=True,
+                                          enable_thinking=enable_thinking, tools=tools)
+
+    def chat_ids(self, messages: list[dict], **kwargs) -> list[int]:
+        return self.tokenizer.encode(self.chat_prompt(messages, **kwargs), add_special_tokens=False)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def _request(self, prompt_ids: list[int], max_new_tokens: int, stop: str | Iterable[str] | None,
+                 prompt: PreparedPrompt | None = None, **sampling) -> GenerationRequest:
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise PromptError(f"token ids must be integers in [0, {vocab}); got {bad[:5]}")
+        return GenerationRequest(
+            prompt_ids=list(prompt_ids),
+            max_new_tokens=max_new_tokens,
+            sampling=self.default_sampling.updated(**sampling),
+            stop_token_ids=self.stop_token_ids,
+            stop_strings=tuple(s for s in stops if s),
+            prompt=prompt,
+        )
+
+    def drafter_for(self, draft: bool | None):
+        """The drafter a request uses: on by default when the model has one; ``draft=False`` turns it off."""
+        return self.drafter if draft is not False else None
+
+    def _run(self, req: GenerationRequest, stream: bool, draft: bool | None = None):
+        self._check_memory(req)
+        text_stream = TextStream(self.net, self.tokenizer, req, self.max_context, prefix=self.cache,
+                                 prefill_chunk=self.prefill_chunk, drafter=self.drafter_for(draft))
+        self.last_usage = text_stream.usage
+        if stream:
+            return text_stream
+        for _ in text_stream:
+            pass
+        return text_stream.text
+
+    def generate(self, prompt: str | list[int], *, max_new_tokens: int = 256, stream: bool = False,
+                 stop: str | Iterable[str] | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 seed: int | None = None, draft: bool | None = None):
+        """Continue a raw prompt (text or token ids). Returns the text, or a stream of deltas.
+        ``draft=False`` turns speculative drafting off for this call."""
+        if isinstance(prompt, str) and not prompt.strip():
+            raise PromptError("the prompt is empty: give some text to continue")
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        req = self._request(ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, seed=seed)
+        return self._run(req, stream, draft)
+
+    def chat(self, messages: list[dict], *, max_new_tokens: int = 512, stream: bool = False,
+             enable_thinking: bool = False, tools=None, stop: str | Iterable[str] | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, seed: int | None = None, draft: bool | None = None):
+        """Answer a conversation rendered with the checkpoint's chat template."""
+        messages = validate_messages(messages)
+        if not any(_has_content(m) for m in messages):
+            raise PromptError("the messages are empty: give at least one message with some content")
+        prompt = self.prepare_chat(messages, enable_thinking=enable_thinking, tools=tools)
+        req = self._request(prompt.ids, max_new_tokens, stop, prompt=prompt if prompt.soft_mask is not None else None,
+                            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        return self._run(req, stream, draft)
+
+    def prepare_chat(self, messages: list[dict], **kwargs) -> PreparedPrompt:
+        """The rendered, tokenized conversation with its images and audio embedded."""
+        images, audios = collect_media(messages)
+        text = self.chat_prompt(messages, **kwargs)
+        return prepare_prompt(text, images, audios, self.tokenizer, self.config, self.net.embedders,
+                              self.net.dtype, self.net.device)
+
+
+def _has_content(message: dict) -> bool:
+    content = message.get("content")
+    if isinstance(content, str):
+        return bool(content.strip())
+    return bool(content) or bool(message.get("tool_calls"))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Gemma4Error(f"{path}: not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max_context: int | None = None,
+         progress: bool = True, download: bool = False, kv_dtype: str | None = None,
+         kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
+         kv_offload_after: int | None = None, drafting: str | None = "auto",
+         assistant: str | os.PathLike | None = None, quant: str | None = None) -> Model:
+    """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, or
+    ``$GEMMA4_NB_MODEL``; with none of these, the embedded Gemma 3 270M.
+
+    ``dtype``: ``"bf16"`` or ``"fp32"`` (default: bf16 on CUDA, fp32 on CPU when it fits).
+    ``max_context``: the longest prompt plus reply to allow (default: the model's maximum).
+    ``download=True`` fetches a repo id from the Hugging Face Hub when it is not cached.
+    ``kv_dtype="int8"`` halves the KV cache; ``kv_chunk`` is its chunk size in positions;
+    ``prefill_chunk`` how many prompt tokens run per forward (default 512 on CPU, 2048 on CUDA).
+    ``kv_offload_after=N`` (CUDA): full-layer KV older than the newest N positions moves to pinned
+    host memory, trading PCIe transfers per token for GPU memory.
+    ``drafting`` (speculative decoding; the output is unchanged): ``"auto"`` (the default) uses
+    Gemma 4's MTP assistant when one is found -- ``assistant``, ``$GEMMA4_NB_ASSISTANT``, an
+    ``assistant/`` folder or a ``<name>-assistant`` directory next to the model, or
+    ``<repo>-assistant`` in the Hugging Face cache -- and prompt lookup otherwise; ``"mtp"``
+    requires the assistant; ``"prompt_lookup"``; or None (off).
+    ``assistant``: the MTP drafter's directory or repo id.
+    ``quant``: ``"int8"`` or ``"int4"`` weights (groups of 32 weights, see docs/kernels.md),
+    quantized while the checkpoint streams in (on the CPU, where fused numba kernels run them; with
+    ``device="cuda"`` they then move to the GPU, where a fused Triton kernel runs them). A directory
+    written by :meth:`Model.save_quantized` loads as saved, without quantizing again. The MTP
+    assistant, when used, stays in the activation dtype.
+    """
+    from . import quant as qmod
+
+    quant = qmod.check_quant(quant)
+    model_dir = source = resolve_model(model, download=download)
+    if model_dir.suffix == ".gguf":
+        from .gguf_file import prepare_gguf
+
+        model_dir = prepare_gguf(model_dir, progress=progress)
+    cfg = load_config(model_dir)
+    limit = cfg.max_position_embeddings
+    if max_context is None:
+        max_context = limit
+    if not 1 < max_context <= limit:
+        raise ContextLengthError(
+            f"max_context={max_context} is outside what this model supports (2 to {limit} tokens)"
+        )
+    saved_quant = qmod.is_quantized_dir(model_dir)
+    if (quant or saved_quant) and device is None:
+        device = "cpu"  # quantized weights default to the CPU (fused numba kernels); CUDA only when asked for
+    if (quant or saved_quant) and device is not None and torch.device(device).type not in ("cpu", "cuda"):
+        raise Gemma4Error(f"quantized weights run on the CPU or a CUDA GPU; load with device='cpu' or 'cuda', "
+                          f"or without quant on {device}")
+    if (quant or saved_quant) and dtype is None and torch.device(device).type == "cpu":
+        dtype = torch.float32  # activations; the weights are small (bf16 on CUDA)
+    device, dtype = choose_device_dtype(cfg, device, dtype)
+    if kv_dtype not in (None, "int8"):
+        raise Gemma4Error(f"kv_dtype {kv_dtype!r} is not supported: use None (the model dtype) or 'int8'")
+    bytes_per_param = {"int8": 1.0, "int4": 0.625}.get(quant or (saved_quant and qmod.read_marker(model_dir)["format"]))
+    weight_bytes = cfg.parameter_count() * (bytes_per_param or torch.tensor([], dtype=dtype).element_size())
+    free = available_memory(device)
+    if weight_bytes > free:
+        raise MemoryPlanError(
+            f"{cfg.model_type} weights need {weight_bytes / GiB:.1f} GiB in {quant or dtype} but only {free / GiB:.1f} GiB is "
+            f"available on {device}; free memory, use dtype='bf16', or a smaller model"
+        )
+    tokenizer = Tokenizer(model_dir)
+    assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download)
+    if saved_quant:
+        weights = qmod.load_saved_quantized(cfg, model_dir, dtype, quant, progress=progress)
+        quant = qmod.read_marker(model_dir)["format"]
+    elif quant:
+        from .checkpoint import check_checkpoint, expected_tensors, find_shards
+
+        shards = find_shards(model_dir)
+        check_checkpoint(cfg, shards)
+        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress)
+    else:
+        weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
+    if quant and device.type != "cpu":
+        # quantized while streaming on the CPU; codes and scales then move to the GPU (kernels/gpu.py)
+        weights = {name: t.to(device) for name, t in weights.items()}
+    drafter = None
+    if assistant_dir is not None:
+        from .mtp import load_assistant
+
+        drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=progress)
+    elif drafting in ("auto", "prompt_lookup"):
+        drafter = PromptLookupDrafter()
+    generation_config = _read_json(model_dir / "generation_config.json")
+    return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source,
+                 kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk,
+                 kv_offload_after=kv_offload_after, drafter=drafter, quant=quant)
+
+
+DRAFTING = ("auto", "mtp", "prompt_lookup", None)
+
+
+def _assistant_dir(drafting, assistant, model_dir: Path, cfg: ModelConfig, download: bool) -> Path | None:
+    """Where the MTP assistant to load is, or None (checked before the target's weights load)."""
+    from .mtp import find_assistant, resolve_assistant
+
+    if drafting not in DRAFTING:
+        raise Gemma4Error(f"drafting {drafting!r} is not supported: use 'auto', 'mtp', 'prompt_lookup' or None")
+    if drafting not in ("auto", "mtp"):
+        return None
+    if assistant is not None:
+        return resolve_assistant(assistant, download=download)
+    found = find_assistant(model_dir) if cfg.family.name == "gemma4" else None
+    if found is None and drafting == "mtp":
+        raise ModelNotFoundError(
+            f"drafting='mtp' needs the model's MTP assistant, and none was found next to {model_dir}: pass "
+            "assistant=<directory or repo id> (for google/gemma-4-12B-it: google/gemma-4-12B-it-assistant), "
+            "set $GEMMA4_NB_ASSISTANT, or use drafting='auto'."
+        )
+    return found
