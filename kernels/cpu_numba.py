@@ -1,4 +1,4 @@
-"""Fused CPU kernels in numba for int8/int4 weights (layouts: :mod:`gemma4_nb.quant`).
+"""Fused CPU kernels in numba for int8/int4 weights (layouts: :mod:`.qweight`).
 
 Every kernel is ``njit(parallel=True, fastmath=True, cache=True)``: compiled on first use and
 cached on disk next to this file (or in ``$NUMBA_CACHE_DIR``), so a restarted kernel loads the
@@ -222,7 +222,7 @@ def dequant_rows_int4(codes, scales, mins, r0, out):
 
 @njit(parallel=True, cache=True)
 def split_int8_planes(codes, scales, high, low, row_err):
-    """int8 codes -> the nibble planes of :func:`gemma4_nb.quant.to_planes`, and per row the two
+    """int8 codes -> the nibble planes of :func:`gemma4_nb.kernels.qweight.to_planes`, and per row the two
     norms the screened head's error bounds need: ``row_err[n, 0] = |S_n - W_n|`` (the low nibbles'
     distance from 7.5, scaled), ``row_err[n, 1] = |S_n|`` (the screen's estimate of the row,
     ``(16 * (high - 8) + 7.5) * scale``) and ``row_err[n, 2] = |W_n|``."""
@@ -683,57 +683,11 @@ def decode_attention(q, k, v, lo: int, hi: int, scale: float, cap: float | None,
     return decode_attention_chunks(q, kd, vd, _ONE_CHUNK, _ONE_CHUNK, lo, max(hi - lo, 0), scale, cap, splits)
 
 
-def all_kernels() -> tuple:
-    """Every compiled kernel of the CPU path that Python calls directly (this module's and the
-    fused decode layer's; kernels only called from other kernels are compiled and cached with
-    them)."""
-    from . import cpu_decode
-
-    return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, screen_columns, gemm, gate_up_gelu, dequant_rows_int8,
-            dequant_rows_int4, _head_topk, _head_screen, _head_rescore, _exact_rows, _decode_attention,
-            cpu_decode.attention_inputs, cpu_decode.attention_output_and_mlp)
-
-
-def warm_up() -> float:
-    """Compile (or load from the on-disk cache) every kernel on small inputs, with the argument
-    types the runtime passes; returns seconds."""
-    import time
-
-    from . import cpu_decode
-
-    t0 = time.perf_counter()
-    f32 = np.float32
-    x = np.ones((1, 64), dtype=f32)
-    no_low = np.zeros((1, 1), dtype=np.uint8)
-    w8 = (np.ones((64, 64), dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((1, 1), dtype=f32), no_low, INT8)
-    w4 = (np.full((64, 32), 0x98, dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((64, 2), dtype=f32), no_low, INT4)
-    high, low, err = np.empty((64, 32), dtype=np.uint8), np.empty((64, 32), dtype=np.uint8), np.empty((64, 3), dtype=f32)
-    split_int8_planes(np.ones((64, 64), dtype=np.int8), w8[1], high, low, err)
-    w2 = (high, w8[1], w8[2], low, INT8_PLANES)
-    out = np.empty((1, 64), dtype=f32)
-    for w in (w8, w4, w2):
-        gemm(x, w, out)
-        gate_up_gelu(x, w, w, out)
-        head_topk(x, w, 2, 30.0, parts=2)
-    head_topk(x, w2, 2, 30.0, parts=2, row_err=err)
-    policy = ScreenPolicy()
-    policy.LEARN_CALLS = 1  # the screen with exact columns (screen_columns) too
-    head_topk(x, w2, 2, 30.0, parts=2, row_err=err, policy=policy)
-    dequant_rows_int8(w8[0].view(np.int8), w8[1], 0, np.empty((2, 64), dtype=f32))
-    dequant_rows_int4(w4[0], w4[1], w4[2], 0, np.empty((2, 64), dtype=f32))
-    quantize_int8_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 64), dtype=np.int8), np.empty((2, 2), dtype=f32))
-    quantize_int4_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 32), dtype=np.uint8),
-                       np.empty((2, 2), dtype=f32), np.empty((2, 2), dtype=f32))
-    kv = np.ones((1, 8, 32), dtype=f32)
-    decode_attention(np.ones((2, 32), dtype=f32), kv, kv, 0, 8, 0.1, None, splits=2)
-    pool = np.ones((2, 4, 1, 32), dtype=f32)
-    sl = np.array([1, 0], dtype=np.int64)
-    decode_attention_chunks(np.ones((2, 32), dtype=f32), pool, pool, sl, sl, 1, 6, 0.1, None, splits=2)
-    ones64, ones32, cs = np.ones(64, dtype=f32), np.ones(32, dtype=f32), np.ones(16, dtype=f32)
-    q, k, v = np.empty((2, 32), dtype=f32), np.empty((1, 32), dtype=f32), np.empty((1, 32), dtype=f32)
-    cpu_decode.attention_inputs(x, ones64, 1e-6, w8, w4, w8, ones32, ones32, cs, cs, 1, True, q, k, v)
-    cpu_decode.attention_output_and_mlp(x, x, w8, ones64, ones64, w4, w8, w8, ones64, 1.0, 1e-6, out)
-    return time.perf_counter() - t0
+def compiled_kernels() -> tuple:
+    """This module's compiled kernels that Python calls directly (see :mod:`.warmup`)."""
+    return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, screen_columns, gemm, gate_up_gelu,
+            dequant_rows_int8, dequant_rows_int4, _head_topk, _head_screen, _head_rescore, _exact_rows,
+            _decode_attention)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

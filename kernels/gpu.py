@@ -15,13 +15,13 @@ Attention (:func:`attention`)
     decode step), so a decode step runs SDPA without a mask. SDPA has no score soft-cap: with a
     cap (Gemma 2-style; Gemma 3 and 4 have none) the call goes to the reference kernel.
 
-Weight-only quantized matmul (:func:`qlinear`) for :class:`~gemma4_nb.quant.QWeight`
+Weight-only quantized matmul (:func:`qlinear`) for :class:`~gemma4_nb.kernels.qweight.QWeight`
     * up to :data:`TRITON_MAX_ROWS` activation rows (decode, drafts): a Triton kernel that reads
       the int8/int4 codes and their group scales (and int4 minimums) and dequantizes them in
       registers, accumulating in fp32 (no dequantized copy of the weight is ever written);
     * more rows (prefill: compute-bound), or Triton missing, or ``GEMMA4_NB_CUDA_QMM=torch``:
       blocks of rows are dequantized to the activation dtype and multiplied with cuBLAS.
-    Scales are read as whatever float dtype :mod:`gemma4_nb.quant` stores and converted to fp32.
+    Scales are read as whatever float dtype :mod:`.qweight` stores and converted to fp32.
 
 Triton is imported lazily: this module imports on a machine without it. The kernel also runs in
 Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1`` before Triton is imported), which is
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from . import torch_ops as _ref
+from .qweight import GROUP
 
-GROUP = 32  # weights per quantization group (gemma4_nb.quant.GROUP)
 MASK_BLOCK_ELEMENTS = 1 << 26  # boolean mask elements of one block of queries (64 MiB)
 DEQUANT_BLOCK_ELEMENTS = 1 << 24  # weight elements dequantized at a time on the torch path
 TRITON_MAX_ROWS = 16  # activation rows up to which the fused Triton kernel runs

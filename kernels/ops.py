@@ -1,7 +1,7 @@
 """The ops the model calls: the torch reference kernels, with quantized weights and fused CPU
 kernels behind the same calls.
 
-A weight is either a tensor (the torch path, any device) or a :class:`~gemma4_nb.quant.QWeight`:
+A weight is either a tensor (the torch path, any device) or a :class:`~gemma4_nb.kernels.qweight.QWeight`:
 
 * on the CPU, a QWeight runs the numba kernels of :mod:`.cpu_numba` (dequantization fused into the
   matrix-vector or small matrix-matrix product; gate/up/GELU fused; the head fused with top-k);
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..runtime.quant import QWeight
+from .qweight import QWeight
 from . import gpu as _gpu
 from . import torch_ops as _ref
 from .torch_ops import (RopeTable, apply_rope, attention_mask, gelu_tanh, rms_norm,  # noqa: F401

@@ -22,7 +22,7 @@ The weight side of each format becomes, per group, 32 unsigned bytes ``U`` and a
 * ``int8``: ``U = code + 128`` (the sign bit flipped), correction ``-128 * sum(xq)``;
 * ``int4``: ``U = q`` (the nibbles in weight order), ``w = q * scale + min``: the minimum times the
   group's sum of the dequantized activations;
-* ``planes`` (an int8 matrix stored as a high and a low nibble plane, see ``quant.to_planes``):
+* ``planes`` (an int8 matrix stored as a high and a low nibble plane, see ``kernels.qweight.to_planes``):
   ``U = 16 * high + low = code + 128``, as int8;
 * ``screen``: the high plane alone, each low nibble taken as 7.5: ``U = 16 * high``, correction
   ``-120.5 * sum(xq)``: half the bytes, with a known error bound (the vocabulary head's screen).

@@ -23,7 +23,7 @@ pytest.importorskip("numba")
 from gemma4_nb.kernels import cpu_numba as nb  # noqa: E402
 from gemma4_nb.kernels import ops  # noqa: E402
 from gemma4_nb.kernels import torch_ops as ref  # noqa: E402
-from gemma4_nb.runtime.quant import dequantize, quantize, quantize_weight  # noqa: E402
+from gemma4_nb.kernels.qweight import dequantize, quantize, quantize_weight  # noqa: E402
 from quant_reference import fake_quant_activations as fq  # noqa: E402
 from quant_reference import fake_quant_for  # noqa: E402
 
@@ -103,7 +103,7 @@ def test_fused_head_topk(fmt, cap, gen):
 
 
 def test_nibble_planes_hold_the_int8_codes(gen):
-    from gemma4_nb.runtime.quant import to_planes
+    from gemma4_nb.kernels.qweight import to_planes
 
     w = quantize_weight(torch.randn(70, 96, generator=gen), "int8")
     p = to_planes(w)
@@ -124,7 +124,7 @@ def test_screened_head_is_exact(k, cap, first_pass, gen):
     the error bound cannot exclude) returns exactly the plain head's top-k, including near-ties:
     rows that differ only in their low nibbles, the case the screen cannot tell apart."""
     from gemma4_nb.kernels.cpu_numba import ScreenPolicy
-    from gemma4_nb.runtime.quant import to_planes
+    from gemma4_nb.kernels.qweight import to_planes
 
     base = torch.randn(6000, 128, generator=gen) * 0.05
     base[1000:1100] = base[7] + 0.002 * torch.randn(100, 128, generator=gen)  # 100 near-copies of row 7
@@ -150,7 +150,7 @@ def test_screen_columns_norms(gen):
     """The screen's side data for exact columns against torch: its errors there, and per row the
     norm of its error outside them and the norm of its row with them exact."""
     from gemma4_nb.kernels import cpu_numba
-    from gemma4_nb.runtime.quant import to_planes
+    from gemma4_nb.kernels.qweight import to_planes
 
     w = quantize_weight(torch.randn(50, 96, generator=gen), "int8")
     p = to_planes(w)
@@ -174,7 +174,7 @@ def test_exact_columns_shrink_pass_2(gen):
     """With the columns that hold most of the activations' energy computed exactly, pass 2
     rescores far fewer rows (same answers: see test_screened_head_is_exact)."""
     from gemma4_nb.kernels.cpu_numba import ScreenPolicy
-    from gemma4_nb.runtime.quant import to_planes
+    from gemma4_nb.kernels.qweight import to_planes
 
     p = to_planes(quantize_weight(torch.randn(20000, 256, generator=gen) * 0.05, "int8"))
     hs = [torch.randn(256, generator=gen) for _ in range(24)]
@@ -251,7 +251,7 @@ import numpy as np, torch
 from gemma4_nb.kernels import simd
 simd.HAS_VNNI = False  # before any kernel compiles
 from gemma4_nb.kernels import cpu_numba as nb, ops
-from gemma4_nb.runtime.quant import quantize_weight, to_planes
+from gemma4_nb.kernels.qweight import quantize_weight, to_planes
 from quant_reference import fake_quant_for
 g = torch.Generator().manual_seed(5)
 worst = 0.0
@@ -293,13 +293,15 @@ def test_threads_follow_torch():
 
 def test_compiled_kernels_are_cached_on_disk():
     """A fresh process loads every kernel from numba's on-disk cache instead of compiling it."""
-    code = ("import time; from gemma4_nb.kernels import cpu_numba as nb; nb.warm_up(); "
+    code = ("import time; from gemma4_nb.kernels import warmup as nb; nb.warm_up(); "
             "print(sum(len(k.stats.cache_misses) for k in nb.all_kernels()), "
             "sum(len(k.stats.cache_hits) for k in nb.all_kernels()))")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)  # fills the cache
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()
     misses, hits = int(out[0]), int(out[1])
-    assert misses == 0 and hits >= len(nb.all_kernels())
+    from gemma4_nb.kernels import warmup
+
+    assert misses == 0 and hits >= len(warmup.all_kernels())
 
 
 def test_kernel_cache_follows_every_source_of_the_folder(tmp_path):

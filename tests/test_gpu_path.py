@@ -18,7 +18,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 from gemma4_nb.kernels import gpu
 from gemma4_nb.kernels import torch_ops as ref
-from gemma4_nb.runtime.quant import QWeight, dequantize, quantize_weight
+from gemma4_nb.kernels.qweight import QWeight, dequantize, quantize_weight
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_triton = pytest.mark.skipif(not gpu.triton_available(),
@@ -238,7 +238,7 @@ def test_model_through_gpu_kernels_matches_reference(hf_checkpoints, monkeypatch
 
     # the reference: the same (dequantized) weights through plain torch (the CPU's fused numba
     # kernels quantize activations to int8, which the GPU path does not)
-    from gemma4_nb.runtime.quant import QWeight
+    from gemma4_nb.kernels.qweight import QWeight
 
     want = run(GemmaModel(net.cfg, {n: w.dequantize() if isinstance(w, QWeight) else w for n, w in net.weights.items()}))
     _route_ops_to_gpu_kernels(monkeypatch)

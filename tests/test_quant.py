@@ -14,7 +14,8 @@ import gemma4_nb  # noqa: E402
 from gemma4_nb.devtools.bench import AGREEMENT_TEXT  # noqa: E402
 from gemma4_nb.errors import CheckpointError, Gemma4Error  # noqa: E402
 from gemma4_nb.runtime.decoder import GemmaModel  # noqa: E402
-from gemma4_nb.runtime.quant import MARKER_FILE, QWeight  # noqa: E402
+from gemma4_nb.kernels.qweight import QWeight  # noqa: E402
+from gemma4_nb.runtime.quant import MARKER_FILE  # noqa: E402
 from gemma4_nb.runtime.resolve import embedded_model  # noqa: E402
 from quant_reference import dequantized, quantized_activation_linear  # noqa: E402
 

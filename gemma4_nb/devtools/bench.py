@@ -61,7 +61,8 @@ def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
     """A model of ``shape`` with random ``fmt`` weights built directly in the quantized layout
     (random codes, scales and minimums): no full-precision copy is ever held, so the 12B shape fits
     in about 9 GiB (int4) on a CPU machine."""
-    from ..runtime.quant import GROUP, QWeight, fmt_for
+    from ..kernels.qweight import GROUP, QWeight
+    from ..runtime.quant import fmt_for
 
     cfg = parse_config(tiny_config(**dict(SHAPES[shape])))
     gen = torch.Generator().manual_seed(seed)
@@ -90,7 +91,7 @@ def on_device(net: GemmaModel, device, dtype: torch.dtype) -> GemmaModel:
     """``net`` with its weights on ``device``: quantized ones keep their codes and compute in
     ``dtype``, floating-point tensors are cast to ``dtype`` (the CUDA path of a random quantized
     model, which is built on the CPU)."""
-    from ..runtime.quant import QWeight
+    from ..kernels.qweight import QWeight
 
     def moved(t):
         if isinstance(t, QWeight):
@@ -103,11 +104,11 @@ def on_device(net: GemmaModel, device, dtype: torch.dtype) -> GemmaModel:
 def decode_bytes(net: GemmaModel, context: int) -> tuple[int, int]:
     """Bytes one decode step reads at ``context`` positions: (weights, KV cache). Every matrix is
     read once (the tied embedding as the head; an untied embedding only by rows, not counted)."""
-    from ..runtime.quant import QWeight
+    from ..kernels.qweight import QWeight
 
     def nbytes(t):
         if isinstance(t, QWeight) and t.planes:
-            # a screened head (quant.to_planes): pass 1 reads the high plane and the scales (and,
+            # a screened head (qweight.to_planes): pass 1 reads the high plane and the scales (and,
             # once learned, the screen's errors in its exact columns), pass 2 the row bounds and
             # the estimates, plus the rows it rescores (not counted: under 1% of them on text)
             policy = t.__dict__.get("_screen_policy")
@@ -699,9 +700,9 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
     fmt = quant or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[net.dtype]
     compile_s = None
     if net.fused:
-        from ..kernels import cpu_numba
+        from ..kernels import warmup
 
-        compile_s = cpu_numba.warm_up()
+        compile_s = warmup.warm_up()
     if tokens == "text":
         ids = text_ids(encode, depth + prompt)
     else:

@@ -23,7 +23,7 @@ def transformers_model(net, hf_config: dict):
     except ImportError:
         raise Gemma4Error("--compare transformers needs transformers: pip install 'gemma4-nb[test]'") from None
     from ..runtime.checkpoint import canonical_name, expected_tensors
-    from ..runtime.quant import QWeight
+    from ..kernels.qweight import QWeight
 
     arch = (hf_config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch or "", None)

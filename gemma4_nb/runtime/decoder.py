@@ -15,7 +15,7 @@ from .kv_cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK, KVCache
 from .config import LayerSpec, ModelConfig
 from ..kernels import ops
 from .multimodal import Embedders
-from .quant import to_planes
+from ..kernels.qweight import to_planes
 
 
 @dataclass
@@ -57,7 +57,7 @@ class GemmaModel:
                       for s in cfg.layers}
 
     def _screened_head(self) -> None:
-        """Store an int8 vocabulary head as nibble planes (same bytes; see ``quant.to_planes``):
+        """Store an int8 vocabulary head as nibble planes (same bytes; see ``kernels.qweight.to_planes``):
         greedy and top-k decoding then read about half of it per token, exactly. A tied embedding
         is the same tensor, converted once."""
         planes = to_planes(self.lm_head)

@@ -1,16 +1,8 @@
-"""Weight-only quantization: int8 and int4, each with a scale per group of 32 weights.
+"""Quantized weights in the runtime: which tensors get which format, streaming quantization while
+a checkpoint loads, and saving and reloading quantized checkpoints.
 
-A quantized matrix is a :class:`QWeight`: packed codes and fp32 scales in the layout the CPU
-kernels (:mod:`gemma4_nb.kernels.cpu_numba`) read directly.
-
-* ``int8`` (like ggml's Q8_0): ``codes`` int8 ``[out, in]``, ``scales`` fp32 ``[out, in // 32]``;
-  ``w = code * scale`` with ``scale = max|group| / 127``. (One scale per output channel, as first
-  planned, measured 94.5% greedy agreement on the embedded 270M instead of 99.6%: its GGUF weights
-  are already block-quantized with a scale per 32 weights, which per-channel scales cannot
-  represent. Groups of 32 cost 12.5% more bytes than per-channel scales.)
-* ``int4`` (like ggml's Q4_1): ``codes`` uint8 ``[out, in // 2]``, ``scales`` and ``mins`` fp32
-  ``[out, in // 32]``; ``w = q * scale + min`` with ``q`` in 0..15; byte ``j`` of a group holds
-  weight ``j`` in its low nibble and weight ``j + 16`` in its high nibble (as Q4_0/Q4_1 do).
+The format itself (:class:`~gemma4_nb.kernels.qweight.QWeight`: int8 and int4 codes with a scale
+per group of 32 weights) lives with the kernels that read it, in :mod:`gemma4_nb.kernels.qweight`.
 
 Weights converted from a GGUF file are already quantized; there the quantizers search the scale
 (``search=True``) and reproduce Q8_0/Q5_0 blocks in int8 and Q4_K blocks in int4 exactly, and
@@ -25,15 +17,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, Gemma4Error
-
-QUANT_FORMATS = ("int8", "int4")
-GROUP = 32
+from ..kernels.qweight import FORMATS as QUANT_FORMATS
+from ..kernels.qweight import GROUP, QWeight, quantize
 FORMAT_VERSION = 1
 MARKER_FILE = "gemma4_nb_quant.json"
 ROW_BLOCK = 8192  # rows converted at a time while streaming (bounds the temporary fp32 copy)
@@ -45,128 +35,6 @@ def check_quant(quant) -> str | None:
     if quant not in QUANT_FORMATS:
         raise Gemma4Error(f"quant {quant!r} is not supported: use 'int8', 'int4' or None (unquantized weights)")
     return quant
-
-
-@dataclass
-class QWeight:
-    """A quantized ``[out, in]`` weight. ``dtype`` is the dtype of what it computes with."""
-
-    fmt: str
-    codes: torch.Tensor
-    scales: torch.Tensor
-    mins: torch.Tensor | None  # int4 only
-    shape: tuple[int, int]
-    dtype: torch.dtype = torch.float32
-    # int8 only, "nibble planes" layout (see to_planes): ``codes`` then holds the high nibbles,
-    # ``low`` the low nibbles, ``row_err`` three norms per row for the head's error bounds
-    low: torch.Tensor | None = None
-    row_err: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
-    def planes(self) -> bool:
-        return self.low is not None
-
-    @property
-    def nbytes(self) -> int:
-        parts = (self.codes, self.scales, self.mins, self.low, self.row_err)
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
-
-    def int8_codes(self, rows=None) -> torch.Tensor:
-        """The int8 codes (rebuilt from the nibble planes in that layout)."""
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        if not self.planes:
-            return pick(self.codes)
-        high, low = _unpack_nibbles(pick(self.codes)), _unpack_nibbles(pick(self.low))
-        return ((high.to(torch.int16) - 8) * 16 + low).to(torch.int8)
-
-    def dequantize(self, rows=None) -> torch.Tensor:
-        """The weight (or ``rows`` of it: an index tensor or a slice) in ``self.dtype``."""
-        pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t[rows])
-        codes = self.int8_codes(rows) if self.planes else pick(self.codes)
-        return dequantize(self.fmt, codes, pick(self.scales), pick(self.mins)).to(self.dtype)
-
-    def __getitem__(self, rows) -> torch.Tensor:  # embedding lookups: rows dequantized
-        return self.dequantize(rows)
-
-    def to(self, device=None, dtype=None) -> "QWeight":
-        move = (lambda t: None if t is None else t.to(device))
-        return QWeight(self.fmt, self.codes.to(device), self.scales.to(device), move(self.mins), self.shape,
-                       dtype or self.dtype, move(self.low), move(self.row_err))
-
-
-def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """``[..., K // 2]`` bytes -> ``[..., K]`` nibbles in the int4 group order (byte ``j`` of a
-    group of 16 bytes holds value ``j`` low and value ``j + 16`` high)."""
-    lead, half = packed.shape[:-1], packed.shape[-1]
-    g = packed.view(*lead, half // 16, 16)
-    return torch.cat((g & 15, g >> 4), dim=-1).reshape(*lead, half * 2)
-
-
-def to_planes(w: QWeight) -> QWeight:
-    """An int8 weight in the "nibble planes" layout, for the vocabulary head: each code split into
-    its high nibble (``code >> 4``, stored + 8) and low nibble (``code & 15``), each plane packed two
-    per byte like int4. The exact dot product reads both planes (the same bytes as int8); an
-    estimate from the high plane alone reads half of them, with a known error bound per row
-    (``row_err``: the norm of the low nibbles' distance from 7.5, times the scales), so the head can
-    screen every row cheaply and compute exactly only the rows that may be in the top-k."""
-    import numpy as np
-
-    from ..kernels import cpu_numba as nb
-
-    if w.fmt != "int8" or w.planes:
-        raise Gemma4Error(f"to_planes needs an int8 weight in the plain layout, got {w.fmt}")
-    rows, cols = w.shape
-    high = np.empty((rows, cols // 2), dtype=np.uint8)
-    low = np.empty((rows, cols // 2), dtype=np.uint8)
-    err = np.empty((rows, 3), dtype=np.float32)
-    nb.split_int8_planes(w.codes.numpy(), w.scales.numpy(), high, low, err)
-    return QWeight("int8", torch.from_numpy(high), w.scales, None, w.shape, w.dtype, torch.from_numpy(low),
-                   torch.from_numpy(err))
-
-
-def quantize(w: torch.Tensor, fmt: str, search: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(codes, scales, mins)`` of a 2-D weight in format ``fmt`` (numba, parallel over rows).
-    ``search``: try several scales per group and keep the best (for already-quantized weights)."""
-    import numpy as np
-
-    from ..kernels import cpu_numba as nb
-
-    if fmt not in QUANT_FORMATS:
-        raise Gemma4Error(f"unknown quant format {fmt!r}")
-    out, inp = w.shape
-    if inp % GROUP:
-        raise Gemma4Error(f"{fmt} needs the input width to be a multiple of {GROUP}, got a {tuple(w.shape)} weight")
-    x = w.detach().to(torch.float32).contiguous().numpy()
-    scales = np.empty((out, inp // GROUP), dtype=np.float32)
-    if fmt == "int8":
-        codes = np.empty((out, inp), dtype=np.int8)
-        nb.quantize_int8_rows(x, search, codes, scales)
-        return torch.from_numpy(codes), torch.from_numpy(scales), None
-    codes = np.empty((out, inp // 2), dtype=np.uint8)
-    mins = np.empty((out, inp // GROUP), dtype=np.float32)
-    nb.quantize_int4_rows(x, search, codes, scales, mins)
-    return torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins)
-
-
-def dequantize(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 weight from its parts (plain torch: the reference the kernels are tested against)."""
-    lead = codes.shape[:-1]
-    groups = scales.shape[-1]
-    if fmt == "int8":
-        return (codes.float().view(*lead, groups, GROUP) * scales[..., None]).reshape(*lead, groups * GROUP)
-    lo = (codes & 15).view(*lead, groups, 16)
-    hi = (codes >> 4).view(*lead, groups, 16)
-    q = torch.cat((lo, hi), dim=-1).float()
-    return (q * scales[..., None] + mins[..., None]).reshape(*lead, groups * GROUP)
-
-
-def quantize_weight(w: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32, search: bool = False) -> QWeight:
-    codes, scales, mins = quantize(w, fmt, search)
-    return QWeight(fmt, codes, scales, mins, tuple(w.shape), dtype)
 
 
 # GGUF types stored with more than 4 bits per weight: under int4 these tensors stay int8
