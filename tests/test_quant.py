@@ -155,6 +155,19 @@ def test_save_and_reload(hf_checkpoints, tmp_path):
 
 
 def test_bad_quant_requests(tiny_dir):
+@pytest.mark.parametrize("quant", ["int8", "int4", None])
+def test_planned_weight_bytes_are_the_loaded_bytes(hf_checkpoints, quant):
+    """The memory planner's weight figure (one bytes-per-weight table, one format choice per
+    tensor) is exactly what a load holds, for every format."""
+    from gemma4_nb.runtime.memory import plan_memory, weight_bytes
+    from gemma4_nb.runtime.quant import weights_nbytes
+
+    model = gemma4_nb.load(hf_checkpoints["c"][0], quant=quant, dtype="fp32", progress=False)
+    held = weights_nbytes(model.net.weights)
+    assert weight_bytes(model.config, quant or "fp32", rest="fp32") == held
+    assert model.memory_plan(64).weights == held
+
+
     with pytest.raises(Gemma4Error, match="quant 'int3' is not supported: use 'int8', 'int4' or None"):
         gemma4_nb.load(tiny_dir, quant="int3", progress=False)
     with pytest.raises(Gemma4Error, match="CPU or a CUDA GPU"):

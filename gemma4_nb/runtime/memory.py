@@ -6,19 +6,22 @@ instead of letting the kernel die of an out-of-memory.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK
-from .config import ModelConfig
 from ..errors import Gemma4Error
+from ..kernels.qweight import BYTES_PER_WEIGHT
 from ..kernels.torch_ops import score_block_elements
+from .checkpoint import expected_tensors
+from .config import ModelConfig
+from .kv_cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK
+from .quant import fmt_for
 
-# bytes per weight: int8 has one fp16 scale per output row (negligible), int4 one fp16 per 32
-WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5 + 2 / 32}
-KV_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0}  # int8 adds a 4-byte scale per token and head
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+KV_BYTES = {**DTYPE_BYTES, "int8": 1}  # int8 adds a 4-byte scale per token and head
 
 GiB = 1 << 30
 
@@ -53,12 +56,31 @@ def _kv_layer_bytes(heads: int, dim: int, positions: int, kv_format: str, tensor
     return int(positions * per * tensors)
 
 
+def weight_bytes(cfg: ModelConfig, weights: str, rest: str = "fp32") -> int:
+    """Bytes of every tensor the model loads (the media embedders included) with ``weights`` a
+    dtype (``"bf16"``...) or a quantized format (``"int8"``, ``"int4"``). Under a quantized
+    format each tensor takes the format :func:`~.quant.fmt_for` gives it, at the bytes of
+    :data:`~gemma4_nb.kernels.qweight.BYTES_PER_WEIGHT`; the tensors it leaves unquantized (norms,
+    media embedders) are held in ``rest``, the activation dtype."""
+    total = 0
+    for name, shape in expected_tensors(cfg).items():
+        n = math.prod(shape)
+        if weights in DTYPE_BYTES:
+            total += n * DTYPE_BYTES[weights]
+            continue
+        fmt = fmt_for(name, shape, weights)
+        total += n * (BYTES_PER_WEIGHT[fmt] if fmt else DTYPE_BYTES[rest])
+    return int(total)
+
+
 def plan_memory(cfg: ModelConfig, *, context: int, weights: str = "bf16", kv: str = "bf16",
                 compute: str | None = None, chunk: int = DEFAULT_CHUNK, max_rollback: int = DEFAULT_MAX_ROLLBACK,
                 prefill_chunk: int = 512, device: str = "cpu") -> MemoryPlan:
-    """Bytes for ``context`` positions of one sequence with the given formats."""
-    compute_bytes = KV_BYTES.get(compute or ("bf16" if weights in ("int8", "int4") else weights), 2.0)
-    w = int(cfg.parameter_count() * WEIGHT_BYTES[weights])
+    """Bytes for ``context`` positions of one sequence with the given formats (``compute``: the
+    activation dtype; by default the weights' dtype, bf16 for quantized weights)."""
+    compute = compute or ("bf16" if weights in BYTES_PER_WEIGHT else weights)
+    compute_bytes = KV_BYTES[compute]
+    w = weight_bytes(cfg, weights, rest=compute)
     sliding = full = 0
     biggest_layer_kv = 0
     for s in cfg.layers:
@@ -86,8 +108,10 @@ def plan_memory(cfg: ModelConfig, *, context: int, weights: str = "bf16", kv: st
     return MemoryPlan(w, sliding, full, hidden_acts + scores + logits + biggest_layer_kv)
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on ``device`` (MemAvailable on CPU)."""
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes that can still be allocated on ``device`` (MemAvailable on CPU): the one free-memory
+    probe of the runtime (the load-time checks, the weight-format choice, each request)."""
+    device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))

@@ -12,12 +12,11 @@ import torch
 from .chat_template import validate_messages
 from .checkpoint import load_checkpoint
 from .config import ModelConfig, load_config
-from ..errors import ContextLengthError, Gemma4Error, ModelNotFoundError, PromptError
-from .kv_cache import DEFAULT_CHUNK, PrefixCache
-from .generation import GenerationRequest, TextStream, Usage
-from .memory import GiB, MemoryPlanError, available_memory, plan_memory
 from .decoder import GemmaModel
 from .multimodal import PreparedPrompt, collect_media, prepare_prompt
+from .generation import GenerationRequest, TextStream, Usage, generate_ids
+from .kv_cache import DEFAULT_CHUNK, PrefixCache
+from .memory import GiB, MemoryPlanError, available_memory, plan_memory, weight_bytes
 from .resolve import resolve_model
 from .sampling import SamplingParams
 from .speculative import PromptLookupDrafter
@@ -25,13 +24,7 @@ from .tokenizer import Tokenizer
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
            "fp16": torch.float16, "float16": torch.float16}
-
-
-def _available_memory() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def choose_device_dtype(cfg: ModelConfig, device=None, dtype=None) -> tuple[torch.device, torch.dtype]:
@@ -49,7 +42,7 @@ def choose_device_dtype(cfg: ModelConfig, device=None, dtype=None) -> tuple[torc
         if device.type == "cuda":
             dtype = torch.bfloat16
         else:
-            fits = cfg.parameter_count() * 4 < _available_memory() // 2
+            fits = weight_bytes(cfg, "fp32") < available_memory(device) // 2
             dtype = torch.float32 if fits else torch.bfloat16
     return device, dtype
 
@@ -94,9 +87,10 @@ class Model:
         self.cache.clear()
 
     def memory_plan(self, context: int):
-        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.net.dtype]
-        return plan_memory(self.config, context=context, weights=dtype, kv=self.kv_dtype or dtype,
-                           chunk=self.kv_chunk, prefill_chunk=self.prefill_chunk, device=self.net.device.type)
+        dtype = _DTYPE_NAMES[self.net.dtype]
+        return plan_memory(self.config, context=context, weights=self.quant or dtype, kv=self.kv_dtype or dtype,
+                           compute=dtype, chunk=self.kv_chunk, prefill_chunk=self.prefill_chunk,
+                           device=self.net.device.type)
 
     def _check_memory(self, req: GenerationRequest) -> None:
         """Refuse a request whose KV cache and activations will not fit, before allocating them."""
@@ -273,12 +267,12 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     device, dtype = choose_device_dtype(cfg, device, dtype)
     if kv_dtype not in (None, "int8"):
         raise Gemma4Error(f"kv_dtype {kv_dtype!r} is not supported: use None (the model dtype) or 'int8'")
-    bytes_per_param = {"int8": 1.0, "int4": 0.625}.get(quant or (saved_quant and qmod.read_marker(model_dir)["format"]))
-    weight_bytes = cfg.parameter_count() * (bytes_per_param or torch.tensor([], dtype=dtype).element_size())
+    fmt = quant or (saved_quant and qmod.read_marker(model_dir)["format"]) or _DTYPE_NAMES[dtype]
+    need = weight_bytes(cfg, fmt, rest=_DTYPE_NAMES[dtype])
     free = available_memory(device)
-    if weight_bytes > free:
+    if need > free:
         raise MemoryPlanError(
-            f"{cfg.model_type} weights need {weight_bytes / GiB:.1f} GiB in {quant or dtype} but only {free / GiB:.1f} GiB is "
+            f"{cfg.model_type} weights need {need / GiB:.1f} GiB in {fmt} but only {free / GiB:.1f} GiB is "
             f"available on {device}; free memory, use dtype='bf16', or a smaller model"
         )
     tokenizer = Tokenizer(model_dir)
