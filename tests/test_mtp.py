@@ -17,9 +17,8 @@ import torch
 import gemma4_nb
 from gemma4_nb.runtime.mtp import DraftContext, MTPDrafter
 from gemma4_nb.errors import ConfigError, ModelNotFoundError
-from gemma4_nb.runtime.speculative import PromptLookupDrafter
-
-from conftest import randomize_
+from gemma4_nb.runtime.mtp import MTPDrafter
+from gemma4_nb.runtime.speculative import DraftContext, PromptLookupDrafter
 
 PAIRS = {
     # K=V full layers (the drafter's full layer reads K rebuilt from the stored V), plain head

@@ -20,6 +20,8 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
 class NoisyDrafter:
     """Mostly wrong guesses: exercises rejection and cache rollback on every step."""
 
+    cost_aware = False
+
     def __init__(self, seed: int) -> None:
         self.gen = torch.Generator().manual_seed(seed)
 

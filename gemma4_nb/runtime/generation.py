@@ -163,8 +163,7 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
 
     ``hidden`` is the model's final hidden state at the last committed position: the MTP drafter
     starts from it (with the KV cache), prompt lookup ignores it."""
-    from .mtp import DraftContext
-    from .speculative import AdaptiveK, CostAwareK, DraftStats, accept_or_resample
+    from .speculative import AdaptiveK, CostAwareK, DraftContext, DraftStats, accept_or_resample
 
     # Draft lengths follow measured costs when drafting costs real time (the MTP assistant) or when
     # a plain step is much cheaper than a verification: with quantized weights on the CPU a plain
@@ -173,7 +172,7 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
     stats = DraftStats()
     fused = getattr(model, "fused", False)
     plain_k = sampler.head_k() if fused else None
-    k = CostAwareK(draft_k) if (getattr(drafter, "cost_aware", False) or fused) else AdaptiveK(draft_k)
+    k = CostAwareK(draft_k) if (drafter.cost_aware or fused) else AdaptiveK(draft_k)
     usage.drafting = stats
     history = list(req.prompt_ids)
 

@@ -33,6 +33,7 @@ from .config import GEMMA4, ModelConfig, parse_config
 from ..errors import ConfigError, ModelNotFoundError
 from ..kernels import torch_ops as ops
 from .decoder import GemmaModel
+from .speculative import DraftContext
 
 ASSISTANT_TYPE = "gemma4_unified_assistant"
 ENV_VAR = "GEMMA4_NB_ASSISTANT"
@@ -115,17 +116,6 @@ def check_pair(acfg: AssistantConfig, target: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}: this MTP assistant does not match the target model:\n  - "
                           + "\n  - ".join(problems) + "\nUse the assistant published with this model "
                           "(for google/gemma-4-12B-it: google/gemma-4-12B-it-assistant), or drafting='prompt_lookup'.")
-
-
-@dataclass
-class DraftContext:
-    """What a drafter may read of the target after the last verification: the target network,
-    its KV cache (positions ``< cache.length`` committed) and its final hidden state at the last
-    committed position."""
-
-    net: GemmaModel
-    cache: object
-    hidden: torch.Tensor  # [hidden]
 
 
 class _TargetKV:

@@ -7,22 +7,49 @@ exactly the target's. Rejected positions are rolled back in the KV cache.
 
 Drafters: prompt lookup here (n-gram matches against the prompt and the notebook context in it,
 which shine when code is rewritten with the same column and variable names) for every model, and
-Gemma 4's MTP assistant (:mod:`gemma4_nb.runtime.mtp`) when one is installed next to the model. A
-drafter has ``propose(tokens, k, target)``; ``target`` is a
-:class:`~gemma4_nb.runtime.mtp.DraftContext` (the model's hidden state and KV cache).
+Gemma 4's MTP assistant (:mod:`gemma4_nb.runtime.mtp`) when one is installed next to the model.
+Every drafter is a :class:`Drafter`; what it may read of the model is a :class:`DraftContext`.
+The verify loop is in :mod:`.generation`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from .sampling import SamplingParams, filter_logits
 
 
+@dataclass
+class DraftContext:
+    """What a drafter may read of the target after the last verification: the target network
+    (a :class:`~gemma4_nb.runtime.decoder.GemmaModel`), its KV cache (positions
+    ``< cache.length`` committed) and its final hidden state at the last committed position."""
+
+    net: object
+    cache: object
+    hidden: torch.Tensor  # [hidden]
+
+
+class Drafter(Protocol):
+    """Proposes draft tokens for the target to verify."""
+
+    # True when drafting costs real time (a model runs): the draft length then follows measured
+    # costs (:class:`CostAwareK`) instead of acceptance alone
+    cost_aware: bool
+
+    def propose(self, tokens: list[int], k: int, target: DraftContext | None = None) -> list[int]:
+        """Up to ``k`` tokens likely to follow ``tokens`` (the prompt and what was generated);
+        ``k == 0`` means drafting is paused and must return at once."""
+        ...
+
+
 class PromptLookupDrafter:
     """Propose the tokens that followed the most recent earlier occurrence of the last n-gram."""
+
+    cost_aware = False  # a lookup in a list costs next to nothing
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -30,7 +57,7 @@ class PromptLookupDrafter:
     def __repr__(self) -> str:
         return f"<PromptLookupDrafter: {self.min_ngram}- to {self.max_ngram}-gram matches>"
 
-    def propose(self, tokens: list[int], k: int, target=None) -> list[int]:
+    def propose(self, tokens: list[int], k: int, target: DraftContext | None = None) -> list[int]:
         """Up to ``k`` drafts after ``tokens`` (``target``, the model's state, is not needed here)."""
         if k <= 0:  # drafting paused
             return []
