@@ -47,7 +47,7 @@ TRITON_MAX_ROWS = 16  # activation rows up to which the fused Triton kernel runs
 
 # -- attention ---------------------------------------------------------------------------------
 
-def _sdpa_backends(device: torch.device):
+def sdpa_backends(device: torch.device):
     """The SDPA backends allowed on ``device`` (a context manager)."""
     if device.type != "cuda":
         return nullcontext()
@@ -115,7 +115,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, k_pos, w
             m = query_block_mask(qp[s:e], kp[lo:hi], window, blocks, forward_start, slice(s, e))
             mask = m.repeat(groups, 1)[None, None]  # the same rows for every query head of a group
         qg = q[:, s:e].reshape(hkv, groups * tb, d).to(v.dtype)
-        with _sdpa_backends(q.device):
+        with sdpa_backends(q.device):
             o = F.scaled_dot_product_attention(qg[None], k[None, :, lo:hi].to(v.dtype), v[None, :, lo:hi],
                                                attn_mask=mask, scale=scale)
         out[s:e] = o[0].reshape(hq, tb, dv).transpose(0, 1)

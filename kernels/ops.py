@@ -20,11 +20,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .qweight import QWeight
 from . import gpu as _gpu
 from . import torch_ops as _ref
-from .torch_ops import (RopeTable, apply_rope, attention_mask, gelu_tanh, rms_norm,  # noqa: F401
-                        score_block_elements, softcap)
+from .qweight import QWeight
+from .torch_ops import RopeTable, apply_rope, attention_mask, gelu_tanh, rms_norm, score_block_elements, softcap  # noqa: F401
 
 SMALL_BATCH = 16  # up to this many positions: numba products; above: dequantized blocks + torch GEMM
 DEQUANT_BLOCK_ELEMENTS = 1 << 22  # fp32 elements of one dequantized block (16 MiB)
@@ -33,19 +32,25 @@ _threads = None
 _modules = None  # (cpu_numba, cpu_decode), imported on first use (numba is imported lazily)
 
 
-def _nb():
-    """The numba kernels, with numba's thread count following torch's (the runtime's setting)."""
-    global _threads, _modules
-    if _modules is None:
-        from . import cpu_decode, cpu_numba
-
-        _modules = (cpu_numba, cpu_decode)
+def sync_threads() -> None:
+    """numba's thread count follows torch's (the runtime's setting, ``torch.set_num_threads``)."""
+    global _threads
     want = torch.get_num_threads()
     if want != _threads:
         import numba
 
         numba.set_num_threads(max(1, min(want, numba.config.NUMBA_NUM_THREADS)))
         _threads = want
+
+
+def _nb():
+    """The numba kernels, with numba's thread count following torch's."""
+    global _modules
+    if _modules is None:
+        from . import cpu_decode, cpu_numba
+
+        _modules = (cpu_numba, cpu_decode)
+    sync_threads()
     return _modules[0]
 
 
@@ -213,7 +218,7 @@ class DecodeLayerArgs:
 def decode_attention_inputs(a: DecodeLayerArgs, x: torch.Tensor, rope):
     """Fused norm + q/k/v projections + q/k norms + RoPE (+ v norm) for one position ``x``
     ``[1, hidden]``: ``(q [1, Hq, D], k [1, Hkv, D] | None, v [1, Hkv, D] | None)``, as
-    :meth:`GemmaModel._qkv` returns them."""
+    :meth:`GemmaModel.qkv` returns them."""
     cos, sin = rope
     q = np.empty(a.q_shape, dtype=np.float32)
     k = np.empty(a.kv_shape, dtype=np.float32)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 import gemma4_nb
 from gemma4_nb.runtime.sampling import Sampler, SamplingParams, filter_logits
@@ -43,8 +48,9 @@ def test_stop_token_ends_generation(model):
     prompt = "import pandas as pd"
     free = model.generate(prompt, temperature=0, max_new_tokens=12)
     first = model.encode(prompt + free)[len(model.encode(prompt))]
-    stream = model._run(model._request(model.encode(prompt), 12, None, temperature=0), stream=True)
-    stream._req.stop_token_ids = frozenset({first})
+    req = model.request(model.encode(prompt), 12, temperature=0)
+    req.stop_token_ids = frozenset({first})
+    stream = model.stream(req)
     assert "".join(stream) == "" and stream.usage.finish_reason == "eos"
 
 

@@ -117,9 +117,9 @@ def test_softcap_goes_to_the_reference():
 def test_attention_chunks_reads_the_chunked_cache():
     """Decode steps over a KV cache of small chunks (sliding layer dropped chunks, full layer
     kept all) through chunk_view agree with the reference over the gathered K/V."""
-    from gemma4_nb.runtime.kv_cache import KVCache
-    from gemma4_nb.runtime.config import parse_config
     from gemma4_nb.devtools.tiny import tiny_config
+    from gemma4_nb.runtime.config import parse_config
+    from gemma4_nb.runtime.kv_cache import KVCache
 
     cfg = parse_config(tiny_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=256,
                                    global_head_dim=512, attention_k_eq_v=False, sliding_window=24,
@@ -260,7 +260,7 @@ def test_cuda_efficient_attention_head_dim_512(d, hkv, window, past, tq, monkeyp
     q_pos, k_pos = range(past, past + tq), _cache_keys(past, tq, window)
     q, k, v = _qkv(d, hkv, tq, len(k_pos), dtype=torch.bfloat16, device="cuda")
     want = ref.attention(q.float(), k.float(), v.float(), q_pos, k_pos, window, 1.0)
-    monkeypatch.setattr(gpu, "_sdpa_backends", lambda device: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]))
+    monkeypatch.setattr(gpu, "sdpa_backends", lambda device: sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]))
     got = gpu.attention(q, k, v, q_pos, k_pos, window, 1.0)
     assert (got.float() - want).abs().max().item() < 3e-2
 

@@ -10,14 +10,15 @@ import torch
 
 pytest.importorskip("numba")
 
+from quant_reference import dequantized, quantized_activation_linear  # noqa: E402
+
 import gemma4_nb  # noqa: E402
 from gemma4_nb.devtools.bench import AGREEMENT_TEXT  # noqa: E402
 from gemma4_nb.errors import CheckpointError, Gemma4Error  # noqa: E402
-from gemma4_nb.runtime.decoder import GemmaModel  # noqa: E402
 from gemma4_nb.kernels.qweight import QWeight  # noqa: E402
+from gemma4_nb.runtime.decoder import GemmaModel  # noqa: E402
 from gemma4_nb.runtime.quant import MARKER_FILE  # noqa: E402
 from gemma4_nb.runtime.resolve import embedded_model  # noqa: E402
-from quant_reference import dequantized, quantized_activation_linear  # noqa: E402
 
 
 def dequantized_twin(net: GemmaModel) -> GemmaModel:
@@ -87,9 +88,9 @@ def test_fused_decode_layer_kernels(hf_checkpoints, quant, monkeypatch):
         assert args.ok
         w = twin.layer_weights[spec.index]
         x = 3 * torch.randn(1, net.cfg.hidden_size, generator=gen)
-        rope = twin._rope[spec.rope].get(range(37, 38))
+        rope = twin.rope_tables[spec.rope].get(range(37, 38))
         got = ops.decode_attention_inputs(args, x, rope)
-        want = twin._qkv(spec, w, twin.norm(x, w["input_norm"]), rope)
+        want = twin.qkv(spec, w, twin.norm(x, w["input_norm"]), rope)
         for g, t in zip(got, want):
             assert (g is None) == (t is None)
             if t is not None:
@@ -154,7 +155,6 @@ def test_save_and_reload(hf_checkpoints, tmp_path):
         gemma4_nb.load(out, progress=False)
 
 
-def test_bad_quant_requests(tiny_dir):
 @pytest.mark.parametrize("quant", ["int8", "int4", None])
 def test_planned_weight_bytes_are_the_loaded_bytes(hf_checkpoints, quant):
     """The memory planner's weight figure (one bytes-per-weight table, one format choice per
@@ -168,6 +168,7 @@ def test_planned_weight_bytes_are_the_loaded_bytes(hf_checkpoints, quant):
     assert model.memory_plan(64).weights == held
 
 
+def test_bad_quant_requests(tiny_dir):
     with pytest.raises(Gemma4Error, match="quant 'int3' is not supported: use 'int8', 'int4' or None"):
         gemma4_nb.load(tiny_dir, quant="int3", progress=False)
     with pytest.raises(Gemma4Error, match="CPU or a CUDA GPU"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from ..runtime.generation import TextStream, Usage, generate_ids
+from ..runtime.generation import Usage
 from ..runtime.tokenizer import StreamDecoder
 from .base import Reply, visible
 from .toolcalls import CALL_OPEN, parse_tool_calls
@@ -28,11 +28,7 @@ class LocalBackend:
         """Continue plain text (no chat template): the code-completion and question-and-answer
         protocols for base models. Streams through the same stop-string handling as ``generate``."""
         m = self.model
-        req = m._request(m.encode(text), max_new_tokens, stop, **sampling)
-        m._check_memory(req)
-        stream = TextStream(m.net, m.tokenizer, req, m.max_context, prefix=m.cache, prefill_chunk=m.prefill_chunk,
-                            drafter=m.drafter_for(draft))
-        m.last_usage = stream.usage
+        stream = m.stream(m.request(m.encode(text), max_new_tokens, stop, **sampling), draft)
         stopped = False
         try:
             for delta in stream:
@@ -49,16 +45,13 @@ class LocalBackend:
                  **sampling) -> Reply:
         m = self.model
         prompt = m.prepare_chat(messages, tools=tools if self.supports_tools else None)
-        req = m._request(prompt.ids, max_new_tokens, None, prompt=prompt if prompt.soft_mask is not None else None,
-                         **sampling)
-        m._check_memory(req)
+        req = m.request(prompt.ids, max_new_tokens, None, prompt=prompt if prompt.soft_mask is not None else None,
+                        **sampling)
         usage = Usage()
-        m.last_usage = usage
         decoder = StreamDecoder(m.tokenizer, skip_special_tokens=False)
         raw, shown, stopped = "", "", False
         try:
-            for token in generate_ids(m.net, req, m.max_context, usage, prefix=m.cache, prefill_chunk=m.prefill_chunk,
-                                      drafter=m.drafter_for(draft)):
+            for token in m.token_ids(req, usage, draft):
                 raw += decoder.push(token)
                 view = self._strip(visible(raw))
                 if len(view) > len(shown) and CALL_OPEN not in raw:

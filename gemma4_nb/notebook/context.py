@@ -29,7 +29,7 @@ class NotebookContext:
         return "\n\n".join(f"## {title}\n{text}" for title, text in self.sections)
 
 
-def _is_frame(obj) -> bool:
+def is_frame(obj) -> bool:
     mod = type(obj).__module__
     return mod.startswith("pandas") and type(obj).__name__ in ("DataFrame", "Series")
 
@@ -40,7 +40,7 @@ def user_variables(namespace: dict) -> dict:
 
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and k not in HIDDEN_NAMES and not isinstance(v, types.ModuleType)
-            and (_is_frame(v) or not callable(v))}
+            and (is_frame(v) or not callable(v))}
 
 
 SAMPLE_ROWS = 200_000
@@ -134,22 +134,22 @@ def build_context(shell, *, frames: list[str] | None = None, budget_tokens: int 
     if frames:
         missing = [n for n in frames if n not in ns]
         if missing:
-            known = sorted(k for k, v in variables.items() if _is_frame(v))
+            known = sorted(k for k, v in variables.items() if is_frame(v))
             raise ContextError(f"no variable named {', '.join(missing)} in the notebook; dataframes here: "
                                f"{', '.join(known) or 'none'}")
-        wrong = [n for n in frames if not _is_frame(ns[n])]
+        wrong = [n for n in frames if not is_frame(ns[n])]
         if wrong:
             raise ContextError(f"{', '.join(wrong)} is not a pandas DataFrame or Series "
                                f"(it is a {type(ns[wrong[0]]).__name__})")
         chosen = {n: ns[n] for n in frames}
     else:
-        chosen = {k: v for k, v in variables.items() if _is_frame(v)}
+        chosen = {k: v for k, v in variables.items() if is_frame(v)}
     error = last_error(shell)
     if error:
         ctx.sections.append(("The last error", error))
     for name, obj in chosen.items():
         ctx.sections.append((f"Data: {name}", describe_frame(name, obj)))
-    others = {k: v for k, v in variables.items() if not _is_frame(v)}
+    others = {k: v for k, v in variables.items() if not is_frame(v)}
     if others:
         lines = [f"- {k}: {type(v).__name__}" + (f" shape {v.shape}" if hasattr(v, "shape") else "")
                  + (f" = {v!r:.60}" if isinstance(v, (int, float, str, bool)) else "") for k, v in list(others.items())[:40]]

@@ -13,11 +13,11 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .agent import APPROVALS, CODE_PRIMER, Agent, AgentResult, AgentSettings
 from ..backends.local import LocalBackend
-from ..runtime.chat_template import PLAIN_STOPS, plain_prompt
-from .context import build_context
 from ..errors import Gemma4Error
+from ..runtime.chat_template import PLAIN_STOPS, plain_prompt
+from .agent import APPROVALS, CODE_PRIMER, Agent, AgentResult, AgentSettings
+from .context import build_context
 
 SYSTEM_PROMPT = """You are gemma4-nb, a data-science assistant inside the user's Jupyter notebook, running \
 privately on their machine. You see the user's live data below. Answer concisely in Markdown. When code \
@@ -193,10 +193,10 @@ class Copilot:
 
     def code_prompt(self, question: str, frames=None) -> str:
         """A commented Python prompt for models that complete code rather than call tools."""
-        from .context import _is_frame, user_variables
+        from .context import is_frame, user_variables
 
         ns = user_variables(self.shell.user_ns)
-        names = frames or [k for k, v in ns.items() if _is_frame(v)]
+        names = frames or [k for k, v in ns.items() if is_frame(v)]
         lines = ["# Jupyter notebook. Variables:"]
         for name in names[:8]:
             obj = self.shell.user_ns[name]

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK, KVCache
-from .config import LayerSpec, ModelConfig
 from ..kernels import ops
-from .multimodal import Embedders
 from ..kernels.qweight import to_planes
+from .config import LayerSpec, ModelConfig
+from .kv_cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK, KVCache
+from .multimodal import Embedders
 
 
 @dataclass
@@ -53,7 +53,7 @@ class GemmaModel:
             self._screened_head()
         self._decode_args = None  # per-layer arguments of the fused decode kernels, built on first use
         self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
-        self._rope = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
+        self.rope_tables = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
                       for s in cfg.layers}
 
     def _screened_head(self) -> None:
@@ -115,14 +115,18 @@ class GemmaModel:
         materializing every logit when the head is quantized on the CPU."""
         return ops.head_topk(hidden, self.lm_head, self.cfg.final_softcap, k)
 
-    def _keys_from_values(self, layer: int, v_all: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """K=V layers store V = rmsnorm(k_proj(x)) once; K = rope(V * k_norm weight) is rebuilt here."""
-        spec = self.cfg.layers[layer]
-        w = self.layer_weights[layer]["k_norm"].float() + self.cfg.family.norm_offset
-        cos, sin = self._rope[spec.rope].get(k_pos)
-        return ops.apply_rope((v_all.float() * w).to(self.dtype), cos, sin, seq_dim=1)
+    def rope_at(self, layer: int, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of layer ``layer``'s RoPE at ``positions``."""
+        return self.rope_tables[self.cfg.layers[layer].rope].get(positions)
 
-    def _qkv(self, spec: LayerSpec, w, h, rope):
+    def keys_from_values(self, layer: int, v: torch.Tensor, rope, seq_dim: int = 1) -> torch.Tensor:
+        """K=V layers store V = rmsnorm(k_proj(x)) once; K = rope(V * k_norm weight) is rebuilt from
+        it (``rope``: cos/sin of V's positions; ``seq_dim``: V's position axis)."""
+        w = self.layer_weights[layer]["k_norm"].float() + self.cfg.family.norm_offset
+        cos, sin = rope
+        return ops.apply_rope((v.float() * w).to(self.dtype), cos, sin, seq_dim=seq_dim)
+
+    def qkv(self, spec: LayerSpec, w, h, rope):
         """Projections of one layer: ``q`` ``[T, Hq, D]`` (normed, rotated) and this layer's new
         ``k``, ``v`` ``[T, Hkv, D]`` (None for a layer reading another layer's K/V; ``k`` None for
         a K=V layer, whose ``v`` is the weight-free norm of the raw projection)."""
@@ -164,13 +168,24 @@ class GemmaModel:
         if v_all is None:  # not representable as chunks after all: gather
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         if k_all is None:
-            k_all = self._keys_from_values(spec.kv_source, v_all, k_pos)
+            k_all = self.keys_from_values(spec.kv_source, v_all, self.rope_at(spec.kv_source, k_pos))
         # images attend to themselves both ways on sliding layers only (full layers stay causal)
         out = ops.attention(q.transpose(0, 1), k_all, v_all, q_pos, k_pos, spec.window, cfg.query_scale,
                             cfg.attn_softcap, blocks if spec.kind == "sliding" else None, fused=self.fused)
         return out.reshape(t, cfg.num_heads * spec.head_dim)
 
-    def _layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache, blocks=None) -> torch.Tensor:
+    def layer_output(self, w, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of a layer after attention (``attn``: ``[T, Hq * D]``): the output projection,
+        the sandwich norms and residuals, the gated MLP, the layer scalar."""
+        x = x + self.norm(ops.linear(attn, w["o_proj"]), w["post_attn_norm"])
+        mlp = ops.gated_mlp(self.norm(x, w["pre_ffn_norm"]), w["gate"], w["up"], w["down"])
+        x = x + self.norm(mlp, w["post_ffn_norm"])
+        return x if w["layer_scalar"] is None else x * w["layer_scalar"]
+
+    def layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache, blocks=None) -> torch.Tensor:
+        """One decoder layer on ``x`` ``[T, hidden]`` (``cache``: anything with the KV cache's
+        ``update``/``read`` interface). A decode step on quantized CPU weights runs the two fused
+        kernels of :mod:`gemma4_nb.kernels.cpu_decode` instead of the pieces."""
         w = self.layer_weights[spec.index]
         if self.fused and x.shape[0] == 1 and blocks is None and x.dtype == torch.float32:
             if self._decode_args is None:
@@ -179,14 +194,8 @@ class GemmaModel:
             if args.ok:
                 q, k, v = ops.decode_attention_inputs(args, x, rope)
                 return ops.decode_attention_output_and_mlp(args, x, self._attend(spec, q, k, v, q_pos, cache))
-        q, k, v = self._qkv(spec, w, self.norm(x, w["input_norm"]), rope)
-        attn = ops.linear(self._attend(spec, q, k, v, q_pos, cache, blocks), w["o_proj"])
-        x = x + self.norm(attn, w["post_attn_norm"])
-        mlp = ops.gated_mlp(self.norm(x, w["pre_ffn_norm"]), w["gate"], w["up"], w["down"])
-        x = x + self.norm(mlp, w["post_ffn_norm"])
-        if w["layer_scalar"] is not None:
-            x = x * w["layer_scalar"]
-        return x
+        q, k, v = self.qkv(spec, w, self.norm(x, w["input_norm"]), rope)
+        return self.layer_output(w, x, self._attend(spec, q, k, v, q_pos, cache, blocks))
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -208,12 +217,12 @@ class GemmaModel:
         ids = ids.to(self.device)
         q_pos = cache.begin(ids.shape[0])
         x = self.embed(ids, soft)
-        ropes = {r: table.get(q_pos) for r, table in self._rope.items()}
+        ropes = {r: table.get(q_pos) for r, table in self.rope_tables.items()}
         blocks = None
         if soft is not None and soft.blocks is not None and bool((soft.blocks >= 0).any()):
             blocks = soft.blocks.to(self.device)
         for spec in self.cfg.layers:
-            x = self._layer(spec, x, ropes[spec.rope], q_pos, cache, blocks)
+            x = self.layer(spec, x, ropes[spec.rope], q_pos, cache, blocks)
         cache.commit()
         if outputs == "last":
             x = x[-1:]

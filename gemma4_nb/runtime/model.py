@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
+from ..errors import ContextLengthError, Gemma4Error, ModelNotFoundError, PromptError
 from .chat_template import validate_messages
 from .checkpoint import load_checkpoint
 from .config import ModelConfig, load_config
 from .decoder import GemmaModel
-from .multimodal import PreparedPrompt, collect_media, prepare_prompt
 from .generation import GenerationRequest, TextStream, Usage, generate_ids
 from .kv_cache import DEFAULT_CHUNK, PrefixCache
 from .memory import GiB, MemoryPlanError, available_memory, plan_memory, weight_bytes
+from .multimodal import PreparedPrompt, collect_media, prepare_prompt
 from .resolve import resolve_model
 from .sampling import SamplingParams
 from .speculative import PromptLookupDrafter
@@ -92,7 +93,7 @@ class Model:
                            compute=dtype, chunk=self.kv_chunk, prefill_chunk=self.prefill_chunk,
                            device=self.net.device.type)
 
-    def _check_memory(self, req: GenerationRequest) -> None:
+    def check_memory(self, req: GenerationRequest) -> None:
         """Refuse a request whose KV cache and activations will not fit, before allocating them."""
         context = min(len(req.prompt_ids) + req.max_new_tokens, self.max_context)
         plan = self.memory_plan(context)
@@ -131,8 +132,9 @@ class Model:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def _request(self, prompt_ids: list[int], max_new_tokens: int, stop: str | Iterable[str] | None,
-                 prompt: PreparedPrompt | None = None, **sampling) -> GenerationRequest:
+    def request(self, prompt_ids: list[int], max_new_tokens: int, stop: str | Iterable[str] | None = None,
+                prompt: PreparedPrompt | None = None, **sampling) -> GenerationRequest:
+        """A checked generation request (token ids in range, sampling over the model's defaults)."""
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         vocab = self.config.vocab_size
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
@@ -151,11 +153,25 @@ class Model:
         """The drafter a request uses: on by default when the model has one; ``draft=False`` turns it off."""
         return self.drafter if draft is not False else None
 
-    def _run(self, req: GenerationRequest, stream: bool, draft: bool | None = None):
-        self._check_memory(req)
+    def stream(self, req: GenerationRequest, draft: bool | None = None) -> TextStream:
+        """Text deltas of ``req`` as they are generated (memory checked first; ``last_usage`` is
+        this request's usage from now on)."""
+        self.check_memory(req)
         text_stream = TextStream(self.net, self.tokenizer, req, self.max_context, prefix=self.cache,
                                  prefill_chunk=self.prefill_chunk, drafter=self.drafter_for(draft))
         self.last_usage = text_stream.usage
+        return text_stream
+
+    def token_ids(self, req: GenerationRequest, usage: Usage, draft: bool | None = None) -> Iterator[int]:
+        """Generated token ids of ``req`` one by one, special tokens included (for readers that
+        parse tool calls or thought channels); ``usage`` is filled as they come."""
+        self.check_memory(req)
+        self.last_usage = usage
+        return generate_ids(self.net, req, self.max_context, usage, prefix=self.cache,
+                            prefill_chunk=self.prefill_chunk, drafter=self.drafter_for(draft))
+
+    def _run(self, req: GenerationRequest, stream: bool, draft: bool | None = None):
+        text_stream = self.stream(req, draft)
         if stream:
             return text_stream
         for _ in text_stream:
@@ -171,7 +187,7 @@ class Model:
         if isinstance(prompt, str) and not prompt.strip():
             raise PromptError("the prompt is empty: give some text to continue")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        req = self._request(ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
+        req = self.request(ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
                             top_p=top_p, min_p=min_p, seed=seed)
         return self._run(req, stream, draft)
 
@@ -184,7 +200,7 @@ class Model:
         if not any(_has_content(m) for m in messages):
             raise PromptError("the messages are empty: give at least one message with some content")
         prompt = self.prepare_chat(messages, enable_thinking=enable_thinking, tools=tools)
-        req = self._request(prompt.ids, max_new_tokens, stop, prompt=prompt if prompt.soft_mask is not None else None,
+        req = self.request(prompt.ids, max_new_tokens, stop, prompt=prompt if prompt.soft_mask is not None else None,
                             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
         return self._run(req, stream, draft)
 

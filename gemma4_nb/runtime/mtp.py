@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_checkpoint, expected_tensors, find_shards, load_tensors
-from .config import GEMMA4, ModelConfig, parse_config
 from ..errors import ConfigError, ModelNotFoundError
 from ..kernels import torch_ops as ops
+from .checkpoint import check_checkpoint, expected_tensors, find_shards, load_tensors
+from .config import GEMMA4, ModelConfig, parse_config
 from .decoder import GemmaModel
 from .speculative import DraftContext
 
@@ -131,7 +131,7 @@ class _TargetKV:
             start = max(0, q - 1 - window) if (kind == "sliding" and window) else 0
             k, v, pos = cache.span(layer, start, q)
             if k is None:
-                k = net._keys_from_values(layer, v, pos)
+                k = net.keys_from_values(layer, v, net.rope_at(layer, pos))
             self.spans[key] = (k, v, pos)
 
     def read(self, key: int):
@@ -178,13 +178,13 @@ class MTPDrafter:
         q = target.cache.length  # the position of `token`, the last committed token
         kv = _TargetKV(tnet, target.cache, q, self.acfg.window)
         q_pos = torch.tensor([q], device=net.device)
-        ropes = {r: table.get(range(q, q + 1)) for r, table in net._rope.items()}
+        ropes = {r: table.get(range(q, q + 1)) for r, table in net.rope_tables.items()}
         h = target.hidden.reshape(1, -1).to(net.dtype)
         for _ in range(k):
             e = tnet.embed(torch.tensor([token], device=tnet.device)).to(net.dtype)
             x = ops.linear(torch.cat([e, h], dim=-1), self.pre)
             for spec in net.cfg.layers:
-                x = net._layer(spec, x, ropes[spec.rope], q_pos, kv)
+                x = net.layer(spec, x, ropes[spec.rope], q_pos, kv)
             u = net.norm(x, net.weights["norm.weight"])
             logits = self.head(u)
             token = int(torch.argmax(logits[0]))

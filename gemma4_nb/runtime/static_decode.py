@@ -18,9 +18,10 @@ It is separate from the model's own decode path (:meth:`GemmaModel.forward` with
 KVCache, then ``dec = StaticDecoder(net, capacity); dec.load(cache); tok = dec.step(tok)``.
 ``gemma4-nb bench --cuda-graphs`` measures it.
 
-Status: the step's math is checked on the CPU (eagerly) against the model's forward; the CUDA
-graph capture and replay (``graphs=True``, the default on CUDA) are checked only by a CUDA test
-that has not run yet (no GPU was available when it was written).
+The step's math is the decoder's own (:meth:`GemmaModel.qkv`, :meth:`GemmaModel.layer_output`),
+checked on the CPU (eagerly) against the model's forward; CUDA graph capture and replay
+(``graphs=True``, the default on CUDA) are checked by a CUDA-only test of
+``tests/test_static_decode.py``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class StaticDecoder:
             b *= 2
         self.buckets.append(self.capacity)
         # RoPE rows for every position the decoder may hold, per rope kind
-        self.rope = {r: table.get(range(0, self.capacity)) for r, table in net._rope.items()}
+        self.rope = {r: table.get(range(0, self.capacity)) for r, table in net.rope_tables.items()}
         self.k, self.v = {}, {}
         self.ring_pos = {}  # sliding window -> [window] positions held in the ring (-1: empty)
         for spec in cfg.layers:
@@ -92,7 +93,7 @@ class StaticDecoder:
             if positions.start != start or positions.stop != n:
                 raise Gemma4Error(f"layer {spec.index} of the cache no longer holds positions {start}..{n - 1}")
             if k is None:
-                k = self.net._keys_from_values(spec.index, v, positions)
+                k = self.net.keys_from_values(spec.index, v, self.net.rope_at(spec.index, positions))
             idx = torch.arange(start, n, device=self.pos.device)
             if spec.window is not None:
                 self.ring_pos[spec.window][idx % spec.window] = idx
@@ -157,44 +158,38 @@ class StaticDecoder:
         return g
 
     def _run(self, bucket: int) -> None:
+        """The step: the decoder's own layer math (:meth:`GemmaModel.qkv`,
+        :meth:`GemmaModel.layer_output`) around attention over the fixed buffers."""
         net = self.net
         x = net.embed(self.tok)
         ropes = {r: (cos.index_select(0, self.pos), sin.index_select(0, self.pos)) for r, (cos, sin) in self.rope.items()}
         for spec in self.cfg.layers:
             w = net.layer_weights[spec.index]
-            attn = self._attention(spec, w, net.norm(x, w["input_norm"]), ropes[spec.rope], bucket)
-            x = x + net.norm(attn, w["post_attn_norm"])
-            mlp = ops.gated_mlp(net.norm(x, w["pre_ffn_norm"]), w["gate"], w["up"], w["down"])
-            x = x + net.norm(mlp, w["post_ffn_norm"])
-            if w["layer_scalar"] is not None:
-                x = x * w["layer_scalar"]
+            rope = ropes[spec.rope]
+            q, k, v = net.qkv(spec, w, net.norm(x, w["input_norm"]), rope)
+            if spec.owns_kv:
+                if k is None:  # K=V: K computed once here, where the model rebuilds it at every read
+                    k = net.keys_from_values(spec.index, v, rope, seq_dim=0)
+                self._store(spec, k, v)
+            x = net.layer_output(w, x, self._attention(spec, q, bucket).to(x.dtype))
         logits = net.logits(net.norm(x, net.weights["norm.weight"]))
         self.logits.copy_(logits)
         self.next_tok.copy_(logits.argmax(-1))
 
-    def _attention(self, spec, w, h, rope, bucket: int) -> torch.Tensor:
-        net, cfg = self.net, self.cfg
-        d, hkv = spec.head_dim, spec.num_kv_heads
-        cos, sin = rope
-        q = ops.linear(h, w["q_proj"]).view(1, cfg.num_heads, d)
-        q = ops.apply_rope(net.norm(q, w["q_norm"]), cos, sin)
-        src = self.cfg.layers[spec.kv_source]
-        if spec.owns_kv:
-            raw = ops.linear(h, w["k_proj"]).view(1, hkv, d)
-            if spec.k_eq_v:
-                v = ops.rms_norm(raw, None, cfg.rms_norm_eps)
-                wk = w["k_norm"].float() + cfg.family.norm_offset
-                k = ops.apply_rope((v.float() * wk).to(net.dtype), cos, sin)
-            else:
-                v = ops.linear(h, w["v_proj"]).view(1, hkv, d)
-                k = ops.apply_rope(net.norm(raw, w["k_norm"]), cos, sin)
-                if cfg.family.has_v_norm:
-                    v = ops.rms_norm(v, None, cfg.rms_norm_eps)
-            slot = self.pos if spec.window is None else self.pos % spec.window
-            self.k[spec.index].index_copy_(1, slot, k.transpose(0, 1).to(net.dtype))
-            self.v[spec.index].index_copy_(1, slot, v.transpose(0, 1).to(net.dtype))
-            if spec.window is not None:
-                self.ring_pos[spec.window].index_copy_(0, slot, self.pos)
+    def _store(self, spec, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write this position's K/V ``[1, Hkv, D]`` into the layer's buffers (ring slot for sliding layers)."""
+        slot = self.pos if spec.window is None else self.pos % spec.window
+        self.k[spec.index].index_copy_(1, slot, k.transpose(0, 1).to(self.net.dtype))
+        self.v[spec.index].index_copy_(1, slot, v.transpose(0, 1).to(self.net.dtype))
+        if spec.window is not None:
+            self.ring_pos[spec.window].index_copy_(0, slot, self.pos)
+
+    def _attention(self, spec, q: torch.Tensor, bucket: int) -> torch.Tensor:
+        """Attention of this position's ``q`` ``[1, Hq, D]`` over the buffers of the layer that
+        holds this layer's K/V: ``[1, Hq * D]``."""
+        cfg = self.cfg
+        src = cfg.layers[spec.kv_source]
+        d, hkv = src.head_dim, src.num_kv_heads
         kb, vb = self.k[src.index], self.v[src.index]
         if src.window is None:
             kb, vb = kb[:, :bucket], vb[:, :bucket]
@@ -202,14 +197,13 @@ class StaticDecoder:
         else:  # the ring holds the newest `window` positions, all visible (the current one included)
             ring = self.ring_pos[src.window]
             visible = (ring >= 0) & (ring <= self.pos) & (ring > self.pos - (spec.window or src.window))
-        groups = cfg.num_heads // hkv
-        qg = q[0].view(hkv, groups, d)
+        qg = q[0].view(hkv, cfg.num_heads // hkv, d)
         if cfg.attn_softcap is None:
-            with gpu._sdpa_backends(kb.device):
+            with gpu.sdpa_backends(kb.device):
                 out = F.scaled_dot_product_attention(qg[None], kb[None], vb[None], attn_mask=visible[None, None, None],
                                                      scale=cfg.query_scale)[0]
         else:
             s = ops.softcap(torch.matmul(qg.float(), kb.float().transpose(1, 2)) * cfg.query_scale, cfg.attn_softcap)
             s = s.masked_fill(~visible, -math.inf)
             out = torch.matmul(torch.softmax(s, dim=-1).to(vb.dtype), vb)
-        return ops.linear(out.reshape(1, cfg.num_heads * vb.shape[2]).to(h.dtype), w["o_proj"])
+        return out.reshape(1, cfg.num_heads * vb.shape[2])
