@@ -40,7 +40,7 @@ def _choose_threading_layer() -> None:
     """TBB when it can be loaded, else numba's work queue; ``NUMBA_THREADING_LAYER`` overrides.
 
     A decode step launches ~90 parallel regions of a few to a few hundred microseconds, so the
-    launch cost matters (measured on this 2-core machine, an empty region: work queue 18-27 us,
+    launch cost matters (measured on a 2-core Zen 4 VM, an empty region: work queue 18-27 us,
     TBB 1.4 us, OpenMP 1.7 us; a 270M decode step: 28-30 ms / 23 ms / 21-22 ms). OpenMP is not
     used: numba's OpenMP runtime is a second copy beside the one torch bundles, and llama.cpp's,
     and their threads spin after every region, so alternating torch and numba work (prefill) or
