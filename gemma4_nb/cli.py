@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .runtime.chat_template import PLAIN_STOPS, plain_prompt
 from .errors import Gemma4Error
+from .runtime.chat_template import PLAIN_STOPS, plain_prompt
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +56,8 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .devtools.bench import SHAPES, bench_command
+    from .devtools.bench import bench_command
+    from .devtools.shapes import SHAPES
 
     if args.shape and args.shape not in SHAPES:
         raise Gemma4Error(f"unknown shape {args.shape!r}; use one of {sorted(SHAPES)}")

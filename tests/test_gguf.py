@@ -166,7 +166,7 @@ def test_directory_with_one_gguf(tmp_path, gguf_cache):
 
 
 def test_int8_kv_keeps_greedy_tokens_of_the_real_model(embedded):
-    from gemma4_nb.devtools.bench import AGREEMENT_TEXT
+    from gemma4_nb.devtools.workload import AGREEMENT_TEXT
     from gemma4_nb.runtime.kv_cache import PrefixCache
 
     net = embedded.net

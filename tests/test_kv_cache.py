@@ -171,8 +171,7 @@ def test_refuses_what_will_not_fit(tiny_dir, monkeypatch):
 
 
 def test_planner_figures_for_gemma4_12b():
-    from gemma4_nb.devtools.bench import SHAPES
-    from gemma4_nb.runtime.config import parse_config
+    from gemma4_nb.devtools.shapes import SHAPES
     from gemma4_nb.devtools.tiny import tiny_config
 
     cfg = parse_config(tiny_config(**dict(SHAPES["gemma4-12b"])))

@@ -13,7 +13,7 @@ pytest.importorskip("numba")
 from quant_reference import dequantized, quantized_activation_linear  # noqa: E402
 
 import gemma4_nb  # noqa: E402
-from gemma4_nb.devtools.bench import AGREEMENT_TEXT  # noqa: E402
+from gemma4_nb.devtools.workload import AGREEMENT_TEXT  # noqa: E402
 from gemma4_nb.errors import CheckpointError, Gemma4Error  # noqa: E402
 from gemma4_nb.kernels.qweight import QWeight  # noqa: E402
 from gemma4_nb.runtime.decoder import GemmaModel  # noqa: E402

@@ -22,8 +22,8 @@ def transformers_model(net, hf_config: dict):
         import transformers
     except ImportError:
         raise Gemma4Error("--compare transformers needs transformers: pip install 'gemma4-nb[test]'") from None
-    from ..runtime.checkpoint import canonical_name, expected_tensors
     from ..kernels.qweight import QWeight
+    from ..runtime.checkpoint import canonical_name, expected_tensors
 
     arch = (hf_config.get("architectures") or [None])[0]
     cls = getattr(transformers, arch or "", None)

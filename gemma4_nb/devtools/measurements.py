@@ -1,0 +1,256 @@
+"""Single-purpose measurements behind docs/benchmarks.md: load time, long context, media
+preprocessing, notebook-context building, drafting, MTP draft cost, load memory.
+``python -m gemma4_nb.bench --load-time | --long-context N | --preprocess | --context | --draft |
+--mtp-cost | --load-memory F`` runs them."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..runtime.checkpoint import expected_tensors
+from ..runtime.config import parse_config
+from ..runtime.decoder import GemmaModel
+from .shapes import random_assistant, random_model
+from .tiny import tiny_config
+from .workload import REWRITE_PROMPTS, sync
+
+
+def load_time() -> None:
+    """First (converting) and cached load of the embedded GGUF, in fresh processes."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import time; t = time.perf_counter(); import gemma4_nb; t1 = time.perf_counter(); "
+            "gemma4_nb.load(progress=False); print(f'{time.perf_counter() - t1:.2f} {t1 - t:.2f}')")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, GEMMA4_NB_CACHE=cache)
+        env.pop("GEMMA4_NB_MODEL", None)
+        for label in ("first load (converts GGUF, builds tokenizer)", "cached load", "cached load"):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            load_s, import_s = out.stdout.split()
+            print(f"{label:<46} {float(load_s):6.2f} s   (import gemma4_nb {float(import_s):.2f} s)")
+
+
+def long_context(total: int = 262144, depths=(1024, 8192, 32768, 131072, 262144), chunk: int = 2048,
+                 decode_steps: int = 8, device: str = "cpu") -> None:
+    """Fill the whole context of a tiny model: memory per layer type, prefill and decode times."""
+    from ..runtime.generation import prefill
+    from ..runtime.kv_cache import PrefixCache
+    from ..runtime.memory import plan_memory
+
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+                 num_global_key_value_heads=1, sliding_window=1024, max_position_embeddings=total)
+    cfg = parse_config(tiny_config(**shape))
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for name, dims in expected_tensors(cfg).items():
+        t = torch.randn(dims, generator=gen)
+        key = name[len(cfg.weight_prefix):] if name.startswith(cfg.weight_prefix) else name
+        weights[key] = (1 + 0.1 * t if ("norm" in name or "layer_scalar" in name) else 0.05 * t).to(device)
+    net = GemmaModel(cfg, weights)
+    print(f"tiny Gemma 4 model: {cfg.num_layers} layers (5 sliding, window 1024; 1 full, K=V, head_dim 64), "
+          f"fp32, {device}, {torch.get_num_threads()} threads; prefill chunk {chunk}")
+    prefix = PrefixCache(lambda: net.new_cache())
+    ids = torch.randint(10, 512, (total,), generator=gen).tolist()
+    prefix.prepare(ids + [0])
+    done, t_prefill = 0, 0.0
+    print(f"{'depth':>8} {'prefill s (cum.)':>17} {'decode ms/token':>16} {'KV sliding':>11} {'KV full':>11} {'planned full':>13}")
+    for depth in depths:
+        t = time.perf_counter()
+        prefill(net, ids[done:depth], prefix, chunk)
+        t_prefill += time.perf_counter() - t
+        done = depth
+        t = time.perf_counter()
+        for i in range(decode_steps):
+            net.forward(torch.tensor([ids[i]]), prefix.kv)
+        step_ms = (time.perf_counter() - t) / decode_steps * 1000
+        prefix.kv.truncate(depth)
+        mem = prefix.kv.memory()
+        plan = plan_memory(cfg, context=depth, weights="fp32", kv="fp32")
+        print(f"{depth:>8} {t_prefill:>17.1f} {step_ms:>16.2f} {mem['sliding'] / 2**20:>8.2f} MiB "
+              f"{mem['full'] / 2**20:>7.2f} MiB {plan.kv_full / 2**20:>9.2f} MiB")
+
+
+def preprocessing(repeats: int = 20) -> None:
+    """Image and audio preprocessing times (median of ``repeats``)."""
+    import io
+    import statistics
+
+    import numpy as np
+    from PIL import Image
+
+    from ..runtime.multimodal import audio_frames, image_patches
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1000
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:1080, 0:1920]
+    img = np.clip(np.stack([x / 7.5, y / 4.2, 128 + 60 * np.sin(x / 30)], -1) + rng.normal(0, 8, (1080, 1920, 3)), 0, 255)
+    img = img.astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    png = buf.getvalue()
+    clip16 = (0.1 * rng.standard_normal(16000 * 30)).astype(np.float32)
+    clip44 = (0.1 * rng.standard_normal(44100 * 30)).astype(np.float32)
+    print(f"torch threads: {torch.get_num_threads()}   (median of {repeats} runs)")
+    for budget in (280, 1120):
+        print(f"1920x1080 image, array -> {budget} soft tokens:    {median_ms(lambda: image_patches(img, budget)):7.1f} ms")
+    print(f"1920x1080 image, PNG bytes -> 280 soft tokens: {median_ms(lambda: image_patches(png, 280)):7.1f} ms "
+          "(includes PNG decoding)")
+    print(f"30 s clip, 16 kHz array -> 750 frames:         {median_ms(lambda: audio_frames(clip16, 16000)):7.1f} ms")
+    print(f"30 s clip, 44.1 kHz array (resampled):         {median_ms(lambda: audio_frames(clip44, 44100)):7.1f} ms")
+
+
+def context_speed(rows: int = 10_000_000, repeats: int = 5) -> None:
+    """Notebook-context building for a large DataFrame (no copies: head, dtypes, per-column counts)."""
+    import statistics
+
+    import numpy as np
+    import pandas as pd
+
+    from ..notebook.context import build_context
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"region": rng.choice(["north", "south", "east", "west"], rows),
+                          "revenue": rng.random(rows), "units": rng.integers(0, 100, rows),
+                          "date": pd.date_range("2020-01-01", periods=rows, freq="s")})
+    frame.loc[::7, "revenue"] = np.nan
+
+    class Shell:
+        user_ns = {"sales": frame, "In": [""]}
+
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        build_context(Shell())
+        times.append(time.perf_counter() - t)
+    print(f"context for a {rows:,}-row x 4-column DataFrame ({frame.memory_usage(deep=False).sum() / 2**20:.0f} MiB): "
+          f"median {statistics.median(times) * 1000:.1f} ms over {repeats} runs (target <= 200 ms)")
+
+
+def drafting_speed(model_ref: str | None, new_tokens: int = 128) -> None:
+    """Greedy decode speed with and without prompt-lookup drafting, side by side, same outputs."""
+    from ..runtime.model import load
+
+    model = load(model_ref, device="cpu", dtype="fp32", progress=False)
+    print(f"model: {model.source.name}   threads: {torch.get_num_threads()}   {new_tokens} greedy tokens per prompt")
+    rows = []
+    for i, prompt in enumerate(REWRITE_PROMPTS):
+        model.reset()
+        plain = model.generate(prompt, max_new_tokens=new_tokens, temperature=0, draft=False)
+        u0 = model.last_usage
+        model.reset()
+        spec = model.generate(prompt, max_new_tokens=new_tokens, temperature=0, draft=True)
+        u1 = model.last_usage
+        d = u1.drafting
+        rows.append((u0.decode_tokens_per_second, u1.decode_tokens_per_second))
+        print(f"prompt {i + 1}: plain {u0.decode_tokens_per_second:6.1f} tok/s | drafting {u1.decode_tokens_per_second:6.1f} tok/s"
+              f" | speedup {u1.decode_tokens_per_second / u0.decode_tokens_per_second:4.2f}x | accepted {d.accepted}/{d.proposed}"
+              f" ({d.acceptance * 100:.0f}%), {d.mean_accepted_length:.2f} tokens/forward | identical: {plain == spec}")
+    mean0 = sum(r[0] for r in rows) / len(rows)
+    mean1 = sum(r[1] for r in rows) / len(rows)
+    print(f"mean: plain {mean0:.1f} tok/s, drafting {mean1:.1f} tok/s, speedup {mean1 / mean0:.2f}x")
+
+
+def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu", dtype=torch.bfloat16,
+             repeats: int = 7, full_layers: int = 48) -> None:
+    """Cost of one MTP draft step and of a k-token verify relative to one plain decode step, on the
+    12B shape with random weights; the speedup at an acceptance rate follows from them.
+
+    The target is built with ``layers`` of its 48 layers (memory); every figure is scaled to 48
+    layers from the measured per-layer time plus the measured vocabulary head."""
+    from ..runtime.speculative import DraftContext
+
+    dev = torch.device(device)
+    target = random_model("gemma4-12b", device, dtype, layers=layers)
+    drafters = {"plain head": random_assistant(target, False, dtype), "centroid head": random_assistant(target, True, dtype)}
+    cache = target.new_cache()
+    ids = torch.randint(10, target.cfg.vocab_size, (context + 16,))
+    for start in range(0, context, 512):
+        target.forward(ids[start : min(start + 512, context)], cache, logits=False)
+    n = cache.length
+
+    def forward(t: int):
+        def fn():
+            target.forward(ids[n : n + t], cache, outputs="all")
+            cache.truncate(n)
+        return fn
+
+    hidden = torch.randn(8, target.cfg.hidden_size, device=dev, dtype=dtype)
+    ctx = DraftContext(target, cache, torch.randn(target.cfg.hidden_size, device=dev, dtype=dtype))
+    k_max = max(ks)
+    tasks = {("forward", t): forward(t) for t in [1] + [k + 1 for k in ks]}
+    tasks.update({("head", t): (lambda t=t: target.logits(hidden[:t])) for t in [1] + [k + 1 for k in ks]})
+    tasks.update({("draft", name): (lambda d=d: list(d.steps(int(ids[n]), ctx, k_max))) for name, d in drafters.items()})
+    times: dict = {key: [] for key in tasks}
+    for fn in tasks.values():  # warm up
+        fn()
+    for _ in range(repeats):  # interleaved, so a noisy neighbour slows every figure alike
+        for key, fn in tasks.items():
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            times[key].append(time.perf_counter() - t0)
+    med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
+
+    def scaled(t: int) -> float:
+        h = med[("head", t)]
+        return h + (med[("forward", t)] - h) * full_layers / layers
+
+    plain = scaled(1)
+    verify = {k: scaled(k + 1) for k in ks}
+    draft = {name: med[("draft", name)] / k_max for name in drafters}
+    print(f"12B shape, random weights, {dtype}, {device}, {torch.get_num_threads()} threads, context {context}; "
+          f"target measured with {layers} layers, scaled to {full_layers}")
+    print(f"plain decode step: {plain * 1000:.1f} ms")
+    for name, t in draft.items():
+        print(f"one draft step ({name}): {t * 1000:.2f} ms = {t / plain:.3f} x plain step")
+    for k, t in verify.items():
+        print(f"verify k={k} ({k + 1} tokens): {t * 1000:.1f} ms = {t / plain:.3f} x plain step")
+    print("expected speedup = E[tokens per round] * plain / (k * draft + verify_k), "
+          "E[tokens] = (1 - a^(k+1)) / (1 - a) for per-draft acceptance a")
+    best_draft = min(draft.values())
+    for a in (0.5, 0.6, 0.7, 0.8, 0.9):
+        row = []
+        for k, t in verify.items():
+            tokens = (1 - a ** (k + 1)) / (1 - a)
+            row.append(f"k={k}: {tokens * plain / (k * best_draft + t):.2f}x")
+        print(f"acceptance {a:.1f}: " + "  ".join(row))
+
+
+def load_memory(model_ref: str | None, quant: str | None) -> None:
+    """Peak RSS of a streaming quantized load (fresh process) against the size of the result."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, resource, sys, time; import gemma4_nb; from gemma4_nb.runtime.quant import weights_nbytes; "
+            "t = time.perf_counter(); m = gemma4_nb.load(sys.argv[1] or None, quant=sys.argv[2] or None, "
+            "device='cpu', progress=False); s = time.perf_counter() - t; "
+            "print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "'weights': weights_nbytes(m.net.weights), 'load_s': s, 'largest': max("
+            "(t.shape[0] * t.shape[1] if hasattr(t, 'fmt') else t.numel()) for t in m.net.weights.values())}))")
+    base = subprocess.run([sys.executable, "-c", "import resource, gemma4_nb, torch, numba; "
+                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+                          capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, model_ref or "", quant or ""], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-2000:])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    gib = 2**30
+    print(f"model: {model_ref or 'embedded 270M'}   quant: {quant}   load {r['load_s']:.1f} s")
+    print(f"weights after loading {r['weights'] / gib:.3f} GiB; peak RSS of the loading process {r['peak'] / gib:.3f} GiB "
+          f"(of which {int(base.stdout) / gib:.3f} GiB is the interpreter with torch and numba imported)")
