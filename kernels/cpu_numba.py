@@ -36,6 +36,7 @@ from numba import njit, prange
 
 from .simd import PREFETCH, dot8, dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row
 
+
 def _choose_threading_layer() -> None:
     """TBB when it can be loaded, else numba's work queue; ``NUMBA_THREADING_LAYER`` overrides.
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from gemma4_nb.notebook.agent import Agent, AgentSettings
 from gemma4_nb.backends.base import Reply
-from gemma4_nb.notebook.workspace import KernelWorkspace
 from gemma4_nb.backends.toolcalls import ToolCallError, format_call, parse_arguments, parse_tool_calls
+from gemma4_nb.notebook.agent import Agent, AgentSettings
+from gemma4_nb.notebook.workspace import KernelWorkspace
 
 
 class Scripted:

@@ -12,11 +12,11 @@ import uuid
 
 import pytest
 
+from gemma4_nb.backends.base import Reply
+from gemma4_nb.errors import Gemma4Error
 from gemma4_nb.notebook.chat_service import BUSY, code_blocks, decode_attachment
 from gemma4_nb.notebook.comm import ChatProtocol
 from gemma4_nb.notebook.copilot import Copilot
-from gemma4_nb.errors import Gemma4Error
-from gemma4_nb.backends.base import Reply
 
 
 class Scripted:

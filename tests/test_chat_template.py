@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 import gemma4_nb
-from gemma4_nb.runtime.chat_template import render_chat
 from gemma4_nb.errors import PromptError
+from gemma4_nb.runtime.chat_template import render_chat
 from gemma4_nb.runtime.tokenizer import Tokenizer
 
 CONVERSATIONS = {

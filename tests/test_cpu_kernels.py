@@ -20,12 +20,13 @@ import torch
 
 pytest.importorskip("numba")
 
+from quant_reference import fake_quant_activations as fq  # noqa: E402
+from quant_reference import fake_quant_for  # noqa: E402
+
 from gemma4_nb.kernels import cpu_numba as nb  # noqa: E402
 from gemma4_nb.kernels import ops  # noqa: E402
 from gemma4_nb.kernels import torch_ops as ref  # noqa: E402
 from gemma4_nb.kernels.qweight import dequantize, quantize, quantize_weight  # noqa: E402
-from quant_reference import fake_quant_activations as fq  # noqa: E402
-from quant_reference import fake_quant_for  # noqa: E402
 
 
 def close(got, want, rel=1e-4):

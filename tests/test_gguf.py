@@ -11,13 +11,13 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
+from gguf_helpers import write_gguf
 
 import gemma4_nb
 from gemma4_nb.errors import CheckpointError, ConfigError
 from gemma4_nb.runtime.generation import GenerationRequest, Usage, generate_ids
 from gemma4_nb.runtime.gguf_file import GGUFFile
 from gemma4_nb.runtime.resolve import embedded_model
-from gguf_helpers import write_gguf
 
 PROMPTS = [
     "The history of the printing press begins in",  # prose

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import gemma4_nb
-from gemma4_nb.runtime.kv_cache import CacheRollbackError, PrefixCache
-from gemma4_nb.runtime.generation import prefill
-from gemma4_nb.runtime.memory import MemoryPlanError, plan_memory
 from gemma4_nb.devtools.tiny import write_tiny_checkpoint
+from gemma4_nb.runtime.generation import prefill
+from gemma4_nb.runtime.kv_cache import CacheRollbackError, PrefixCache
+from gemma4_nb.runtime.memory import MemoryPlanError, plan_memory
 
 SMALL = dict(chunk=4, max_rollback=3)  # boundaries crossed every few tokens
 
@@ -173,6 +173,7 @@ def test_refuses_what_will_not_fit(tiny_dir, monkeypatch):
 def test_planner_figures_for_gemma4_12b():
     from gemma4_nb.devtools.shapes import SHAPES
     from gemma4_nb.devtools.tiny import tiny_config
+    from gemma4_nb.runtime.config import parse_config
 
     cfg = parse_config(tiny_config(**dict(SHAPES["gemma4-12b"])))
     assert 11.5e9 < cfg.parameter_count() < 12.5e9

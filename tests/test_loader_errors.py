@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gemma4_nb
-from gemma4_nb.errors import CheckpointError, ConfigError, ContextLengthError, ModelNotFoundError, PromptError, TokenizerError
+from gemma4_nb.errors import (
+    CheckpointError,
+    ConfigError,
+    ContextLengthError,
+    ModelNotFoundError,
+    PromptError,
+    TokenizerError,
+)
 
 
 def test_missing_shard_names_the_file(hf_checkpoints, fresh_copy):

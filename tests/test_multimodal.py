@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import gemma4_nb
+from gemma4_nb.devtools.tiny import SPECIAL_TOKENS
 from gemma4_nb.runtime.media import MediaError, load_audio, load_image
 from gemma4_nb.runtime.multimodal import image_patches, target_size
-from gemma4_nb.devtools.tiny import SPECIAL_TOKENS
 
 TOKENS = {name: SPECIAL_TOKENS.index(tok) for name, tok in [
     ("image_token_id", "<|image|>"), ("audio_token_id", "<|audio|>"), ("boi_token_id", "<|image>"),
@@ -23,9 +23,8 @@ TOKENS = {name: SPECIAL_TOKENS.index(tok) for name, tok in [
 
 @pytest.fixture(scope="module")
 def mm_checkpoint(tmp_path_factory, tokenizer_dir):
-    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
-
     from conftest import randomize_
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
     text = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,

@@ -100,11 +100,11 @@ def test_history_file_survives_a_kernel_restart(tiny_dir, tmp_path):
 
 
 def test_interrupt_stops_generation_and_keeps_the_partial_answer(tmp_path):
+    import json
+
     from jupyter_client.manager import KernelManager
 
     from gemma4_nb.devtools.tiny import write_tiny_checkpoint
-
-    import json
 
     tiny_dir = write_tiny_checkpoint(tmp_path / "tiny")  # 4,096-token context: a long generation
     for name, key in (("config.json", None), ("generation_config.json", "eos_token_id")):

@@ -80,9 +80,8 @@ def test_bare_text_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
     """`gemma4_unified_text` (Gemma4UnifiedForCausalLM) checkpoints load with their own prefix."""
     import shutil
 
-    from transformers import Gemma4UnifiedForCausalLM, Gemma4UnifiedTextConfig
-
     from conftest import VARIANTS, randomize_
+    from transformers import Gemma4UnifiedForCausalLM, Gemma4UnifiedTextConfig
 
     ref = Gemma4UnifiedForCausalLM(Gemma4UnifiedTextConfig(**VARIANTS["a"]["text"])).eval()
     randomize_(ref, seed=11)

@@ -64,9 +64,9 @@ def test_prompt_token_sequence_matches_the_reference_processor(processor, tokeni
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ref = processor(text=text, images=[[Image.fromarray(i) for i in images]], audio=[clip], return_tensors="pt",
                     add_special_tokens=False)  # the template already wrote <bos>
-    from gemma4_nb.runtime.multimodal import prepare_prompt
-    from gemma4_nb.runtime.config import parse_config
     from gemma4_nb.devtools.tiny import tiny_config
+    from gemma4_nb.runtime.config import parse_config
+    from gemma4_nb.runtime.multimodal import prepare_prompt
 
     cfg_dict = tiny_config()
     cfg_dict.update(image_token_id=17, audio_token_id=18, boi_token_id=19, eoi_token_id=20, boa_token_id=21, eoa_token_index=22,

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
-from gemma4_nb.notebook.copilot import Copilot
 from gemma4_nb.backends.openai_compat import OpenAIBackend, RemoteError
+from gemma4_nb.notebook.copilot import Copilot
 from gemma4_nb.runtime.resolve import embedded_model
 
 

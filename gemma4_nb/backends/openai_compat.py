@@ -16,9 +16,9 @@ from typing import Callable
 
 import httpx
 
-from .base import Reply
 from ..errors import Gemma4Error
 from ..runtime.generation import Usage
+from .base import Reply
 from .toolcalls import ToolCall
 
 ENV_URL, ENV_MODEL, ENV_KEY = "GEMMA4_NB_BACKEND_URL", "GEMMA4_NB_BACKEND_MODEL", "GEMMA4_NB_API_KEY"

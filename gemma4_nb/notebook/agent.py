@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..backends.base import Backend, Reply
-from .context import describe_figure, describe_frame, open_figures, user_variables
 from ..backends.toolcalls import ToolCall
+from .context import describe_figure, describe_frame, open_figures, user_variables
 
 APPROVALS = ("ask", "auto", "never")
 

@@ -17,9 +17,9 @@ import time
 import uuid
 from typing import Callable
 
-from .agent import CODE_BLOCK
 from ..errors import Gemma4Error
 from ..runtime.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, load_audio, load_image
+from .agent import CODE_BLOCK
 
 MAX_ATTACHMENT_BYTES = 32 * 2**20
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff"}

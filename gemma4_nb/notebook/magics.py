@@ -8,10 +8,10 @@ import time
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
+from ..errors import Gemma4Error
 from .agent import AgentResult
 from .chat_service import BUSY
 from .copilot import get_copilot
-from ..errors import Gemma4Error
 
 HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--no-context]
     [--max-new-tokens N] [--temperature T] [--no-draft]

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ModelConfig
 from ..errors import Gemma4Error
+from .config import ModelConfig
 
 DEFAULT_CHUNK = 256
 DEFAULT_MAX_ROLLBACK = 64

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
 from ..errors import PromptError
 from ..kernels import torch_ops as ops
+from .config import ModelConfig
 from .media import MediaError, load_audio, load_image
 
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)

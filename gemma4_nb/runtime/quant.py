@@ -24,6 +24,7 @@ import torch
 from ..errors import CheckpointError, Gemma4Error
 from ..kernels.qweight import FORMATS as QUANT_FORMATS
 from ..kernels.qweight import GROUP, QWeight, quantize
+
 FORMAT_VERSION = 1
 MARKER_FILE = "gemma4_nb_quant.json"
 ROW_BLOCK = 8192  # rows converted at a time while streaming (bounds the temporary fp32 copy)

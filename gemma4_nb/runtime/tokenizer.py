@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from .chat_template import render_chat
 from ..errors import TokenizerError
+from .chat_template import render_chat
 
 
 def _token_text(value) -> str | None:
