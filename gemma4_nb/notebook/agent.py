@@ -69,6 +69,9 @@ class AgentResult:
     steps: list[Step] = field(default_factory=list)
     cells: list[str] = field(default_factory=list)  # code inserted as new cells
     stopped: bool = False
+    messages: list[dict] = field(default_factory=list)  # what the run added to the conversation, as sent
+    transcript: str | None = None  # the code-completion protocol's last prompt and its answer
+    context: str = ""  # one line: what the model saw of the notebook (snapshot.NotebookView.summary)
 
 
 class Agent:
@@ -151,13 +154,16 @@ class Agent:
             reply = self.backend.complete(messages, tools=TOOLS, on_text=on_text, **self.sampling)
             if reply.stopped:
                 result.answer, result.stopped = reply.text, True
+                result.messages.append({"role": "assistant", "content": reply.text})
                 return result
             if reply.errors:
                 note = "; ".join(reply.errors)
                 result.steps.append(Step("error", note))
-                messages = messages + [{"role": "assistant", "content": reply.text},
-                                       {"role": "user", "content": f"Your tool call was malformed ({note}). "
-                                        f"Write it again in the tool-call format, or answer directly."}]
+                retry = [{"role": "assistant", "content": reply.text},
+                         {"role": "user", "content": f"Your tool call was malformed ({note}). "
+                          f"Write it again in the tool-call format, or answer directly."}]
+                messages = messages + retry
+                result.messages += retry
                 continue
             if not reply.tool_calls:
                 blocks = CODE_BLOCK.findall(reply.text)
@@ -166,11 +172,14 @@ class Agent:
                 else:
                     result.answer = reply.text.strip()
                     result.steps.append(Step("answer", result.answer))
+                    result.messages.append({"role": "assistant", "content": reply.text})
                     return result
             final = next((c for c in reply.tool_calls if c.name == "final_answer"), None)
             if final is not None:
                 result.answer = str(final.arguments.get("answer", "")).strip() or reply.text.strip()
                 result.steps.append(Step("answer", result.answer))
+                result.messages.append({"role": "assistant", "content": reply.text,
+                                        "tool_calls": [final.as_message_part()]})
                 return result
             calls_msg = {"role": "assistant", "content": reply.text,
                          "tool_calls": [c.as_message_part() for c in reply.tool_calls]}
@@ -184,6 +193,7 @@ class Agent:
                 failed_runs += failed
                 tool_msgs.append({"role": "tool", "name": call.name, "tool_call_id": call.id, "content": output})
             messages = messages + [calls_msg] + tool_msgs
+            result.messages += [calls_msg] + tool_msgs
             if failed_runs >= self.settings.max_failed_runs:
                 result.answer = (f"The code failed {failed_runs} times; the last error is in the output above. "
                                  "Try rephrasing the request.")
@@ -220,8 +230,9 @@ class Agent:
             result.answer = f"The code failed {self.settings.max_failed_runs} times; the last error is in the output above."
             return result
         shown = "\n".join("# " + line for line in output.splitlines()[:12])
-        answer = self.backend.complete_text(prompt[: len(prompt) - len(primer)] + code + f"\n# Output:\n{shown}\n# In one sentence, the answer is:",
-                                            stop=["\n"], **sampling)
+        final = prompt[: len(prompt) - len(primer)] + code + f"\n# Output:\n{shown}\n# In one sentence, the answer is:"
+        answer = self.backend.complete_text(final, stop=["\n"], **sampling)
+        result.transcript = final + answer.text
         result.answer = answer.text.strip().lstrip("# ").strip() or "Done: the output is above."
         result.steps.append(Step("answer", result.answer))
         if on_text:
