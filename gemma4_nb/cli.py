@@ -67,7 +67,7 @@ def _cmd_bench(args) -> int:
         from .devtools.bench_notebook import notebook_bench
 
         notebook_bench(model=args.model, shape=args.shape, quant=args.quant, threads=args.threads,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, repeat=args.repeat)
         return 0
     bench_command(model=args.model, shape=args.shape, quant=args.quant, dtype=args.dtype, device=args.device,
                   threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,

@@ -179,3 +179,16 @@ def test_a_long_conversation_drops_its_oldest_turns_and_sends_the_snapshot_again
     assert c.turns[-2]["snapshot"] == "full"  # the request after the trim carries the snapshot again
     assert sum(t["role"] == "user" for t in c.turns) < asked
     assert c.last_usage.prompt_tokens < c.model.max_context
+
+
+def test_the_notebook_benchmark_replays_a_session_in_a_real_kernel(chat_model_dir, tmp_path):
+    from gemma4_nb.devtools.bench_notebook import SESSION, report, run_session
+
+    turns, description = run_session(SESSION[:5], model=str(chat_model_dir), max_new_tokens=4, workdir=tmp_path)
+    assert "6 layers" in description
+    asks = [t for t in turns if t.what == "ask"]
+    assert [len(t.requests) for t in asks] == [1, 1, 1]
+    assert all(0 < t.requests[0]["first_token_s"] < t.total_s for t in asks)
+    table, checks = report([turns])
+    assert "| follow-up after a cell | " in table
+    assert len(checks) == 1 and "(target >= 90%: met)" in checks[0], checks

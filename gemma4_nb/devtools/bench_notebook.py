@@ -4,7 +4,7 @@ A Jupyter kernel (jupyter_client, as a notebook frontend drives it) replays a sc
 load data, ask, ask again with nothing changed, run a cell, ask, plot, ask about the plot, an
 agent step, ask again. For each question it prints the prompt's tokens, how many were reused
 from the previous request's cache, the time to the first token as the frontend sees it (from
-sending the cell to the first piece of the answer on the wire) and the total time.
+the cell's start in the kernel to the first token generated) and the cell's total time.
 
 ``--shape gemma4-12b --quant int4`` runs a shorter session on the 12B shape with random int4
 weights (``devtools/shapes.random_quantized_model``) behind the embedded model's tokenizer and the
@@ -18,6 +18,7 @@ import json
 import os
 import queue
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -54,20 +55,36 @@ SESSION = [
 ]
 SHAPE_SESSION = SESSION[:5]  # the 12B shape prefills a few tokens/s on a laptop CPU: a short session
 
-# Runs in the kernel: wraps the in-kernel backend's two calls to record each request's usage.
+# Runs in the kernel: records each request of the in-kernel backend (its usage, and when its first
+# token was generated) and when each cell started.
 RECORDER = """
 def _gemma4_nb_bench_recorder():
     import time
     from gemma4_nb.backends.local import LocalBackend
-    records = []
+    from gemma4_nb.runtime import generation, model
+    records, firsts, cell = [], [], {}
+    get_ipython().events.register("pre_run_cell", lambda info: cell.__setitem__("start", time.perf_counter()))
+    original_ids = generation.generate_ids
+    def timed_ids(*args, **kwargs):
+        ids = original_ids(*args, **kwargs)
+        try:
+            for i, token in enumerate(ids):
+                if i == 0:
+                    firsts.append(time.perf_counter())
+                yield token
+        finally:
+            ids.close()
+    generation.generate_ids = model.generate_ids = timed_ids
     for name in ("complete", "complete_text"):
         original = getattr(LocalBackend, name)
         def wrapped(self, *args, _original=original, **kwargs):
+            seen = len(firsts)
             t = time.perf_counter()
             reply = _original(self, *args, **kwargs)
             u = reply.usage
+            first = firsts[seen] - cell["start"] if len(firsts) > seen else None
             records.append({"prompt": u.prompt_tokens, "reused": u.cached_tokens, "generated": u.generated_tokens,
-                            "prefill_s": u.prefill_seconds, "total_s": time.perf_counter() - t})
+                            "prefill_s": u.prefill_seconds, "first_token_s": first, "total_s": time.perf_counter() - t})
             return reply
         setattr(LocalBackend, name, wrapped)
     return records
@@ -113,7 +130,6 @@ def use_shape_model(shell, shape: str = "gemma4-12b", quant: str = "int4", max_c
 class Turn:
     what: str
     label: str
-    first_output_s: float | None = None
     total_s: float = 0.0
     requests: list[dict] = field(default_factory=list)
 
@@ -191,44 +207,54 @@ def run_session(session, *, model: str | None = None, shape: str | None = None, 
                            "_get(get_ipython()).ensure_model()\ndel _get", silent=True)
         # one request before the session: first-call costs (allocations, compilation) are not a turn's
         kernel.execute("%%gemma --no-context --max-new-tokens 2\nHello", silent=True)
-        kernel.execute("%gemma reset", silent=True)
+        kernel.execute(f"%gemma reset\n%gemma config max_new_tokens={max_new_tokens}", silent=True)
         kernel.execute(RECORDER, silent=True)
         description = kernel.value("repr(__import__('gemma4_nb').notebook.copilot.get_copilot(get_ipython()).model)")
         turns = []
         for what, label, text in session:
             if what == "cell":
-                first, total, printed = kernel.execute(text)
-                turns.append(Turn(what, label, None, total))
+                _, total, _ = kernel.execute(text)
+                turns.append(Turn(what, label, total))
                 continue
             before = kernel.value("len(_gemma4_nb_bench_records)")
             magic = "%%gemma --agent" if what == "agent" else "%%gemma"
-            first, total, printed = kernel.execute(f"{magic}\n{text}")
+            _, total, _ = kernel.execute(f"{magic}\n{text}")
             records = kernel.value(f"_gemma4_nb_bench_records[{before}:]")
-            turns.append(Turn(what, label, first, total, records))
+            turns.append(Turn(what, label, total, records))
         return turns, description
     finally:
         kernel.close()
 
 
-def report(turns: list[Turn]) -> tuple[str, list[str]]:
-    """The table, and the checks of the issue's targets (reuse and TTFT after a cell ran)."""
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mid = statistics.median(values) * 1000
+    return f"{mid:.0f} ms" + (f" ({min(values) * 1000:.0f}-{max(values) * 1000:.0f})" if len(values) > 1 else "")
+
+
+def report(runs: list[list[Turn]]) -> tuple[str, list[str]]:
+    """The table (time to first token: the median of the runs, and their range) and the checks
+    of the issue's targets: after a cell ran, >= 90% of the previous prompt reused and a time to
+    first token <= 1.5x that of the follow-up with nothing changed."""
     rows = ["| turn | prompt tokens | reused | reused / previous prompt | time to first token | total |",
             "|---|---:|---:|---:|---:|---:|"]
-    previous_prompt, ran_cell, unchanged_ttft, after_cell = None, False, None, []
-    for t in turns:
+    previous_prompt, ran_cell, unchanged, after_cell = None, False, None, []
+    for i, t in enumerate(runs[0]):
+        ttfts = [r[i].requests[0]["first_token_s"] for r in runs if r[i].requests and r[i].requests[0]["first_token_s"]]
+        total = statistics.median(r[i].total_s for r in runs)
         if t.what == "cell":
-            rows.append(f"| *cell: {t.label}* | | | | | {t.total_s:.2f} s |")
+            rows.append(f"| *cell: {t.label}* | | | | | {total:.2f} s |")
             ran_cell = True
             continue
         first = t.requests[0] if t.requests else {}
         share = (first.get("reused", 0) / previous_prompt) if previous_prompt and first else None
         extra = f" ({len(t.requests)} requests)" if len(t.requests) > 1 else ""
-        ttft = t.first_output_s
         rows.append(f"| {t.label}{extra} | {first.get('prompt', '-')} | {first.get('reused', '-')} | "
-                    f"{'-' if share is None else f'{share:.0%}'} | "
-                    f"{'-' if ttft is None else f'{ttft * 1000:.0f} ms'} | {t.total_s:.2f} s |")
-        if t.what == "ask" and previous_prompt and not ran_cell and unchanged_ttft is None:
-            unchanged_ttft = ttft
+                    f"{'-' if share is None else f'{share:.0%}'} | {_ms(ttfts)} | {total:.2f} s |")
+        ttft = statistics.median(ttfts) if ttfts else None
+        if t.what == "ask" and previous_prompt and not ran_cell and unchanged is None:
+            unchanged = ttft
         elif t.what == "ask" and ran_cell and previous_prompt:
             after_cell.append((t, share, ttft))
         if t.requests:
@@ -238,31 +264,36 @@ def report(turns: list[Turn]) -> tuple[str, list[str]]:
     for t, share, ttft in after_cell:
         ok_reuse = share is not None and share >= 0.9
         line = f"{t.label}: reuses {share:.0%} of the previous prompt (target >= 90%: {'met' if ok_reuse else 'NOT met'})"
-        if unchanged_ttft and ttft:
-            ratio = ttft / unchanged_ttft
+        if unchanged and ttft:
+            ratio = ttft / unchanged
             line += f"; TTFT {ratio:.2f}x the unchanged follow-up's (target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})"
         checks.append(line)
     return "\n".join(rows), checks
 
 
 def notebook_bench(model: str | None = None, shape: str | None = None, quant: str | None = None,
-                   threads: int | None = None, max_new_tokens: int | None = None) -> list[Turn]:
-    """``gemma4-nb bench --notebook``: the session, its table and the checks, printed."""
+                   threads: int | None = None, max_new_tokens: int | None = None, repeat: int = 1) -> list[list[Turn]]:
+    """``gemma4-nb bench --notebook``: the session (``repeat`` times, a fresh kernel each), its
+    table and the checks, printed."""
     import torch
 
     session = SHAPE_SESSION if shape else SESSION
     max_new = max_new_tokens or (8 if shape else 24)
     t = time.perf_counter()
-    turns, description = run_session(session, model=model, shape=shape, quant=quant, threads=threads,
-                                      max_new_tokens=max_new)
+    runs = []
+    for _ in range(max(repeat, 1)):
+        turns, description = run_session(session, model=model, shape=shape, quant=quant, threads=threads,
+                                          max_new_tokens=max_new)
+        runs.append(turns)
     print(f"model: {description}\nmachine: {cpu_name()}, {threads or torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {max_new} new tokens at most per request, greedy; "
-          f"session {time.perf_counter() - t:.0f} s")
-    print("time to first token: from sending the %%gemma cell to the first piece of the answer (the agent: "
-          "its first cell) arriving from the kernel\n")
-    table, checks = report(turns)
+          f"torch {torch.__version__}; {max_new} new tokens at most per request, greedy; {len(runs)} session(s), "
+          f"{time.perf_counter() - t:.0f} s")
+    print("time to first token: from the %%gemma cell's start in the kernel to the first token generated (the "
+          "agent: of its first request)" + (", median of the sessions (range)" if len(runs) > 1 else "")
+          + "; reused: prompt tokens taken from the cache of the previous request\n")
+    table, checks = report(runs)
     print(table)
     print()
     for line in checks:
         print(line)
-    return turns
+    return runs

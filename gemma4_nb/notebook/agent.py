@@ -70,7 +70,7 @@ class AgentResult:
     cells: list[str] = field(default_factory=list)  # code inserted as new cells
     stopped: bool = False
     messages: list[dict] = field(default_factory=list)  # what the run added to the conversation, as sent
-    transcript: str | None = None  # the code-completion protocol's last prompt and its answer
+    transcript: str | None = None  # the code-completion protocol's last prompt and what it generated
     context: str = ""  # one line: what the model saw of the notebook (snapshot.NotebookView.summary)
 
 
@@ -208,6 +208,7 @@ class Agent:
         sampling["max_new_tokens"] = min(sampling.get("max_new_tokens", 256), 256)
         for attempt in range(self.settings.max_failed_runs):
             reply = self.backend.complete_text(prompt, stop=["\n"], **sampling)
+            result.transcript = prompt + reply.text  # what the model has seen and written so far
             if reply.stopped:
                 result.answer, result.stopped = "", True
                 return result

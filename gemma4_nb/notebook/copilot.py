@@ -322,7 +322,7 @@ class Copilot:
         if req.update is not None:
             self.view.commit(req.update)
         if agent:
-            self.view.mark_cells_seen()  # the agent's own cells: the model wrote them
+            self.view.mark_agent_work_seen()  # the agent's own cells and their error: the model saw them
         self.turns += [turn, *added]
         self._save_history()
         result.context = req.context

@@ -381,10 +381,15 @@ class NotebookView:
             self.sent.pop(f"variable:{name}", None)
         self.started = True
 
-    def mark_cells_seen(self) -> None:
-        """Cells that ran during a request (the agent's) are known to the model already."""
+    def mark_agent_work_seen(self) -> None:
+        """The cells an agent ran during a request, and the error one of them raised, are known to
+        the model already: it wrote them and read their output. (A question about that error
+        still brings it in: it names it and the model has not been shown it whole.)"""
         for index, source in cell_sources(self.shell)[-HISTORY_CELLS:]:
-            self.known[f"cell:{index}"] = source[-CELL_CHARS:]
+            self.known[f"cell:{index}"] = source[-CELL_CHARS:]  # as gather() describes them
+        error = last_error(self.shell)
+        if error:
+            self.known["error"] = error[-ERROR_CHARS:]
 
     def summary(self, update: Update | None = None) -> str:
         """One line: what the model has seen of the notebook in this conversation (with
