@@ -192,3 +192,17 @@ def test_the_notebook_benchmark_replays_a_session_in_a_real_kernel(chat_model_di
     table, checks = report([turns])
     assert "| follow-up after a cell | " in table
     assert len(checks) == 1 and "(target >= 90%: met)" in checks[0], checks
+
+
+def test_a_plot_shown_inline_is_described_in_a_real_kernel(tmp_path):
+    """The inline backend's plt.show() displays the figure, then closes it, within the cell."""
+    from test_notebook_kernel import run_cells, text_of
+
+    from gemma4_nb.devtools.bench_notebook import LOAD_DATA, PLOT
+
+    cells = run_cells(["%load_ext gemma4_nb", LOAD_DATA, PLOT, "import matplotlib.pyplot as plt\nprint(plt.get_fignums())",
+                       "%gemma context"], tmp_path)
+    assert "[]" in text_of(cells[3])  # closed
+    shown = text_of(cells[4])
+    assert 'context: weather 21x4 · figure "Daily temperature" · ' in shown
+    assert "title 'Daily temperature'; x 'day'; y 'temp (C)'; line 'Lima' (7 points, y " in shown

@@ -153,18 +153,36 @@ class FigureMemory:
 
     @classmethod
     def of(cls, shell) -> "FigureMemory":
-        """The shell's one figure memory, hooked to run after every cell."""
+        """The shell's one figure memory, hooked to see every figure the notebook displays (the
+        inline backend's ``plt.show()`` displays, then closes them) and the ones open after a cell."""
         memory = getattr(shell, "_gemma4_nb_figures", None)
         if memory is None:
             memory = cls()
-            events = getattr(shell, "events", None)
-            callbacks = getattr(events, "callbacks", {}).get("post_execute") if events is not None else None
-            if callbacks is not None:
-                # first in line: matplotlib-inline's flush_figures (registered on the same event) closes them
-                callbacks.insert(0, memory.capture)
+            memory._hook(shell)
             if shell is not None:
                 shell._gemma4_nb_figures = memory
         return memory
+
+    def _hook(self, shell) -> None:
+        publisher = getattr(shell, "display_pub", None)
+        if publisher is not None and callable(getattr(publisher, "publish", None)):
+            # the inline backend's plt.show() displays each figure, then closes it: describe the open
+            # figures when a figure is displayed (IPython's own formatters for Figure are reset
+            # whenever a backend is selected, so a formatter of ours would not last)
+            original = publisher.publish
+
+            def publish(data, *args, **kwargs):
+                if isinstance(data, dict) and str(data.get("text/plain", "")).startswith("<Figure"):
+                    self.capture()
+                return original(data, *args, **kwargs)
+
+            publisher.publish = publish
+        events = getattr(shell, "events", None)
+        callbacks = getattr(events, "callbacks", {}).get("post_execute") if events is not None else None
+        if callbacks is not None:
+            # first in line: matplotlib-inline's flush_figures (registered on the same event) closes them
+            callbacks.insert(0, self.capture)
+
 
     def capture(self) -> None:
         """Describe the open figures (never fails: it runs after every cell)."""
