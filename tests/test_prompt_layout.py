@@ -83,7 +83,7 @@ def test_a_closed_figure_is_still_described(shell):
     update = view.update("What does the plot show?")
     assert "## New figure" in update.text
     for expected in ("title 'Daily temperature'", "x 'day'", "y 'temp (C)'", "line 'Lima' (7 points, y ",
-                     "legend Lima, Oslo, Rome"):
+                     "line 'Oslo' (7 points, y ", "line 'Rome' (7 points, y "):
         assert expected in update.text, update.text
     view.commit(update)
     assert 'figure "Daily temperature"' in view.summary()

@@ -123,7 +123,8 @@ def describe_figure(fig) -> str:
                 f"y {ax.get_ylabel()!r}" if ax.get_ylabel() else "",
                 *_series(ax)]
         legend = ax.get_legend()
-        if legend is not None:
+        labels = {line.get_label() for line in ax.lines} | {c.get_label() for c in ax.collections}
+        if legend is not None and not {t.get_text() for t in legend.get_texts()} <= labels:  # else: the series say it
             bits.append("legend " + ", ".join(t.get_text() for t in legend.get_texts()))
         parts.append("axes: " + "; ".join(b for b in bits if b))
     sup = getattr(fig, "_suptitle", None)

@@ -10,8 +10,8 @@ everything before the new question.
 Within the token budget, what the question names comes first: a variable or a column by name,
 the error when the question is about an error, the figures when it is about a plot.
 
-Figures are remembered when a cell finishes, before the inline backend closes them: a plot's
-title, axes and series are still described after it was closed.
+Figures are remembered when they are displayed and when a cell finishes, before the inline
+backend closes them: a plot's title, axes and series are still described after it was closed.
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ def gather(shell, figures: "FigureMemory | None" = None, history_cells: int = HI
     for name, obj in variables.items():
         if is_frame(obj):
             items.append(frame_item(name, obj))
-    others = [(k, v) for k, v in variables.items() if not is_frame(v)][:MAX_VARIABLES]
+    # matplotlib objects (an Axes from .plot()) are described as figures
+    others = [(k, v) for k, v in variables.items()
+              if not is_frame(v) and not type(v).__module__.startswith("matplotlib")][:MAX_VARIABLES]
     for name, obj in others:
         items.append(Item(f"variable:{name}", "variable", name, variable_line(name, obj)))
     if figures is not None:
@@ -141,8 +143,8 @@ def gather(shell, figures: "FigureMemory | None" = None, history_cells: int = HI
 
 
 class FigureMemory:
-    """The figures a notebook drew: described when a cell finishes (before the inline backend
-    closes them) and when asked, so a closed plot is still described. The newest ``keep`` are
+    """The figures a notebook drew: described when displayed, when a cell finishes (before the
+    inline backend closes them) and when asked, so a closed plot is still described. The newest ``keep`` are
     remembered; the newest two keep their Figure object, for a model that looks at images."""
 
     def __init__(self, keep: int = 4) -> None:
@@ -323,7 +325,7 @@ def change_sections(item: Item, before: Item | None) -> tuple[str, str]:
     if item.kind == "figure":
         return ("Changed figure" if before is not None else "New figure"), item.text
     if item.kind == "variable":
-        return "Variables (new or changed)", item.text
+        return "Variables", item.text
     if before is None:
         return "New data", item.text
     return "Changed data", frame_change(before, item) or _head_rows(item.text)
