@@ -4,6 +4,8 @@ model gets (the rendered prompt) and on what the runtime reuses (``Usage.cached_
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -27,11 +29,32 @@ def chat_model_dir(tmp_path_factory):
 
 @pytest.fixture
 def shell():
+    """The shared IPython shell with only ``weather`` and ``unit`` among the user's variables (other
+    tests' variables are set aside and put back after) and no figures from other tests."""
+    from gemma4_nb.notebook.context import user_variables
+
     sh = InteractiveShell.instance()
-    for name in ("weather", "unit", "sales", "temp_max", "wide", "other", "boom"):
-        sh.user_ns.pop(name, None)
+    aside = user_variables(sh.user_ns)
+    for name in aside:
+        del sh.user_ns[name]
+    before = set(sh.user_ns)
+
+    def forget_figures():
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close("all")
+        memory = getattr(sh, "_gemma4_nb_figures", None)
+        if memory is not None:
+            memory.entries.clear()
+
+    forget_figures()
     sh.run_cell(WEATHER, store_history=True)
     yield sh
+    for name in set(sh.user_ns) - before:
+        del sh.user_ns[name]
+    for name in ("weather", "unit"):
+        sh.user_ns.pop(name, None)
+    sh.user_ns.update(aside)
+    forget_figures()
 
 
 def test_snapshot_first_then_only_what_changed(shell):
