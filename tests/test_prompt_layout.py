@@ -70,7 +70,7 @@ def test_snapshot_first_then_only_what_changed(shell):
     changes = view.update("What is the mean of temp_f?")
     assert not changes.full
     assert "## New cells\n```python\nweather['temp_f'] = weather['temp'] * 9 / 5 + 32" in changes.text
-    assert "`weather`: now 21 rows x 4 columns (was 21 x 3); new column temp_f (float64)" in changes.text
+    assert "## Changed data\n`weather`: new column temp_f (float64)\n" in changes.text
     assert "first rows" not in changes.text  # the change, not the whole description again
     assert "- temp_max: float64" in changes.text and "## Deleted\n`unit`" in changes.text
     view.commit(changes)
@@ -229,3 +229,16 @@ def test_a_plot_shown_inline_is_described_in_a_real_kernel(tmp_path):
     shown = text_of(cells[4])
     assert 'context: weather 21x4 · figure "Daily temperature" · ' in shown
     assert "title 'Daily temperature'; x 'day'; y 'temp (C)'; line 'Lima' (7 points, y " in shown
+
+
+def test_a_changed_dataframe_in_a_line():
+    import pandas as pd
+
+    from gemma4_nb.notebook.snapshot import frame_change, frame_item
+
+    before = frame_item("sales", pd.DataFrame({"region": ["n", "s"], "units": [1, 2], "notes": ["a", "b"]}))
+    after = frame_item("sales", pd.DataFrame({"region": ["n", "s", "e"], "units": [1.0, 2.0, 3.0],
+                                              "price": [9.5, 8.0, 7.0]}))
+    assert frame_change(before, after) == ("`sales`: now 3 rows (was 2); new column price (float64); dropped notes; "
+                                           "dtype units int64 -> float64")
+    assert frame_change(before, before) is None  # only values changed: the first rows are shown instead

@@ -293,8 +293,8 @@ def frame_change(old: Item, new: Item) -> str | None:
     if not a or not b or "columns" not in a or "columns" not in b:
         return None
     bits = []
-    if (a["rows"], a["width"]) != (b["rows"], b["width"]):
-        bits.append(f"now {b['rows']:,} rows x {b['width']} columns (was {a['rows']:,} x {a['width']})")
+    if a["rows"] != b["rows"]:
+        bits.append(f"now {b['rows']:,} rows (was {a['rows']:,})")
     added = [f"{c} ({t})" for c, t in b["columns"].items() if c not in a["columns"]]
     gone = [c for c in a["columns"] if c not in b["columns"]]
     retyped = [f"{c} {a['columns'][c]} -> {t}" for c, t in b["columns"].items() if c in a["columns"] and a["columns"][c] != t]
@@ -304,6 +304,8 @@ def frame_change(old: Item, new: Item) -> str | None:
         bits.append("dropped " + ", ".join(gone))
     if retyped:
         bits.append("dtype " + ", ".join(retyped))
+    if b["width"] > len(b["columns"]) and (a["width"] != b["width"]):  # beyond the columns listed
+        bits.append(f"now {b['width']} columns (was {a['width']})")
     return f"`{new.name}`: " + "; ".join(bits) if bits else None
 
 
