@@ -15,6 +15,7 @@ from typing import Callable
 
 from ..backends.base import Backend, Reply
 from ..backends.toolcalls import ToolCall
+from .code_safety import analyse_code
 from .context import describe_figure, describe_frame, open_figures, user_variables
 
 APPROVALS = ("ask", "auto", "never")
@@ -39,12 +40,6 @@ TOOLS = [
 ]
 TOOL_NAMES = [t["function"]["name"] for t in TOOLS]
 
-# Code that asks for approval even in "auto" mode: deleting files, installing packages, the network.
-RISKY = re.compile(
-    r"\b(os\.(remove|unlink|rmdir|removedirs)|shutil\.(rmtree|move)|\.unlink\(|\.rmdir\(|send2trash|"
-    r"pip\s+install|conda\s+install|%pip|%conda|!pip|!conda|subprocess|os\.system|"
-    r"requests\.|urllib|http\.client|socket\.|httpx|aiohttp|ftplib|smtplib|paramiko|"
-    r"!rm\b|!curl|!wget|rm\s+-r)")
 CODE_PRIMER = "import pandas as pd\n"
 CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 
@@ -85,16 +80,21 @@ class Agent:
     # -- tools ------------------------------------------------------------------------------
 
     def _approved(self, code: str) -> tuple[bool, str]:
+        """Whether to run ``code``, and what the model and the user are told when it is not run.
+        Even in "auto", code the safety check finds risky or cannot decide asks first."""
         mode = self.settings.approval
         if mode == "never":
             return False, "not run: the approval setting is 'never'; the code is in a new cell for the user to run"
-        risky = RISKY.search(code)
-        if mode == "auto" and not risky:
+        shell = getattr(self.ws, "shell", None)
+        check = analyse_code(code, namespace=getattr(self.ws, "namespace", None),
+                             transform=getattr(shell, "transform_cell", None))
+        if mode == "auto" and check.safe:
             return True, ""
-        why = f"it {('uses ' + repr(risky.group(0))) if risky else 'was written by the model'}"
+        why = check.reason() or "it was written by the model"
         if self.ask(code, why):
             return True, ""
-        return False, "not run: the user did not approve it; the code is in a new cell below"
+        return False, (f"not run: {why}, and the user did not approve it; the code is in a new cell below "
+                       "for the user to read and run")
 
     def run_code(self, code: str, result: AgentResult) -> tuple[str, bool]:
         """Insert ``code`` as a cell below, run it if approved; return (what the model sees, failed)."""

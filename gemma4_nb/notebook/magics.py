@@ -100,7 +100,10 @@ class GemmaMagics(Magics):
         try:
             answer = input(f"gemma4-nb wants to run this code ({why}):\n{code}\nRun it? [y/N] ")
         except Exception:  # no stdin in this frontend (nbclient, some IDEs): do not run
-            print("(cannot ask here; set `%gemma approval auto` to run generated code)")
+            if self.copilot.settings.approval == "ask":
+                print("(cannot ask here; set `%gemma approval auto` to run generated code)")
+            else:  # auto: only code the safety check flagged gets here, and it never runs without a yes
+                print("(cannot ask here, so this code was not run: read it in the new cell and run it yourself)")
             return False
         return answer.strip().lower() in ("y", "yes")
 
