@@ -28,6 +28,23 @@ class RemoteError(Gemma4Error):
     """The server could not be reached or answered with an error."""
 
 
+def check_url(url) -> str:
+    """A server URL that requests can go to, or a :class:`RemoteError` saying what is wrong."""
+    text = str(url).strip()
+    if not text.lower().startswith(("http://", "https://")):
+        hint = f"; did you mean http://{text.rstrip('/')}?" if text and "://" not in text else ""
+        raise RemoteError(f"backend URL {text!r} must start with http:// or https://{hint}")
+    if any(c.isspace() for c in text):
+        raise RemoteError(f"backend URL {text!r} contains spaces")
+    try:
+        parsed = httpx.URL(text)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        raise RemoteError(f"backend URL {text!r} is not a valid URL ({exc})") from None
+    if not parsed.host:
+        raise RemoteError(f"backend URL {text!r} names no host; write it as http://HOST:PORT")
+    return text.rstrip("/")
+
+
 def _png(obj) -> str:
     from PIL import Image
 
@@ -92,9 +109,7 @@ class OpenAIBackend:
 
     def __init__(self, url: str, model: str | None = None, *, api_key: str | None = None, tools: bool = True,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5) -> None:
-        url = url.rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise RemoteError(f"backend URL {url!r} must start with http:// or https://")
+        url = check_url(url)
         self.url = url if url.endswith("/v1") else url + "/v1"
         self.model = model or "default"
         self.api_key = api_key or os.environ.get(ENV_KEY) or os.environ.get("OPENAI_API_KEY")

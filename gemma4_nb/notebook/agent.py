@@ -16,7 +16,7 @@ from typing import Callable
 from ..backends.base import Backend, Reply
 from ..backends.toolcalls import ToolCall
 from .code_safety import analyse_code
-from .context import describe_figure, describe_frame, open_figures, user_variables
+from .context import clean_text, describe_figure, describe_frame, describe_variable, failure, open_figures, user_variables
 
 APPROVALS = ("ask", "auto", "never")
 
@@ -122,16 +122,18 @@ class Agent:
             if obj is None or type(obj).__name__ not in ("DataFrame", "Series"):
                 frames = [k for k, v in user_variables(self.ws.namespace).items() if type(v).__name__ in ("DataFrame", "Series")]
                 return f"error: no DataFrame named {name!r}; dataframes: {', '.join(frames) or 'none'}", False
-            text = describe_frame(name, obj)
+            try:
+                text = describe_frame(name, obj)
+            except Exception as exc:  # an odd frame (repeated column names, a broken dtype): say so
+                text = f"`{name}`: {type(obj).__name__}; it could not be described ({failure(exc)})"
             try:
                 text += "\nsummary:\n" + obj.describe().to_string()[:3000]
             except Exception as exc:  # describe() can fail on odd dtypes: say so, keep going
-                text += f"\n(describe() failed: {exc})"
-            return text, False
+                text += f"\n(describe() failed: {failure(exc)})"
+            return clean_text(text), False
         if call.name == "list_variables":
             items = user_variables(self.ws.namespace)
-            return "\n".join(f"{k}: {type(v).__name__}" + (f" {getattr(v, 'shape', '')}" if hasattr(v, "shape") else "")
-                             for k, v in items.items()) or "(no variables)", False
+            return "\n".join(describe_variable(k, v) for k, v in items.items()) or "(no variables)", False
         if call.name == "capture_figure":
             figs = open_figures()
             return (describe_figure(figs[-1]) if figs else "there is no open matplotlib figure"), False

@@ -7,6 +7,7 @@ across cells (and, opted in, in a history file next to the notebook), and runs t
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -44,6 +45,10 @@ class Settings:
         current = getattr(self, key)
         if key == "approval" and value not in APPROVALS:
             raise Gemma4Error(f"approval must be one of {', '.join(APPROVALS)}")
+        if key == "backend_url" and value.lower() != "none":
+            from ..backends.openai_compat import check_url
+
+            value = check_url(value)
         try:
             if isinstance(current, bool) or key in ("history_file", "backend_tools"):
                 parsed = value.lower() in ("1", "true", "on", "yes")
@@ -55,7 +60,18 @@ class Settings:
                 parsed = None if value.lower() == "none" else value
         except ValueError:
             raise Gemma4Error(f"{key} needs a number, got {value!r}") from None
-        setattr(self, key, parsed)
+        setattr(self, key, check_setting(key, parsed))
+
+
+def check_setting(key: str, value):
+    """``value`` when it is a usable value for setting ``key`` (also a cell's own flags), else a
+    :class:`Gemma4Error` that says what is allowed."""
+    if key in ("max_new_tokens", "context_tokens", "max_steps") and (not isinstance(value, int) or value < 1):
+        raise Gemma4Error(f"{key} must be a whole number of at least 1, got {value!r}")
+    if key == "temperature" and value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                                           and value >= 0):
+        raise Gemma4Error(f"temperature must be a number >= 0 (0 is greedy), got {value!r}")
+    return value
 
 
 def get_copilot(shell) -> "Copilot":
@@ -82,7 +98,12 @@ class Copilot:
     # -- the model --------------------------------------------------------------------------
 
     def use_backend(self, url: str | None, model: str | None = None, tools: bool = True) -> None:
-        """Point the copilot at a serving engine (``url``), or back at the in-kernel model (None)."""
+        """Point the copilot at a serving engine (``url``), or back at the in-kernel model (None).
+        A URL that cannot work is refused before anything changes."""
+        if url is not None:
+            from ..backends.openai_compat import check_url
+
+            url = check_url(url)
         self.unload()
         self.settings.backend_url, self.settings.backend_model, self.settings.backend_tools = url, model, tools
 
@@ -200,8 +221,11 @@ class Copilot:
         lines = ["# Jupyter notebook. Variables:"]
         for name in names[:8]:
             obj = self.shell.user_ns[name]
-            cols = ", ".join(f"{c} ({obj[c].dtype})" for c in list(getattr(obj, "columns", []))[:20])
-            lines.append(f"#   {name}: {type(obj).__name__} with {len(obj)} rows" + (f"; columns: {cols}" if cols else ""))
+            try:  # columns by position: a repeated column name selects several
+                cols = ", ".join(f"{c} ({obj.iloc[:, i].dtype})" for i, c in enumerate(list(getattr(obj, "columns", []))[:20]))
+                lines.append(f"#   {name}: {type(obj).__name__} with {len(obj)} rows" + (f"; columns: {cols}" if cols else ""))
+            except Exception:  # an odd frame: named, not described
+                lines.append(f"#   {name}: {type(obj).__name__}")
         # A base model completes code best when the code is already under way: start the answer line.
         primer = CODE_PRIMER + (f"result = {names[0]}" if names else "result = ")
         lines += [f"# Task: {question.strip()}", "# One line of pandas, result in `result`:", "", primer]
@@ -221,9 +245,11 @@ class Copilot:
         return out
 
     def ask(self, question: str, *, agent: bool = False, frames=None, images=(), audios=(), use_context=True,
-            on_text=None, ask_approval=None, on_event=None, workspace=None) -> AgentResult:
+            on_text=None, ask_approval=None, on_event=None, workspace=None, sampling: dict | None = None) -> AgentResult:
+        """One request. ``sampling`` overrides the settings for this request only (a cell's flags)."""
         if not question.strip() and not images and not audios:
             raise Gemma4Error("the cell is empty: write a question under %%gemma")
+        sampling = {**self.sampling(), **(sampling or {})}
         backend = self.ensure_model()
         messages = self.messages(question, frames=frames, images=images, audios=audios, use_context=use_context)
         if agent:
@@ -231,16 +257,16 @@ class Copilot:
 
             ws = workspace or KernelWorkspace(self.shell, self.frontend)
             runner = Agent(backend, ws, AgentSettings(self.settings.approval, self.settings.max_steps),
-                           ask=ask_approval, on_event=on_event, sampling=self.sampling())
+                           ask=ask_approval, on_event=on_event, sampling=sampling)
             result = runner.run(messages, on_text=on_text, code_prompt=self.code_prompt(question, frames))
             if hasattr(ws, "flush"):
                 ws.flush()
         elif getattr(backend, "base_model", False):  # a base model answers a plain Q&A prompt better
             reply = backend.complete_text(self.qa_prompt(messages), stop=PLAIN_STOPS,
-                                          on_text=on_text, **self.sampling())
+                                          on_text=on_text, **sampling)
             result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)
         else:
-            reply = backend.complete(messages, on_text=on_text, **self.sampling())
+            reply = backend.complete(messages, on_text=on_text, **sampling)
             result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)
         note = " [with attachments]" if (images or audios) else ""
         self.turns += [{"role": "user", "content": question + note}, {"role": "assistant", "content": result.answer}]
