@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ContextLengthError, Gemma4Error, ModelNotFoundError, PromptError
 from .chat_template import validate_messages
-from .checkpoint import load_checkpoint
+from .checkpoint import check_finite_weights, load_checkpoint
 from .config import ModelConfig, load_config
 from .decoder import GemmaModel
 from .generation import GenerationRequest, TextStream, Usage, generate_ids
@@ -295,6 +295,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download)
     if saved_quant:
         weights = qmod.load_saved_quantized(cfg, model_dir, dtype, quant, progress=progress)
+        check_finite_weights(weights, model_dir)
         quant = qmod.read_marker(model_dir)["format"]
     elif quant:
         from .checkpoint import check_checkpoint, expected_tensors, find_shards
