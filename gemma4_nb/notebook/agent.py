@@ -64,6 +64,7 @@ class AgentResult:
     steps: list[Step] = field(default_factory=list)
     cells: list[str] = field(default_factory=list)  # code inserted as new cells
     stopped: bool = False
+    notes: list[str] = field(default_factory=list)  # what went wrong on the way (a reply the server cut off)
 
 
 class Agent:
@@ -154,6 +155,10 @@ class Agent:
             if reply.stopped:
                 result.answer, result.stopped = reply.text, True
                 return result
+            if reply.cut:  # a cut-off reply is not acted on
+                result.answer = reply.text.strip()
+                result.notes.append(reply.cut)
+                return result
             if reply.errors:
                 note = "; ".join(reply.errors)
                 result.steps.append(Step("error", note))
@@ -202,6 +207,9 @@ class Agent:
             reply = self.backend.complete_text(prompt, stop=["\n"], **sampling)
             if reply.stopped:
                 result.answer, result.stopped = "", True
+                return result
+            if reply.cut:  # a cut-off line of code is not run
+                result.notes.append(reply.cut)
                 return result
             code = (primer + reply.text).strip("\n")
             if primer.startswith(CODE_PRIMER) and "result" in primer:

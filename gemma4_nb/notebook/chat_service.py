@@ -156,6 +156,9 @@ class ChatService:
         if not self.busy:
             return False
         self._stop.set()
+        cancel = getattr(self.copilot.backend, "cancel", None)
+        if cancel is not None:  # a server's backend: ends a wait for the server too, not only the next token
+            cancel()
         self.cancel_approvals()
         return True
 
@@ -249,6 +252,9 @@ class ChatService:
                            on_text=on_text, on_event=on_event,
                            ask_approval=lambda code, why: self._ask_approval(rid, code, why))
             answer = result.answer if not result.stopped else ("".join(pieces) or result.answer)
+            for n in result.notes:  # e.g. a reply the server cut off
+                notes.append(n)
+                self.emit({"type": "note", "id": rid, "text": n})
             blocks = code_blocks(answer) or list(getattr(result, "cells", []) or [])
             u = c.last_usage
             final = {"type": "done", "id": rid, "text": answer, "stopped": bool(result.stopped or self._stop.is_set()),

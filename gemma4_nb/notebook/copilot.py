@@ -37,6 +37,7 @@ class Settings:
     backend_url: str | None = None  # an OpenAI-compatible server instead of the in-kernel model
     backend_model: str | None = None
     backend_tools: bool = True
+    first_byte_timeout: float | None = None  # seconds a server may take to start answering (None: 60, or the env)
 
     def update(self, key: str, value: str) -> None:
         names = {f.name: f for f in fields(self)}
@@ -54,7 +55,7 @@ class Settings:
                 parsed = value.lower() in ("1", "true", "on", "yes")
             elif key in ("max_new_tokens", "context_tokens", "max_steps"):
                 parsed = int(value)
-            elif key == "temperature":
+            elif key in ("temperature", "first_byte_timeout"):
                 parsed = None if value.lower() in ("none", "default") else float(value)
             else:
                 parsed = None if value.lower() == "none" else value
@@ -71,6 +72,8 @@ def check_setting(key: str, value):
     if key == "temperature" and value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
                                                            and value >= 0):
         raise Gemma4Error(f"temperature must be a number >= 0 (0 is greedy), got {value!r}")
+    if key == "first_byte_timeout" and value is not None and not (math.isfinite(value) and value > 0):
+        raise Gemma4Error(f"first_byte_timeout must be a number of seconds above 0, got {value!r}")
     return value
 
 
@@ -119,7 +122,10 @@ class Copilot:
 
             url = self.settings.backend_url or os.environ["GEMMA4_NB_BACKEND_URL"]
             model = self.settings.backend_model or os.environ.get("GEMMA4_NB_BACKEND_MODEL")
-            self.backend = OpenAIBackend(url, model, tools=self.settings.backend_tools)
+            self.backend = OpenAIBackend(url, model, tools=self.settings.backend_tools,
+                                         first_byte_timeout=self.settings.first_byte_timeout)
+        if self.settings.first_byte_timeout is not None and hasattr(self.backend, "first_byte_timeout"):
+            self.backend.first_byte_timeout = self.settings.first_byte_timeout  # changed since it was made
         if self.backend is None:
             from ..runtime.model import load
 
@@ -251,6 +257,8 @@ class Copilot:
             raise Gemma4Error("the cell is empty: write a question under %%gemma")
         sampling = {**self.sampling(), **(sampling or {})}
         backend = self.ensure_model()
+        if hasattr(backend, "cancelled"):
+            backend.cancelled.clear()  # a Stop meant for an earlier request does not carry over
         messages = self.messages(question, frames=frames, images=images, audios=audios, use_context=use_context)
         if agent:
             from .workspace import KernelWorkspace
@@ -264,10 +272,10 @@ class Copilot:
         elif getattr(backend, "base_model", False):  # a base model answers a plain Q&A prompt better
             reply = backend.complete_text(self.qa_prompt(messages), stop=PLAIN_STOPS,
                                           on_text=on_text, **sampling)
-            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)
+            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
         else:
             reply = backend.complete(messages, on_text=on_text, **sampling)
-            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)
+            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
         note = " [with attachments]" if (images or audios) else ""
         self.turns += [{"role": "user", "content": question + note}, {"role": "assistant", "content": result.answer}]
         self._save_history()

@@ -28,7 +28,7 @@ HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--n
 %gemma model [REF]         show or set the model (a directory, .gguf file or HF repo id;
                            `default` goes back to $GEMMA4_NB_MODEL or the embedded model)
 %gemma config [key=value]  show or change settings (approval, max_new_tokens, temperature,
-                           context_tokens, max_steps, history_file)
+                           context_tokens, max_steps, history_file, first_byte_timeout)
 %gemma approval ask|auto|never   ask before running generated code (default), run it, or never
 %gemma backend URL [--model NAME] [--no-tools]   use an OpenAI-compatible server (vLLM,
                            llama.cpp, Ollama); `%gemma backend local` returns to the in-kernel model
@@ -167,7 +167,8 @@ class GemmaMagics(Magics):
         final = notes + result.answer
         if args.agent and result.cells:
             final = stream.text.rstrip() + ("\n\n" + result.answer if result.answer not in stream.text else "")
-        stream.close(final + ("\n\n*(stopped)*" if result.stopped else ""))
+        cut = "".join(f"\n\n*({note})*" for note in result.notes)
+        stream.close(final + cut + ("\n\n*(stopped)*" if result.stopped else ""))
         if c.last_usage is not None and not rich:
             print(f"[{c.last_usage.summary()}]")
 

@@ -136,6 +136,10 @@ class Model:
                 prompt: PreparedPrompt | None = None, **sampling) -> GenerationRequest:
         """A checked generation request (token ids in range, sampling over the model's defaults)."""
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if any(not isinstance(s, str) for s in stops):
+            raise PromptError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
         vocab = self.config.vocab_size
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
@@ -186,6 +190,8 @@ class Model:
         ``draft=False`` turns speculative drafting off for this call."""
         if isinstance(prompt, str) and not prompt.strip():
             raise PromptError("the prompt is empty: give some text to continue")
+        if not isinstance(prompt, (str, list, tuple)):
+            raise PromptError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         req = self.request(ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
                             top_p=top_p, min_p=min_p, seed=seed)
