@@ -393,11 +393,30 @@ def cache_dir_for(path: Path) -> Path:
     return cache_root() / f"{path.stem}-{key}"
 
 
+def check_conversion_memory(g: GGUFFile) -> None:
+    """Refuse, with the numbers, a conversion that cannot fit: every tensor is held in fp32 until
+    it is written, plus the dequantization of the largest one in flight and the tokenizer's merges
+    (the embedded 270M: 1.0 GiB of fp32 tensors, 1.5 GB measured at the peak, 1.6 GiB estimated)."""
+    from .memory import GiB, MemoryPlanError, available_memory
+
+    sizes = [4 * int(np.prod(t.shape)) for t in g.tensors.values()]
+    vocab = len(g.metadata.get("tokenizer.ggml.tokens") or [])
+    need = sum(sizes) + max(sizes, default=0) // 2 + vocab * 1024
+    free = available_memory("cpu")
+    if need > free:
+        raise MemoryPlanError(
+            f"{g.path.name}: converting it needs about {need / GiB:.1f} GiB of memory (its tensors in fp32) but only "
+            f"{free / GiB:.1f} GiB is available; free memory or raise the process's memory limit, then load it again "
+            "(the conversion is cached: it runs once)"
+        )
+
+
 def convert(path: Path, out_dir: Path) -> None:
     """Write the runtime's model directory for a GGUF file."""
     g = GGUFFile(path)
     config = gguf_config(g)
     arch = ARCHITECTURES[g.architecture]
+    check_conversion_memory(g)
     tok = gguf_tokenizer(g)
     tensors = gguf_tensors(g)
     tokens = g.metadata["tokenizer.ggml.tokens"]  # checked by gguf_config

@@ -235,6 +235,25 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _out_of_memory_refused(fn):
+    """A MemoryError that escapes the memory plan (a limit the probe cannot see, memory taken by
+    something else meanwhile) still ends as a MemoryPlanError with the numbers, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def load_within_memory(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MemoryError:
+            raise MemoryPlanError(
+                f"ran out of memory while loading the model ({available_memory('cpu') / GiB:.1f} GiB is available "
+                "to this process now); free memory, raise the process's memory limit, or use a smaller model or "
+                "quant='int4'") from None
+
+    return load_within_memory
+
+
+@_out_of_memory_refused
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max_context: int | None = None,
          progress: bool = True, download: bool = False, kv_dtype: str | None = None,
          kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
