@@ -47,7 +47,10 @@ class Misbehaving(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):  # /v1/models, for `%gemma backend` and status()
-        self._send(200, "application/json", json.dumps({"data": [{"id": "misbehaving"}]}).encode())
+        if self.path.startswith("/html"):
+            self._send(200, "text/html", PAGE)
+        else:
+            self._send(200, "application/json", json.dumps({"data": [{"id": "misbehaving"}]}).encode())
 
     def do_POST(self):
         length = int(self.headers.get("content-length") or 0)
@@ -319,3 +322,23 @@ def test_the_kernel_interrupt_stops_a_wait_for_a_silent_server(bad_server, tmp_p
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_the_way_back_to_the_in_kernel_model_when_the_environment_names_a_server(bad_server, tiny_dir, tmp_path):
+    from test_notebook_kernel import run_cells, text_of
+
+    cells = run_cells([
+        "%load_ext gemma4_nb",
+        "%gemma backend\n%gemma status",                    # 1: the environment's server
+        "%%gemma\nhi",                                      # 2
+        "%gemma status",                                    # 3
+        f"%gemma model {tiny_dir}\n%gemma backend local",   # 4
+        "%gemma backend",                                   # 5
+        "%%gemma --max-new-tokens 3\nhi",                   # 6
+    ], tmp_path, env={"GEMMA4_NB_BACKEND_URL": f"{bad_server}/html"})
+    out = [text_of(c) for c in cells]
+    assert f"{bad_server}/html" in out[1] and "connects on first use" in out[1]
+    assert "answered with a web page titled 'Sign in - Corporate Proxy'" in out[2]
+    assert "answers, but not as an OpenAI-compatible API (text/html at /models): check the URL" in out[3]
+    assert "local (the in-kernel model)" in out[5]
+    assert any(o.get("output_type") == "display_data" for o in cells[6].outputs) and "gemma4-nb:" not in out[6]

@@ -269,8 +269,15 @@ class OpenAIBackend:
     def status(self) -> str:
         try:
             r = self.client.get(self.url + "/models", timeout=5)
-            models = [m.get("id") for m in r.json().get("data", [])] if r.status_code == 200 else []
-            state = f"reachable, serving {', '.join(models) or '?'}" if r.status_code == 200 else f"HTTP {r.status_code}"
-        except (httpx.HTTPError, ValueError) as exc:
+        except httpx.HTTPError as exc:
             state = f"unreachable ({exc.__class__.__name__})"
+        else:
+            try:
+                data = r.json().get("data", []) if r.status_code == 200 else []
+                models = [m.get("id") for m in data if isinstance(m, dict)]
+                state = f"reachable, serving {', '.join(map(str, models)) or '?'}" if r.status_code == 200 else \
+                    f"HTTP {r.status_code}"
+            except (ValueError, AttributeError, RecursionError):  # a web page, or JSON of another shape
+                kind = r.headers.get("content-type", "?").split(";")[0]
+                state = f"answers, but not as an OpenAI-compatible API ({kind} at /models): check the URL"
         return f"backend: {self.url} (model {self.model}; {state}; tools {'on' if self.supports_tools else 'off'})"

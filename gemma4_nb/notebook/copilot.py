@@ -20,6 +20,8 @@ from ..runtime.chat_template import PLAIN_STOPS, plain_prompt
 from .agent import APPROVALS, CODE_PRIMER, Agent, AgentResult, AgentSettings
 from .context import build_context
 
+LOCAL = "local"  # backend_url: the in-kernel model, whatever $GEMMA4_NB_BACKEND_URL says
+
 SYSTEM_PROMPT = """You are gemma4-nb, a data-science assistant inside the user's Jupyter notebook, running \
 privately on their machine. You see the user's live data below. Answer concisely in Markdown. When code \
 helps, write short Python that uses the variables shown; do not invent data."""
@@ -34,7 +36,7 @@ class Settings:
     context_tokens: int = 2000
     max_steps: int = 6
     history_file: bool = False
-    backend_url: str | None = None  # an OpenAI-compatible server instead of the in-kernel model
+    backend_url: str | None = None  # an OpenAI-compatible server; None: $GEMMA4_NB_BACKEND_URL; "local": in-kernel
     backend_model: str | None = None
     backend_tools: bool = True
     first_byte_timeout: float | None = None  # seconds a server may take to start answering (None: 60, or the env)
@@ -46,7 +48,7 @@ class Settings:
         current = getattr(self, key)
         if key == "approval" and value not in APPROVALS:
             raise Gemma4Error(f"approval must be one of {', '.join(APPROVALS)}")
-        if key == "backend_url" and value.lower() != "none":
+        if key == "backend_url" and value.lower() not in ("none", LOCAL):
             from ..backends.openai_compat import check_url
 
             value = check_url(value)
@@ -101,14 +103,16 @@ class Copilot:
     # -- the model --------------------------------------------------------------------------
 
     def use_backend(self, url: str | None, model: str | None = None, tools: bool = True) -> None:
-        """Point the copilot at a serving engine (``url``), or back at the in-kernel model (None).
-        A URL that cannot work is refused before anything changes."""
+        """Point the copilot at a serving engine (``url``), or back at the in-kernel model (None:
+        even when $GEMMA4_NB_BACKEND_URL names a server). A URL that cannot work is refused before
+        anything changes."""
         if url is not None:
             from ..backends.openai_compat import check_url
 
             url = check_url(url)
         self.unload()
-        self.settings.backend_url, self.settings.backend_model, self.settings.backend_tools = url, model, tools
+        self.settings.backend_url = url if url is not None else LOCAL
+        self.settings.backend_model, self.settings.backend_tools = model, tools
 
     @property
     def last_usage(self):
@@ -116,11 +120,16 @@ class Copilot:
             return self.model.last_usage
         return getattr(self.backend, "last_usage", None)
 
+    def remote_url(self) -> str | None:
+        """The server the copilot uses, or None for the in-kernel model."""
+        url = self.settings.backend_url or os.environ.get("GEMMA4_NB_BACKEND_URL")
+        return None if not url or url.lower() == LOCAL else url
+
     def ensure_model(self):
-        if self.backend is None and (self.settings.backend_url or os.environ.get("GEMMA4_NB_BACKEND_URL")):
+        if self.backend is None and self.remote_url():
             from ..backends.openai_compat import OpenAIBackend
 
-            url = self.settings.backend_url or os.environ["GEMMA4_NB_BACKEND_URL"]
+            url = self.remote_url()
             model = self.settings.backend_model or os.environ.get("GEMMA4_NB_BACKEND_MODEL")
             self.backend = OpenAIBackend(url, model, tools=self.settings.backend_tools,
                                          first_byte_timeout=self.settings.first_byte_timeout)
@@ -152,6 +161,8 @@ class Copilot:
         if self.backend is not None and self.model is None:
             u = self.last_usage
             return self.backend.status() + (f"\nlast reply: {u.summary()}" if u is not None else "")
+        if self.model is None and self.remote_url():
+            return f"backend: {self.remote_url()} (connects on first use)"
         if self.model is None:
             return f"model: not loaded yet (loads on first use: {self.settings.model or 'default'})"
         m = self.model

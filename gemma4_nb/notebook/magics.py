@@ -191,7 +191,7 @@ class GemmaMagics(Magics):
                 print(c.settings.model or "(default: $GEMMA4_NB_MODEL or the embedded Gemma 3 270M)")
         elif cmd == "backend":
             if not rest:
-                print(c.settings.backend_url or "local (the in-kernel model)")
+                print(c.remote_url() or "local (the in-kernel model)")
             elif rest[0] == "local":
                 c.use_backend(None)
                 print("backend: the in-kernel model")
