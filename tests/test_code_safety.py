@@ -78,6 +78,16 @@ RISKY = [
     ('%%writefile data.csv\na,b\n', FILES),
     ('%rm data.csv', FILES),
     ('import send2trash\nsend2trash.send2trash("data.csv")', FILES),
+    ('from pathlib import Path\nPath.write_text(Path("data.csv"), "")', FILES),
+    ('from pathlib import Path\nw = Path.write_text\nw(Path("data.csv"), "")', FILES),
+    ('x = __import__\nx("os").remove("data.csv")', FILES),
+    ('import os\ncleanup = lambda: os.remove("data.csv")\ncleanup()', FILES),
+    ('[__import__("shutil").rmtree(d) for d in ["results"]]', FILES),
+    ('class T:\n    def __del__(self):\n        import os; os.remove("data.csv")', FILES),
+    ('import functools, os\nfunctools.partial(os.remove, "data.csv")()', FILES),
+    ('print("x", file=open("data.csv", "w"))', FILES),
+    ('import pickle\npickle.dump(df, open("data.csv", "wb"))', FILES),
+    ('import json\njson.dump({}, open("notes.txt", "w"))', FILES),
     # a shell or another program
     ('!ls', SHELL),
     ('!rm data.csv', SHELL),
@@ -105,6 +115,10 @@ RISKY = [
     ('import asyncio\nasyncio.create_subprocess_shell("ls")', SHELL),
     ('import pty\npty.spawn("sh")', SHELL),
     ('%%python3\nprint(1)\n', SHELL),
+    ('import os\nos.__dict__["system"]("ls")', SHELL),
+    ('from os import system as run_it\nrun_it("ls")', SHELL),
+    ('import os\nos.execl("/bin/ls", "ls")', SHELL),
+    ('import threading, subprocess\nthreading.Thread(target=subprocess.run, args=(["ls"],)).start()', SHELL),
     # wiping or replacing the user's variables, ending the kernel
     ('%reset -f', NAMESPACE),
     ('reset -f', NAMESPACE),  # an automagic
@@ -129,6 +143,8 @@ RISKY = [
     ('quit()', NAMESPACE),
     ('import os\nos._exit(0)', NAMESPACE),
     ('import os, signal\nos.kill(os.getpid(), signal.SIGKILL)', NAMESPACE),
+    ('locals().clear()', NAMESPACE),
+    ('vars().update(df=None)', NAMESPACE),
     # installing packages
     ('%pip install requests', INSTALL),
     ('pip install requests', INSTALL),  # an automagic
@@ -142,6 +158,9 @@ RISKY = [
     ('import os\nos.system("pip install x")', INSTALL),
     ('cmd = "conda install -y x"\nimport os\nos.system(cmd)', INSTALL),
     ('%%bash\napt-get install -y curl\n', INSTALL),
+    ('%pip install -q numpy', INSTALL),
+    ('!conda install -y numpy', INSTALL),
+    ('import sys, subprocess\nsubprocess.run(f"{sys.executable} -m pip install x", shell=True)', INSTALL),
     # reaching the network
     ('import requests\nrequests.get("https://example.com")', NETWORK),
     ('from requests import get\nget("http://example.com")', NETWORK),
@@ -161,6 +180,8 @@ RISKY = [
     ('import smtplib\nsmtplib.SMTP("x")', NETWORK),
     ('!curl https://example.com', NETWORK),
     ('AutoModel.from_pretrained("bert-base-uncased")', NETWORK),
+    ('import urllib.request as ur\nur.urlopen(address)', NETWORK),
+    ('import requests as r\ns = r.Session()\ns.get(address)', NETWORK),
     # what the check cannot decide
     ('exec(input())', UNCHECKABLE),
     ('code = input()\nexec(code)', UNCHECKABLE),
@@ -181,6 +202,8 @@ RISKY = [
     ('def broken(:\n    pass', UNCHECKABLE),
     ('x = (' * 300 + '1' + ')' * 300, UNCHECKABLE),
     ('import operator\noperator.methodcaller(m)(obj)', UNCHECKABLE),
+    ('getattr(__builtins__, "ev" + "al")("1")', UNCHECKABLE),
+    ('import importlib\nm = importlib.import_module("o" + "s")', UNCHECKABLE),
     # risky code nested in code the check can read
     ('exec("import os; os.remove(\'data.csv\')")', FILES),
     ('src = "import shutil; shutil.rmtree(\'results\')"\nexec(src)', FILES),

@@ -589,6 +589,13 @@ class _Module:
         elif q in WRITERS:
             pos, kw = WRITERS[q]
             self._check_target(_arg(call, pos, kw), call, q)
+        elif q in ("pathlib.Path.write_text", "pathlib.Path.write_bytes", "pathlib.Path.open") and not (
+                isinstance(call.func, ast.Attribute) and any(v[0] == "path" for v in self.values(call.func.value))):
+            # called unbound (Path.write_text(p, ...), or through an alias): the path is the first argument
+            if q.endswith("open"):
+                self._check_open(call, None, 1, "r", receiver=call.args[0] if call.args else ast.Name("?"))
+            else:
+                self._check_target(_arg(call, 0, "self"), call, q)
         elif q in OPENERS:
             path_pos, mode_pos, default = OPENERS[q]
             self._check_open(call, path_pos, mode_pos, default, receiver=None)
@@ -631,7 +638,7 @@ class _Module:
         if attr in NAMESPACE_METHODS and ("ns",) in receiver:
             self.add(NAMESPACE, f"{_short(call)} changes the notebook's namespace", call)
         if attr in ("write_text", "write_bytes"):
-            self._check_target(func.value, call, _short(func), from_receiver=True)
+            self._check_target(func.value, call, _short(func))
         elif attr == "open" and (is_path or call.args or call.keywords):
             if is_path:
                 self._check_open(call, None, 0, "r", receiver=func.value)
@@ -659,7 +666,7 @@ class _Module:
         if not any(c in mode for c in "wax+"):
             return
         target = receiver if receiver is not None else _arg(call, path_pos, ("file", "filename", "name", "path", "fileobj"))
-        self._check_target(target, call, _short(call), from_receiver=receiver is not None)
+        self._check_target(target, call, _short(call))
 
     def _check_os_open(self, call: ast.Call) -> None:
         flags = _arg(call, 1, "flags")
@@ -669,7 +676,7 @@ class _Module:
             return  # read only
         self._check_target(_arg(call, 0, "path"), call, _short(call))
 
-    def _check_target(self, target, call, what: str, from_receiver: bool = False) -> None:
+    def _check_target(self, target, call, what: str) -> None:
         """A write to ``target``: a finding when it exists or cannot be worked out."""
         if target is None:
             self.add(FILES, f"{what} writes to a file this check cannot work out", call)
