@@ -96,7 +96,7 @@ class Copilot:
         self.model = None
         self.turns: list[dict] = []
         self.frontend = None  # the chat sidebar's connection, when present
-        self.draft = True  # speculative drafting for the next request (%%gemma --no-draft turns it off)
+        self.draft = True  # speculative drafting for requests (a cell's --no-draft turns it off for that cell)
         self.lock = threading.Lock()  # one request at a time: %%gemma cells and the chat panels share the model
         self._restore_history()
 
