@@ -253,9 +253,11 @@ HARMLESS = [
 
 @pytest.fixture(scope="module")
 def shell():
-    sh = InteractiveShell.instance()
+    sh = InteractiveShell.instance()  # shared by every test in this process: the variables go at the end
     sh.run_cell("import os\nimport pandas as pd\ndf = pd.DataFrame({'a': [1, 2], 'b': [3.0, 4.0]})\nkeep = 1")
-    return sh
+    yield sh
+    for name in ("df", "keep"):
+        sh.user_ns.pop(name, None)
 
 
 @pytest.fixture(scope="module")
