@@ -9,6 +9,7 @@ runs the agent.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -34,6 +35,8 @@ from .snapshot import NotebookView, Update
 
 __all__ = ["SYSTEM_PROMPT", "Copilot", "PreparedRequest", "Settings", "get_copilot"]
 
+LOCAL = "local"  # backend_url: the in-kernel model, whatever $GEMMA4_NB_BACKEND_URL says
+
 
 @dataclass
 class PreparedRequest:
@@ -56,9 +59,10 @@ class Settings:
     context_tokens: int = 2000
     max_steps: int = 6
     history_file: bool = False
-    backend_url: str | None = None  # an OpenAI-compatible server instead of the in-kernel model
+    backend_url: str | None = None  # an OpenAI-compatible server; None: $GEMMA4_NB_BACKEND_URL; "local": in-kernel
     backend_model: str | None = None
     backend_tools: bool = True
+    first_byte_timeout: float | None = None  # seconds a server may take to start answering (None: 60, or the env)
 
     def update(self, key: str, value: str) -> None:
         names = {f.name: f for f in fields(self)}
@@ -67,18 +71,35 @@ class Settings:
         current = getattr(self, key)
         if key == "approval" and value not in APPROVALS:
             raise Gemma4Error(f"approval must be one of {', '.join(APPROVALS)}")
+        if key == "backend_url" and value.lower() not in ("none", LOCAL):
+            from ..backends.openai_compat import check_url
+
+            value = check_url(value)
         try:
             if isinstance(current, bool) or key in ("history_file", "backend_tools"):
                 parsed = value.lower() in ("1", "true", "on", "yes")
             elif key in ("max_new_tokens", "context_tokens", "max_steps"):
                 parsed = int(value)
-            elif key == "temperature":
+            elif key in ("temperature", "first_byte_timeout"):
                 parsed = None if value.lower() in ("none", "default") else float(value)
             else:
                 parsed = None if value.lower() == "none" else value
         except ValueError:
             raise Gemma4Error(f"{key} needs a number, got {value!r}") from None
-        setattr(self, key, parsed)
+        setattr(self, key, check_setting(key, parsed))
+
+
+def check_setting(key: str, value):
+    """``value`` when it is a usable value for setting ``key`` (also a cell's own flags), else a
+    :class:`Gemma4Error` that says what is allowed."""
+    if key in ("max_new_tokens", "context_tokens", "max_steps") and (not isinstance(value, int) or value < 1):
+        raise Gemma4Error(f"{key} must be a whole number of at least 1, got {value!r}")
+    if key == "temperature" and value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                                           and value >= 0):
+        raise Gemma4Error(f"temperature must be a number >= 0 (0 is greedy), got {value!r}")
+    if key == "first_byte_timeout" and value is not None and not (math.isfinite(value) and value > 0):
+        raise Gemma4Error(f"first_byte_timeout must be a number of seconds above 0, got {value!r}")
+    return value
 
 
 def get_copilot(shell) -> "Copilot":
@@ -102,16 +123,23 @@ class Copilot:
         # agent request on, every request declares them, so they never change the prefix again.
         self.tools_declared = False
         self.frontend = None  # the chat sidebar's connection, when present
-        self.draft = True  # speculative drafting for the next request (%%gemma --no-draft turns it off)
+        self.draft = True  # speculative drafting for requests (a cell's --no-draft turns it off for that cell)
         self.lock = threading.Lock()  # one request at a time: %%gemma cells and the chat panels share the model
         self._restore_history()
 
     # -- the model --------------------------------------------------------------------------
 
     def use_backend(self, url: str | None, model: str | None = None, tools: bool = True) -> None:
-        """Point the copilot at a serving engine (``url``), or back at the in-kernel model (None)."""
+        """Point the copilot at a serving engine (``url``), or back at the in-kernel model (None:
+        even when $GEMMA4_NB_BACKEND_URL names a server). A URL that cannot work is refused before
+        anything changes."""
+        if url is not None:
+            from ..backends.openai_compat import check_url
+
+            url = check_url(url)
         self.unload()
-        self.settings.backend_url, self.settings.backend_model, self.settings.backend_tools = url, model, tools
+        self.settings.backend_url = url if url is not None else LOCAL
+        self.settings.backend_model, self.settings.backend_tools = model, tools
 
     @property
     def last_usage(self):
@@ -119,13 +147,21 @@ class Copilot:
             return self.model.last_usage
         return getattr(self.backend, "last_usage", None)
 
+    def remote_url(self) -> str | None:
+        """The server the copilot uses, or None for the in-kernel model."""
+        url = self.settings.backend_url or os.environ.get("GEMMA4_NB_BACKEND_URL")
+        return None if not url or url.lower() == LOCAL else url
+
     def ensure_model(self):
-        if self.backend is None and (self.settings.backend_url or os.environ.get("GEMMA4_NB_BACKEND_URL")):
+        if self.backend is None and self.remote_url():
             from ..backends.openai_compat import OpenAIBackend
 
-            url = self.settings.backend_url or os.environ["GEMMA4_NB_BACKEND_URL"]
+            url = self.remote_url()
             model = self.settings.backend_model or os.environ.get("GEMMA4_NB_BACKEND_MODEL")
-            self.backend = OpenAIBackend(url, model, tools=self.settings.backend_tools)
+            self.backend = OpenAIBackend(url, model, tools=self.settings.backend_tools,
+                                         first_byte_timeout=self.settings.first_byte_timeout)
+        if self.settings.first_byte_timeout is not None and hasattr(self.backend, "first_byte_timeout"):
+            self.backend.first_byte_timeout = self.settings.first_byte_timeout  # changed since it was made
         if self.backend is None:
             from ..runtime.model import load
 
@@ -152,6 +188,8 @@ class Copilot:
         if self.backend is not None and self.model is None:
             u = self.last_usage
             return self.backend.status() + (f"\nlast reply: {u.summary()}" if u is not None else "")
+        if self.model is None and self.remote_url():
+            return f"backend: {self.remote_url()} (connects on first use)"
         if self.model is None:
             return f"model: not loaded yet (loads on first use: {self.settings.model or 'default'})"
         m = self.model
@@ -260,8 +298,11 @@ class Copilot:
         lines = ["# Jupyter notebook. Variables:"]
         for name in names[:8]:
             obj = self.shell.user_ns[name]
-            cols = ", ".join(f"{c} ({obj[c].dtype})" for c in list(getattr(obj, "columns", []))[:20])
-            lines.append(f"#   {name}: {type(obj).__name__} with {len(obj)} rows" + (f"; columns: {cols}" if cols else ""))
+            try:  # columns by position: a repeated column name selects several
+                cols = ", ".join(f"{c} ({obj.iloc[:, i].dtype})" for i, c in enumerate(list(getattr(obj, "columns", []))[:20]))
+                lines.append(f"#   {name}: {type(obj).__name__} with {len(obj)} rows" + (f"; columns: {cols}" if cols else ""))
+            except Exception:  # an odd frame: named, not described
+                lines.append(f"#   {name}: {type(obj).__name__}")
         # A base model completes code best when the code is already under way: start the answer line.
         primer = CODE_PRIMER + (f"result = {names[0]}" if names else "result = ")
         lines += [f"# Task: {question.strip()}", "# One line of pandas, result in `result`:", "", primer]
@@ -274,16 +315,20 @@ class Copilot:
         return out
 
     def ask(self, question: str, *, agent: bool = False, frames=None, images=(), audios=(), use_context=True,
-            on_text=None, ask_approval=None, on_event=None, workspace=None, should_stop=None) -> AgentResult:
-        """Answer ``question`` (``agent``: write and run cells for it). ``should_stop``: asked at
-        every token; True ends the reply there (a chat panel's Stop)."""
+            on_text=None, ask_approval=None, on_event=None, workspace=None, should_stop=None,
+            sampling: dict | None = None) -> AgentResult:
+        """Answer ``question`` (``agent``: write and run cells for it). ``sampling`` overrides the
+        settings for this request only (a cell's flags); ``should_stop`` is asked at every token, and
+        True ends the reply there (a chat panel's Stop)."""
         if not question.strip() and not images and not audios:
             raise Gemma4Error("the cell is empty: write a question under %%gemma")
+        sampling = {**self.sampling(), **(sampling or {})}
         backend = self.ensure_model()
+        if hasattr(backend, "cancelled"):
+            backend.cancelled.clear()  # a Stop meant for an earlier request does not carry over
         self._trim()
         req = self.prepare(question, frames=frames, images=images, audios=audios, use_context=use_context,
                            agent=agent)
-        sampling = self.sampling()
         if should_stop is not None:
             sampling["should_stop"] = should_stop
         turn, added = req.turn, None
@@ -306,7 +351,7 @@ class Copilot:
                 added = list(result.messages)
         elif self.plain:  # a base model answers a plain Q&A prompt better
             reply = backend.complete_text(req.text, stop=QUESTION_STOPS, on_text=on_text, **sampling)
-            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)
+            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
             added = [{"role": "assistant", "content": result.answer, "generated": reply.text}]
         else:
             reply = backend.complete(req.messages, tools=TOOLS if self.tools_declared else None, on_text=on_text,
@@ -316,7 +361,7 @@ class Copilot:
                 answer += "\n\n*(the model wanted to run code: ask with `--agent`, or tick Agent, to let it)*"
                 added = [{"role": "assistant", "content": reply.text,
                           "tool_calls": [c.as_message_part() for c in reply.tool_calls]}]
-            result = AgentResult(answer=answer, stopped=reply.stopped)
+            result = AgentResult(answer=answer, stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
         if not added or added[-1]["role"] != "assistant":
             added = [*(added or []), {"role": "assistant", "content": result.answer}]
         if req.update is not None:
