@@ -74,6 +74,14 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
         else:
             net = random_model(shape, device.type, {"fp32": torch.float32, None: torch.bfloat16}.get(dtype, torch.bfloat16))
         name, gguf = f"{shape} (random weights)", None
+        if compare == "llama.cpp":  # the same shape in llama.cpp's layout, random too
+            from .shape_gguf import LLAMA_TYPES, shape_gguf
+
+            if quant not in LLAMA_TYPES:
+                raise SystemExit(f"--shape with --compare llama.cpp needs --quant {' or '.join(LLAMA_TYPES)}")
+            t1 = time.perf_counter()
+            gguf = shape_gguf(shape, LLAMA_TYPES[quant])
+            print(f"llama.cpp's {shape}: {gguf} ({LLAMA_TYPES[quant]}; ready in {time.perf_counter() - t1:.1f} s)")
         hf_config = tiny_config(**dict(SHAPES[shape]))
         encode, tokens = None, "random"  # random weights: text means nothing to them
     else:
@@ -178,6 +186,10 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
     print(f"bytes read per decode token: weights {w_bytes / 1e9:.3f} GB + KV {kv_bytes / 1e9:.4f} GB"
           + (f"; measured read bandwidth {bw / 1e9:.1f} GB/s" + (" (device copy, read+write)" if device.type == "cuda" else "")
              if bw else ""))
+    if compare == "llama.cpp":
+        from .shape_gguf import weight_bytes_per_token
+
+        print(f"llama.cpp's weights read per decode token: {weight_bytes_per_token(gguf) / 1e9:.3f} GB ({gguf.name})")
     return rows
 
 
