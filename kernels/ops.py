@@ -87,7 +87,7 @@ def dequantized_blocks(w: QWeight):
         if on_cpu:
             out = np.empty((r1 - r0, w.shape[1]), dtype=np.float32)
             if w.fmt == "int4":
-                _nb().dequant_rows_int4(w.codes.numpy(), w.scales.numpy(), w.mins.numpy(), r0, out)
+                _nb().dequant_rows_int4(w.codes.numpy(), w.scales.numpy(), r0, out)
             else:
                 _nb().dequant_rows_int8(w.codes.numpy(), w.scales.numpy(), r0, out)
             yield r0, r1, torch.from_numpy(out)
@@ -159,22 +159,24 @@ def attention_chunks(q, view, scale, cap=None) -> torch.Tensor:
 
 
 def kernel_weight(w: QWeight) -> tuple:
-    """A quantized weight as the fused kernels take it: ``(codes, scales, mins, low, kind)``, numpy
-    views (no copy, built once per weight). ``codes``: uint8 ``[N, K]`` (int8 codes viewed as bytes)
-    or ``[N, K // 2]`` (int4 and the high plane of the nibble-plane layout); ``mins``: int4 only,
-    else a ``[1, 1]`` placeholder; ``low``: the low plane of the nibble-plane layout, else a
-    placeholder; ``kind``: ``cpu_numba.INT8``, ``INT4`` or ``INT8_PLANES``. One tuple type for
-    every format, so each kernel compiles once."""
+    """A quantized weight as the fused kernels take it: ``(codes, scales, low, kind)``, numpy views
+    (no copy, built once per weight). ``codes``: uint8 ``[N, K]`` (int8 codes viewed as bytes) or
+    ``[N, K // 2]`` (int4 and the high plane of the nibble-plane layout); ``scales``: fp32 per group,
+    or int4's super-block bytes viewed as fp32; ``low``: the low plane of the nibble-plane layout,
+    else a placeholder; ``kind``: ``cpu_numba.INT8``, ``INT4`` or ``INT8_PLANES``. One tuple type
+    for every format, so each kernel compiles once."""
     kw = w.__dict__.get("_kernel_view")
     if kw is None:
         from .cpu_numba import INT4, INT8, INT8_PLANES
 
         codes = w.codes.numpy()
         codes = codes.view(np.uint8) if codes.dtype == np.int8 else codes
-        mins = w.mins.numpy() if w.mins is not None else np.zeros((1, 1), dtype=w.scales.numpy().dtype)
+        scales = w.scales.numpy()
+        if w.super_blocks:
+            scales = scales.view(np.float32)
         low = w.low.numpy() if w.planes else np.zeros((1, 1), dtype=np.uint8)
         kind = INT4 if w.fmt == "int4" else (INT8_PLANES if w.planes else INT8)
-        kw = (codes, w.scales.numpy(), mins, low, kind)
+        kw = (codes, scales, low, kind)
         w.__dict__["_kernel_view"] = kw
     return kw
 

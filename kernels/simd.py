@@ -21,14 +21,15 @@ The weight side of each format becomes, per group, 32 unsigned bytes ``U`` and a
 
 * ``int8``: ``U = code + 128`` (the sign bit flipped), correction ``-128 * sum(xq)``;
 * ``int4``: ``U = q`` (the nibbles in weight order), ``w = q * scale + min``: the minimum times the
-  group's sum of the dequantized activations;
+  group's sum of the dequantized activations; ``scale`` and ``min`` come from the group's
+  super-block (fp16 ``d``/``dmin`` times 8-bit sub-scales, see :mod:`.qweight`);
 * ``planes`` (an int8 matrix stored as a high and a low nibble plane, see ``kernels.qweight.to_planes``):
   ``U = 16 * high + low = code + 128``, as int8;
 * ``screen``: the high plane alone, each low nibble taken as 7.5: ``U = 16 * high``, correction
   ``-120.5 * sum(xq)``: half the bytes, with a known error bound (the vocabulary head's screen).
 
 Callable from any ``@njit`` function: ``dot_int8(xa, t, codes, scales, n)``,
-``dot_int4(xa, t, codes, scales, mins, n)``, ``dot_planes(xa, t, high, low, scales, n)``,
+``dot_int4(xa, t, codes, meta, n)`` (``meta``: the super-block bytes viewed as fp32 ``[N, S * 5]``), ``dot_planes(xa, t, high, low, scales, n)``,
 ``dot_screen(...)`` (same arguments). ``xa``: ``(xq, xd, xs)`` from
 ``cpu_numba.quantize_activations`` or ``(xq, xq2, xd, xd2, xs, xs1)`` from
 ``cpu_numba.quantize_activations_fine``: int8 ``[T, K]`` parts, their scales ``[T, K // 32]`` and
@@ -45,11 +46,13 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-GROUP = 32
+from .layout import GROUP, META, SUPER, SUPER_SCALE
+
 UNROLL = 4  # groups per loop iteration, each into its own accumulators
 # software prefetch distance in bytes ahead in the weight rows (measured 512-16384: 4096 best)
 PREFETCH = 4096
 _F32 = ir.FloatType()
+_F16 = ir.HalfType()
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
@@ -123,6 +126,30 @@ def _hsum(builder, vec):
     return builder.call(fn, [ir.Constant(_F32, 0.0), vec], fastmath=_FAST)
 
 
+def _super_block_scales(builder, srow, g):
+    """Group ``g``'s ``(scale, min)`` as fp32 from its super-block's bytes (row ``srow``, an fp32
+    pointer to the row's super-blocks): ``d * sc``, ``-dmin * mn`` (``d``/``dmin`` fp16, stored
+    times ``SUPER_SCALE``)."""
+    meta = builder.bitcast(srow, _I8.as_pointer())
+    sb = builder.udiv(g, ir.Constant(_I64, SUPER))
+    j = builder.urem(g, ir.Constant(_I64, SUPER))
+    base = builder.mul(sb, ir.Constant(_I64, META))
+
+    def half(offset):
+        ptr = builder.bitcast(builder.gep(meta, [builder.add(base, ir.Constant(_I64, offset))]), _F16.as_pointer())
+        return builder.fpext(builder.load(ptr, align=1), _F32)
+
+    def byte(offset):
+        return builder.uitofp(builder.load(builder.gep(meta, [builder.add(base, builder.add(j, ir.Constant(_I64, offset)))])), _F32)
+
+    inv = ir.Constant(_F32, 1.0 / SUPER_SCALE)
+    d = builder.fmul(half(0), inv, flags=_FAST)
+    dmin = builder.fmul(half(2), inv, flags=_FAST)
+    scale = builder.fmul(d, byte(4), flags=_FAST)
+    minimum = builder.fsub(ir.Constant(_F32, 0.0), builder.fmul(dmin, byte(4 + SUPER), flags=_FAST), flags=_FAST)
+    return scale, minimum
+
+
 def _check(*arrays):
     for ty, dtypes in arrays:
         if not isinstance(ty, types.Array) or ty.dtype not in dtypes:
@@ -136,7 +163,8 @@ _FLOAT = (types.float32,)
 def _qdot(context, builder, sig, args, mode: str):
     """``sum_g scale_g * (xd_g * dot(U_g, xq_g) + xd2_g * dot(U_g, xq2_g)) + correction_g`` over
     the groups of row ``n``. ``args``: ``(xa, t, codes, second, scales, n)`` with ``xa`` the
-    activation tuple and ``second`` the int4 minimums or the low plane (unused for int8)."""
+    activation tuple, ``second`` the low plane (unused otherwise) and ``scales`` fp32 per group,
+    or for int4 the super-block bytes."""
     xa, tv, ca, sa2, sa, nv = args
     ty = sig.args
     parts = []
@@ -149,10 +177,11 @@ def _qdot(context, builder, sig, args, mode: str):
         activations, srow_x = [(parts[0], parts[2]), (parts[1], parts[3])], parts[4]
     arr = lambda i, v: context.make_array(ty[i])(context, builder, v)  # noqa: E731
     cs, s2, ss = arr(2, ca), arr(3, sa2), arr(4, sa)
-    g_n = builder.extract_value(ss.shape, 1)
-    wrow = _row_ptr(builder, cs, nv, builder.extract_value(cs.shape, 1))
+    code_width = builder.extract_value(cs.shape, 1)
+    g_n = builder.udiv(code_width, ir.Constant(_I64, GROUP if mode == "int8" else GROUP // 2))
+    wrow = _row_ptr(builder, cs, nv, code_width)
     row2 = _row_ptr(builder, s2, nv, builder.extract_value(s2.shape, 1))
-    srow = _row_ptr(builder, ss, nv, g_n)
+    srow = _row_ptr(builder, ss, nv, builder.extract_value(ss.shape, 1))
     accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(UNROLL)]
     maccs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(UNROLL)]
 
@@ -173,7 +202,10 @@ def _qdot(context, builder, sig, args, mode: str):
                     lo = builder.or_(lo, builder.and_(low, _bytes(15)))
                     hi = builder.or_(hi, builder.lshr(low, _bytes(4)))
             u = _concat(builder, lo, hi)
-        scale = builder.load(builder.gep(srow, [g]))
+        if mode == "int4":
+            scale, minimum = _super_block_scales(builder, srow, g)
+        else:
+            scale = builder.load(builder.gep(srow, [g]))
         acc = accs[i]
         for xr, dr in activations:
             sums = _group_sum(builder, u, _vload(builder, xr, base, _V32B))
@@ -182,7 +214,7 @@ def _qdot(context, builder, sig, args, mode: str):
                                        flags=_FAST), acc)
         xsum = builder.load(builder.gep(srow_x, [g]))
         if mode == "int4":
-            corr = builder.fmul(builder.load(builder.gep(row2, [g])), xsum, flags=_FAST)
+            corr = builder.fmul(minimum, xsum, flags=_FAST)
         else:
             k = -120.5 if mode == "screen" else -128.0
             corr = builder.fmul(scale, builder.fmul(xsum, ir.Constant(_F32, k), flags=_FAST), flags=_FAST)
@@ -202,9 +234,12 @@ def _qdot(context, builder, sig, args, mode: str):
             _prefetch(builder, wrow, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH + line)))
         if mode == "planes":
             _prefetch(builder, row2, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH)))
-        _prefetch(builder, srow, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
-        if mode == "int4":
-            _prefetch(builder, row2, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
+        if mode == "int4":  # the super-blocks' bytes as far ahead, in groups, as the codes'
+            meta = builder.bitcast(srow, _I8.as_pointer())
+            ahead = builder.add(g0, ir.Constant(_I64, PREFETCH // step))
+            _prefetch(builder, meta, builder.udiv(builder.mul(ahead, ir.Constant(_I64, META)), ir.Constant(_I64, SUPER)))
+        else:
+            _prefetch(builder, srow, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
         for i in range(UNROLL):
             group(builder.add(g0, ir.Constant(_I64, i)), i)
     done = builder.mul(blocks, unroll)
@@ -241,16 +276,16 @@ def dot_int8(typingctx, xa, t, codes, scales, n):
 
 
 @intrinsic
-def dot_int4(typingctx, xa, t, codes, scales, mins, n):
+def dot_int4(typingctx, xa, t, codes, meta, n):
     _check_activations(xa)
-    _check((codes, _WEIGHT), (scales, _FLOAT), (mins, _FLOAT))
-    sig = types.float32(xa, t, codes, scales, mins, n)
+    _check((codes, _WEIGHT), (meta, _FLOAT))
+    sig = types.float32(xa, t, codes, meta, n)
 
     def codegen(context, builder, signature, args):
-        xa, t, codes, scales, mins, n = args
+        xa, t, codes, meta, n = args
         a = signature.args
-        full = types.float32(a[0], a[1], a[2], a[4], a[3], a[5])
-        return _qdot(context, builder, full, (xa, t, codes, mins, scales, n), "int4")
+        full = types.float32(a[0], a[1], a[2], a[3], a[3], a[4])
+        return _qdot(context, builder, full, (xa, t, codes, meta, meta, n), "int4")
 
     return sig, codegen
 

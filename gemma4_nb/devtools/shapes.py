@@ -53,7 +53,8 @@ def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
     """A model of ``shape`` with random ``fmt`` weights built directly in the quantized layout
     (random codes, scales and minimums): no full-precision copy is ever held, so the 12B shape fits
     in about 9 GiB (int4) on a CPU machine."""
-    from ..kernels.qweight import GROUP, QWeight
+    from ..kernels.layout import GROUP, META, SUPER, SUPER_SCALE
+    from ..kernels.qweight import QWeight
     from ..runtime.quant import fmt_for
 
     cfg = parse_config(tiny_config(**dict(SHAPES[shape])))
@@ -70,12 +71,19 @@ def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
         step = 0.02 * 3 / (127 if f == "int8" else 7.5)  # about the spread of 0.02 * randn
         if f == "int8":
             codes = torch.randint(-127, 128, (out, inp), generator=gen, dtype=torch.int8)
-            mins = None
-        else:
+            scales = torch.full((out, inp // GROUP), step) * (0.5 + torch.rand((out, inp // GROUP), generator=gen))
+        else:  # super-blocks: scales d * sc about one step (sc 64..191), minimums dmin * 120 = 7.5 steps
             codes = torch.randint(0, 256, (out, inp // 2), generator=gen, dtype=torch.uint8)
-            mins = torch.full((out, inp // GROUP), -7.5 * step)
-        scales = torch.full((out, inp // GROUP), step) * (0.5 + torch.rand((out, inp // GROUP), generator=gen))
-        weights[key] = QWeight(f, codes, scales, mins, tuple(dims), torch.float32)
+            blocks = -(-(inp // GROUP) // SUPER)
+            scales = torch.randint(0, 256, (out, blocks, META), generator=gen, dtype=torch.uint8)
+            scales[..., 4:4 + SUPER] = torch.randint(64, 192, (out, blocks, SUPER), generator=gen, dtype=torch.uint8)
+            scales[..., 4 + SUPER:] = 120
+            d = torch.full((out, blocks, 1), step / 128 * SUPER_SCALE, dtype=torch.float16)
+            dmin = torch.full((out, blocks, 1), step / 16 * SUPER_SCALE, dtype=torch.float16)
+            scales[..., 0:2] = d.view(torch.uint8)
+            scales[..., 2:4] = dmin.view(torch.uint8)
+            scales = scales.reshape(out, blocks * META)
+        weights[key] = QWeight(f, codes, scales, None, tuple(dims), torch.float32)
     return GemmaModel(cfg, weights)
 
 
