@@ -32,10 +32,12 @@ import os
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .layout import SUPER_SCALE
-from .simd import PREFETCH, dot8, dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row
+from .simd import (PREFETCH, dot2_int4, dot2_int8, dot2_planes, dot4_int4, dot4_int8, dot4_planes, dot8, dot_int4,
+                   dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
 
 
 def _choose_threading_layer() -> None:
@@ -101,6 +103,29 @@ def row_dot(xa, t, w, n):
     if kind == INT8_PLANES:
         return dot_planes(xa, t, codes, low, scales, n)
     return dot_int8(xa, t, codes, scales, n)
+
+
+@njit(inline="always", fastmath=True)
+def row_dot4(xa, t, w, n):
+    """:func:`row_dot` for activation rows ``t .. t + 3`` (a 4-tuple): each weight group is read
+    and unpacked once for the four."""
+    codes, scales, low, kind = w
+    if kind == INT4:
+        return dot4_int4(first_part(xa), t, codes, scales, n)
+    if kind == INT8_PLANES:
+        return dot4_planes(xa, t, codes, low, scales, n)
+    return dot4_int8(xa, t, codes, scales, n)
+
+
+@njit(inline="always", fastmath=True)
+def row_dot2(xa, t, w, n):
+    """:func:`row_dot` for activation rows ``t`` and ``t + 1`` (a pair)."""
+    codes, scales, low, kind = w
+    if kind == INT4:
+        return dot2_int4(first_part(xa), t, codes, scales, n)
+    if kind == INT8_PLANES:
+        return dot2_planes(xa, t, codes, low, scales, n)
+    return dot2_int8(xa, t, codes, scales, n)
 
 
 @njit(inline="always")
@@ -174,8 +199,16 @@ def gemm_quantized(xa, w, out):
     :func:`quantize_activations` or :func:`quantize_activations_fine`): parallel over output rows,
     each row of ``W`` read once for every ``t`` (matrix-vector at decode, small matrix-matrix for
     verification)."""
+    t_n = xa[0].shape[0]
     for n in prange(out.shape[1]):
-        for t in range(xa[0].shape[0]):
+        t = 0
+        while t + 4 <= t_n:
+            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = row_dot4(xa, t, w, n)
+            t += 4
+        if t + 2 <= t_n:
+            out[t, n], out[t + 1, n] = row_dot2(xa, t, w, n)
+            t += 2
+        if t < t_n:
             out[t, n] = row_dot(xa, t, w, n)
 
 
@@ -196,16 +229,52 @@ def gelu_tanh(g):
 def gate_up_gelu(x, wg, wu, out):
     """``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices."""
     xa = quantize_activations_fine(x)
+    t_n = x.shape[0]
     for n in prange(out.shape[1]):
-        for t in range(x.shape[0]):
+        t = 0
+        while t + 4 <= t_n:
+            g0, g1, g2, g3 = row_dot4(xa, t, wg, n)
+            u0, u1, u2, u3 = row_dot4(xa, t, wu, n)
+            out[t, n], out[t + 1, n] = gelu_tanh(g0) * u0, gelu_tanh(g1) * u1
+            out[t + 2, n], out[t + 3, n] = gelu_tanh(g2) * u2, gelu_tanh(g3) * u3
+            t += 4
+        if t + 2 <= t_n:
+            g0, g1 = row_dot2(xa, t, wg, n)
+            u0, u1 = row_dot2(xa, t, wu, n)
+            out[t, n], out[t + 1, n] = gelu_tanh(g0) * u0, gelu_tanh(g1) * u1
+            t += 2
+        if t < t_n:
             out[t, n] = gelu_tanh(row_dot(xa, t, wg, n)) * row_dot(xa, t, wu, n)
+
+
+def _store_row(row, out, i):
+    """fp32 ``row`` into row ``i`` of ``out``: fp32, or bf16 bits (uint16, rounded to nearest even).
+    In ``@njit`` code (the variant is chosen when ``out``'s type is known)."""
+
+
+@overload(_store_row, inline="always")
+def _store_row_typed(row, out, i):
+    if out.dtype == types.float32:
+        def store_fp32(row, out, i):
+            out[i, :] = row
+        return store_fp32
+
+    def store_bf16(row, out, i):
+        bits = row.view(np.uint32)
+        for k in range(bits.shape[0]):
+            b = bits[k]
+            out[i, k] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return store_bf16
 
 
 @njit(**_OPTS)
 def dequant_rows_int8(codes, scales, r0, out):
+    """Rows ``r0:r0 + len(out)`` of an int8 weight into ``out`` (fp32, or uint16 bf16 bits)."""
     for i in prange(out.shape[0]):
+        row = np.empty(out.shape[1], dtype=np.float32)
         for k in range(out.shape[1]):
-            out[i, k] = np.float32(codes[r0 + i, k]) * scales[r0 + i, k // 32]
+            row[k] = np.float32(codes[r0 + i, k]) * scales[r0 + i, k // 32]
+        _store_row(row, out, i)
 
 
 @njit(inline="always")
@@ -234,14 +303,17 @@ def int4_group_scale(meta, n, g):
 
 @njit(**_OPTS)
 def dequant_rows_int4(codes, meta, r0, out):
+    """Rows ``r0:r0 + len(out)`` of an int4 weight into ``out`` (fp32, or uint16 bf16 bits)."""
     for i in prange(out.shape[0]):
         n = r0 + i
+        row = np.empty(out.shape[1], dtype=np.float32)
         for g in range(out.shape[1] // 32):
             d, m = int4_group_scale(meta, n, g)
             for j in range(16):
                 b = codes[n, g * 16 + j]
-                out[i, g * 32 + j] = np.float32(b & 15) * d + m
-                out[i, g * 32 + 16 + j] = np.float32(b >> 4) * d + m
+                row[g * 32 + j] = np.float32(b & 15) * d + m
+                row[g * 32 + 16 + j] = np.float32(b >> 4) * d + m
+        _store_row(row, out, i)
 
 
 @njit(parallel=True, cache=True)

@@ -206,3 +206,46 @@ def dequantize(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
 def quantize_weight(w: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32, search: bool = False) -> QWeight:
     codes, scales, mins = quantize(w, fmt, search)
     return QWeight(fmt, codes, scales, mins, tuple(w.shape), dtype)
+
+
+# -- ggml's block formats, mapped without loss -------------------------------------------------
+
+def from_q8_0(raw, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> QWeight:
+    """int8 from ggml Q8_0 blocks (``raw``: uint8 ``[rows, in // 32 * 34]``: fp16 ``d``, 32 int8
+    codes): the same codes, ``d`` as the fp32 scale."""
+    import numpy as np
+
+    rows, cols = shape
+    blocks = np.ascontiguousarray(raw).reshape(rows, cols // 32, 34)
+    codes = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
+    scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(rows, cols // 32).astype(np.float32)
+    return QWeight("int8", torch.from_numpy(codes), torch.from_numpy(scales), None, (rows, cols), dtype)
+
+
+def from_q4_k(raw, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> QWeight:
+    """int4 from ggml Q4_K blocks (``raw``: uint8 ``[rows, in // 256 * 144]``: fp16 ``d``, fp16
+    ``dmin``, 12 bytes of 6-bit sub-scales and minimums, 128 bytes of nibbles, where byte ``l`` of
+    chunk ``c`` holds weight ``64c + l`` low and ``64c + 32 + l`` high; ``w = d * sc * q - dmin *
+    m``): the same numbers in this format's super-blocks, without loss."""
+    import numpy as np
+
+    rows, cols = shape
+    nb = cols // 256
+    blocks = np.ascontiguousarray(raw).reshape(rows, nb, 144)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc6 = blocks[:, :, 4:16].astype(np.uint8)
+    sc = np.empty((rows, nb, 8), dtype=np.uint8)
+    mn = np.empty((rows, nb, 8), dtype=np.uint8)
+    sc[..., :4], mn[..., :4] = sc6[..., 0:4] & 63, sc6[..., 4:8] & 63
+    sc[..., 4:] = (sc6[..., 8:12] & 15) | ((sc6[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (sc6[..., 8:12] >> 4) | ((sc6[..., 4:8] >> 6) << 4)
+    qs = blocks[:, :, 16:].reshape(rows, nb, 4, 32)
+    q = np.stack((qs & 15, qs >> 4), axis=3).reshape(rows, nb, 8, 32)  # groups 2c (low), 2c + 1 (high)
+    codes = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8).reshape(rows, cols // 2)
+    meta = np.empty((rows, nb, META), dtype=np.uint8)
+    meta[..., 0:2] = (d * SUPER_SCALE).astype(np.float16)[..., None].view(np.uint8)
+    meta[..., 2:4] = (dmin * SUPER_SCALE).astype(np.float16)[..., None].view(np.uint8)
+    meta[..., 4:4 + SUPER], meta[..., 4 + SUPER:] = sc, mn
+    return QWeight("int4", torch.from_numpy(codes), torch.from_numpy(meta.reshape(rows, nb * META)), None,
+                   (rows, cols), dtype)

@@ -160,21 +160,26 @@ _WEIGHT = (types.int8, types.uint8)
 _FLOAT = (types.float32,)
 
 
-def _qdot(context, builder, sig, args, mode: str):
+def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
     """``sum_g scale_g * (xd_g * dot(U_g, xq_g) + xd2_g * dot(U_g, xq2_g)) + correction_g`` over
-    the groups of row ``n``. ``args``: ``(xa, t, codes, second, scales, n)`` with ``xa`` the
-    activation tuple, ``second`` the low plane (unused otherwise) and ``scales`` fp32 per group,
-    or for int4 the super-block bytes."""
+    the groups of row ``n``, for activation rows ``t .. t + rows - 1`` (``rows`` 1 or 4: each
+    weight group is loaded and unpacked once for all of them). ``args``: ``(xa, t, codes, second,
+    scales, n)`` with ``xa`` the activation tuple, ``second`` the low plane (unused otherwise) and
+    ``scales`` fp32 per group, or for int4 the super-block bytes. Returns a float, or a tuple of
+    ``rows`` floats."""
     xa, tv, ca, sa2, sa, nv = args
     ty = sig.args
-    parts = []
-    for i in range(len(ty[0])):  # (xq, xd, xs) or (xq, xq2, xd, xd2, xs, xs1)
-        a = context.make_array(ty[0].types[i])(context, builder, builder.extract_value(xa, i))
-        parts.append(_row_ptr(builder, a, tv, builder.extract_value(a.shape, 1)))
-    if len(parts) == 3:
-        activations, srow_x = [(parts[0], parts[1])], parts[2]
-    else:
-        activations, srow_x = [(parts[0], parts[2]), (parts[1], parts[3])], parts[4]
+    per_row = []  # per activation row: ([(xq row, xd row), ...], xs row)
+    for r in range(rows):
+        t = builder.add(tv, ir.Constant(tv.type, r)) if r else tv
+        parts = []
+        for i in range(len(ty[0])):  # (xq, xd, xs) or (xq, xq2, xd, xd2, xs, xs1)
+            a = context.make_array(ty[0].types[i])(context, builder, builder.extract_value(xa, i))
+            parts.append(_row_ptr(builder, a, t, builder.extract_value(a.shape, 1)))
+        if len(parts) == 3:
+            per_row.append(([(parts[0], parts[1])], parts[2]))
+        else:
+            per_row.append(([(parts[0], parts[2]), (parts[1], parts[3])], parts[4]))
     arr = lambda i, v: context.make_array(ty[i])(context, builder, v)  # noqa: E731
     cs, s2, ss = arr(2, ca), arr(3, sa2), arr(4, sa)
     code_width = builder.extract_value(cs.shape, 1)
@@ -182,8 +187,11 @@ def _qdot(context, builder, sig, args, mode: str):
     wrow = _row_ptr(builder, cs, nv, code_width)
     row2 = _row_ptr(builder, s2, nv, builder.extract_value(s2.shape, 1))
     srow = _row_ptr(builder, ss, nv, builder.extract_value(ss.shape, 1))
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(UNROLL)]
-    maccs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(UNROLL)]
+    unroll_n = {1: UNROLL, 2: 2, 4: 2}[rows]  # groups per iteration, each with its own accumulators
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(rows)]
+            for _ in range(unroll_n)]
+    maccs = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
+             for _ in range(unroll_n)]
 
     def group(g, i):
         """Group ``g`` into accumulators ``i``."""
@@ -206,31 +214,32 @@ def _qdot(context, builder, sig, args, mode: str):
             scale, minimum = _super_block_scales(builder, srow, g)
         else:
             scale = builder.load(builder.gep(srow, [g]))
-        acc = accs[i]
-        for xr, dr in activations:
-            sums = _group_sum(builder, u, _vload(builder, xr, base, _V32B))
-            f = builder.fmul(scale, builder.load(builder.gep(dr, [g])), flags=_FAST)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, _splat(builder, f, _V8F), flags=_FAST),
-                                       flags=_FAST), acc)
-        xsum = builder.load(builder.gep(srow_x, [g]))
-        if mode == "int4":
-            corr = builder.fmul(minimum, xsum, flags=_FAST)
-        else:
-            k = -120.5 if mode == "screen" else -128.0
-            corr = builder.fmul(scale, builder.fmul(xsum, ir.Constant(_F32, k), flags=_FAST), flags=_FAST)
-        builder.store(builder.fadd(builder.load(maccs[i]), corr, flags=_FAST), maccs[i])
+        for r, (activations, srow_x) in enumerate(per_row):
+            acc = accs[i][r]
+            for xr, dr in activations:
+                sums = _group_sum(builder, u, _vload(builder, xr, base, _V32B))
+                f = builder.fmul(scale, builder.load(builder.gep(dr, [g])), flags=_FAST)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, _splat(builder, f, _V8F), flags=_FAST),
+                                           flags=_FAST), acc)
+            xsum = builder.load(builder.gep(srow_x, [g]))
+            if mode == "int4":
+                corr = builder.fmul(minimum, xsum, flags=_FAST)
+            else:
+                k = -120.5 if mode == "screen" else -128.0
+                corr = builder.fmul(scale, builder.fmul(xsum, ir.Constant(_F32, k), flags=_FAST), flags=_FAST)
+            builder.store(builder.fadd(builder.load(maccs[i][r]), corr, flags=_FAST), maccs[i][r])
 
-    # UNROLL groups per iteration, each into its own accumulators (no chain of additions across
-    # groups); a block of 4 spans whole 64-byte lines of the nibble layouts: one prefetch per line
-    unroll = ir.Constant(_I64, UNROLL)
+    # unroll_n groups per iteration, each into its own accumulators (no chain of additions across
+    # groups)
+    unroll = ir.Constant(_I64, unroll_n)
     blocks = builder.udiv(g_n, unroll)
+    step = GROUP if mode == "int8" else GROUP // 2  # bytes of a group's codes
     with cgutils.for_range(builder, blocks) as loop:
         g0 = builder.mul(loop.index, unroll)
         # the next rows' bytes, ahead of the hardware prefetcher (which does not run far enough
         # ahead of a loop with this much arithmetic per byte: the screen ran at compute time plus
-        # memory time instead of the larger of the two)
-        step = GROUP if mode == "int8" else GROUP // 2
-        for line in range(0, UNROLL * step, 64):
+        # memory time instead of the larger of the two); one prefetch per 64-byte line
+        for line in range(0, max(unroll_n * step, 64), 64):
             _prefetch(builder, wrow, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH + line)))
         if mode == "planes":
             _prefetch(builder, row2, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH)))
@@ -240,16 +249,21 @@ def _qdot(context, builder, sig, args, mode: str):
             _prefetch(builder, meta, builder.udiv(builder.mul(ahead, ir.Constant(_I64, META)), ir.Constant(_I64, SUPER)))
         else:
             _prefetch(builder, srow, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
-        for i in range(UNROLL):
+        for i in range(unroll_n):
             group(builder.add(g0, ir.Constant(_I64, i)), i)
     done = builder.mul(blocks, unroll)
     with cgutils.for_range(builder, builder.sub(g_n, done)) as loop:
         group(builder.add(done, loop.index), 0)
-    vec, scal = builder.load(accs[0]), builder.load(maccs[0])
-    for i in range(1, UNROLL):
-        vec = builder.fadd(vec, builder.load(accs[i]), flags=_FAST)
-        scal = builder.fadd(scal, builder.load(maccs[i]), flags=_FAST)
-    return builder.fadd(_hsum(builder, vec), scal, flags=_FAST)
+    results = []
+    for r in range(rows):
+        vec, scal = builder.load(accs[0][r]), builder.load(maccs[0][r])
+        for i in range(1, unroll_n):
+            vec = builder.fadd(vec, builder.load(accs[i][r]), flags=_FAST)
+            scal = builder.fadd(scal, builder.load(maccs[i][r]), flags=_FAST)
+        results.append(builder.fadd(_hsum(builder, vec), scal, flags=_FAST))
+    if rows == 1:
+        return results[0]
+    return context.make_tuple(builder, sig.return_type, results)
 
 
 def _check_activations(xa):
@@ -288,6 +302,51 @@ def dot_int4(typingctx, xa, t, codes, meta, n):
         return _qdot(context, builder, full, (xa, t, codes, meta, meta, n), "int4")
 
     return sig, codegen
+
+
+def _multi(rows: int):
+    """``dot{rows}_int8``, ``dot{rows}_int4`` and ``dot{rows}_planes``: :func:`dot_int8`,
+    :func:`dot_int4` and :func:`dot_planes` for activation rows ``t .. t + rows - 1`` at once (a
+    ``rows``-tuple; each weight group is loaded and unpacked once for all of them)."""
+    ret = types.UniTuple(types.float32, rows)
+
+    def int8(typingctx, xa, t, codes, scales, n):
+        _check_activations(xa)
+        _check((codes, _WEIGHT), (scales, _FLOAT))
+
+        def codegen(context, builder, signature, args):
+            xa, t, codes, scales, n = args
+            a = signature.args
+            full = ret(a[0], a[1], a[2], a[3], a[3], a[4])
+            return _qdot(context, builder, full, (xa, t, codes, scales, scales, n), "int8", rows=rows)
+
+        return ret(xa, t, codes, scales, n), codegen
+
+    def int4(typingctx, xa, t, codes, meta, n):
+        _check_activations(xa)
+        _check((codes, _WEIGHT), (meta, _FLOAT))
+
+        def codegen(context, builder, signature, args):
+            xa, t, codes, meta, n = args
+            a = signature.args
+            full = ret(a[0], a[1], a[2], a[3], a[3], a[4])
+            return _qdot(context, builder, full, (xa, t, codes, meta, meta, n), "int4", rows=rows)
+
+        return ret(xa, t, codes, meta, n), codegen
+
+    def planes(typingctx, xa, t, high, low, scales, n):
+        _check_activations(xa)
+        _check((high, _WEIGHT), (low, _WEIGHT), (scales, _FLOAT))
+        return ret(xa, t, high, low, scales, n), \
+            lambda context, builder, sig, args: _qdot(context, builder, sig, args, "planes", rows=rows)
+
+    for fn, name in ((int8, "int8"), (int4, "int4"), (planes, "planes")):
+        fn.__name__ = f"dot{rows}_{name}"
+    return intrinsic(int8), intrinsic(int4), intrinsic(planes)
+
+
+dot2_int8, dot2_int4, dot2_planes = _multi(2)
+dot4_int8, dot4_int4, dot4_planes = _multi(4)
 
 
 def _planes(mode):

@@ -44,8 +44,9 @@ def warm_up() -> float:
     policy = nb.ScreenPolicy()
     policy.LEARN_CALLS = 1  # the screen with exact columns (nb.screen_columns) too
     nb.head_topk(x, w2, 2, 30.0, parts=2, row_err=err, policy=policy)
-    nb.dequant_rows_int8(w8[0].view(np.int8), w8[1], 0, np.empty((2, 64), dtype=f32))
-    nb.dequant_rows_int4(w4[0], meta, 0, np.empty((2, 64), dtype=f32))
+    for out_type in (f32, np.uint16):  # fp32, or bf16 bits (prefill)
+        nb.dequant_rows_int8(w8[0].view(np.int8), w8[1], 0, np.empty((2, 64), dtype=out_type))
+        nb.dequant_rows_int4(w4[0], meta, 0, np.empty((2, 64), dtype=out_type))
     nb.quantize_int8_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 64), dtype=np.int8), np.empty((2, 2), dtype=f32))
     nb.quantize_int4_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 32), dtype=np.uint8), meta[:2])
     kv = np.ones((1, 8, 32), dtype=f32)

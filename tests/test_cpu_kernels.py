@@ -109,12 +109,35 @@ def test_q4k_tensor_of_a_real_gguf_maps_without_loss():
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("t", [1, 3, 40])
-def test_quantized_linear(fmt, t, gen):
+@pytest.mark.parametrize("t", [1, 3, 7, 40])  # 7: four rows at once, then three one by one
+def test_quantized_linear(fmt, t, gen, monkeypatch):
     w = quantize_weight(torch.randn(200, 320, generator=gen), fmt)
     x = torch.randn(t, 320, generator=gen)
-    want = (fake_quant_for(x, w) if t <= ops.SMALL_BATCH else x) @ w.dequantize().t()  # t=40: dequantized blocks, torch GEMM
+    monkeypatch.setenv(ops.PREFILL_ENV, "fp32")  # t=40: dequantized blocks and torch's GEMM, exact
+    want = (fake_quant_for(x, w) if t <= ops.SMALL_BATCH else x) @ w.dequantize().t()
     close(ops.linear(x, w), want)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_bf16_prefill_products(fmt, gen, monkeypatch):
+    """Prefill-sized products in bf16 (``$GEMMA4_NB_PREFILL=bf16``; run here whatever the CPU):
+    activations and the dequantized weight rounded to bf16, fp32 accumulation, the output rounded
+    to bf16. The dequantizer's bf16 rounding is torch's (nearest even)."""
+    w = quantize_weight(torch.randn(300, 320, generator=gen) * 0.02, fmt)
+    x = torch.randn(40, 320, generator=gen)
+    monkeypatch.setenv(ops.PREFILL_ENV, "bf16")
+    assert ops.prefill_dtype() == torch.bfloat16
+    for _, _, block in ops.dequantized_blocks(w, torch.bfloat16):
+        assert torch.equal(block, w.dequantize().bfloat16())
+    got = ops.linear(x, w)
+    want = x.bfloat16().float() @ w.dequantize().bfloat16().float().t()
+    # bf16 output rounding: half a unit of the 8-bit mantissa, relative to each output
+    assert float(((got - want).abs() / want.abs().clamp_min(1e-3)).max()) <= 2 ** -8
+    monkeypatch.setenv(ops.PREFILL_ENV, "fp32")
+    exact = ops.linear(x, w)
+    assert float((got - exact).abs().max()) <= 2e-2 * float(exact.abs().max())  # bf16 vs fp32
+    monkeypatch.delenv(ops.PREFILL_ENV)
+    assert ops.prefill_dtype() == torch.float32
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -7,7 +7,7 @@
     python -m gemma4_nb.bench --load-time                           # embedded GGUF: first and cached load
     python -m gemma4_nb.bench --agreement llama.cpp [--model X.gguf] # top-1 agreement and speed vs llama.cpp
     python -m gemma4_nb.bench --draft                               # prompt-lookup drafting on/off
-    python -m gemma4_nb.bench --mtp-cost [--layers 6] [--depth 1024] # MTP draft/verify cost, 12B shape
+    python -m gemma4_nb.bench --mtp-cost [--layers 6] [--depth 1024] [--quant int4] # MTP draft/verify cost, 12B shape
 
 Prints time to first token, prefill and decode tokens/s, and peak memory. ``--agreement`` needs
 the ``bench`` extra (llama-cpp-python).
@@ -213,12 +213,14 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=6, help="--mtp-cost: target layers actually built (scaled to 48)")
     p.add_argument("--depth", type=int, default=1024, help="--mtp-cost: context length before the measured steps")
     p.add_argument("--load-memory", choices=["int8", "int4", "none"], help="peak RSS of a streaming quantized load")
+    p.add_argument("--quant", choices=["int8", "int4"], help="--mtp-cost: the target's weights quantized (CPU)")
     args = p.parse_args(argv)
     if args.mtp_cost:
         if args.layers < 6 or args.layers % 6:
             p.error("--layers must be a multiple of 6 (the 12B's 5 sliding + 1 full pattern, so the scaling holds)")
         torch.set_num_threads(args.threads)
-        mtp_cost(args.layers, args.depth, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        mtp_cost(args.layers, args.depth, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                 quant=args.quant)
         return 0
     if args.load_memory:
         load_memory(args.model, None if args.load_memory == "none" else args.load_memory)

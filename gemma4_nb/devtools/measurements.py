@@ -12,7 +12,7 @@ import torch
 from ..runtime.checkpoint import expected_tensors
 from ..runtime.config import parse_config
 from ..runtime.decoder import GemmaModel
-from .shapes import random_assistant, random_model
+from .shapes import random_assistant, random_model, random_quantized_model
 from .tiny import tiny_config
 from .workload import REWRITE_PROMPTS, sync
 
@@ -165,16 +165,22 @@ def drafting_speed(model_ref: str | None, new_tokens: int = 128) -> None:
 
 
 def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu", dtype=torch.bfloat16,
-             repeats: int = 7, full_layers: int = 48) -> None:
+             repeats: int = 7, full_layers: int = 48, quant: str | None = None) -> None:
     """Cost of one MTP draft step and of a k-token verify relative to one plain decode step, on the
-    12B shape with random weights; the speedup at an acceptance rate follows from them.
+    12B shape with random weights (``quant``: int8/int4 weights, computing in fp32 on the CPU as the
+    runtime does, the assistant in the same dtype); the speedup at an acceptance rate follows.
 
     The target is built with ``layers`` of its 48 layers (memory); every figure is scaled to 48
-    layers from the measured per-layer time plus the measured vocabulary head."""
+    layers from the measured per-layer time, plus the measured vocabulary head: all logits for a
+    verification, the top-1 alone for a plain step (the screened head, with quantized weights)."""
     from ..runtime.speculative import DraftContext
 
     dev = torch.device(device)
-    target = random_model("gemma4-12b", device, dtype, layers=layers)
+    if quant:
+        dtype = torch.float32
+        target = random_quantized_model("gemma4-12b", quant, layers=layers)
+    else:
+        target = random_model("gemma4-12b", device, dtype, layers=layers)
     drafters = {"plain head": random_assistant(target, False, dtype), "centroid head": random_assistant(target, True, dtype)}
     cache = target.new_cache()
     ids = torch.randint(10, target.cfg.vocab_size, (context + 16,))
@@ -184,15 +190,17 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
 
     def forward(t: int):
         def fn():
-            target.forward(ids[n : n + t], cache, outputs="all")
+            target.forward(ids[n : n + t], cache, outputs="all", logits=False)
             cache.truncate(n)
         return fn
 
     hidden = torch.randn(8, target.cfg.hidden_size, device=dev, dtype=dtype)
     ctx = DraftContext(target, cache, torch.randn(target.cfg.hidden_size, device=dev, dtype=dtype))
     k_max = max(ks)
-    tasks = {("forward", t): forward(t) for t in [1] + [k + 1 for k in ks]}
-    tasks.update({("head", t): (lambda t=t: target.logits(hidden[:t])) for t in [1] + [k + 1 for k in ks]})
+    sizes = [1] + [k + 1 for k in ks]
+    tasks = {("forward", t): forward(t) for t in sizes}
+    tasks.update({("head", t): (lambda t=t: target.logits(hidden[:t])) for t in sizes})
+    tasks[("top1", 1)] = lambda: target.top_k(hidden[0], 1)
     tasks.update({("draft", name): (lambda d=d: list(d.steps(int(ids[n]), ctx, k_max))) for name, d in drafters.items()})
     times: dict = {key: [] for key in tasks}
     for fn in tasks.values():  # warm up
@@ -206,20 +214,20 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
             times[key].append(time.perf_counter() - t0)
     med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
 
-    def scaled(t: int) -> float:
-        h = med[("head", t)]
-        return h + (med[("forward", t)] - h) * full_layers / layers
+    def layers_part(t: int) -> float:
+        return med[("forward", t)] * full_layers / layers
 
-    plain = scaled(1)
-    verify = {k: scaled(k + 1) for k in ks}
+    plain = layers_part(1) + med[("top1", 1)]
+    verify = {k: layers_part(k + 1) + med[("head", k + 1)] for k in ks}
     draft = {name: med[("draft", name)] / k_max for name in drafters}
-    print(f"12B shape, random weights, {dtype}, {device}, {torch.get_num_threads()} threads, context {context}; "
+    weights = quant or str(dtype).replace("torch.", "")
+    print(f"12B shape, random {weights} weights, {device}, {torch.get_num_threads()} threads, context {context}; "
           f"target measured with {layers} layers, scaled to {full_layers}")
-    print(f"plain decode step: {plain * 1000:.1f} ms")
+    print(f"plain decode step (top-1 from the head): {plain * 1000:.1f} ms")
     for name, t in draft.items():
         print(f"one draft step ({name}): {t * 1000:.2f} ms = {t / plain:.3f} x plain step")
     for k, t in verify.items():
-        print(f"verify k={k} ({k + 1} tokens): {t * 1000:.1f} ms = {t / plain:.3f} x plain step")
+        print(f"verify k={k} ({k + 1} tokens, all logits): {t * 1000:.1f} ms = {t / plain:.3f} x plain step")
     print("expected speedup = E[tokens per round] * plain / (k * draft + verify_k), "
           "E[tokens] = (1 - a^(k+1)) / (1 - a) for per-draft acceptance a")
     best_draft = min(draft.values())

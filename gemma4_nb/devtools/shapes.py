@@ -49,15 +49,18 @@ def random_weights(expected: dict, prefix: str, device, dtype: torch.dtype, seed
     return weights
 
 
-def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
+def random_quantized_model(shape: str, fmt: str, seed: int = 0, layers: int | None = None) -> GemmaModel:
     """A model of ``shape`` with random ``fmt`` weights built directly in the quantized layout
-    (random codes, scales and minimums): no full-precision copy is ever held, so the 12B shape fits
-    in about 9 GiB (int4) on a CPU machine."""
+    (random codes and scales): no full-precision copy is ever held, so the 12B shape fits in about
+    8 GiB (int4) on a CPU machine. ``layers``: only the first N of its layers."""
     from ..kernels.layout import GROUP, META, SUPER, SUPER_SCALE
     from ..kernels.qweight import QWeight
     from ..runtime.quant import fmt_for
 
-    cfg = parse_config(tiny_config(**dict(SHAPES[shape])))
+    shape_cfg = dict(SHAPES[shape])
+    if layers:
+        shape_cfg["num_hidden_layers"] = layers
+    cfg = parse_config(tiny_config(**shape_cfg))
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for name, dims in expected_tensors(cfg).items():

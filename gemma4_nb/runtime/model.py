@@ -301,7 +301,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
 
         shards = find_shards(model_dir)
         check_checkpoint(cfg, shards)
-        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress)
+        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress,
+                                                  gguf=source if source.suffix == ".gguf" else None)
     else:
         weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     if quant and device.type != "cpu":

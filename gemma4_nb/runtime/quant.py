@@ -4,8 +4,9 @@ a checkpoint loads, and saving and reloading quantized checkpoints.
 The format itself (:class:`~gemma4_nb.kernels.qweight.QWeight`: int8 and int4 codes with a scale
 per group of 32 weights) lives with the kernels that read it, in :mod:`gemma4_nb.kernels.qweight`.
 
-Weights converted from a GGUF file are already quantized; there the quantizers search the scale
-(``search=True``) and reproduce Q8_0/Q5_0 blocks in int8 and Q4_K blocks in int4 exactly, and
+Weights converted from a GGUF file are already quantized: Q4_K blocks become int4 and Q8_0
+blocks int8 straight from the file's bytes, without loss; other types are quantized from their
+fp32 values with a scale search (``search=True``, which reproduces Q5_0 blocks in int8 exactly);
 ``int4`` keeps int8 for tensors the GGUF stores with more than 4 bits (see :func:`fmt_for`).
 
 Quantization runs while the checkpoint streams in, a block of rows at a time, so the peak memory
@@ -23,7 +24,7 @@ import torch
 
 from ..errors import CheckpointError, Gemma4Error
 from ..kernels.qweight import FORMATS as QUANT_FORMATS
-from ..kernels.qweight import GROUP, QWeight, quantize
+from ..kernels.qweight import GROUP, QWeight, from_q4_k, from_q8_0, quantize
 
 # version 2: int4 in super-blocks (4.625 bits a weight); version 1 stored int4 with an fp32 scale
 # and minimum per group (6 bits) and is refused; its int8 is the same as version 2's
@@ -65,9 +66,16 @@ def fmt_for(name: str, shape: tuple[int, ...], fmt: str, source_type: str | None
 
 # -- streaming load ----------------------------------------------------------------------------
 
-def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype, progress: bool = True) -> dict:
+# GGUF block types whose bytes map to a format without loss (and without quantizing again)
+BLOCK_MAPPINGS = {("Q4_K", "int4"): from_q4_k, ("Q8_0", "int8"): from_q8_0}
+
+
+def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype, progress: bool = True,
+                               gguf: Path | None = None) -> dict:
     """Stream ``names`` from safetensors shards: each matrix is read ``ROW_BLOCK`` rows at a time
-    and quantized, so only one block is ever held in full precision."""
+    and quantized, so only one block is ever held in full precision. ``gguf``: the file the
+    shards were converted from; tensors it stores in a block type of :data:`BLOCK_MAPPINGS` are
+    taken from its bytes instead."""
     from safetensors import SafetensorError
     from tqdm.auto import tqdm
 
@@ -79,6 +87,12 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
         by_file.setdefault(shards.weight_map[name], []).append(name)
     sources = gguf_source_types(shards.model_dir)
     search = bool(sources)  # converted from a GGUF: the weights are already block-quantized
+    stored = {}
+    if gguf is not None and sources:
+        from .gguf_file import GGUFFile
+
+        source = GGUFFile(gguf)
+        stored = source.by_hf_name()
     bar = tqdm(total=len(names), desc=f"Loading weights ({fmt})", unit="tensor", disable=not progress, leave=False)
     try:
         for path, file_names in by_file.items():
@@ -90,8 +104,12 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
                         sl = handle.get_slice(name)
                         shape = tuple(sl.get_shape())
                         f = fmt_for(name, shape, fmt, sources.get(name))
+                        mapping = BLOCK_MAPPINGS.get((sources.get(name), f))
                         if f is None:
                             out[canonical_name(cfg, name)] = handle.get_tensor(name).to(dtype)
+                        elif mapping is not None and name in stored:
+                            info = stored[name]
+                            out[canonical_name(cfg, name)] = mapping(source.blocks(info).copy(), shape, dtype)
                         else:
                             out[canonical_name(cfg, name)] = _quantize_streamed(shards, path, name, shape, f, search, dtype)
                     except (SafetensorError, OSError, ValueError) as exc:
