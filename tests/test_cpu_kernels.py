@@ -93,19 +93,34 @@ def test_search_reproduces_block_quantized_weights(gen):
     assert float((quantize_weight(w4, "int4", search=False).dequantize() - w4).abs().max()) > 100 * exact
 
 
-def test_q4k_tensor_of_a_real_gguf_maps_without_loss():
-    """A Q4_K tensor of the embedded 270M's GGUF (llama.cpp's own quantizer wrote it), dequantized by
-    gguf-py, comes back from int4 with the search exactly, up to fp32 rounding."""
-    from gguf import GGMLQuantizationType, GGUFReader
+def test_blocks_of_a_real_gguf_map_without_loss():
+    """Every Q4_K and Q8_0 tensor of the embedded 270M's GGUF (llama.cpp's own quantizer wrote it)
+    becomes int4 / int8 from its bytes with the values gguf-py dequantizes, exactly; the scale
+    search on those values (the path for files converted elsewhere) reproduces a Q4_K tensor up to
+    fp32 rounding."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
     from gguf.quants import dequantize as gguf_dequantize
 
+    from gemma4_nb.kernels.qweight import from_q4_k, from_q8_0
     from gemma4_nb.runtime.resolve import embedded_model
 
     reader = GGUFReader(str(embedded_model()))
-    t = next(t for t in reader.tensors if t.tensor_type == GGMLQuantizationType.Q4_K)
-    w = torch.from_numpy(gguf_dequantize(t.data, t.tensor_type).astype("float32"))[:512]
-    back = quantize_weight(w, "int4", search=True).dequantize()
-    assert float((back - w).abs().max()) <= 1e-6 * float(w.abs().max()), t.name
+    seen = set()
+    for t in reader.tensors:
+        if t.tensor_type not in (T.Q4_K, T.Q8_0):
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape))
+        raw = np.asarray(t.data).reshape(shape[0], -1)
+        w = torch.from_numpy(gguf_dequantize(raw, t.tensor_type).astype(np.float32))
+        mapped = (from_q4_k if t.tensor_type == T.Q4_K else from_q8_0)(raw, shape)
+        assert torch.equal(mapped.dequantize(), w), t.name
+        if t.tensor_type == T.Q4_K and T.Q4_K not in seen:
+            back = quantize_weight(w[:512], "int4", search=True).dequantize()
+            assert float((back - w[:512]).abs().max()) <= 1e-6 * float(w.abs().max()), t.name
+        seen.add(t.tensor_type)
+    assert seen == {T.Q4_K, T.Q8_0}
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
