@@ -48,7 +48,6 @@ from numba.extending import intrinsic, overload
 
 from .layout import GROUP, META, SUPER, SUPER_SCALE
 
-UNROLL = 4  # groups per loop iteration, each into its own accumulators
 # software prefetch distance in bytes ahead in the weight rows (measured 512-16384: 4096 best)
 PREFETCH = 4096
 _F32 = ir.FloatType()
@@ -58,6 +57,7 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _V8I = ir.VectorType(_I32, 8)
 _V8F = ir.VectorType(_F32, 8)
+_V8B = ir.VectorType(_I8, 8)
 _V16B = ir.VectorType(_I8, 16)
 _V32B = ir.VectorType(_I8, 32)
 _V32F = ir.VectorType(_F32, 32)
@@ -160,13 +160,41 @@ _WEIGHT = (types.int8, types.uint8)
 _FLOAT = (types.float32,)
 
 
+def _octet_scales(builder, srow, o, mode):
+    """The 8 groups of octet ``o``: ``(scales, mins)`` as ``<8 x float>`` (``mins`` None but for
+    int4). int8 layouts read 8 fp32 scales; int4 reads its super-block (octet ``o`` is super-block
+    ``o``): ``d * sc`` and ``-dmin * mn``."""
+    if mode != "int4":
+        return _vload(builder, srow, builder.mul(o, ir.Constant(_I64, SUPER)), _V8F), None
+    meta = builder.bitcast(srow, _I8.as_pointer())
+    base = builder.mul(o, ir.Constant(_I64, META))
+
+    def half(offset):
+        ptr = builder.bitcast(builder.gep(meta, [builder.add(base, ir.Constant(_I64, offset))]), _F16.as_pointer())
+        value = builder.fmul(builder.fpext(builder.load(ptr, align=1), _F32), ir.Constant(_F32, 1.0 / SUPER_SCALE),
+                             flags=_FAST)
+        return _splat(builder, value, _V8F)
+
+    def bytes8(offset):
+        return builder.uitofp(_vload(builder, meta, builder.add(base, ir.Constant(_I64, offset)), _V8B), _V8F)
+
+    scales = builder.fmul(half(0), bytes8(4), flags=_FAST)
+    mins = builder.fsub(ir.Constant(_V8F, [0.0] * 8), builder.fmul(half(2), bytes8(4 + SUPER), flags=_FAST), flags=_FAST)
+    return scales, mins
+
+
 def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
     """``sum_g scale_g * (xd_g * dot(U_g, xq_g) + xd2_g * dot(U_g, xq2_g)) + correction_g`` over
-    the groups of row ``n``, for activation rows ``t .. t + rows - 1`` (``rows`` 1 or 4: each
+    the groups of row ``n``, for activation rows ``t .. t + rows - 1`` (``rows`` 1, 2 or 4: each
     weight group is loaded and unpacked once for all of them). ``args``: ``(xa, t, codes, second,
     scales, n)`` with ``xa`` the activation tuple, ``second`` the low plane (unused otherwise) and
     ``scales`` fp32 per group, or for int4 the super-block bytes. Returns a float, or a tuple of
-    ``rows`` floats."""
+    ``rows`` floats.
+
+    The groups go by octets (8 groups; an int4 super-block): the octet's 8 scales, times each
+    activation part's 8 scales, are one vector product, and its 8 corrections one vector
+    multiply-add; a group's own work is its unpacking, one ``vpdpbusd`` per activation part, the
+    conversion and one multiply-add. Groups past the last whole octet go one by one."""
     xa, tv, ca, sa2, sa, nv = args
     ty = sig.args
     per_row = []  # per activation row: ([(xq row, xd row), ...], xs row)
@@ -183,84 +211,103 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
     arr = lambda i, v: context.make_array(ty[i])(context, builder, v)  # noqa: E731
     cs, s2, ss = arr(2, ca), arr(3, sa2), arr(4, sa)
     code_width = builder.extract_value(cs.shape, 1)
-    g_n = builder.udiv(code_width, ir.Constant(_I64, GROUP if mode == "int8" else GROUP // 2))
+    step = GROUP if mode == "int8" else GROUP // 2  # bytes of a group's codes
+    g_n = builder.udiv(code_width, ir.Constant(_I64, step))
     wrow = _row_ptr(builder, cs, nv, code_width)
     row2 = _row_ptr(builder, s2, nv, builder.extract_value(s2.shape, 1))
     srow = _row_ptr(builder, ss, nv, builder.extract_value(ss.shape, 1))
-    unroll_n = {1: UNROLL, 2: 2, 4: 2}[rows]  # groups per iteration, each with its own accumulators
-    accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(rows)]
-            for _ in range(unroll_n)]
-    maccs = [[cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(rows)]
-             for _ in range(unroll_n)]
+    n_acc = {1: 4, 2: 2, 4: 2}[rows]  # independent accumulators per activation row
+    zero8 = ir.Constant(_V8F, [0.0] * 8)
+    accs = [[cgutils.alloca_once_value(builder, zero8) for _ in range(n_acc)] for _ in range(rows)]
+    corrs = [cgutils.alloca_once_value(builder, zero8) for _ in range(rows)]  # per-group corrections, 8 lanes
+    k_corr = -120.5 if mode == "screen" else -128.0  # int8 layouts: the code offset times the group sum
 
-    def group(g, i):
-        """Group ``g`` into accumulators ``i``."""
-        base = builder.mul(g, ir.Constant(_I64, GROUP))
-        half = builder.mul(g, ir.Constant(_I64, GROUP // 2))
+    def unpack(g):
+        """The group's 32 weight bytes ``U`` (see the module docstring)."""
         if mode == "int8":
-            u = builder.xor(_vload(builder, wrow, base, _V32B), _bytes(-128, 32))
+            return builder.xor(_vload(builder, wrow, builder.mul(g, ir.Constant(_I64, GROUP)), _V32B), _bytes(-128, 32))
+        half = builder.mul(g, ir.Constant(_I64, GROUP // 2))
+        b = _vload(builder, wrow, half, _V16B)  # int4 codes, or the high plane
+        if mode == "int4":
+            lo, hi = builder.and_(b, _bytes(15)), builder.lshr(b, _bytes(4))
         else:
-            b = _vload(builder, wrow, half, _V16B)  # int4 codes, or the high plane
-            if mode == "int4":
-                lo, hi = builder.and_(b, _bytes(15)), builder.lshr(b, _bytes(4))
-            else:
-                lo, hi = builder.shl(b, _bytes(4)), builder.and_(b, _bytes(-16))  # 16 * high nibble
-                if mode == "planes":
-                    low = _vload(builder, row2, half, _V16B)
-                    lo = builder.or_(lo, builder.and_(low, _bytes(15)))
-                    hi = builder.or_(hi, builder.lshr(low, _bytes(4)))
-            u = _concat(builder, lo, hi)
+            lo, hi = builder.shl(b, _bytes(4)), builder.and_(b, _bytes(-16))  # 16 * high nibble
+            if mode == "planes":
+                low = _vload(builder, row2, half, _V16B)
+                lo = builder.or_(lo, builder.and_(low, _bytes(15)))
+                hi = builder.or_(hi, builder.lshr(low, _bytes(4)))
+        return _concat(builder, lo, hi)
+
+    def add_group(acc, u, xr, g, factor):
+        """``acc += vpdpbusd(U, xq) * factor`` (``factor``: the group's scale times xd, splat)."""
+        sums = _group_sum(builder, u, _vload(builder, xr, builder.mul(g, ir.Constant(_I64, GROUP)), _V32B))
+        builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, factor, flags=_FAST), flags=_FAST), acc)
+
+    def octet(o):
+        g0 = builder.mul(o, ir.Constant(_I64, SUPER))
+        scales, mins = _octet_scales(builder, srow, o, mode)
+        factors = []  # per row, per activation part: the octet's scale * xd, <8 x float>
+        for r, (activations, srow_x) in enumerate(per_row):
+            factors.append([builder.fmul(scales, _vload(builder, dr, g0, _V8F), flags=_FAST) for _, dr in activations])
+            xs = _vload(builder, srow_x, g0, _V8F)
+            corr = builder.fmul(mins, xs, flags=_FAST) if mode == "int4" else \
+                builder.fmul(scales, builder.fmul(xs, _splat(builder, ir.Constant(_F32, k_corr), _V8F), flags=_FAST),
+                             flags=_FAST)
+            builder.store(builder.fadd(builder.load(corrs[r]), corr, flags=_FAST), corrs[r])
+        for j in range(SUPER):
+            g = builder.add(g0, ir.Constant(_I64, j))
+            u = unpack(g)
+            for r, (activations, _) in enumerate(per_row):
+                for (xr, _), f in zip(activations, factors[r]):
+                    lane = builder.shuffle_vector(f, f, ir.Constant(ir.VectorType(_I32, 8), [j] * 8))
+                    add_group(accs[r][j % n_acc], u, xr, g, lane)
+
+    def single(g):
+        """A group past the last whole octet, its scale read alone."""
         if mode == "int4":
             scale, minimum = _super_block_scales(builder, srow, g)
         else:
             scale = builder.load(builder.gep(srow, [g]))
+        u = unpack(g)
         for r, (activations, srow_x) in enumerate(per_row):
-            acc = accs[i][r]
             for xr, dr in activations:
-                sums = _group_sum(builder, u, _vload(builder, xr, base, _V32B))
                 f = builder.fmul(scale, builder.load(builder.gep(dr, [g])), flags=_FAST)
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, _splat(builder, f, _V8F), flags=_FAST),
-                                           flags=_FAST), acc)
+                add_group(accs[r][0], u, xr, g, _splat(builder, f, _V8F))
             xsum = builder.load(builder.gep(srow_x, [g]))
-            if mode == "int4":
-                corr = builder.fmul(minimum, xsum, flags=_FAST)
-            else:
-                k = -120.5 if mode == "screen" else -128.0
-                corr = builder.fmul(scale, builder.fmul(xsum, ir.Constant(_F32, k), flags=_FAST), flags=_FAST)
-            builder.store(builder.fadd(builder.load(maccs[i][r]), corr, flags=_FAST), maccs[i][r])
+            corr = builder.fmul(minimum, xsum, flags=_FAST) if mode == "int4" else \
+                builder.fmul(scale, builder.fmul(xsum, ir.Constant(_F32, k_corr), flags=_FAST), flags=_FAST)
+            first = builder.insert_element(zero8, corr, ir.Constant(_I32, 0))
+            builder.store(builder.fadd(builder.load(corrs[r]), first, flags=_FAST), corrs[r])
 
-    # unroll_n groups per iteration, each into its own accumulators (no chain of additions across
-    # groups)
-    unroll = ir.Constant(_I64, unroll_n)
-    blocks = builder.udiv(g_n, unroll)
-    step = GROUP if mode == "int8" else GROUP // 2  # bytes of a group's codes
-    with cgutils.for_range(builder, blocks) as loop:
-        g0 = builder.mul(loop.index, unroll)
+    octets = builder.udiv(g_n, ir.Constant(_I64, SUPER))
+    with cgutils.for_range(builder, octets) as loop:
+        o = loop.index
+        g0 = builder.mul(o, ir.Constant(_I64, SUPER))
         # the next rows' bytes, ahead of the hardware prefetcher (which does not run far enough
         # ahead of a loop with this much arithmetic per byte: the screen ran at compute time plus
         # memory time instead of the larger of the two); one prefetch per 64-byte line
-        for line in range(0, max(unroll_n * step, 64), 64):
-            _prefetch(builder, wrow, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH + line)))
-        if mode == "planes":
-            _prefetch(builder, row2, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH)))
-        if mode == "int4":  # the super-blocks' bytes as far ahead, in groups, as the codes'
+        at = builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH))
+        for line in range(0, SUPER * step, 64):
+            _prefetch(builder, wrow, builder.add(at, ir.Constant(_I64, line)))
+            if mode == "planes":
+                _prefetch(builder, row2, builder.add(at, ir.Constant(_I64, line)))
+        ahead = builder.add(o, ir.Constant(_I64, PREFETCH // (SUPER * step)))  # octets as far ahead as the codes
+        if mode == "int4":
             meta = builder.bitcast(srow, _I8.as_pointer())
-            ahead = builder.add(g0, ir.Constant(_I64, PREFETCH // step))
-            _prefetch(builder, meta, builder.udiv(builder.mul(ahead, ir.Constant(_I64, META)), ir.Constant(_I64, SUPER)))
+            _prefetch(builder, meta, builder.mul(ahead, ir.Constant(_I64, META)))
         else:
-            _prefetch(builder, srow, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
-        for i in range(unroll_n):
-            group(builder.add(g0, ir.Constant(_I64, i)), i)
-    done = builder.mul(blocks, unroll)
+            _prefetch(builder, srow, builder.mul(ahead, ir.Constant(_I64, SUPER)))
+        octet(o)
+    done = builder.mul(octets, ir.Constant(_I64, SUPER))
     with cgutils.for_range(builder, builder.sub(g_n, done)) as loop:
-        group(builder.add(done, loop.index), 0)
+        single(builder.add(done, loop.index))
     results = []
     for r in range(rows):
-        vec, scal = builder.load(accs[0][r]), builder.load(maccs[0][r])
-        for i in range(1, unroll_n):
-            vec = builder.fadd(vec, builder.load(accs[i][r]), flags=_FAST)
-            scal = builder.fadd(scal, builder.load(maccs[i][r]), flags=_FAST)
-        results.append(builder.fadd(_hsum(builder, vec), scal, flags=_FAST))
+        vec = builder.load(accs[r][0])
+        for i in range(1, n_acc):
+            vec = builder.fadd(vec, builder.load(accs[r][i]), flags=_FAST)
+        vec = builder.fadd(vec, builder.load(corrs[r]), flags=_FAST)
+        results.append(_hsum(builder, vec))
     if rows == 1:
         return results[0]
     return context.make_tuple(builder, sig.return_type, results)
