@@ -167,8 +167,8 @@ def drafting_speed(model_ref: str | None, new_tokens: int = 128) -> None:
 def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu", dtype=torch.bfloat16,
              repeats: int = 7, full_layers: int = 48, quant: str | None = None) -> None:
     """Cost of one MTP draft step and of a k-token verify relative to one plain decode step, on the
-    12B shape with random weights (``quant``: int8/int4 weights, computing in fp32 on the CPU as the
-    runtime does, the assistant in the same dtype); the speedup at an acceptance rate follows.
+    12B shape with random weights (``quant``: int8/int4 weights, computing in fp32 on the CPU, the
+    assistant int8, as the runtime does); the speedup at an acceptance rate follows.
 
     The target is built with ``layers`` of its 48 layers (memory); every figure is scaled to 48
     layers from the measured per-layer time, plus the measured vocabulary head: all logits for a
@@ -181,7 +181,8 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
         target = random_quantized_model("gemma4-12b", quant, layers=layers)
     else:
         target = random_model("gemma4-12b", device, dtype, layers=layers)
-    drafters = {"plain head": random_assistant(target, False, dtype), "centroid head": random_assistant(target, True, dtype)}
+    drafters = {"plain head": random_assistant(target, False, dtype, "int8" if quant else None),
+                "centroid head": random_assistant(target, True, dtype, "int8" if quant else None)}
     cache = target.new_cache()
     ids = torch.randint(10, target.cfg.vocab_size, (context + 16,))
     for start in range(0, context, 512):
@@ -201,7 +202,7 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
     tasks = {("forward", t): forward(t) for t in sizes}
     tasks.update({("head", t): (lambda t=t: target.logits(hidden[:t])) for t in sizes})
     tasks[("top1", 1)] = lambda: target.top_k(hidden[0], 1)
-    tasks.update({("draft", name): (lambda d=d: list(d.steps(int(ids[n]), ctx, k_max))) for name, d in drafters.items()})
+    tasks.update({("draft", name): (lambda d=d: d.propose([int(ids[n])], k_max, ctx)) for name, d in drafters.items()})
     times: dict = {key: [] for key in tasks}
     for fn in tasks.values():  # warm up
         fn()

@@ -90,15 +90,26 @@ def random_quantized_model(shape: str, fmt: str, seed: int = 0, layers: int | No
     return GemmaModel(cfg, weights)
 
 
-def random_assistant(target: GemmaModel, centroids: bool, dtype: torch.dtype):
+def random_assistant(target: GemmaModel, centroids: bool, dtype: torch.dtype, quant: str | None = None):
+    """Gemma 4 12B's MTP assistant with random weights for ``target`` (``quant``: its matrices
+    quantized, as ``load`` does beside quantized weights on the CPU)."""
+    from ..kernels.qweight import quantize_weight
     from ..runtime.mtp import MTPDrafter, assistant_tensors, check_pair, parse_assistant_config
+    from ..runtime.quant import fmt_for
 
     data = {"model_type": "gemma4_unified_assistant", "text_config": tiny_config(**MTP_12B)["text_config"],
             "backbone_hidden_size": target.cfg.hidden_size, "use_ordered_embeddings": centroids,
             "num_centroids": 2048, "centroid_intermediate_top_k": 32}
     acfg = parse_assistant_config(data)
     check_pair(acfg, target.cfg, "--mtp-cost")
-    weights = random_weights(assistant_tensors(acfg), acfg.text.weight_prefix, target.device, dtype, seed=1)
+    expected = assistant_tensors(acfg)
+    weights = random_weights(expected, acfg.text.weight_prefix, target.device, dtype, seed=1)
+    if quant:
+        prefix = acfg.text.weight_prefix
+        for name, dims in expected.items():
+            key = name[len(prefix):] if name.startswith(prefix) else name
+            if fmt_for(name, dims, quant):
+                weights[key] = quantize_weight(weights[key], fmt_for(name, dims, quant), dtype)
     return MTPDrafter(acfg, weights)
 
 
