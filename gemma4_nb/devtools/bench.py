@@ -213,7 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=6, help="--mtp-cost: target layers actually built (scaled to 48)")
     p.add_argument("--depth", type=int, default=1024, help="--mtp-cost: context length before the measured steps")
     p.add_argument("--load-memory", choices=["int8", "int4", "none"], help="peak RSS of a streaming quantized load")
-    p.add_argument("--quant", choices=["int8", "int4"], help="--mtp-cost: the target's weights quantized (CPU)")
+    p.add_argument("--quant", choices=["int8", "int4"], help="--mtp-cost, --draft: quantized weights (CPU)")
+    p.add_argument("--repeat", type=int, default=1, help="--draft: the best of this many runs of each")
     args = p.parse_args(argv)
     if args.mtp_cost:
         if args.layers < 6 or args.layers % 6:
@@ -227,7 +228,7 @@ def main(argv=None) -> int:
         return 0
     if args.draft:
         torch.set_num_threads(args.threads)
-        drafting_speed(args.model)
+        drafting_speed(args.model, quant=args.quant, repeat=args.repeat)
         return 0
     if args.context:
         context_speed()
