@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
+from gguf.gguf_writer import GGUFValue
 
 TINY = dict(hidden=64, ffn=128, layers=2, heads=2, kv=1, head_dim=32)
 
@@ -15,9 +16,12 @@ def tiny_vocab() -> list[str]:
         [f"<0x{i:02X}>" for i in range(256)] + words
 
 
-def write_gguf(path, arch: str = "gemma3", tensor_types: dict[str, GGMLQuantizationType] | None = None, seed: int = 0):
+def write_gguf(path, arch: str = "gemma3", tensor_types: dict[str, GGMLQuantizationType] | None = None, seed: int = 0,
+               metadata: dict | None = None, nonfinite: dict[str, float] | None = None):
     """A complete tiny Gemma-3-style GGUF. ``tensor_types`` picks the storage type per tensor name
-    (F32 otherwise); a type gguf cannot quantize is written as random bytes of the right size."""
+    (F32 otherwise); a type gguf cannot quantize is written as random bytes of the right size.
+    ``metadata``: keys to replace (a value) or leave out (None). ``nonfinite``: tensor name -> a
+    NaN or infinity written into it (a damaged file)."""
     rng = np.random.default_rng(seed)
     d = TINY
     vocab = tiny_vocab()
@@ -57,6 +61,8 @@ def write_gguf(path, arch: str = "gemma3", tensor_types: dict[str, GGMLQuantizat
     for name, shape in shapes.items():
         x = (1.0 + 0.1 * rng.standard_normal(shape) if name.endswith("norm.weight")
              else 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        if name in (nonfinite or {}):
+            x.flat[7] = nonfinite[name]
         values[name] = x
         qtype = (tensor_types or {}).get(name, GGMLQuantizationType.F32)
         if qtype == GGMLQuantizationType.F32:
@@ -71,6 +77,18 @@ def write_gguf(path, arch: str = "gemma3", tensor_types: dict[str, GGMLQuantizat
             block, size = GGML_QUANT_SIZES[qtype]
             raw = rng.integers(0, 255, (shape[0], shape[1] // block * size), dtype=np.uint8)
             w.add_tensor(name, raw, raw_dtype=qtype)
+    for key, value in (metadata or {}).items():
+        if value is None:
+            w.kv_data[0].pop(key, None)
+        elif isinstance(value, str):
+            w.kv_data[0][key] = GGUFValue(value, GGUFValueType.STRING)
+        elif isinstance(value, float):
+            w.kv_data[0][key] = GGUFValue(value, GGUFValueType.FLOAT32)
+        elif isinstance(value, int):
+            w.kv_data[0][key] = GGUFValue(value, GGUFValueType.INT32)
+        else:  # a list
+            sub = GGUFValueType.STRING if value and isinstance(value[0], str) else GGUFValueType.INT32
+            w.kv_data[0][key] = GGUFValue(list(value), GGUFValueType.ARRAY, sub_type=sub)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

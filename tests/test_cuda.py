@@ -48,3 +48,15 @@ def test_cuda_chunked_cache_with_pinned_offload(hf_checkpoints):
     assert (torch.cat(steps) - full).abs().max().item() <= 1e-4
     host = [p for k, p in cache.pools.items() if k[0] == "host"]
     assert host and all(p.data.is_pinned() for p in host) and cache.memory()["full_offloaded"] > 0
+
+
+def test_cuda_load_refuses_nonfinite_weights_checked_on_the_gpu(hf_checkpoints, fresh_copy):
+    """On CUDA the finite check runs on the GPU copy (tests/test_bad_weights.py covers the CPU)."""
+    from test_bad_weights import LAYER, poison
+
+    from gemma4_nb.errors import CheckpointError
+
+    path = fresh_copy(hf_checkpoints["b"][0])
+    poison(path, LAYER + "mlp.up_proj.weight", float("nan"))
+    with pytest.raises(CheckpointError, match=r"mlp\.up_proj\.weight holds 1 non-finite values \(1 NaN"):
+        gemma4_nb.load(path, device="cuda", progress=False)

@@ -24,6 +24,7 @@ class Reply:
     usage: Usage | None = None
     stopped: bool = False  # interrupted by the user
     raw: str = ""
+    cut: str = ""  # why the reply is incomplete when the server broke it off (empty when whole)
 
 
 class Backend(Protocol):

@@ -31,9 +31,18 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
+MAX_NESTING = 64  # objects and lists deeper than this are refused (Python's recursion ends near 1000)
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.s, self.i = text, 0
+        self.depth = 0
+
+    def nested(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"values nested more than {MAX_NESTING} levels deep")
 
     def error(self, what: str) -> ToolCallError:
         return ToolCallError(f"{what} at character {self.i} of {self.s[:120]!r}")
@@ -59,10 +68,12 @@ class _Parser:
             return self.obj()
         if c == "[":
             self.i += 1
+            self.nested()
             items = []
             self.ws()
             if s.startswith("]", self.i):
                 self.i += 1
+                self.depth -= 1
                 return items
             while True:
                 items.append(self.value())
@@ -71,6 +82,7 @@ class _Parser:
                     self.i += 1
                 elif s.startswith("]", self.i):
                     self.i += 1
+                    self.depth -= 1
                     return items
                 else:
                     raise self.error("expected ',' or ']'")
@@ -79,7 +91,10 @@ class _Parser:
             if not m:
                 raise self.error("unterminated string")
             self.i = m.end()
-            return json.loads(m.group(0))
+            try:
+                return json.loads(m.group(0))
+            except json.JSONDecodeError as exc:  # a bad escape inside the string
+                raise self.error(f"invalid string ({exc.msg})") from None
         m = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null").match(s, self.i)
         if not m:
             raise self.error("unexpected value")
@@ -90,10 +105,12 @@ class _Parser:
         if not self.s.startswith("{", self.i):
             raise self.error("expected '{'")
         self.i += 1
+        self.nested()
         out = {}
         self.ws()
         if self.s.startswith("}", self.i):
             self.i += 1
+            self.depth -= 1
             return out
         while True:
             self.ws()
@@ -114,6 +131,7 @@ class _Parser:
                 self.i += 1
             elif self.s.startswith("}", self.i):
                 self.i += 1
+                self.depth -= 1
                 return out
             else:
                 raise self.error("expected ',' or '}'")
@@ -128,7 +146,7 @@ def parse_arguments(text: str) -> dict:
             value = json.loads(text)
             if isinstance(value, dict):
                 return value
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # the parser below says what is wrong
             pass
     p = _Parser(text)
     out = p.obj()

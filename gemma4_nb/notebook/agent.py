@@ -15,7 +15,8 @@ from typing import Callable
 
 from ..backends.base import Backend, Reply
 from ..backends.toolcalls import ToolCall
-from .context import describe_figure, describe_frame, open_figures, user_variables
+from .code_safety import analyse_code
+from .context import clean_text, describe_figure, describe_frame, describe_variable, failure, open_figures, user_variables
 
 APPROVALS = ("ask", "auto", "never")
 
@@ -39,12 +40,6 @@ TOOLS = [
 ]
 TOOL_NAMES = [t["function"]["name"] for t in TOOLS]
 
-# Code that asks for approval even in "auto" mode: deleting files, installing packages, the network.
-RISKY = re.compile(
-    r"\b(os\.(remove|unlink|rmdir|removedirs)|shutil\.(rmtree|move)|\.unlink\(|\.rmdir\(|send2trash|"
-    r"pip\s+install|conda\s+install|%pip|%conda|!pip|!conda|subprocess|os\.system|"
-    r"requests\.|urllib|http\.client|socket\.|httpx|aiohttp|ftplib|smtplib|paramiko|"
-    r"!rm\b|!curl|!wget|rm\s+-r)")
 CODE_PRIMER = "import pandas as pd\n"
 CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 
@@ -69,6 +64,7 @@ class AgentResult:
     steps: list[Step] = field(default_factory=list)
     cells: list[str] = field(default_factory=list)  # code inserted as new cells
     stopped: bool = False
+    notes: list[str] = field(default_factory=list)  # what went wrong on the way (a reply the server cut off)
 
 
 class Agent:
@@ -85,16 +81,21 @@ class Agent:
     # -- tools ------------------------------------------------------------------------------
 
     def _approved(self, code: str) -> tuple[bool, str]:
+        """Whether to run ``code``, and what the model and the user are told when it is not run.
+        Even in "auto", code the safety check finds risky or cannot decide asks first."""
         mode = self.settings.approval
         if mode == "never":
             return False, "not run: the approval setting is 'never'; the code is in a new cell for the user to run"
-        risky = RISKY.search(code)
-        if mode == "auto" and not risky:
+        shell = getattr(self.ws, "shell", None)
+        check = analyse_code(code, namespace=getattr(self.ws, "namespace", None),
+                             transform=getattr(shell, "transform_cell", None))
+        if mode == "auto" and check.safe:
             return True, ""
-        why = f"it {('uses ' + repr(risky.group(0))) if risky else 'was written by the model'}"
+        why = check.reason() or "it was written by the model"
         if self.ask(code, why):
             return True, ""
-        return False, "not run: the user did not approve it; the code is in a new cell below"
+        return False, (f"not run: {why}, and the user did not approve it; the code is in a new cell below "
+                       "for the user to read and run")
 
     def run_code(self, code: str, result: AgentResult) -> tuple[str, bool]:
         """Insert ``code`` as a cell below, run it if approved; return (what the model sees, failed)."""
@@ -122,16 +123,18 @@ class Agent:
             if obj is None or type(obj).__name__ not in ("DataFrame", "Series"):
                 frames = [k for k, v in user_variables(self.ws.namespace).items() if type(v).__name__ in ("DataFrame", "Series")]
                 return f"error: no DataFrame named {name!r}; dataframes: {', '.join(frames) or 'none'}", False
-            text = describe_frame(name, obj)
+            try:
+                text = describe_frame(name, obj)
+            except Exception as exc:  # an odd frame (repeated column names, a broken dtype): say so
+                text = f"`{name}`: {type(obj).__name__}; it could not be described ({failure(exc)})"
             try:
                 text += "\nsummary:\n" + obj.describe().to_string()[:3000]
             except Exception as exc:  # describe() can fail on odd dtypes: say so, keep going
-                text += f"\n(describe() failed: {exc})"
-            return text, False
+                text += f"\n(describe() failed: {failure(exc)})"
+            return clean_text(text), False
         if call.name == "list_variables":
             items = user_variables(self.ws.namespace)
-            return "\n".join(f"{k}: {type(v).__name__}" + (f" {getattr(v, 'shape', '')}" if hasattr(v, "shape") else "")
-                             for k, v in items.items()) or "(no variables)", False
+            return "\n".join(describe_variable(k, v) for k, v in items.items()) or "(no variables)", False
         if call.name == "capture_figure":
             figs = open_figures()
             return (describe_figure(figs[-1]) if figs else "there is no open matplotlib figure"), False
@@ -151,6 +154,10 @@ class Agent:
             reply = self.backend.complete(messages, tools=TOOLS, on_text=on_text, **self.sampling)
             if reply.stopped:
                 result.answer, result.stopped = reply.text, True
+                return result
+            if reply.cut:  # a cut-off reply is not acted on
+                result.answer = reply.text.strip()
+                result.notes.append(reply.cut)
                 return result
             if reply.errors:
                 note = "; ".join(reply.errors)
@@ -200,6 +207,9 @@ class Agent:
             reply = self.backend.complete_text(prompt, stop=["\n"], **sampling)
             if reply.stopped:
                 result.answer, result.stopped = "", True
+                return result
+            if reply.cut:  # a cut-off line of code is not run
+                result.notes.append(reply.cut)
                 return result
             code = (primer + reply.text).strip("\n")
             if primer.startswith(CODE_PRIMER) and "result" in primer:

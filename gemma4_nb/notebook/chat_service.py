@@ -20,6 +20,7 @@ from typing import Callable
 from ..errors import Gemma4Error
 from ..runtime.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, load_audio, load_image
 from .agent import CODE_BLOCK
+from .attachments import drop_unsupported
 
 MAX_ATTACHMENT_BYTES = 32 * 2**20
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff"}
@@ -155,6 +156,9 @@ class ChatService:
         if not self.busy:
             return False
         self._stop.set()
+        cancel = getattr(self.copilot.backend, "cancel", None)
+        if cancel is not None:  # a server's backend: ends a wait for the server too, not only the next token
+            cancel()
         self.cancel_approvals()
         return True
 
@@ -236,16 +240,7 @@ class ChatService:
         try:
             self._load(rid)
             if (images or audios) and c.backend is not None:
-                has_vision = bool(getattr(c.backend, "supports_images", False))
-                has_audio = c.model is not None and getattr(c.model.config, "audio", None) is not None
-                if images and not has_vision:
-                    notes.append(f"{len(images)} image(s) not sent: this model has no vision encoder "
-                                 "(use Gemma 4 for images)")
-                    images = []
-                if audios and not has_audio:
-                    notes.append(f"{len(audios)} audio clip(s) not sent: this model has no audio encoder "
-                                 "(use Gemma 4 for voice questions)")
-                    audios = []
+                images, audios, notes = drop_unsupported(c, images, audios)
                 for n in notes:
                     self.emit({"type": "note", "id": rid, "text": n})
                 if not text and not images and not audios:
@@ -257,6 +252,9 @@ class ChatService:
                            on_text=on_text, on_event=on_event,
                            ask_approval=lambda code, why: self._ask_approval(rid, code, why))
             answer = result.answer if not result.stopped else ("".join(pieces) or result.answer)
+            for n in result.notes:  # e.g. a reply the server cut off
+                notes.append(n)
+                self.emit({"type": "note", "id": rid, "text": n})
             blocks = code_blocks(answer) or list(getattr(result, "cells", []) or [])
             u = c.last_usage
             final = {"type": "done", "id": rid, "text": answer, "stopped": bool(result.stopped or self._stop.is_set()),

@@ -74,13 +74,19 @@ class ChatProtocol:
                 self.copilot.reset()
                 self.send({"type": "reset"})
             elif kind == "config":
-                for key, value in (msg.get("settings") or {}).items():
+                settings = msg.get("settings")
+                if not isinstance(settings, dict):
+                    raise Gemma4Error('settings must be an object of setting names and values, e.g. {"approval": "ask"}')
+                for key, value in settings.items():
                     self.copilot.settings.update(str(key), str(value))
                 self.send(self.service.status())
             else:
                 raise Gemma4Error(f"unknown message type {kind!r}")
         except Gemma4Error as exc:
             self.send({"type": "error", "id": msg.get("id"), "message": str(exc)})
+        except Exception as exc:  # a message shaped in a way no check foresaw: an answer, never a kernel-log traceback
+            self.send({"type": "error", "id": msg.get("id"), "message": f"cannot handle this {kind!r} message "
+                       f"({type(exc).__name__}: {exc})"})
 
     def close(self) -> None:
         # The sidebar moved to another notebook or went away: a reply under way finishes (its

@@ -2,11 +2,13 @@
 
 Built from the kernel's own namespace, so it sees the data itself rather than the code that made
 it. Fast and copy-free on large frames (head, dtypes, per-column counts), and trimmed to a token
-budget, most relevant first.
+budget, most relevant first. One variable never breaks it: whatever cannot be described (an odd
+DataFrame, an object whose attributes raise) is listed with the reason it was skipped.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -29,6 +31,45 @@ class NotebookContext:
         return "\n\n".join(f"## {title}\n{text}" for title, text in self.sections)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Text any tokenizer and JSON encoder accepts: lone surrogates (from bytes decoded with
+    ``surrogateescape``, say) become U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def failure(exc: BaseException) -> str:
+    """A short note of why something could not be described."""
+    try:
+        detail = str(exc)
+    except Exception:  # an exception whose message raises
+        detail = ""
+    return f"{type(exc).__name__}: {detail[:120]}" if detail else type(exc).__name__
+
+
+def shape_of(obj) -> str:
+    """`` shape (2, 3)`` for objects with a shape, empty when there is none or it cannot be read."""
+    try:
+        shape = getattr(obj, "shape", None)
+        return f" shape {tuple(shape)}" if shape is not None and not callable(shape) else ""
+    except Exception:  # a property that raises, a shape that is not iterable
+        return ""
+
+
+def describe_variable(name: str, obj) -> str:
+    """One line for a variable that is not a DataFrame: type, shape, short value; what cannot be
+    read is left out, and an object that defeats even that is named as skipped."""
+    try:
+        line = f"- {name}: {type(obj).__name__}{shape_of(obj)}"
+        if isinstance(obj, (int, float, str, bool)):
+            line += f" = {obj!r:.60}"
+        return clean_text(line)
+    except Exception as exc:
+        return f"- {name}: skipped ({failure(exc)})"
+
+
 def is_frame(obj) -> bool:
     mod = type(obj).__module__
     return mod.startswith("pandas") and type(obj).__name__ in ("DataFrame", "Series")
@@ -38,9 +79,16 @@ def user_variables(namespace: dict) -> dict:
     """The user's own variables: no private names, modules, IPython plumbing."""
     import types
 
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and k not in HIDDEN_NAMES and not isinstance(v, types.ModuleType)
-            and (is_frame(v) or not callable(v))}
+    out = {}
+    for k, v in list(namespace.items()):
+        if not isinstance(k, str) or k.startswith("_") or k in HIDDEN_NAMES:
+            continue
+        try:
+            if not isinstance(v, types.ModuleType) and (is_frame(v) or not callable(v)):
+                out[k] = v
+        except Exception:  # an object whose __class__ raises: still the user's variable
+            out[k] = v
+    return out
 
 
 SAMPLE_ROWS = 200_000
@@ -70,13 +118,14 @@ def describe_frame(name: str, obj, max_rows: int = 5, max_cols: int = 30) -> str
         head = obj.head(max_rows).to_string(max_rows=max_rows)
         return (f"`{name}`: Series {obj.name!r}, {len(obj):,} rows, dtype {obj.dtype}, {nulls:,} nulls, "
                 f"{obj.memory_usage(deep=False) / 2**20:.1f} MiB\n{head}")
-    cols = list(obj.columns[:max_cols])
+    names = list(obj.columns[:max_cols])
     rows = len(obj)
     lines = [f"`{name}`: DataFrame, {rows:,} rows x {obj.shape[1]} columns, "
              f"{obj.memory_usage(deep=False).sum() / 2**20:.1f} MiB"]
-    for c in cols:
-        col = obj[c]
-        lines.append(f"  - {c!s}: {col.dtype}{_nulls(col)}")
+    repeated = obj.columns.duplicated()
+    for i, c in enumerate(names):
+        col = obj.iloc[:, i]  # by position: a repeated column name selects several columns
+        lines.append(f"  - {c!s}: {col.dtype}{_nulls(col)}" + (" (a repeated column name)" if repeated[i] else ""))
     if obj.shape[1] > max_cols:
         lines.append(f"  - ... and {obj.shape[1] - max_cols} more columns")
     with pd.option_context("display.max_columns", max_cols, "display.width", 160):
@@ -144,26 +193,36 @@ def build_context(shell, *, frames: list[str] | None = None, budget_tokens: int 
         chosen = {n: ns[n] for n in frames}
     else:
         chosen = {k: v for k, v in variables.items() if is_frame(v)}
-    error = last_error(shell)
+    try:
+        error = last_error(shell)
+    except Exception as exc:  # an exception that cannot be formatted
+        error = f"(the last error could not be shown: {failure(exc)})"
     if error:
         ctx.sections.append(("The last error", error))
     for name, obj in chosen.items():
-        ctx.sections.append((f"Data: {name}", describe_frame(name, obj)))
+        try:
+            text = describe_frame(name, obj)
+        except Exception as exc:  # an odd frame: say so, describe the rest
+            text = f"`{name}`: {type(obj).__name__}, skipped: it could not be described ({failure(exc)})"
+        ctx.sections.append((f"Data: {name}", text))
     others = {k: v for k, v in variables.items() if not is_frame(v)}
     if others:
-        lines = [f"- {k}: {type(v).__name__}" + (f" shape {v.shape}" if hasattr(v, "shape") else "")
-                 + (f" = {v!r:.60}" if isinstance(v, (int, float, str, bool)) else "") for k, v in list(others.items())[:40]]
-        ctx.sections.append(("Other variables", "\n".join(lines)))
+        ctx.sections.append(("Other variables", "\n".join(describe_variable(k, v) for k, v in list(others.items())[:40])))
     if include_figures:
-        figs = open_figures()
-        if figs:
-            ctx.figures = figs[-2:]
-            ctx.sections.append(("Open figures", "\n".join(describe_figure(f) for f in figs[-4:])))
+        try:
+            figs = open_figures()
+            if figs:
+                ctx.figures = figs[-2:]
+                ctx.sections.append(("Open figures", "\n".join(describe_figure(f) for f in figs[-4:])))
+        except Exception as exc:  # a figure in a broken state
+            ctx.sections.append(("Open figures", f"(skipped: {failure(exc)})"))
     if shell is not None:
         raw = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None) or ns.get("In", [])
-        inputs = [c for c in raw[1:] if c.strip() and not c.lstrip().startswith("%")][-history_cells - 1 : -1]
+        inputs = [c for c in raw[1:] if isinstance(c, str) and c.strip() and not c.lstrip().startswith("%")]
+        inputs = inputs[-history_cells - 1 : -1]
         if inputs:
             ctx.sections.append(("Recent cells", "\n\n".join(f"```python\n{c[-800:]}\n```" for c in inputs)))
+    ctx.sections = [(clean_text(title), clean_text(text)) for title, text in ctx.sections]
     # trim to the budget: drop the least important sections (the end of the list) first
     while ctx.sections and count_tokens(ctx.render(), tokenizer) > budget_tokens:
         title, text = ctx.sections[-1]

@@ -7,6 +7,7 @@ across cells (and, opted in, in a history file next to the notebook), and runs t
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -18,6 +19,8 @@ from ..errors import Gemma4Error
 from ..runtime.chat_template import PLAIN_STOPS, plain_prompt
 from .agent import APPROVALS, CODE_PRIMER, Agent, AgentResult, AgentSettings
 from .context import build_context
+
+LOCAL = "local"  # backend_url: the in-kernel model, whatever $GEMMA4_NB_BACKEND_URL says
 
 SYSTEM_PROMPT = """You are gemma4-nb, a data-science assistant inside the user's Jupyter notebook, running \
 privately on their machine. You see the user's live data below. Answer concisely in Markdown. When code \
@@ -33,9 +36,10 @@ class Settings:
     context_tokens: int = 2000
     max_steps: int = 6
     history_file: bool = False
-    backend_url: str | None = None  # an OpenAI-compatible server instead of the in-kernel model
+    backend_url: str | None = None  # an OpenAI-compatible server; None: $GEMMA4_NB_BACKEND_URL; "local": in-kernel
     backend_model: str | None = None
     backend_tools: bool = True
+    first_byte_timeout: float | None = None  # seconds a server may take to start answering (None: 60, or the env)
 
     def update(self, key: str, value: str) -> None:
         names = {f.name: f for f in fields(self)}
@@ -44,18 +48,35 @@ class Settings:
         current = getattr(self, key)
         if key == "approval" and value not in APPROVALS:
             raise Gemma4Error(f"approval must be one of {', '.join(APPROVALS)}")
+        if key == "backend_url" and value.lower() not in ("none", LOCAL):
+            from ..backends.openai_compat import check_url
+
+            value = check_url(value)
         try:
             if isinstance(current, bool) or key in ("history_file", "backend_tools"):
                 parsed = value.lower() in ("1", "true", "on", "yes")
             elif key in ("max_new_tokens", "context_tokens", "max_steps"):
                 parsed = int(value)
-            elif key == "temperature":
+            elif key in ("temperature", "first_byte_timeout"):
                 parsed = None if value.lower() in ("none", "default") else float(value)
             else:
                 parsed = None if value.lower() == "none" else value
         except ValueError:
             raise Gemma4Error(f"{key} needs a number, got {value!r}") from None
-        setattr(self, key, parsed)
+        setattr(self, key, check_setting(key, parsed))
+
+
+def check_setting(key: str, value):
+    """``value`` when it is a usable value for setting ``key`` (also a cell's own flags), else a
+    :class:`Gemma4Error` that says what is allowed."""
+    if key in ("max_new_tokens", "context_tokens", "max_steps") and (not isinstance(value, int) or value < 1):
+        raise Gemma4Error(f"{key} must be a whole number of at least 1, got {value!r}")
+    if key == "temperature" and value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                                           and value >= 0):
+        raise Gemma4Error(f"temperature must be a number >= 0 (0 is greedy), got {value!r}")
+    if key == "first_byte_timeout" and value is not None and not (math.isfinite(value) and value > 0):
+        raise Gemma4Error(f"first_byte_timeout must be a number of seconds above 0, got {value!r}")
+    return value
 
 
 def get_copilot(shell) -> "Copilot":
@@ -75,16 +96,23 @@ class Copilot:
         self.model = None
         self.turns: list[dict] = []
         self.frontend = None  # the chat sidebar's connection, when present
-        self.draft = True  # speculative drafting for the next request (%%gemma --no-draft turns it off)
+        self.draft = True  # speculative drafting for requests (a cell's --no-draft turns it off for that cell)
         self.lock = threading.Lock()  # one request at a time: %%gemma cells and the chat panels share the model
         self._restore_history()
 
     # -- the model --------------------------------------------------------------------------
 
     def use_backend(self, url: str | None, model: str | None = None, tools: bool = True) -> None:
-        """Point the copilot at a serving engine (``url``), or back at the in-kernel model (None)."""
+        """Point the copilot at a serving engine (``url``), or back at the in-kernel model (None:
+        even when $GEMMA4_NB_BACKEND_URL names a server). A URL that cannot work is refused before
+        anything changes."""
+        if url is not None:
+            from ..backends.openai_compat import check_url
+
+            url = check_url(url)
         self.unload()
-        self.settings.backend_url, self.settings.backend_model, self.settings.backend_tools = url, model, tools
+        self.settings.backend_url = url if url is not None else LOCAL
+        self.settings.backend_model, self.settings.backend_tools = model, tools
 
     @property
     def last_usage(self):
@@ -92,13 +120,21 @@ class Copilot:
             return self.model.last_usage
         return getattr(self.backend, "last_usage", None)
 
+    def remote_url(self) -> str | None:
+        """The server the copilot uses, or None for the in-kernel model."""
+        url = self.settings.backend_url or os.environ.get("GEMMA4_NB_BACKEND_URL")
+        return None if not url or url.lower() == LOCAL else url
+
     def ensure_model(self):
-        if self.backend is None and (self.settings.backend_url or os.environ.get("GEMMA4_NB_BACKEND_URL")):
+        if self.backend is None and self.remote_url():
             from ..backends.openai_compat import OpenAIBackend
 
-            url = self.settings.backend_url or os.environ["GEMMA4_NB_BACKEND_URL"]
+            url = self.remote_url()
             model = self.settings.backend_model or os.environ.get("GEMMA4_NB_BACKEND_MODEL")
-            self.backend = OpenAIBackend(url, model, tools=self.settings.backend_tools)
+            self.backend = OpenAIBackend(url, model, tools=self.settings.backend_tools,
+                                         first_byte_timeout=self.settings.first_byte_timeout)
+        if self.settings.first_byte_timeout is not None and hasattr(self.backend, "first_byte_timeout"):
+            self.backend.first_byte_timeout = self.settings.first_byte_timeout  # changed since it was made
         if self.backend is None:
             from ..runtime.model import load
 
@@ -125,6 +161,8 @@ class Copilot:
         if self.backend is not None and self.model is None:
             u = self.last_usage
             return self.backend.status() + (f"\nlast reply: {u.summary()}" if u is not None else "")
+        if self.model is None and self.remote_url():
+            return f"backend: {self.remote_url()} (connects on first use)"
         if self.model is None:
             return f"model: not loaded yet (loads on first use: {self.settings.model or 'default'})"
         m = self.model
@@ -200,8 +238,11 @@ class Copilot:
         lines = ["# Jupyter notebook. Variables:"]
         for name in names[:8]:
             obj = self.shell.user_ns[name]
-            cols = ", ".join(f"{c} ({obj[c].dtype})" for c in list(getattr(obj, "columns", []))[:20])
-            lines.append(f"#   {name}: {type(obj).__name__} with {len(obj)} rows" + (f"; columns: {cols}" if cols else ""))
+            try:  # columns by position: a repeated column name selects several
+                cols = ", ".join(f"{c} ({obj.iloc[:, i].dtype})" for i, c in enumerate(list(getattr(obj, "columns", []))[:20]))
+                lines.append(f"#   {name}: {type(obj).__name__} with {len(obj)} rows" + (f"; columns: {cols}" if cols else ""))
+            except Exception:  # an odd frame: named, not described
+                lines.append(f"#   {name}: {type(obj).__name__}")
         # A base model completes code best when the code is already under way: start the answer line.
         primer = CODE_PRIMER + (f"result = {names[0]}" if names else "result = ")
         lines += [f"# Task: {question.strip()}", "# One line of pandas, result in `result`:", "", primer]
@@ -221,27 +262,31 @@ class Copilot:
         return out
 
     def ask(self, question: str, *, agent: bool = False, frames=None, images=(), audios=(), use_context=True,
-            on_text=None, ask_approval=None, on_event=None, workspace=None) -> AgentResult:
+            on_text=None, ask_approval=None, on_event=None, workspace=None, sampling: dict | None = None) -> AgentResult:
+        """One request. ``sampling`` overrides the settings for this request only (a cell's flags)."""
         if not question.strip() and not images and not audios:
             raise Gemma4Error("the cell is empty: write a question under %%gemma")
+        sampling = {**self.sampling(), **(sampling or {})}
         backend = self.ensure_model()
+        if hasattr(backend, "cancelled"):
+            backend.cancelled.clear()  # a Stop meant for an earlier request does not carry over
         messages = self.messages(question, frames=frames, images=images, audios=audios, use_context=use_context)
         if agent:
             from .workspace import KernelWorkspace
 
             ws = workspace or KernelWorkspace(self.shell, self.frontend)
             runner = Agent(backend, ws, AgentSettings(self.settings.approval, self.settings.max_steps),
-                           ask=ask_approval, on_event=on_event, sampling=self.sampling())
+                           ask=ask_approval, on_event=on_event, sampling=sampling)
             result = runner.run(messages, on_text=on_text, code_prompt=self.code_prompt(question, frames))
             if hasattr(ws, "flush"):
                 ws.flush()
         elif getattr(backend, "base_model", False):  # a base model answers a plain Q&A prompt better
             reply = backend.complete_text(self.qa_prompt(messages), stop=PLAIN_STOPS,
-                                          on_text=on_text, **self.sampling())
-            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)
+                                          on_text=on_text, **sampling)
+            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
         else:
-            reply = backend.complete(messages, on_text=on_text, **self.sampling())
-            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped)
+            reply = backend.complete(messages, on_text=on_text, **sampling)
+            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
         note = " [with attachments]" if (images or audios) else ""
         self.turns += [{"role": "user", "content": question + note}, {"role": "assistant", "content": result.answer}]
         self._save_history()

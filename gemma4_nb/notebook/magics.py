@@ -10,8 +10,9 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from ..errors import Gemma4Error
 from .agent import AgentResult
+from .attachments import drop_unsupported, load_attachment
 from .chat_service import BUSY
-from .copilot import get_copilot
+from .copilot import check_setting, get_copilot
 
 HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--no-context]
     [--max-new-tokens N] [--temperature T] [--no-draft]
@@ -20,12 +21,14 @@ HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--n
     DataFrames, open figures, recent cells and the last error. --agent lets it write code: the
     code appears as a new cell below and runs per the approval setting. --image/--audio take a
     file path or a variable name (a figure, an array, PIL image, bytes...). Speculative drafting
-    (prompt lookup; output unchanged) is on unless --no-draft.
+    (prompt lookup; output unchanged) is on unless --no-draft. --max-new-tokens, --temperature
+    and --no-draft apply to this cell only (`%gemma config` changes the settings).
 
 %gemma status              model, memory, last reply's speed
-%gemma model [REF]         show or set the model (a directory, .gguf file or HF repo id)
+%gemma model [REF]         show or set the model (a directory, .gguf file or HF repo id;
+                           `default` goes back to $GEMMA4_NB_MODEL or the embedded model)
 %gemma config [key=value]  show or change settings (approval, max_new_tokens, temperature,
-                           context_tokens, max_steps, history_file)
+                           context_tokens, max_steps, history_file, first_byte_timeout)
 %gemma approval ask|auto|never   ask before running generated code (default), run it, or never
 %gemma backend URL [--model NAME] [--no-tools]   use an OpenAI-compatible server (vLLM,
                            llama.cpp, Ollama); `%gemma backend local` returns to the in-kernel model
@@ -35,6 +38,13 @@ HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--n
 %gemma reset               forget the conversation (and the cached prompt)
 %gemma unload              free the model's memory (reloads on next use)
 %gemma help                this text"""
+
+
+def _split(line: str) -> list[str]:
+    try:
+        return shlex.split(line)
+    except ValueError as exc:  # an unclosed quote
+        raise Gemma4Error(f"cannot read the magic's arguments ({exc}): close the quote") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,15 +102,14 @@ class GemmaMagics(Magics):
         super().__init__(shell)
         self.copilot = get_copilot(shell)
 
-    def _resolve(self, ref: str):
-        """A variable name from the notebook, else the text itself (a path)."""
-        return self.shell.user_ns.get(ref, ref)
-
     def _ask_approval(self, code: str, why: str) -> bool:
         try:
             answer = input(f"gemma4-nb wants to run this code ({why}):\n{code}\nRun it? [y/N] ")
         except Exception:  # no stdin in this frontend (nbclient, some IDEs): do not run
-            print("(cannot ask here; set `%gemma approval auto` to run generated code)")
+            if self.copilot.settings.approval == "ask":
+                print("(cannot ask here; set `%gemma approval auto` to run generated code)")
+            else:  # auto: only code the safety check flagged gets here, and it never runs without a yes
+                print("(cannot ask here, so this code was not run: read it in the new cell and run it yourself)")
             return False
         return answer.strip().lower() in ("y", "yes")
 
@@ -116,16 +125,20 @@ class GemmaMagics(Magics):
             print("gemma4-nb: stopped")
 
     def _cell(self, line: str, cell: str):
-        args = _cell_parser().parse_args(shlex.split(line))
+        args = _cell_parser().parse_args(_split(line))
         c = self.copilot
-        if args.max_new_tokens:
-            c.settings.max_new_tokens = args.max_new_tokens
+        flags = {}  # this cell's own sampling: the settings stay as they are
+        if args.max_new_tokens is not None:
+            flags["max_new_tokens"] = check_setting("max_new_tokens", args.max_new_tokens)
         if args.temperature is not None:
-            c.settings.temperature = args.temperature
-        c.draft = not args.no_draft
+            flags["temperature"] = check_setting("temperature", args.temperature)
+        if args.no_draft:
+            flags["draft"] = False
         question = cell.strip()
         if not question:
             raise Gemma4Error("the cell is empty: write a question under %%gemma")
+        images = [load_attachment(ref, "image", self.shell.user_ns) for ref in args.image]
+        audios = [load_attachment(ref, "audio", self.shell.user_ns) for ref in args.audio]
         rich = getattr(self.shell, "kernel", None) is not None
         stream = _Stream(rich)
 
@@ -137,23 +150,30 @@ class GemmaMagics(Magics):
 
         if not c.lock.acquire(blocking=False):
             raise Gemma4Error(BUSY)
+        notes = ""
         try:
-            result = c.ask(question, agent=args.agent, frames=args.df, images=[self._resolve(i) for i in args.image],
-                           audios=[self._resolve(a) for a in args.audio], use_context=not args.no_context,
-                           on_text=stream.write, ask_approval=self._ask_approval, on_event=on_event)
+            if images or audios:  # the same note the panels give when the model cannot take them
+                c.ensure_model()
+                images, audios, kept_back = drop_unsupported(c, images, audios)
+                notes = "".join(f"*{note}*\n\n" for note in kept_back)
+                stream.write(notes)
+            result = c.ask(question, agent=args.agent, frames=args.df, images=images, audios=audios,
+                           use_context=not args.no_context, on_text=stream.write, ask_approval=self._ask_approval,
+                           on_event=on_event, sampling=flags)
         except KeyboardInterrupt:  # Stop outside the generation loop: keep what was shown
             result = AgentResult(answer=stream.text, stopped=True)
         finally:
             c.lock.release()
-        final = result.answer
+        final = notes + result.answer
         if args.agent and result.cells:
             final = stream.text.rstrip() + ("\n\n" + result.answer if result.answer not in stream.text else "")
-        stream.close(final + ("\n\n*(stopped)*" if result.stopped else ""))
+        cut = "".join(f"\n\n*({note})*" for note in result.notes)
+        stream.close(final + cut + ("\n\n*(stopped)*" if result.stopped else ""))
         if c.last_usage is not None and not rich:
             print(f"[{c.last_usage.summary()}]")
 
     def _line(self, line: str):
-        parts = shlex.split(line)
+        parts = _split(line)
         cmd, rest = (parts[0], parts[1:]) if parts else ("status", [])
         c = self.copilot
         if c.lock.locked() and (cmd in ("unload", "reset") or (cmd in ("model", "backend") and rest)):
@@ -163,13 +183,15 @@ class GemmaMagics(Magics):
         elif cmd == "model":
             if rest:
                 c.unload()
-                c.settings.model = rest[0]
-                print(f"model set to {rest[0]} (loads on first use)")
+                default = rest[0].lower() in ("default", "none")
+                c.settings.model = None if default else rest[0]
+                print("model: back to the default ($GEMMA4_NB_MODEL, else the embedded Gemma 3 270M; loads on first use)"
+                      if default else f"model set to {rest[0]} (loads on first use)")
             else:
                 print(c.settings.model or "(default: $GEMMA4_NB_MODEL or the embedded Gemma 3 270M)")
         elif cmd == "backend":
             if not rest:
-                print(c.settings.backend_url or "local (the in-kernel model)")
+                print(c.remote_url() or "local (the in-kernel model)")
             elif rest[0] == "local":
                 c.use_backend(None)
                 print("backend: the in-kernel model")

@@ -1,7 +1,9 @@
 """Safetensors checkpoints: find the shards, check every tensor, load them memory-mapped.
 
 Checking comes before loading: all missing, unexpected and mis-shaped tensors are reported in
-one :class:`~gemma4_nb.errors.CheckpointError`, and a truncated or corrupt shard is named.
+one :class:`~gemma4_nb.errors.CheckpointError`, and a truncated or corrupt shard is named. While
+the weights load, every tensor (or block of rows, when quantization streams a matrix in) is
+checked for NaN and infinity, and a damaged one is refused by name.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from .config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# safetensors metadata of a file whose every tensor was checked finite when it was written (the
+# GGUF conversion cache): loading it again skips the check, a pass over all its pages
+CHECKED_FINITE = "gemma4_nb_checked_finite"
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -74,16 +79,96 @@ def canonical_name(cfg: ModelConfig, checkpoint_name: str) -> str:
     return checkpoint_name
 
 
+def check_finite(name: str, tensor, where) -> None:
+    """Refuse ``tensor`` when it holds NaN or infinity (a damaged file), naming it. One reduction
+    pass: any NaN or infinity makes the fp32 sum non-finite; only then are the values counted."""
+    if not tensor.is_floating_point() or torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return
+    bad = ~torch.isfinite(tensor)
+    count = int(bad.sum())
+    if not count:  # finite values whose sum overflowed fp32
+        return
+    nans = int(torch.isnan(tensor).sum())
+    first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+    raise CheckpointError(
+        f"{where}: tensor {name} holds {count:,} non-finite values ({nans:,} NaN, {count - nans:,} infinite; the "
+        f"first at index {list(first)}); the file is damaged: download or convert it again"
+    )
+
+
+def check_finite_weights(weights: dict, where) -> None:
+    """``check_finite`` over loaded weights; a quantized weight's scales and offsets (its codes are
+    integers). For weights loaded from files that were not read through :class:`Shards`."""
+    for name, w in weights.items():
+        parts = [(name, w)] if isinstance(w, torch.Tensor) else \
+            [(f"{name} (scales)", getattr(w, "scales", None)), (f"{name} (offsets)", getattr(w, "mins", None))]
+        for label, t in parts:
+            if isinstance(t, torch.Tensor):
+                check_finite(label, t, where)
+
+
+class _CheckedSlice:
+    """A safetensors slice whose rows are checked for NaN and infinity as they are read."""
+
+    def __init__(self, inner, name: str, where) -> None:
+        self.inner, self.name, self.where = inner, name, where
+
+    def get_shape(self):
+        return self.inner.get_shape()
+
+    def get_dtype(self):
+        return self.inner.get_dtype()
+
+    def __getitem__(self, key):
+        block = self.inner[key]
+        check_finite(self.name, block, self.where)
+        return block
+
+
+class _CheckedFile:
+    """A safetensors file opened for reading: every tensor read from it is checked (``check_finite``)."""
+
+    def __init__(self, inner, path: Path, check: bool = True) -> None:
+        self.inner, self.path = inner, path
+        self.marked = (inner.metadata() or {}).get(CHECKED_FINITE) == "yes"  # checked when it was written
+        self.checks_reads = check and not self.marked
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def keys(self):
+        return self.inner.keys()
+
+    def metadata(self):
+        return self.inner.metadata()
+
+    def get_tensor(self, name: str):
+        tensor = self.inner.get_tensor(name)
+        if self.checks_reads:
+            check_finite(name, tensor, self.path)
+        return tensor
+
+    def get_slice(self, name: str):
+        sl = self.inner.get_slice(name)
+        return _CheckedSlice(sl, name, self.path) if self.checks_reads else sl
+
+
 @dataclass
 class Shards:
-    """Which file holds each tensor, with the files opened lazily (memory-mapped)."""
+    """Which file holds each tensor, with the files opened lazily (memory-mapped); every tensor
+    read through them is checked for NaN and infinity."""
 
     model_dir: Path
     weight_map: dict[str, Path]
 
-    def open(self, path: Path):
+    def open(self, path: Path, check: bool = True):
+        """The file, its tensors checked as they are read unless ``check=False`` (the caller checks)."""
         try:
-            return safe_open(str(path), framework="pt")
+            return _CheckedFile(safe_open(str(path), framework="pt"), path, check)
         except FileNotFoundError:
             raise CheckpointError(f"{path}: weight shard is missing; download the checkpoint again") from None
         except (SafetensorError, OSError, ValueError) as exc:
@@ -169,13 +254,16 @@ def load_tensors(
     bar = tqdm(total=len(names), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
     try:
         for path, file_names in by_file.items():
-            with shards.open(path) as handle:
+            with shards.open(path, check=torch.device(device).type == "cpu") as handle:
                 for name in file_names:
                     try:
                         tensor = handle.get_tensor(name)
                     except (SafetensorError, OSError, ValueError) as exc:
                         raise CheckpointError(f"{path}: cannot read tensor {name} ({exc}); the shard may be corrupt") from None
-                    out[canonical_name(cfg, name)] = tensor.to(device=device, dtype=dtype)
+                    loaded = tensor.to(device=device, dtype=dtype)
+                    if not handle.marked and not handle.checks_reads:  # on a GPU: checked there, nearly free
+                        check_finite(name, loaded, path)
+                    out[canonical_name(cfg, name)] = loaded
                     bar.update(1)
     finally:
         bar.close()

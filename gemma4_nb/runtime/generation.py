@@ -72,8 +72,8 @@ def check_request(req: GenerationRequest, context_length: int) -> int:
             f"the prompt has {n} tokens but the context holds {context_length} "
             f"(no room for a reply); shorten the prompt or load the model with a longer max_context"
         )
-    if req.max_new_tokens < 1:
-        raise PromptError(f"max_new_tokens must be at least 1, got {req.max_new_tokens}")
+    if isinstance(req.max_new_tokens, bool) or not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:
+        raise PromptError(f"max_new_tokens must be a whole number of at least 1, got {req.max_new_tokens!r}")
     return min(req.max_new_tokens, context_length - n)
 
 

@@ -33,6 +33,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokeniz
 from tokenizers.models import BPE
 
 from ..errors import CheckpointError, ConfigError
+from .checkpoint import CHECKED_FINITE, check_finite
 
 CONVERTER_VERSION = "3"
 SOURCE_TYPES_FILE = "gguf_tensor_types.json"  # checkpoint name -> GGUF type (quantization reads it)
@@ -103,7 +104,7 @@ class GGUFFile:
         self._pos = 0
         try:
             self._parse()
-        except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
+        except (struct.error, UnicodeDecodeError, ValueError, IndexError, TypeError, OverflowError) as exc:
             raise CheckpointError(
                 f"{self.path}: the GGUF header is truncated or corrupt ({exc}); download the file again"
             ) from None
@@ -161,6 +162,8 @@ class GGUFFile:
             raw_type, offset = self._read("<I"), self._read("<Q")
             infos.append((name, dims, raw_type, offset))
         align = int(self.metadata.get("general.alignment", 32))
+        if align < 1:
+            raise ValueError(f"general.alignment is {align}")
         data_start = -(-self._pos // align) * align
         self.tensors: dict[str, TensorInfo] = {}
         for name, dims, raw_type, offset in infos:
@@ -220,45 +223,95 @@ def gguf_config(g: GGUFFile) -> dict:
             f"{g.path}: GGUF architecture {arch!r} is not supported. Supported: {', '.join(sorted(ARCHITECTURES))} "
             "(Gemma 4 checkpoints load from their Hugging Face safetensors)"
         )
-    md = g.metadata
-
-    def get(key, default=None):
-        return md.get(f"{arch}.{key}", default)
-
-    n_layers = int(get("block_count"))
-    hidden, n_heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", hidden // n_heads))
+    get = _MetadataReader(g)
+    n_layers = get.int(f"{arch}.block_count")
+    hidden, n_heads = get.int(f"{arch}.embedding_length"), get.int(f"{arch}.attention.head_count")
+    head_dim = get.int(f"{arch}.attention.key_length", hidden // n_heads)
     # llama.cpp's rule: the 27B model scales queries by hidden/heads, the others by head_dim
     scalar = hidden // n_heads if n_layers == 62 else head_dim
-    full_rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 1_000_000.0))}
-    factor = get("rope.scaling.factor")
-    if factor and float(factor) != 1.0:
-        full_rope.update(rope_type="linear", factor=float(factor))
-    tokens = md.get("tokenizer.ggml.tokens", [])
+    full_rope = {"rope_type": "default", "rope_theta": get.float(f"{arch}.rope.freq_base", 1_000_000.0)}
+    factor = get.float(f"{arch}.rope.scaling.factor", None)
+    if factor and factor != 1.0:
+        full_rope.update(rope_type="linear", factor=factor)
+    tokens = get.strings("tokenizer.ggml.tokens")
     return {
         "model_type": ARCHITECTURES[arch].model_type,
-        "vocab_size": len(tokens) or int(g.tensors["token_embd.weight"].shape[0]),
+        "vocab_size": len(tokens),
         "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
+        "intermediate_size": get.int(f"{arch}.feed_forward_length"),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
+        "num_key_value_heads": get.int(f"{arch}.attention.head_count_kv", n_heads),
         "head_dim": head_dim,
         "query_pre_attn_scalar": scalar,
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "sliding_window": int(get("attention.sliding_window", 4096)),
+        "rms_norm_eps": get.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "sliding_window": get.int(f"{arch}.attention.sliding_window", 4096),
         "sliding_window_pattern": 6,
-        "max_position_embeddings": int(get("context_length", 8192)),
-        "final_logit_softcapping": get("final_logit_softcapping"),
-        "attn_logit_softcapping": get("attn_logit_softcapping"),
+        "max_position_embeddings": get.int(f"{arch}.context_length", 8192),
+        "final_logit_softcapping": get.float(f"{arch}.final_logit_softcapping", None),
+        "attn_logit_softcapping": get.float(f"{arch}.attn_logit_softcapping", None),
         "rope_parameters": {"full_attention": full_rope,
                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
         "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": "output.weight" not in g.tensors,
-        "pad_token_id": int(md.get("tokenizer.ggml.padding_token_id", 0)),
-        "bos_token_id": int(md.get("tokenizer.ggml.bos_token_id", 2)),
-        "eos_token_id": int(md.get("tokenizer.ggml.eos_token_id", 1)),
+        "pad_token_id": get.token_id("tokenizer.ggml.padding_token_id", 0, len(tokens)),
+        "bos_token_id": get.token_id("tokenizer.ggml.bos_token_id", 2, len(tokens)),
+        "eos_token_id": get.token_id("tokenizer.ggml.eos_token_id", 1, len(tokens)),
     }
+
+
+_MISSING = object()
+
+
+class _MetadataReader:
+    """Typed reads of a GGUF's metadata: a missing or ill-typed key is a :class:`ConfigError`
+    that names the key, the file and what was found."""
+
+    def __init__(self, g: GGUFFile) -> None:
+        self.g, self.md = g, g.metadata
+
+    def _value(self, key: str, default):
+        value = self.md.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise ConfigError(f"{self.g.path}: the GGUF metadata has no {key!r}, which the "
+                                  f"{self.g.architecture} model needs; the file is incomplete: convert or download it again")
+            return default
+        return value
+
+    def _wrong(self, key: str, value, expected: str) -> ConfigError:
+        shown = f"an array of {len(value)}" if isinstance(value, (list, np.ndarray)) else repr(value)[:60]
+        return ConfigError(f"{self.g.path}: GGUF metadata {key!r} should be {expected}, but it is {shown}; "
+                           "the file is damaged or was written by an incompatible converter")
+
+    def int(self, key: str, default=_MISSING, minimum: int = 1):
+        value = self._value(key, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+            raise self._wrong(key, value, f"a whole number >= {minimum}")
+        return int(value)
+
+    def float(self, key: str, default=_MISSING):
+        value = self._value(key, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(value):
+            raise self._wrong(key, value, "a finite number")
+        return float(value)
+
+    def strings(self, key: str) -> list:
+        value = self._value(key, _MISSING)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise self._wrong(key, value, "a non-empty list of strings")
+        return value
+
+    def token_id(self, key: str, default: int, vocab: int) -> int:
+        value = self.int(key, default, minimum=0)
+        if value >= vocab:
+            raise self._wrong(key, value, f"a token id below the vocabulary size {vocab}")
+        return value
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -279,7 +332,11 @@ def gguf_tensors(g: GGUFFile) -> dict[str, torch.Tensor]:
     if unknown:
         raise CheckpointError(f"{g.path}: tensors this runtime does not know: {', '.join(unknown[:8])}")
     for name, info in g.tensors.items():
-        t = g.tensor(info)
+        try:
+            t = g.tensor(info)
+        except (ValueError, RuntimeError) as exc:  # a size that does not match the shape or the type
+            raise CheckpointError(f"{g.path}: tensor {name} cannot be read ({exc}); the file is damaged") from None
+        check_finite(name, t, g.path)  # a damaged block: refused by its GGUF name before anything is cached
         if arch.norms_store_one_plus_w and name.endswith("norm.weight"):
             t = t - 1.0  # back to the Hugging Face convention, where the model adds the 1
         out[hf_name(name)] = t.contiguous()
@@ -299,11 +356,14 @@ def gguf_tokenizer(g: GGUFFile) -> Tokenizer:
     the longer left part first among splits of the same token.
     """
     md = g.metadata
+    get = _MetadataReader(g)
     if md.get("tokenizer.ggml.model") != "llama":
         raise ConfigError(f"{g.path}: tokenizer model {md.get('tokenizer.ggml.model')!r} is not supported (llama/SentencePiece)")
     # A token of only spaces is stored with real spaces; the normalizer turns spaces into "▁".
-    tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in md["tokenizer.ggml.tokens"]]
+    tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in get.strings("tokenizer.ggml.tokens")]
     types = md.get("tokenizer.ggml.token_type", np.ones(len(tokens), dtype=np.int32))
+    if not isinstance(types, np.ndarray) or types.ndim != 1 or len(types) != len(tokens):
+        raise get._wrong("tokenizer.ggml.token_type", types, f"an array of {len(tokens)} token types")
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for index, token in enumerate(tokens):
@@ -312,7 +372,7 @@ def gguf_tokenizer(g: GGUFFile) -> Tokenizer:
             if left in vocab and right in vocab:
                 merges.append((index, left, right))
     merges.sort(key=lambda m: m[0])  # stable: keeps the longer-left-first order within a token
-    unk = tokens[int(md.get("tokenizer.ggml.unknown_token_id", 3))]
+    unk = tokens[get.token_id("tokenizer.ggml.unknown_token_id", 3, len(tokens))]
     tok = Tokenizer(BPE(vocab=vocab, merges=[(l, r) for _, l, r in merges], unk_token=unk,
                         fuse_unk=True, byte_fallback=True, dropout=None))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
@@ -323,7 +383,7 @@ def gguf_tokenizer(g: GGUFFile) -> Tokenizer:
     tok.add_tokens([AddedToken(t, normalized=False, special=False)
                     for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
     if md.get("tokenizer.ggml.add_bos_token", True):
-        bos_id = int(md.get("tokenizer.ggml.bos_token_id", 2))
+        bos_id = get.token_id("tokenizer.ggml.bos_token_id", 2, len(tokens))
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos_id]} $A", pair=f"{tokens[bos_id]} $A $B", special_tokens=[(tokens[bos_id], bos_id)])
     return tok
@@ -342,15 +402,35 @@ def cache_dir_for(path: Path) -> Path:
     return cache_root() / f"{path.stem}-{key}"
 
 
+def check_conversion_memory(g: GGUFFile) -> None:
+    """Refuse, with the numbers, a conversion that cannot fit: every tensor is held in fp32 until
+    it is written, plus the dequantization of the largest one in flight and the tokenizer's merges
+    (the embedded 270M: 1.0 GiB of fp32 tensors, 1.5 GB measured at the peak, 1.6 GiB estimated)."""
+    from .memory import GiB, MemoryPlanError, available_memory
+
+    sizes = [4 * int(np.prod(t.shape)) for t in g.tensors.values()]
+    vocab = len(g.metadata.get("tokenizer.ggml.tokens") or [])
+    need = sum(sizes) + max(sizes, default=0) // 2 + vocab * 1024
+    free = available_memory("cpu")
+    if need > free:
+        raise MemoryPlanError(
+            f"{g.path.name}: converting it needs about {need / GiB:.1f} GiB of memory (its tensors in fp32) but only "
+            f"{free / GiB:.1f} GiB is available; free memory or raise the process's memory limit, then load it again "
+            "(the conversion is cached: it runs once)"
+        )
+
+
 def convert(path: Path, out_dir: Path) -> None:
     """Write the runtime's model directory for a GGUF file."""
     g = GGUFFile(path)
     config = gguf_config(g)
     arch = ARCHITECTURES[g.architecture]
+    check_conversion_memory(g)
     tok = gguf_tokenizer(g)
     tensors = gguf_tensors(g)
-    tokens = g.metadata["tokenizer.ggml.tokens"]
-    special = {key: tokens[int(g.metadata[f"tokenizer.ggml.{field}"])]
+    tokens = g.metadata["tokenizer.ggml.tokens"]  # checked by gguf_config
+    get = _MetadataReader(g)
+    special = {key: tokens[get.token_id(f"tokenizer.ggml.{field}", 0, len(tokens))]
                for key, field in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                                   ("pad_token", "padding_token_id"), ("unk_token", "unknown_token_id"))
                if f"tokenizer.ggml.{field}" in g.metadata}
@@ -366,7 +446,8 @@ def convert(path: Path, out_dir: Path) -> None:
     eos = [config["eos_token_id"]] + [i for t in ("<end_of_turn>",) if (i := tok.token_to_id(t)) is not None]
     (out_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "pad_token_id": config["pad_token_id"]}, indent=2))
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt", "source": path.name})
+    save_file(tensors, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt", "source": path.name, CHECKED_FINITE: "yes"})  # gguf_tensors checked them
     (out_dir / SOURCE_TYPES_FILE).write_text(json.dumps(
         {hf_name(n): t.qtype.name for n, t in g.tensors.items()}, indent=0))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))  # written last: marks completion

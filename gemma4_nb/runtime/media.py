@@ -26,6 +26,13 @@ class MediaError(Gemma4Error):
     """An image or audio input that cannot be used."""
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:  # no permission, a file that vanished, a device error
+        raise MediaError(f"cannot read {path} ({exc.strerror or exc})") from None
+
+
 def _describe(obj) -> str:
     if isinstance(obj, (str, os.PathLike)):
         return str(obj)
@@ -103,7 +110,7 @@ def load_image(obj) -> np.ndarray:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise MediaError(f"{path.name}: unsupported image type {path.suffix or '(none)'}; "
                              f"use one of {', '.join(sorted(IMAGE_SUFFIXES))}")
-        return _open_image_bytes(path.read_bytes(), str(path))
+        return _open_image_bytes(_read(path), str(path))
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return _open_image_bytes(bytes(obj), what)
     if isinstance(obj, np.ndarray):
@@ -161,7 +168,7 @@ def load_audio(obj, sampling_rate: int | None = None) -> np.ndarray:
             raise MediaError(f"audio file {path} does not exist")
         if path.suffix.lower() not in AUDIO_SUFFIXES:
             raise MediaError(f"{path.name}: unsupported audio type {path.suffix or '(none)'}; use WAV, FLAC or OGG")
-        samples, rate = _decode_audio(path.read_bytes(), str(path))
+        samples, rate = _decode_audio(_read(path), str(path))
     elif isinstance(obj, (bytes, bytearray, memoryview)):
         samples, rate = _decode_audio(bytes(obj), what)
     elif isinstance(obj, (np.ndarray, list)):

@@ -18,6 +18,7 @@ from ..kernels.torch_ops import score_block_elements
 from .checkpoint import expected_tensors
 from .config import ModelConfig
 from .kv_cache import DEFAULT_CHUNK, DEFAULT_MAX_ROLLBACK
+from .memory_limits import limits_free
 from .quant import fmt_for
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -109,23 +110,29 @@ def plan_memory(cfg: ModelConfig, *, context: int, weights: str = "bf16", kv: st
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:
-    """Bytes that can still be allocated on ``device`` (MemAvailable on CPU): the one free-memory
-    probe of the runtime (the load-time checks, the weight-format choice, each request)."""
+    """Bytes that can still be allocated on ``device``: the one free-memory probe of the runtime
+    (the load-time checks, the weight-format choice, each request). On the CPU the smallest of
+    MemAvailable and what the process's cgroup and rlimits still allow (:mod:`.memory_limits`)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    host = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62  # unknown: do not refuse
+    if host is None:
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            host = 1 << 62  # unknown: do not refuse
+    limited = limits_free()
+    return host if limited is None else min(host, limited)
 
 
 def format_table(cfg: ModelConfig, contexts=(8192, 32768, 131072, 262144), weight_formats=("bf16", "int8", "int4"),

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ContextLengthError, Gemma4Error, ModelNotFoundError, PromptError
 from .chat_template import validate_messages
-from .checkpoint import load_checkpoint
+from .checkpoint import check_finite_weights, load_checkpoint
 from .config import ModelConfig, load_config
 from .decoder import GemmaModel
 from .generation import GenerationRequest, TextStream, Usage, generate_ids
@@ -136,6 +136,10 @@ class Model:
                 prompt: PreparedPrompt | None = None, **sampling) -> GenerationRequest:
         """A checked generation request (token ids in range, sampling over the model's defaults)."""
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if any(not isinstance(s, str) for s in stops):
+            raise PromptError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
         vocab = self.config.vocab_size
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
@@ -186,6 +190,8 @@ class Model:
         ``draft=False`` turns speculative drafting off for this call."""
         if isinstance(prompt, str) and not prompt.strip():
             raise PromptError("the prompt is empty: give some text to continue")
+        if not isinstance(prompt, (str, list, tuple)):
+            raise PromptError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         req = self.request(ids, max_new_tokens, stop, temperature=temperature, top_k=top_k,
                             top_p=top_p, min_p=min_p, seed=seed)
@@ -229,6 +235,25 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _out_of_memory_refused(fn):
+    """A MemoryError that escapes the memory plan (a limit the probe cannot see, memory taken by
+    something else meanwhile) still ends as a MemoryPlanError with the numbers, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def load_within_memory(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MemoryError:
+            raise MemoryPlanError(
+                f"ran out of memory while loading the model ({available_memory('cpu') / GiB:.1f} GiB is available "
+                "to this process now); free memory, raise the process's memory limit, or use a smaller model or "
+                "quant='int4'") from None
+
+    return load_within_memory
+
+
+@_out_of_memory_refused
 def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max_context: int | None = None,
          progress: bool = True, download: bool = False, kv_dtype: str | None = None,
          kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
@@ -295,6 +320,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download)
     if saved_quant:
         weights = qmod.load_saved_quantized(cfg, model_dir, dtype, quant, progress=progress)
+        check_finite_weights(weights, model_dir)
         quant = qmod.read_marker(model_dir)["format"]
     elif quant:
         from .checkpoint import check_checkpoint, expected_tensors, find_shards

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,6 +20,14 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise PromptError(f"{name} must be a finite number, got {value!r}")
+        for name in ("top_k", "seed"):
+            value = getattr(self, name)
+            if (value is not None or name == "top_k") and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise PromptError(f"{name} must be a whole number, got {value!r}")
         if self.temperature < 0:
             raise PromptError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..errors import TokenizerError
+from ..errors import PromptError, TokenizerError
 from .chat_template import render_chat
 
 
@@ -68,7 +68,19 @@ class Tokenizer:
         return self.hf.token_to_id(text)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        if not isinstance(text, str):
+            raise PromptError(f"the text to encode must be a string, got {type(text).__name__}")
+        try:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        except (TypeError, UnicodeEncodeError):
+            where = next((i for i, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF), None)
+            if where is None:
+                raise
+            raise PromptError(
+                f"the text holds a lone surrogate (U+{ord(text[where]):04X}) at character {where}, which is not valid "
+                "Unicode (it comes from bytes decoded with errors='surrogateescape', or a JSON \\ud8xx escape); decode "
+                "the bytes with the right encoding, or replace it: text.encode('utf-8', 'replace').decode()"
+            ) from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
