@@ -135,7 +135,7 @@ def test_quantized_linear(fmt, t, gen, monkeypatch):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_bf16_prefill_products(fmt, gen, monkeypatch):
-    """Prefill-sized products in bf16 (``$GEMMA4_NB_PREFILL=bf16``; run here whatever the CPU):
+    """Prefill-sized products in bf16 (forced with ``$GEMMA4_NB_PREFILL=bf16``, whatever the CPU):
     activations and the dequantized weight rounded to bf16, fp32 accumulation, the output rounded
     to bf16. The dequantizer's bf16 rounding is torch's (nearest even)."""
     w = quantize_weight(torch.randn(300, 320, generator=gen) * 0.02, fmt)
@@ -151,8 +151,12 @@ def test_bf16_prefill_products(fmt, gen, monkeypatch):
     monkeypatch.setenv(ops.PREFILL_ENV, "fp32")
     exact = ops.linear(x, w)
     assert float((got - exact).abs().max()) <= 2e-2 * float(exact.abs().max())  # bf16 vs fp32
-    monkeypatch.delenv(ops.PREFILL_ENV)
-    assert ops.prefill_dtype() == torch.float32
+    assert ops.prefill_dtype("int4") == ops.prefill_dtype("int8") == torch.float32
+    monkeypatch.delenv(ops.PREFILL_ENV)  # the default: int4 in bf16 where the CPU has native bf16
+    assert ops.prefill_dtype("int8") == torch.float32
+    assert ops.prefill_dtype("int4") == (torch.bfloat16 if ops.native_bf16() else torch.float32)
+    monkeypatch.setattr(ops, "native_bf16", lambda: False)
+    assert ops.prefill_dtype("int4") == torch.float32
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
