@@ -5,7 +5,7 @@ cached on disk next to this file (or in ``$NUMBA_CACHE_DIR``), so a restarted ke
 machine code instead of compiling again. Arguments are plain numpy arrays (fp32 activations);
 the thin wrappers in :mod:`gemma4_nb.kernels.ops` convert from torch without copying.
 
-A quantized matrix arrives as a tuple ``w = (codes as uint8, scales, mins, bits)`` (see
+A quantized matrix arrives as a tuple ``w = (codes as uint8, scales, low, kind)`` (see
 :func:`gemma4_nb.kernels.ops.kernel_weight`); one compiled kernel serves int8 and int4 rows (the
 row dot products are the vector intrinsics of :mod:`.simd`).
 
@@ -32,9 +32,12 @@ import os
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from .simd import PREFETCH, dot8, dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row
+from .layout import SUPER_SCALE
+from .simd import (PREFETCH, dot2_int4, dot2_int8, dot2_planes, dot4_int4, dot4_int8, dot4_planes, dot8, dot_int4,
+                   dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
 
 
 def _choose_threading_layer() -> None:
@@ -79,11 +82,12 @@ NEG = np.float32(-3.0e38)
 
 
 # -- matrix products ---------------------------------------------------------------------------
-# A quantized matrix reaches these kernels as ``w = (codes as uint8, scales, mins, bits)`` (see
+# A quantized matrix reaches these kernels as ``w = (codes as uint8, scales, low, kind)`` (see
 # :func:`gemma4_nb.kernels.ops.kernel_weight`); the row dot products are the vector intrinsics of
 # :mod:`.simd`.
 
 INT8, INT4, INT8_PLANES = 8, 4, 2  # the ``kind`` of a kernel weight tuple
+
 
 
 @njit(inline="always", fastmath=True)
@@ -93,23 +97,44 @@ def row_dot(xa, t, w, n):
     first part of the activations only: its own rounding (1/30 of a group's range) is 8x coarser
     than one part's (1/254), and the second part cost the 12B shape 20% of its speed (the int8
     layouts, whose rounding is as fine as one part's, keep both)."""
-    codes, scales, mins, low, kind = w
+    codes, scales, low, kind = w
     if kind == INT4:
-        return dot_int4(first_part(xa), t, codes, scales, mins, n)
+        return dot_int4(first_part(xa), t, codes, scales, n)
     if kind == INT8_PLANES:
         return dot_planes(xa, t, codes, low, scales, n)
     return dot_int8(xa, t, codes, scales, n)
 
 
+@njit(inline="always", fastmath=True)
+def row_dot4(xa, t, w, n):
+    """:func:`row_dot` for activation rows ``t .. t + 3`` (a 4-tuple): each weight group is read
+    and unpacked once for the four."""
+    codes, scales, low, kind = w
+    if kind == INT4:
+        return dot4_int4(first_part(xa), t, codes, scales, n)
+    if kind == INT8_PLANES:
+        return dot4_planes(xa, t, codes, low, scales, n)
+    return dot4_int8(xa, t, codes, scales, n)
+
+
+@njit(inline="always", fastmath=True)
+def row_dot2(xa, t, w, n):
+    """:func:`row_dot` for activation rows ``t`` and ``t + 1`` (a pair)."""
+    codes, scales, low, kind = w
+    if kind == INT4:
+        return dot2_int4(first_part(xa), t, codes, scales, n)
+    if kind == INT8_PLANES:
+        return dot2_planes(xa, t, codes, low, scales, n)
+    return dot2_int8(xa, t, codes, scales, n)
+
+
 @njit(inline="always")
 def _prefetch_weight_row(w, n):
     """Every byte :func:`row_dot` will read of row ``n`` (a hint)."""
-    codes, scales, mins, low, kind = w
+    codes, scales, low, kind = w
     prefetch_row(codes, n)
     prefetch_row(scales, n)
-    if kind == INT4:
-        prefetch_row(mins, n)
-    elif kind == INT8_PLANES:
+    if kind == INT8_PLANES:
         prefetch_row(low, n)
 
 
@@ -174,8 +199,16 @@ def gemm_quantized(xa, w, out):
     :func:`quantize_activations` or :func:`quantize_activations_fine`): parallel over output rows,
     each row of ``W`` read once for every ``t`` (matrix-vector at decode, small matrix-matrix for
     verification)."""
+    t_n = xa[0].shape[0]
     for n in prange(out.shape[1]):
-        for t in range(xa[0].shape[0]):
+        t = 0
+        while t + 4 <= t_n:
+            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = row_dot4(xa, t, w, n)
+            t += 4
+        if t + 2 <= t_n:
+            out[t, n], out[t + 1, n] = row_dot2(xa, t, w, n)
+            t += 2
+        if t < t_n:
             out[t, n] = row_dot(xa, t, w, n)
 
 
@@ -196,29 +229,91 @@ def gelu_tanh(g):
 def gate_up_gelu(x, wg, wu, out):
     """``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices."""
     xa = quantize_activations_fine(x)
+    t_n = x.shape[0]
     for n in prange(out.shape[1]):
-        for t in range(x.shape[0]):
+        t = 0
+        while t + 4 <= t_n:
+            g0, g1, g2, g3 = row_dot4(xa, t, wg, n)
+            u0, u1, u2, u3 = row_dot4(xa, t, wu, n)
+            out[t, n], out[t + 1, n] = gelu_tanh(g0) * u0, gelu_tanh(g1) * u1
+            out[t + 2, n], out[t + 3, n] = gelu_tanh(g2) * u2, gelu_tanh(g3) * u3
+            t += 4
+        if t + 2 <= t_n:
+            g0, g1 = row_dot2(xa, t, wg, n)
+            u0, u1 = row_dot2(xa, t, wu, n)
+            out[t, n], out[t + 1, n] = gelu_tanh(g0) * u0, gelu_tanh(g1) * u1
+            t += 2
+        if t < t_n:
             out[t, n] = gelu_tanh(row_dot(xa, t, wg, n)) * row_dot(xa, t, wu, n)
+
+
+def _store_row(row, out, i):
+    """fp32 ``row`` into row ``i`` of ``out``: fp32, or bf16 bits (uint16, rounded to nearest even).
+    In ``@njit`` code (the variant is chosen when ``out``'s type is known)."""
+
+
+@overload(_store_row, inline="always")
+def _store_row_typed(row, out, i):
+    if out.dtype == types.float32:
+        def store_fp32(row, out, i):
+            out[i, :] = row
+        return store_fp32
+
+    def store_bf16(row, out, i):
+        bits = row.view(np.uint32)
+        for k in range(bits.shape[0]):
+            b = bits[k]
+            out[i, k] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return store_bf16
 
 
 @njit(**_OPTS)
 def dequant_rows_int8(codes, scales, r0, out):
+    """Rows ``r0:r0 + len(out)`` of an int8 weight into ``out`` (fp32, or uint16 bf16 bits)."""
     for i in prange(out.shape[0]):
+        row = np.empty(out.shape[1], dtype=np.float32)
         for k in range(out.shape[1]):
-            out[i, k] = np.float32(codes[r0 + i, k]) * scales[r0 + i, k // 32]
+            row[k] = np.float32(codes[r0 + i, k]) * scales[r0 + i, k // 32]
+        _store_row(row, out, i)
+
+
+@njit(inline="always")
+def half_to_float(lo, hi):
+    """The fp16 value of the little-endian bytes ``lo``, ``hi``."""
+    bits = np.int64(lo) | (np.int64(hi) << 8)
+    exp = (bits >> 10) & 31
+    frac = np.float32(bits & 1023)
+    if exp == 0:
+        v = frac * np.float32(2.0 ** -24)
+    elif exp == 31:
+        v = np.float32(np.inf)
+    else:
+        v = (np.float32(1024.0) + frac) * np.float32(2.0 ** (exp - 25))
+    return -v if bits & 32768 else v
+
+
+@njit(inline="always")
+def int4_group_scale(meta, n, g):
+    """Group ``g``'s ``(scale, min)`` of row ``n`` from its super-block (``w = q * scale + min``)."""
+    base = (g // 8) * 20
+    d = half_to_float(meta[n, base], meta[n, base + 1]) / np.float32(SUPER_SCALE)
+    dmin = half_to_float(meta[n, base + 2], meta[n, base + 3]) / np.float32(SUPER_SCALE)
+    return d * np.float32(meta[n, base + 4 + g % 8]), -dmin * np.float32(meta[n, base + 12 + g % 8])
 
 
 @njit(**_OPTS)
-def dequant_rows_int4(codes, scales, mins, r0, out):
+def dequant_rows_int4(codes, meta, r0, out):
+    """Rows ``r0:r0 + len(out)`` of an int4 weight into ``out`` (fp32, or uint16 bf16 bits)."""
     for i in prange(out.shape[0]):
         n = r0 + i
-        for g in range(scales.shape[1]):
-            d = scales[n, g]
-            m = mins[n, g]
+        row = np.empty(out.shape[1], dtype=np.float32)
+        for g in range(out.shape[1] // 32):
+            d, m = int4_group_scale(meta, n, g)
             for j in range(16):
                 b = codes[n, g * 16 + j]
-                out[i, g * 32 + j] = np.float32(b & 15) * d + m
-                out[i, g * 32 + 16 + j] = np.float32(b >> 4) * d + m
+                row[g * 32 + j] = np.float32(b & 15) * d + m
+                row[g * 32 + 16 + j] = np.float32(b >> 4) * d + m
+        _store_row(row, out, i)
 
 
 @njit(parallel=True, cache=True)
@@ -324,16 +419,53 @@ def quantize_int8_rows(w, search, codes, scales):
                 codes[r, base + j] = np.int8(min(127.0, max(-128.0, np.round(w[r, base + j] / best_s))))
 
 
+@njit(inline="always")
+def _fp16_grid(x):
+    """``x`` (> 0) rounded to the nearest fp16 value (the largest finite one above its range)."""
+    x = min(np.float64(x), 65504.0)
+    step = max(2.0 ** (np.floor(np.log2(x)) - 10.0), 2.0 ** -24)
+    return np.float32(np.round(x / step) * step)
+
+
+@njit(inline="always")
+def _super_scale(values, search):
+    """A super-block's scale ``d`` (on the fp16 grid once multiplied by ``SUPER_SCALE``) for
+    its groups' ``values`` (>= 0), with codes ``round(v / d)`` in 0..255: ``max / 255``; with
+    ``search``, the largest ``max / c`` (c <= 255) that represents every value exactly, when one
+    does (GGUF Q4_K's 6-bit sub-scales times an fp16 ``d``)."""
+    top = values.max()
+    if top <= 0:
+        return np.float32(0.0)
+    first = 255 if search else 0
+    for c in range(first, 0, -1):
+        d = _fp16_grid(top / c * SUPER_SCALE) / np.float32(SUPER_SCALE)
+        exact = True
+        for v in values:
+            q = v / d
+            if q > 255.5 or abs(q - np.round(q)) > 1e-4 * max(q, 1.0):
+                exact = False
+                break
+        if exact:
+            return np.float32(d)
+    return _fp16_grid(top / 255 * SUPER_SCALE) / np.float32(SUPER_SCALE)
+
+
 @njit(parallel=True, cache=True)
-def quantize_int4_rows(w, search, codes, scales, mins):
-    """Asymmetric int4, a scale and a minimum per 32 (like Q4_1): ``w = q * scale + min``,
-    ``q`` in 0..15. ``search`` also tries the grids whose span covers 8..14 steps and keeps the
-    least squared error, which reproduces GGUF Q4_K blocks exactly."""
+def quantize_int4_rows(w, search, codes, meta):
+    """Asymmetric int4 in super-blocks (like Q4_K): per group of 32 a scale and a minimum
+    (``w = q * scale + min``, ``q`` in 0..15, ``min <= 0``), each stored as an 8-bit multiple of
+    its super-block's fp16 ``d`` / ``dmin`` (bytes: see :mod:`.qweight`); the codes are then
+    rounded with the stored scales. ``search`` tries the grids whose span covers 8..14 steps per
+    group and exact super-block scales, which reproduces GGUF Q4_K blocks."""
     rows, cols = w.shape
+    groups = cols // 32
+    n_super = (groups + 7) // 8
     for r in prange(rows):
-        for g in range(cols // 32):
+        scales = np.zeros(n_super * 8, dtype=np.float32)
+        lows = np.zeros(n_super * 8, dtype=np.float32)
+        for g in range(groups):
             base = g * 32
-            lo = w[r, base]
+            lo = np.float32(0.0)
             hi = w[r, base]
             for j in range(32):
                 lo = min(lo, w[r, base + j])
@@ -352,13 +484,50 @@ def quantize_int4_rows(w, search, codes, scales, mins):
                         best_e, best_s = e, s
                     if e == 0:
                         break
-            scales[r, g] = best_s
-            mins[r, g] = lo
-            inv = np.float32(0.0) if best_s == 0 else np.float32(1.0) / best_s
-            for j in range(16):
-                a = min(15.0, max(0.0, np.round((w[r, base + j] - lo) * inv)))
-                b = min(15.0, max(0.0, np.round((w[r, base + 16 + j] - lo) * inv)))
-                codes[r, g * 16 + j] = np.uint8(a) | (np.uint8(b) << 4)
+            scales[g] = max(best_s, np.float32(0.0))
+            lows[g] = -lo
+        for sb in range(n_super):
+            d = _super_scale(scales[sb * 8:sb * 8 + 8], search)
+            dmin = _super_scale(lows[sb * 8:sb * 8 + 8], search)
+            _write_half(meta, r, sb * 20, d * np.float32(SUPER_SCALE))
+            _write_half(meta, r, sb * 20 + 2, dmin * np.float32(SUPER_SCALE))
+            for j in range(8):
+                g = sb * 8 + j
+                sc = 0 if d == 0 else min(255, int(np.round(scales[g] / d)))
+                mn = 0 if dmin == 0 else min(255, int(np.round(lows[g] / dmin)))
+                meta[r, sb * 20 + 4 + j] = sc
+                meta[r, sb * 20 + 12 + j] = mn
+                if g >= groups:
+                    continue
+                step = d * np.float32(sc)
+                low = -dmin * np.float32(mn)
+                inv = np.float32(0.0) if step == 0 else np.float32(1.0) / step
+                base = g * 32
+                for i in range(16):
+                    a = min(15.0, max(0.0, np.round((w[r, base + i] - low) * inv)))
+                    b = min(15.0, max(0.0, np.round((w[r, base + 16 + i] - low) * inv)))
+                    codes[r, g * 16 + i] = np.uint8(a) | (np.uint8(b) << 4)
+
+
+@njit(inline="always")
+def _write_half(meta, r, at, x):
+    """Store ``x`` (on the fp16 grid, >= 0, or 0) as fp16 bytes at ``meta[r, at:at + 2]``."""
+    x = np.float64(x)
+    if x == 0:
+        meta[r, at] = 0
+        meta[r, at + 1] = 0
+        return
+    e = int(np.floor(np.log2(x)))
+    if e < -14:  # subnormal
+        frac = int(np.round(x / 2.0 ** -24))
+        bits = frac
+    else:
+        frac = int(np.round(x / 2.0 ** (e - 10))) - 1024
+        if frac == 1024:
+            frac, e = 0, e + 1
+        bits = ((e + 15) << 10) | frac
+    meta[r, at] = bits & 255
+    meta[r, at + 1] = bits >> 8
 
 
 # -- vocabulary head with top-k ----------------------------------------------------------------
@@ -400,7 +569,7 @@ def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col
     the columns ``cols`` (the activations' largest, learned by :class:`ScreenPolicy`; at most
     ``EXACT_COLUMNS``), whose screen errors ``col_err[n, i] = W[n, cols[i]] - S[n, cols[i]]`` are
     stored aside: the error bound then covers the other columns only."""
-    codes, scales, mins, low, kind = w
+    codes, scales, low, kind = w
     n_rows = codes.shape[0]
     per = (n_rows + parts - 1) // parts
     xa = quantize_activations(x)
@@ -541,7 +710,7 @@ class ScreenPolicy:
             self._calls += 1
             if self._calls >= self.LEARN_CALLS and x.shape[1] > EXACT_COLUMNS:
                 cols = np.sort(np.argsort(-self._energy, kind="stable")[:EXACT_COLUMNS]).astype(np.int64)
-                codes, scales, _, low, _ = w
+                codes, scales, low, _ = w
                 col_err = np.empty((codes.shape[0], EXACT_COLUMNS), dtype=np.float32)
                 screen_err = np.empty((codes.shape[0], 2), dtype=np.float32)
                 screen_columns(codes, low, scales, cols, col_err, screen_err)

@@ -21,7 +21,8 @@ Weight-only quantized matmul (:func:`qlinear`) for :class:`~gemma4_nb.kernels.qw
       registers, accumulating in fp32 (no dequantized copy of the weight is ever written);
     * more rows (prefill: compute-bound), or Triton missing, or ``GEMMA4_NB_CUDA_QMM=torch``:
       blocks of rows are dequantized to the activation dtype and multiplied with cuBLAS.
-    Scales are read as whatever float dtype :mod:`.qweight` stores and converted to fp32.
+    Weights arrive with a scale (and int4 minimum) per group (:meth:`QWeight.per_group`, which
+    ``QWeight.to("cuda")`` applies), read as whatever float dtype they hold and converted to fp32.
 
 Triton is imported lazily: this module imports on a machine without it. The kernel also runs in
 Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1`` before Triton is imported), which is
@@ -139,13 +140,14 @@ def attention_chunks(q: torch.Tensor, view, scale: float, cap: float | None = No
 def dequantize_rows(w, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows ``r0:r1`` of a QWeight as a ``dtype`` matrix (fp32 math, scales converted to fp32)."""
     codes = w.codes[r0:r1]
-    scales = w.scales[r0:r1].float()
+    scales, mins = w.group_scales(slice(r0, r1))
+    scales = scales.float()
     rows, groups = scales.shape
     if w.fmt == "int8":
         out = codes.float().view(rows, groups, GROUP) * scales[..., None]
     else:
         q = torch.cat(((codes & 15).view(rows, groups, 16), (codes >> 4).view(rows, groups, 16)), dim=-1).float()
-        out = q * scales[..., None] + w.mins[r0:r1].float()[..., None]
+        out = q * scales[..., None] + mins.float()[..., None]
     return out.reshape(rows, groups * GROUP).to(dtype)
 
 

@@ -8,9 +8,17 @@ the CPU kernels (:mod:`.cpu_numba`, :mod:`.simd`) and the GPU kernels (:mod:`.gp
   channel: GGUF weights are already block-quantized with a scale per 32 weights, which a
   per-channel scale cannot represent (the embedded 270M measured 94.5% greedy agreement with
   per-channel scales, 99.6% with groups).
-* ``int4`` (like ggml's Q4_1): ``codes`` uint8 ``[out, in // 2]``, ``scales`` and ``mins`` fp32
-  ``[out, in // 32]``; ``w = q * scale + min`` with ``q`` in 0..15; byte ``j`` of a group holds
-  weight ``j`` in its low nibble and weight ``j + 16`` in its high nibble (as Q4_0/Q4_1 do).
+* ``int4`` (like ggml's Q4_K): ``codes`` uint8 ``[out, in // 2]``, byte ``j`` of a group of 32
+  holding weight ``j`` in its low nibble and weight ``j + 16`` in its high nibble; ``w = q * scale
+  - min`` with ``q`` in 0..15, and each group's scale and minimum stored in 8 bits relative to its
+  *super-block* of 8 groups (256 weights): ``scale = d * sc``, ``min = dmin * mn``. ``scales`` is
+  uint8 ``[out, S * 20]`` (``S = ceil(in / 256)`` super-blocks of 20 bytes: ``d`` and ``dmin`` as
+  fp16 of the value times 4096, 8 ``sc``, 8 ``mn``; a last, partial super-block has unused
+  entries; constants in :mod:`.layout`). 4.625 bits a
+  weight (Q4_1's fp32 scale and minimum per group took 6); a Q4_K block (6-bit ``sc``/``mn``)
+  maps to it without loss. ``mins`` is None. On CUDA the sub-scales are expanded to fp32 scales
+  and minimums per group (``scales``/``mins`` ``[out, in // 32]``, :meth:`QWeight.to`), the
+  layout :mod:`.gpu` reads.
 * int8 "nibble planes" (:func:`to_planes`, the vocabulary head): the same bytes split so that a
   first pass can read half of them.
 
@@ -24,11 +32,21 @@ from dataclasses import dataclass
 
 import torch
 
+from .layout import GROUP, META, SUPER, SUPER_SCALE
+
 FORMATS = ("int8", "int4")
-GROUP = 32
-# Bytes per weight of each format with its scales (and minimums), the one table every size
-# estimate uses: int8 is 32 codes + an fp32 scale per group, int4 16 bytes + fp32 scale and min.
-BYTES_PER_WEIGHT = {"int8": 1 + 4 / GROUP, "int4": 0.5 + 8 / GROUP}
+
+
+def matrix_bytes(fmt: str, shape: tuple[int, int]) -> int:
+    """Bytes of an ``[out, in]`` matrix in ``fmt`` with its scales: the one size rule every
+    estimate uses (the memory planner, the loader's check). int8: 32 codes and an fp32 scale per
+    group (9 bits a weight); int4: 16 bytes per group and 20 per super-block of 8 groups (4.625
+    bits a weight when ``in`` is a multiple of 256)."""
+    rows, cols = shape
+    groups = cols // GROUP
+    if fmt == "int8":
+        return rows * (cols + 4 * groups)
+    return rows * (cols // 2 + META * -(-groups // SUPER))
 
 
 @dataclass
@@ -37,8 +55,8 @@ class QWeight:
 
     fmt: str
     codes: torch.Tensor
-    scales: torch.Tensor
-    mins: torch.Tensor | None  # int4 only
+    scales: torch.Tensor  # int8: fp32 per group; int4: super-block bytes (or fp32 per group, on CUDA)
+    mins: torch.Tensor | None  # int4 with fp32 scales per group only
     shape: tuple[int, int]
     dtype: torch.dtype = torch.float32
     # int8 only, "nibble planes" layout (see to_planes): ``codes`` then holds the high nibbles,
@@ -67,19 +85,54 @@ class QWeight:
         high, low = _unpack_nibbles(pick(self.codes)), _unpack_nibbles(pick(self.low))
         return ((high.to(torch.int16) - 8) * 16 + low).to(torch.int8)
 
+    @property
+    def super_blocks(self) -> bool:
+        """int4 with its scales in super-blocks (the stored and CPU layout)."""
+        return self.fmt == "int4" and self.scales.dtype == torch.uint8
+
+    def group_scales(self, rows=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fp32 ``(scales, mins)`` per group ``[rows, in // 32]`` (``mins`` None for int8), in the
+        convention ``w = q * scale + min``."""
+        pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t[rows])
+        if not self.super_blocks:
+            return pick(self.scales), pick(self.mins)
+        return expand_super_blocks(pick(self.scales), self.shape[1] // GROUP)
+
     def dequantize(self, rows=None) -> torch.Tensor:
         """The weight (or ``rows`` of it: an index tensor or a slice) in ``self.dtype``."""
         pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t[rows])
         codes = self.int8_codes(rows) if self.planes else pick(self.codes)
-        return dequantize(self.fmt, codes, pick(self.scales), pick(self.mins)).to(self.dtype)
+        return dequantize(self.fmt, codes, *self.group_scales(rows)).to(self.dtype)
 
     def __getitem__(self, rows) -> torch.Tensor:  # embedding lookups: rows dequantized
         return self.dequantize(rows)
 
+    def per_group(self) -> "QWeight":
+        """The same weight with fp32 scales (and int4 minimums) per group: the layout the GPU
+        kernels read."""
+        if not self.super_blocks:
+            return self
+        scales, mins = self.group_scales()
+        return QWeight(self.fmt, self.codes, scales, mins, self.shape, self.dtype)
+
     def to(self, device=None, dtype=None) -> "QWeight":
+        """On ``device`` (computing in ``dtype``); int4 goes to CUDA per group (:meth:`per_group`)."""
+        w = self.per_group() if device is not None and torch.device(device).type == "cuda" else self
         move = (lambda t: None if t is None else t.to(device))
-        return QWeight(self.fmt, self.codes.to(device), self.scales.to(device), move(self.mins), self.shape,
-                       dtype or self.dtype, move(self.low), move(self.row_err))
+        return QWeight(w.fmt, w.codes.to(device), w.scales.to(device), move(w.mins), w.shape,
+                       dtype or w.dtype, move(w.low), move(w.row_err))
+
+
+def expand_super_blocks(meta: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 super-block bytes ``[..., S * 20]`` -> fp32 ``(scales, mins)`` per group ``[..., groups]``
+    (``w = q * scale + min``: the stored minimum is subtracted, so ``min = -dmin * mn``)."""
+    lead = meta.shape[:-1]
+    blocks = meta.reshape(*lead, -1, META)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).float() / SUPER_SCALE  # [..., S, 1]
+    dmin = blocks[..., 2:4].contiguous().view(torch.float16).float() / SUPER_SCALE
+    sc = blocks[..., 4:4 + SUPER].float() * d
+    mn = blocks[..., 4 + SUPER:4 + 2 * SUPER].float() * dmin
+    return sc.reshape(*lead, -1)[..., :groups], -mn.reshape(*lead, -1)[..., :groups]
 
 
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -113,8 +166,9 @@ def to_planes(w: QWeight) -> QWeight:
 
 
 def quantize(w: torch.Tensor, fmt: str, search: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(codes, scales, mins)`` of a 2-D weight in format ``fmt`` (numba, parallel over rows).
-    ``search``: try several scales per group and keep the best (for already-quantized weights)."""
+    """``(codes, scales, mins)`` of a 2-D weight in format ``fmt`` (numba, parallel over rows; int4
+    in super-blocks, ``mins`` None). ``search``: try several scales per group and keep the best
+    (for already-quantized weights)."""
     import numpy as np
 
     from . import cpu_numba as nb
@@ -131,13 +185,14 @@ def quantize(w: torch.Tensor, fmt: str, search: bool = False) -> tuple[torch.Ten
         nb.quantize_int8_rows(x, search, codes, scales)
         return torch.from_numpy(codes), torch.from_numpy(scales), None
     codes = np.empty((out, inp // 2), dtype=np.uint8)
-    mins = np.empty((out, inp // GROUP), dtype=np.float32)
-    nb.quantize_int4_rows(x, search, codes, scales, mins)
-    return torch.from_numpy(codes), torch.from_numpy(scales), torch.from_numpy(mins)
+    meta = np.zeros((out, -(-(inp // GROUP) // SUPER) * META), dtype=np.uint8)
+    nb.quantize_int4_rows(x, search, codes, meta)
+    return torch.from_numpy(codes), torch.from_numpy(meta), None
 
 
 def dequantize(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 weight from its parts (plain torch: the reference the kernels are tested against)."""
+    """fp32 weight from its parts, with fp32 scales (and int4 minimums) per group (plain torch:
+    the reference the kernels are tested against; see :meth:`QWeight.group_scales`)."""
     lead = codes.shape[:-1]
     groups = scales.shape[-1]
     if fmt == "int8":
@@ -151,3 +206,46 @@ def dequantize(fmt: str, codes: torch.Tensor, scales: torch.Tensor, mins: torch.
 def quantize_weight(w: torch.Tensor, fmt: str, dtype: torch.dtype = torch.float32, search: bool = False) -> QWeight:
     codes, scales, mins = quantize(w, fmt, search)
     return QWeight(fmt, codes, scales, mins, tuple(w.shape), dtype)
+
+
+# -- ggml's block formats, mapped without loss -------------------------------------------------
+
+def from_q8_0(raw, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> QWeight:
+    """int8 from ggml Q8_0 blocks (``raw``: uint8 ``[rows, in // 32 * 34]``: fp16 ``d``, 32 int8
+    codes): the same codes, ``d`` as the fp32 scale."""
+    import numpy as np
+
+    rows, cols = shape
+    blocks = np.ascontiguousarray(raw).reshape(rows, cols // 32, 34)
+    codes = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, cols)
+    scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(rows, cols // 32).astype(np.float32)
+    return QWeight("int8", torch.from_numpy(codes), torch.from_numpy(scales), None, (rows, cols), dtype)
+
+
+def from_q4_k(raw, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> QWeight:
+    """int4 from ggml Q4_K blocks (``raw``: uint8 ``[rows, in // 256 * 144]``: fp16 ``d``, fp16
+    ``dmin``, 12 bytes of 6-bit sub-scales and minimums, 128 bytes of nibbles, where byte ``l`` of
+    chunk ``c`` holds weight ``64c + l`` low and ``64c + 32 + l`` high; ``w = d * sc * q - dmin *
+    m``): the same numbers in this format's super-blocks, without loss."""
+    import numpy as np
+
+    rows, cols = shape
+    nb = cols // 256
+    blocks = np.ascontiguousarray(raw).reshape(rows, nb, 144)
+    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc6 = blocks[:, :, 4:16].astype(np.uint8)
+    sc = np.empty((rows, nb, 8), dtype=np.uint8)
+    mn = np.empty((rows, nb, 8), dtype=np.uint8)
+    sc[..., :4], mn[..., :4] = sc6[..., 0:4] & 63, sc6[..., 4:8] & 63
+    sc[..., 4:] = (sc6[..., 8:12] & 15) | ((sc6[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (sc6[..., 8:12] >> 4) | ((sc6[..., 4:8] >> 6) << 4)
+    qs = blocks[:, :, 16:].reshape(rows, nb, 4, 32)
+    q = np.stack((qs & 15, qs >> 4), axis=3).reshape(rows, nb, 8, 32)  # groups 2c (low), 2c + 1 (high)
+    codes = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8).reshape(rows, cols // 2)
+    meta = np.empty((rows, nb, META), dtype=np.uint8)
+    meta[..., 0:2] = (d * SUPER_SCALE).astype(np.float16)[..., None].view(np.uint8)
+    meta[..., 2:4] = (dmin * SUPER_SCALE).astype(np.float16)[..., None].view(np.uint8)
+    meta[..., 4:4 + SUPER], meta[..., 4 + SUPER:] = sc, mn
+    return QWeight("int4", torch.from_numpy(codes), torch.from_numpy(meta.reshape(rows, nb * META)), None,
+                   (rows, cols), dtype)

@@ -21,14 +21,15 @@ The weight side of each format becomes, per group, 32 unsigned bytes ``U`` and a
 
 * ``int8``: ``U = code + 128`` (the sign bit flipped), correction ``-128 * sum(xq)``;
 * ``int4``: ``U = q`` (the nibbles in weight order), ``w = q * scale + min``: the minimum times the
-  group's sum of the dequantized activations;
+  group's sum of the dequantized activations; ``scale`` and ``min`` come from the group's
+  super-block (fp16 ``d``/``dmin`` times 8-bit sub-scales, see :mod:`.qweight`);
 * ``planes`` (an int8 matrix stored as a high and a low nibble plane, see ``kernels.qweight.to_planes``):
   ``U = 16 * high + low = code + 128``, as int8;
 * ``screen``: the high plane alone, each low nibble taken as 7.5: ``U = 16 * high``, correction
   ``-120.5 * sum(xq)``: half the bytes, with a known error bound (the vocabulary head's screen).
 
 Callable from any ``@njit`` function: ``dot_int8(xa, t, codes, scales, n)``,
-``dot_int4(xa, t, codes, scales, mins, n)``, ``dot_planes(xa, t, high, low, scales, n)``,
+``dot_int4(xa, t, codes, meta, n)`` (``meta``: the super-block bytes viewed as fp32 ``[N, S * 5]``), ``dot_planes(xa, t, high, low, scales, n)``,
 ``dot_screen(...)`` (same arguments). ``xa``: ``(xq, xd, xs)`` from
 ``cpu_numba.quantize_activations`` or ``(xq, xq2, xd, xd2, xs, xs1)`` from
 ``cpu_numba.quantize_activations_fine``: int8 ``[T, K]`` parts, their scales ``[T, K // 32]`` and
@@ -45,16 +46,18 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-GROUP = 32
-UNROLL = 4  # groups per loop iteration, each into its own accumulators
+from .layout import GROUP, META, SUPER, SUPER_SCALE
+
 # software prefetch distance in bytes ahead in the weight rows (measured 512-16384: 4096 best)
 PREFETCH = 4096
 _F32 = ir.FloatType()
+_F16 = ir.HalfType()
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _V8I = ir.VectorType(_I32, 8)
 _V8F = ir.VectorType(_F32, 8)
+_V8B = ir.VectorType(_I8, 8)
 _V16B = ir.VectorType(_I8, 16)
 _V32B = ir.VectorType(_I8, 32)
 _V32F = ir.VectorType(_F32, 32)
@@ -123,6 +126,30 @@ def _hsum(builder, vec):
     return builder.call(fn, [ir.Constant(_F32, 0.0), vec], fastmath=_FAST)
 
 
+def _super_block_scales(builder, srow, g):
+    """Group ``g``'s ``(scale, min)`` as fp32 from its super-block's bytes (row ``srow``, an fp32
+    pointer to the row's super-blocks): ``d * sc``, ``-dmin * mn`` (``d``/``dmin`` fp16, stored
+    times ``SUPER_SCALE``)."""
+    meta = builder.bitcast(srow, _I8.as_pointer())
+    sb = builder.udiv(g, ir.Constant(_I64, SUPER))
+    j = builder.urem(g, ir.Constant(_I64, SUPER))
+    base = builder.mul(sb, ir.Constant(_I64, META))
+
+    def half(offset):
+        ptr = builder.bitcast(builder.gep(meta, [builder.add(base, ir.Constant(_I64, offset))]), _F16.as_pointer())
+        return builder.fpext(builder.load(ptr, align=1), _F32)
+
+    def byte(offset):
+        return builder.uitofp(builder.load(builder.gep(meta, [builder.add(base, builder.add(j, ir.Constant(_I64, offset)))])), _F32)
+
+    inv = ir.Constant(_F32, 1.0 / SUPER_SCALE)
+    d = builder.fmul(half(0), inv, flags=_FAST)
+    dmin = builder.fmul(half(2), inv, flags=_FAST)
+    scale = builder.fmul(d, byte(4), flags=_FAST)
+    minimum = builder.fsub(ir.Constant(_F32, 0.0), builder.fmul(dmin, byte(4 + SUPER), flags=_FAST), flags=_FAST)
+    return scale, minimum
+
+
 def _check(*arrays):
     for ty, dtypes in arrays:
         if not isinstance(ty, types.Array) or ty.dtype not in dtypes:
@@ -133,88 +160,157 @@ _WEIGHT = (types.int8, types.uint8)
 _FLOAT = (types.float32,)
 
 
-def _qdot(context, builder, sig, args, mode: str):
+def _octet_scales(builder, srow, o, mode):
+    """The 8 groups of octet ``o``: ``(scales, mins)`` as ``<8 x float>`` (``mins`` None but for
+    int4). int8 layouts read 8 fp32 scales; int4 reads its super-block (octet ``o`` is super-block
+    ``o``): ``d * sc`` and ``-dmin * mn``."""
+    if mode != "int4":
+        return _vload(builder, srow, builder.mul(o, ir.Constant(_I64, SUPER)), _V8F), None
+    meta = builder.bitcast(srow, _I8.as_pointer())
+    base = builder.mul(o, ir.Constant(_I64, META))
+
+    def half(offset):
+        ptr = builder.bitcast(builder.gep(meta, [builder.add(base, ir.Constant(_I64, offset))]), _F16.as_pointer())
+        value = builder.fmul(builder.fpext(builder.load(ptr, align=1), _F32), ir.Constant(_F32, 1.0 / SUPER_SCALE),
+                             flags=_FAST)
+        return _splat(builder, value, _V8F)
+
+    def bytes8(offset):
+        return builder.uitofp(_vload(builder, meta, builder.add(base, ir.Constant(_I64, offset)), _V8B), _V8F)
+
+    scales = builder.fmul(half(0), bytes8(4), flags=_FAST)
+    mins = builder.fsub(ir.Constant(_V8F, [0.0] * 8), builder.fmul(half(2), bytes8(4 + SUPER), flags=_FAST), flags=_FAST)
+    return scales, mins
+
+
+def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
     """``sum_g scale_g * (xd_g * dot(U_g, xq_g) + xd2_g * dot(U_g, xq2_g)) + correction_g`` over
-    the groups of row ``n``. ``args``: ``(xa, t, codes, second, scales, n)`` with ``xa`` the
-    activation tuple and ``second`` the int4 minimums or the low plane (unused for int8)."""
+    the groups of row ``n``, for activation rows ``t .. t + rows - 1`` (``rows`` 1, 2 or 4: each
+    weight group is loaded and unpacked once for all of them). ``args``: ``(xa, t, codes, second,
+    scales, n)`` with ``xa`` the activation tuple, ``second`` the low plane (unused otherwise) and
+    ``scales`` fp32 per group, or for int4 the super-block bytes. Returns a float, or a tuple of
+    ``rows`` floats.
+
+    The groups go by octets (8 groups; an int4 super-block): the octet's 8 scales, times each
+    activation part's 8 scales, are one vector product, and its 8 corrections one vector
+    multiply-add; a group's own work is its unpacking, one ``vpdpbusd`` per activation part, the
+    conversion and one multiply-add. Groups past the last whole octet go one by one."""
     xa, tv, ca, sa2, sa, nv = args
     ty = sig.args
-    parts = []
-    for i in range(len(ty[0])):  # (xq, xd, xs) or (xq, xq2, xd, xd2, xs, xs1)
-        a = context.make_array(ty[0].types[i])(context, builder, builder.extract_value(xa, i))
-        parts.append(_row_ptr(builder, a, tv, builder.extract_value(a.shape, 1)))
-    if len(parts) == 3:
-        activations, srow_x = [(parts[0], parts[1])], parts[2]
-    else:
-        activations, srow_x = [(parts[0], parts[2]), (parts[1], parts[3])], parts[4]
+    per_row = []  # per activation row: ([(xq row, xd row), ...], xs row)
+    for r in range(rows):
+        t = builder.add(tv, ir.Constant(tv.type, r)) if r else tv
+        parts = []
+        for i in range(len(ty[0])):  # (xq, xd, xs) or (xq, xq2, xd, xd2, xs, xs1)
+            a = context.make_array(ty[0].types[i])(context, builder, builder.extract_value(xa, i))
+            parts.append(_row_ptr(builder, a, t, builder.extract_value(a.shape, 1)))
+        if len(parts) == 3:
+            per_row.append(([(parts[0], parts[1])], parts[2]))
+        else:
+            per_row.append(([(parts[0], parts[2]), (parts[1], parts[3])], parts[4]))
     arr = lambda i, v: context.make_array(ty[i])(context, builder, v)  # noqa: E731
     cs, s2, ss = arr(2, ca), arr(3, sa2), arr(4, sa)
-    g_n = builder.extract_value(ss.shape, 1)
-    wrow = _row_ptr(builder, cs, nv, builder.extract_value(cs.shape, 1))
+    code_width = builder.extract_value(cs.shape, 1)
+    step = GROUP if mode == "int8" else GROUP // 2  # bytes of a group's codes
+    g_n = builder.udiv(code_width, ir.Constant(_I64, step))
+    wrow = _row_ptr(builder, cs, nv, code_width)
     row2 = _row_ptr(builder, s2, nv, builder.extract_value(s2.shape, 1))
-    srow = _row_ptr(builder, ss, nv, g_n)
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8F, [0.0] * 8)) for _ in range(UNROLL)]
-    maccs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(UNROLL)]
+    srow = _row_ptr(builder, ss, nv, builder.extract_value(ss.shape, 1))
+    n_acc = {1: 4, 2: 2, 4: 2}[rows]  # independent accumulators per activation row
+    zero8 = ir.Constant(_V8F, [0.0] * 8)
+    accs = [[cgutils.alloca_once_value(builder, zero8) for _ in range(n_acc)] for _ in range(rows)]
+    corrs = [cgutils.alloca_once_value(builder, zero8) for _ in range(rows)]  # per-group corrections, 8 lanes
+    k_corr = -120.5 if mode == "screen" else -128.0  # int8 layouts: the code offset times the group sum
 
-    def group(g, i):
-        """Group ``g`` into accumulators ``i``."""
-        base = builder.mul(g, ir.Constant(_I64, GROUP))
-        half = builder.mul(g, ir.Constant(_I64, GROUP // 2))
+    def unpack(g):
+        """The group's 32 weight bytes ``U`` (see the module docstring)."""
         if mode == "int8":
-            u = builder.xor(_vload(builder, wrow, base, _V32B), _bytes(-128, 32))
-        else:
-            b = _vload(builder, wrow, half, _V16B)  # int4 codes, or the high plane
-            if mode == "int4":
-                lo, hi = builder.and_(b, _bytes(15)), builder.lshr(b, _bytes(4))
-            else:
-                lo, hi = builder.shl(b, _bytes(4)), builder.and_(b, _bytes(-16))  # 16 * high nibble
-                if mode == "planes":
-                    low = _vload(builder, row2, half, _V16B)
-                    lo = builder.or_(lo, builder.and_(low, _bytes(15)))
-                    hi = builder.or_(hi, builder.lshr(low, _bytes(4)))
-            u = _concat(builder, lo, hi)
-        scale = builder.load(builder.gep(srow, [g]))
-        acc = accs[i]
-        for xr, dr in activations:
-            sums = _group_sum(builder, u, _vload(builder, xr, base, _V32B))
-            f = builder.fmul(scale, builder.load(builder.gep(dr, [g])), flags=_FAST)
-            builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, _splat(builder, f, _V8F), flags=_FAST),
-                                       flags=_FAST), acc)
-        xsum = builder.load(builder.gep(srow_x, [g]))
+            return builder.xor(_vload(builder, wrow, builder.mul(g, ir.Constant(_I64, GROUP)), _V32B), _bytes(-128, 32))
+        half = builder.mul(g, ir.Constant(_I64, GROUP // 2))
+        b = _vload(builder, wrow, half, _V16B)  # int4 codes, or the high plane
         if mode == "int4":
-            corr = builder.fmul(builder.load(builder.gep(row2, [g])), xsum, flags=_FAST)
+            lo, hi = builder.and_(b, _bytes(15)), builder.lshr(b, _bytes(4))
         else:
-            k = -120.5 if mode == "screen" else -128.0
-            corr = builder.fmul(scale, builder.fmul(xsum, ir.Constant(_F32, k), flags=_FAST), flags=_FAST)
-        builder.store(builder.fadd(builder.load(maccs[i]), corr, flags=_FAST), maccs[i])
+            lo, hi = builder.shl(b, _bytes(4)), builder.and_(b, _bytes(-16))  # 16 * high nibble
+            if mode == "planes":
+                low = _vload(builder, row2, half, _V16B)
+                lo = builder.or_(lo, builder.and_(low, _bytes(15)))
+                hi = builder.or_(hi, builder.lshr(low, _bytes(4)))
+        return _concat(builder, lo, hi)
 
-    # UNROLL groups per iteration, each into its own accumulators (no chain of additions across
-    # groups); a block of 4 spans whole 64-byte lines of the nibble layouts: one prefetch per line
-    unroll = ir.Constant(_I64, UNROLL)
-    blocks = builder.udiv(g_n, unroll)
-    with cgutils.for_range(builder, blocks) as loop:
-        g0 = builder.mul(loop.index, unroll)
+    def add_group(acc, u, xr, g, factor):
+        """``acc += vpdpbusd(U, xq) * factor`` (``factor``: the group's scale times xd, splat)."""
+        sums = _group_sum(builder, u, _vload(builder, xr, builder.mul(g, ir.Constant(_I64, GROUP)), _V32B))
+        builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, factor, flags=_FAST), flags=_FAST), acc)
+
+    def octet(o):
+        g0 = builder.mul(o, ir.Constant(_I64, SUPER))
+        scales, mins = _octet_scales(builder, srow, o, mode)
+        factors = []  # per row, per activation part: the octet's scale * xd, <8 x float>
+        for r, (activations, srow_x) in enumerate(per_row):
+            factors.append([builder.fmul(scales, _vload(builder, dr, g0, _V8F), flags=_FAST) for _, dr in activations])
+            xs = _vload(builder, srow_x, g0, _V8F)
+            corr = builder.fmul(mins, xs, flags=_FAST) if mode == "int4" else \
+                builder.fmul(scales, builder.fmul(xs, _splat(builder, ir.Constant(_F32, k_corr), _V8F), flags=_FAST),
+                             flags=_FAST)
+            builder.store(builder.fadd(builder.load(corrs[r]), corr, flags=_FAST), corrs[r])
+        for j in range(SUPER):
+            g = builder.add(g0, ir.Constant(_I64, j))
+            u = unpack(g)
+            for r, (activations, _) in enumerate(per_row):
+                for (xr, _), f in zip(activations, factors[r]):
+                    lane = builder.shuffle_vector(f, f, ir.Constant(ir.VectorType(_I32, 8), [j] * 8))
+                    add_group(accs[r][j % n_acc], u, xr, g, lane)
+
+    def single(g):
+        """A group past the last whole octet, its scale read alone."""
+        if mode == "int4":
+            scale, minimum = _super_block_scales(builder, srow, g)
+        else:
+            scale = builder.load(builder.gep(srow, [g]))
+        u = unpack(g)
+        for r, (activations, srow_x) in enumerate(per_row):
+            for xr, dr in activations:
+                f = builder.fmul(scale, builder.load(builder.gep(dr, [g])), flags=_FAST)
+                add_group(accs[r][0], u, xr, g, _splat(builder, f, _V8F))
+            xsum = builder.load(builder.gep(srow_x, [g]))
+            corr = builder.fmul(minimum, xsum, flags=_FAST) if mode == "int4" else \
+                builder.fmul(scale, builder.fmul(xsum, ir.Constant(_F32, k_corr), flags=_FAST), flags=_FAST)
+            first = builder.insert_element(zero8, corr, ir.Constant(_I32, 0))
+            builder.store(builder.fadd(builder.load(corrs[r]), first, flags=_FAST), corrs[r])
+
+    octets = builder.udiv(g_n, ir.Constant(_I64, SUPER))
+    with cgutils.for_range(builder, octets) as loop:
+        o = loop.index
+        g0 = builder.mul(o, ir.Constant(_I64, SUPER))
         # the next rows' bytes, ahead of the hardware prefetcher (which does not run far enough
         # ahead of a loop with this much arithmetic per byte: the screen ran at compute time plus
-        # memory time instead of the larger of the two)
-        step = GROUP if mode == "int8" else GROUP // 2
-        for line in range(0, UNROLL * step, 64):
-            _prefetch(builder, wrow, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH + line)))
-        if mode == "planes":
-            _prefetch(builder, row2, builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH)))
-        _prefetch(builder, srow, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
+        # memory time instead of the larger of the two); one prefetch per 64-byte line
+        at = builder.add(builder.mul(g0, ir.Constant(_I64, step)), ir.Constant(_I64, PREFETCH))
+        for line in range(0, SUPER * step, 64):
+            _prefetch(builder, wrow, builder.add(at, ir.Constant(_I64, line)))
+            if mode == "planes":
+                _prefetch(builder, row2, builder.add(at, ir.Constant(_I64, line)))
+        ahead = builder.add(o, ir.Constant(_I64, PREFETCH // (SUPER * step)))  # octets as far ahead as the codes
         if mode == "int4":
-            _prefetch(builder, row2, builder.add(g0, ir.Constant(_I64, PREFETCH // step)))
-        for i in range(UNROLL):
-            group(builder.add(g0, ir.Constant(_I64, i)), i)
-    done = builder.mul(blocks, unroll)
+            meta = builder.bitcast(srow, _I8.as_pointer())
+            _prefetch(builder, meta, builder.mul(ahead, ir.Constant(_I64, META)))
+        else:
+            _prefetch(builder, srow, builder.mul(ahead, ir.Constant(_I64, SUPER)))
+        octet(o)
+    done = builder.mul(octets, ir.Constant(_I64, SUPER))
     with cgutils.for_range(builder, builder.sub(g_n, done)) as loop:
-        group(builder.add(done, loop.index), 0)
-    vec, scal = builder.load(accs[0]), builder.load(maccs[0])
-    for i in range(1, UNROLL):
-        vec = builder.fadd(vec, builder.load(accs[i]), flags=_FAST)
-        scal = builder.fadd(scal, builder.load(maccs[i]), flags=_FAST)
-    return builder.fadd(_hsum(builder, vec), scal, flags=_FAST)
+        single(builder.add(done, loop.index))
+    results = []
+    for r in range(rows):
+        vec = builder.load(accs[r][0])
+        for i in range(1, n_acc):
+            vec = builder.fadd(vec, builder.load(accs[r][i]), flags=_FAST)
+        vec = builder.fadd(vec, builder.load(corrs[r]), flags=_FAST)
+        results.append(_hsum(builder, vec))
+    if rows == 1:
+        return results[0]
+    return context.make_tuple(builder, sig.return_type, results)
 
 
 def _check_activations(xa):
@@ -241,18 +337,63 @@ def dot_int8(typingctx, xa, t, codes, scales, n):
 
 
 @intrinsic
-def dot_int4(typingctx, xa, t, codes, scales, mins, n):
+def dot_int4(typingctx, xa, t, codes, meta, n):
     _check_activations(xa)
-    _check((codes, _WEIGHT), (scales, _FLOAT), (mins, _FLOAT))
-    sig = types.float32(xa, t, codes, scales, mins, n)
+    _check((codes, _WEIGHT), (meta, _FLOAT))
+    sig = types.float32(xa, t, codes, meta, n)
 
     def codegen(context, builder, signature, args):
-        xa, t, codes, scales, mins, n = args
+        xa, t, codes, meta, n = args
         a = signature.args
-        full = types.float32(a[0], a[1], a[2], a[4], a[3], a[5])
-        return _qdot(context, builder, full, (xa, t, codes, mins, scales, n), "int4")
+        full = types.float32(a[0], a[1], a[2], a[3], a[3], a[4])
+        return _qdot(context, builder, full, (xa, t, codes, meta, meta, n), "int4")
 
     return sig, codegen
+
+
+def _multi(rows: int):
+    """``dot{rows}_int8``, ``dot{rows}_int4`` and ``dot{rows}_planes``: :func:`dot_int8`,
+    :func:`dot_int4` and :func:`dot_planes` for activation rows ``t .. t + rows - 1`` at once (a
+    ``rows``-tuple; each weight group is loaded and unpacked once for all of them)."""
+    ret = types.UniTuple(types.float32, rows)
+
+    def int8(typingctx, xa, t, codes, scales, n):
+        _check_activations(xa)
+        _check((codes, _WEIGHT), (scales, _FLOAT))
+
+        def codegen(context, builder, signature, args):
+            xa, t, codes, scales, n = args
+            a = signature.args
+            full = ret(a[0], a[1], a[2], a[3], a[3], a[4])
+            return _qdot(context, builder, full, (xa, t, codes, scales, scales, n), "int8", rows=rows)
+
+        return ret(xa, t, codes, scales, n), codegen
+
+    def int4(typingctx, xa, t, codes, meta, n):
+        _check_activations(xa)
+        _check((codes, _WEIGHT), (meta, _FLOAT))
+
+        def codegen(context, builder, signature, args):
+            xa, t, codes, meta, n = args
+            a = signature.args
+            full = ret(a[0], a[1], a[2], a[3], a[3], a[4])
+            return _qdot(context, builder, full, (xa, t, codes, meta, meta, n), "int4", rows=rows)
+
+        return ret(xa, t, codes, meta, n), codegen
+
+    def planes(typingctx, xa, t, high, low, scales, n):
+        _check_activations(xa)
+        _check((high, _WEIGHT), (low, _WEIGHT), (scales, _FLOAT))
+        return ret(xa, t, high, low, scales, n), \
+            lambda context, builder, sig, args: _qdot(context, builder, sig, args, "planes", rows=rows)
+
+    for fn, name in ((int8, "int8"), (int4, "int4"), (planes, "planes")):
+        fn.__name__ = f"dot{rows}_{name}"
+    return intrinsic(int8), intrinsic(int4), intrinsic(planes)
+
+
+dot2_int8, dot2_int4, dot2_planes = _multi(2)
+dot4_int8, dot4_int4, dot4_planes = _multi(4)
 
 
 def _planes(mode):

@@ -29,11 +29,12 @@ def warm_up() -> float:
     f32 = np.float32
     x = np.ones((1, 64), dtype=f32)
     no_low = np.zeros((1, 1), dtype=np.uint8)
-    w8 = (np.ones((64, 64), dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((1, 1), dtype=f32), no_low, nb.INT8)
-    w4 = (np.full((64, 32), 0x98, dtype=np.uint8), np.ones((64, 2), dtype=f32), np.zeros((64, 2), dtype=f32), no_low, nb.INT4)
+    w8 = (np.ones((64, 64), dtype=np.uint8), np.ones((64, 2), dtype=f32), no_low, nb.INT8)
+    meta = np.zeros((64, 20), dtype=np.uint8)  # one int4 super-block per row
+    w4 = (np.full((64, 32), 0x98, dtype=np.uint8), meta.view(f32), no_low, nb.INT4)
     high, low, err = np.empty((64, 32), dtype=np.uint8), np.empty((64, 32), dtype=np.uint8), np.empty((64, 3), dtype=f32)
     nb.split_int8_planes(np.ones((64, 64), dtype=np.int8), w8[1], high, low, err)
-    w2 = (high, w8[1], w8[2], low, nb.INT8_PLANES)
+    w2 = (high, w8[1], low, nb.INT8_PLANES)
     out = np.empty((1, 64), dtype=f32)
     for w in (w8, w4, w2):
         nb.gemm(x, w, out)
@@ -43,11 +44,11 @@ def warm_up() -> float:
     policy = nb.ScreenPolicy()
     policy.LEARN_CALLS = 1  # the screen with exact columns (nb.screen_columns) too
     nb.head_topk(x, w2, 2, 30.0, parts=2, row_err=err, policy=policy)
-    nb.dequant_rows_int8(w8[0].view(np.int8), w8[1], 0, np.empty((2, 64), dtype=f32))
-    nb.dequant_rows_int4(w4[0], w4[1], w4[2], 0, np.empty((2, 64), dtype=f32))
+    for out_type in (f32, np.uint16):  # fp32, or bf16 bits (prefill)
+        nb.dequant_rows_int8(w8[0].view(np.int8), w8[1], 0, np.empty((2, 64), dtype=out_type))
+        nb.dequant_rows_int4(w4[0], meta, 0, np.empty((2, 64), dtype=out_type))
     nb.quantize_int8_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 64), dtype=np.int8), np.empty((2, 2), dtype=f32))
-    nb.quantize_int4_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 32), dtype=np.uint8),
-                       np.empty((2, 2), dtype=f32), np.empty((2, 2), dtype=f32))
+    nb.quantize_int4_rows(np.ones((2, 64), dtype=f32), True, np.empty((2, 32), dtype=np.uint8), meta[:2])
     kv = np.ones((1, 8, 32), dtype=f32)
     nb.decode_attention(np.ones((2, 32), dtype=f32), kv, kv, 0, 8, 0.1, None, splits=2)
     pool = np.ones((2, 4, 1, 32), dtype=f32)

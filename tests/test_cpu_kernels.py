@@ -26,7 +26,7 @@ from quant_reference import fake_quant_for  # noqa: E402
 from gemma4_nb.kernels import cpu_numba as nb  # noqa: E402
 from gemma4_nb.kernels import ops  # noqa: E402
 from gemma4_nb.kernels import torch_ops as ref  # noqa: E402
-from gemma4_nb.kernels.qweight import dequantize, quantize, quantize_weight  # noqa: E402
+from gemma4_nb.kernels.qweight import matrix_bytes, quantize_weight  # noqa: E402
 
 
 def close(got, want, rel=1e-4):
@@ -44,40 +44,119 @@ def gen():
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantize_round_trip_error(fmt, gen):
     w = torch.randn(64, 256, generator=gen)
-    codes, scales, mins = quantize(w, fmt)
-    back = dequantize(fmt, codes, scales, mins)
+    back = quantize_weight(w, fmt).dequantize()
     rel = float((back - w).norm() / w.norm())
     # uniform rounding on 255 (int8) or 16 (int4) levels per group of 32 Gaussian weights
     assert rel < (0.01 if fmt == "int8" else 0.1)
     assert rel > 0  # it really quantized
 
 
+@pytest.mark.parametrize("cols", [256, 3840, 640, 96])
+def test_int4_size_and_layout(cols, gen):
+    """int4 takes 4.625 bits a weight when the width is a multiple of 256 (at most 4.75 bits for the
+    widths of Gemma 4 12B), a partial last super-block otherwise; the per-group view the GPU reads
+    dequantizes to the same weight."""
+    w = torch.randn(8, cols, generator=gen) * 0.02
+    qw = quantize_weight(w, "int4")
+    assert qw.nbytes == matrix_bytes("int4", (8, cols))
+    if cols % 256 == 0:
+        assert qw.nbytes * 8 / w.numel() == 4.625
+    assert qw.nbytes * 8 / w.numel() <= (4.75 if cols >= 640 else 6.0)
+    torch.testing.assert_close(qw.per_group().dequantize(), qw.dequantize(), atol=0, rtol=0)
+    assert float((qw.dequantize() - w).norm() / w.norm()) < 0.1
+
+
+def q4k_like(gen, rows: int = 16, blocks: int = 4) -> torch.Tensor:
+    """Weights with GGUF Q4_K's structure: per super-block of 256 an fp16 ``d`` and ``dmin``, per
+    group of 32 a 6-bit scale and minimum, ``w = d * sc * q - dmin * m``; each group spans 12 steps
+    (0 and 12 present), as a fitted block does."""
+    d = (torch.rand(rows, blocks, 1, 1, generator=gen) * 1e-3 + 1e-4).half().float()
+    dmin = (torch.rand(rows, blocks, 1, 1, generator=gen) * 1e-3 + 1e-4).half().float()
+    sc = torch.randint(1, 64, (rows, blocks, 8, 1), generator=gen).float()
+    m = torch.randint(0, 64, (rows, blocks, 8, 1), generator=gen).float()
+    q = torch.randint(0, 13, (rows, blocks, 8, 32), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 12
+    return (d * sc * q - dmin * m).reshape(rows, blocks * 256)
+
+
 def test_search_reproduces_block_quantized_weights(gen):
-    """GGUF-style blocks (Q5_0-like codes in int8, Q4_K-like asymmetric 4-bit) come back exactly."""
+    """GGUF-style blocks (Q5_0-like codes in int8, Q4_K blocks in int4) come back exactly."""
     d = torch.rand(32, 8, 1, generator=gen) + 0.1
     q5 = torch.randint(-16, 16, (32, 8, 32), generator=gen).float()
     q5[..., 0] = -16  # the extreme present, as Q5_0 makes it
     w5 = (q5 * d).reshape(32, 256)
-    codes, scales, _ = quantize(w5, "int8", search=True)
-    assert float((dequantize("int8", codes, scales) - w5).abs().max()) < 1e-5  # exact up to fp32 rounding
-    codes, scales, _ = quantize(w5, "int8", search=False)
-    assert float((dequantize("int8", codes, scales) - w5).abs().max()) > 1e-3
-    q4 = torch.randint(2, 13, (32, 8, 32), generator=gen).float()
-    q4[..., 0], q4[..., 1] = 2, 12  # spans 10 steps: only the searched grid fits it
-    w4 = (q4 * d - 0.5 * d).reshape(32, 256)
-    codes, scales, mins = quantize(w4, "int4", search=True)
-    assert float((dequantize("int4", codes, scales, mins) - w4).abs().max()) < 1e-5
-    codes, scales, mins = quantize(w4, "int4", search=False)
-    assert float((dequantize("int4", codes, scales, mins) - w4).abs().max()) > 1e-3
+    assert float((quantize_weight(w5, "int8", search=True).dequantize() - w5).abs().max()) < 1e-5  # up to fp32 rounding
+    assert float((quantize_weight(w5, "int8", search=False).dequantize() - w5).abs().max()) > 1e-3
+    w4 = q4k_like(gen)
+    exact = 1e-6 * float(w4.abs().max())  # fp32 rounding of d * sc * q - dmin * m
+    assert float((quantize_weight(w4, "int4", search=True).dequantize() - w4).abs().max()) < exact
+    assert float((quantize_weight(w4, "int4", search=False).dequantize() - w4).abs().max()) > 100 * exact
+
+
+def test_blocks_of_a_real_gguf_map_without_loss():
+    """Every Q4_K and Q8_0 tensor of the embedded 270M's GGUF (llama.cpp's own quantizer wrote it)
+    becomes int4 / int8 from its bytes with the values gguf-py dequantizes, exactly; the scale
+    search on those values (the path for files converted elsewhere) reproduces a Q4_K tensor up to
+    fp32 rounding."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from gemma4_nb.kernels.qweight import from_q4_k, from_q8_0
+    from gemma4_nb.runtime.resolve import embedded_model
+
+    reader = GGUFReader(str(embedded_model()))
+    seen = set()
+    for t in reader.tensors:
+        if t.tensor_type not in (T.Q4_K, T.Q8_0):
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape))
+        raw = np.asarray(t.data).reshape(shape[0], -1)
+        w = torch.from_numpy(gguf_dequantize(raw, t.tensor_type).astype(np.float32))
+        mapped = (from_q4_k if t.tensor_type == T.Q4_K else from_q8_0)(raw, shape)
+        assert torch.equal(mapped.dequantize(), w), t.name
+        if t.tensor_type == T.Q4_K and T.Q4_K not in seen:
+            back = quantize_weight(w[:512], "int4", search=True).dequantize()
+            assert float((back - w[:512]).abs().max()) <= 1e-6 * float(w.abs().max()), t.name
+        seen.add(t.tensor_type)
+    assert seen == {T.Q4_K, T.Q8_0}
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("t", [1, 3, 40])
-def test_quantized_linear(fmt, t, gen):
+@pytest.mark.parametrize("t", [1, 3, 7, 40])  # 7: four rows at once, then three one by one
+def test_quantized_linear(fmt, t, gen, monkeypatch):
     w = quantize_weight(torch.randn(200, 320, generator=gen), fmt)
     x = torch.randn(t, 320, generator=gen)
-    want = (fake_quant_for(x, w) if t <= ops.SMALL_BATCH else x) @ w.dequantize().t()  # t=40: dequantized blocks, torch GEMM
+    monkeypatch.setenv(ops.PREFILL_ENV, "fp32")  # t=40: dequantized blocks and torch's GEMM, exact
+    want = (fake_quant_for(x, w) if t <= ops.SMALL_BATCH else x) @ w.dequantize().t()
     close(ops.linear(x, w), want)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_bf16_prefill_products(fmt, gen, monkeypatch):
+    """Prefill-sized products in bf16 (forced with ``$GEMMA4_NB_PREFILL=bf16``, whatever the CPU):
+    activations and the dequantized weight rounded to bf16, fp32 accumulation, the output rounded
+    to bf16. The dequantizer's bf16 rounding is torch's (nearest even)."""
+    w = quantize_weight(torch.randn(300, 320, generator=gen) * 0.02, fmt)
+    x = torch.randn(40, 320, generator=gen)
+    monkeypatch.setenv(ops.PREFILL_ENV, "bf16")
+    assert ops.prefill_dtype() == torch.bfloat16
+    for _, _, block in ops.dequantized_blocks(w, torch.bfloat16):
+        assert torch.equal(block, w.dequantize().bfloat16())
+    got = ops.linear(x, w)
+    want = x.bfloat16().float() @ w.dequantize().bfloat16().float().t()
+    # bf16 output rounding: half a unit of the 8-bit mantissa, relative to each output
+    assert float(((got - want).abs() / want.abs().clamp_min(1e-3)).max()) <= 2 ** -8
+    monkeypatch.setenv(ops.PREFILL_ENV, "fp32")
+    exact = ops.linear(x, w)
+    assert float((got - exact).abs().max()) <= 2e-2 * float(exact.abs().max())  # bf16 vs fp32
+    assert ops.prefill_dtype("int4") == ops.prefill_dtype("int8") == torch.float32
+    monkeypatch.delenv(ops.PREFILL_ENV)  # the default: int4 in bf16 where the CPU has native bf16
+    assert ops.prefill_dtype("int8") == torch.float32
+    assert ops.prefill_dtype("int4") == (torch.bfloat16 if ops.native_bf16() else torch.float32)
+    monkeypatch.setattr(ops, "native_bf16", lambda: False)
+    assert ops.prefill_dtype("int4") == torch.float32
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -146,7 +146,7 @@ def test_attention_chunks_reads_the_chunked_cache():
 
 def _qweight(fmt: str, out: int = 72, inp: int = 160, seed: int = 5, scale_dtype=torch.float32) -> tuple[QWeight, torch.Tensor]:
     w = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * 0.05
-    qw = quantize_weight(w, fmt)
+    qw = quantize_weight(w, fmt).per_group()  # the layout the GPU kernels read
     qw.scales = qw.scales.to(scale_dtype)
     if qw.mins is not None:
         qw.mins = qw.mins.to(scale_dtype)

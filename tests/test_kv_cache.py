@@ -183,6 +183,10 @@ def test_planner_figures_for_gemma4_12b():
     assert int8.kv_full == 8 * 262144 * (512 + 4)
     assert bf16.kv_sliding == plan_memory(cfg, context=8192, weights="int4", kv="bf16").kv_sliding  # bounded
     assert bf16.kv < 4.5 * 2**30 and int8.kv < 2.5 * 2**30
+    # int4 weights fit 7.5 GB; with a 131,072-token int8 KV cache and fp32 activations (the CPU's),
+    # the whole plan fits 9.5 GB
+    long = plan_memory(cfg, context=131072, weights="int4", kv="int8", compute="fp32")
+    assert long.weights <= 7.5e9 and long.total <= 9.5e9
 
 
 def test_interrupted_prefill_leaves_a_reusable_cache(hf_checkpoints, monkeypatch):

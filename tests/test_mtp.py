@@ -172,6 +172,23 @@ def test_greedy_with_mtp_is_identical_to_plain_and_to_transformers_assisted(pair
         assert ref[0, len(prompt):].tolist() == got
 
 
+def test_quantized_target_drafts_with_an_int8_assistant(pairs):
+    """Beside int8/int4 weights on the CPU the assistant is int8 too, and greedy output with its
+    drafts is the plain quantized model's."""
+    from gemma4_nb.kernels.qweight import QWeight
+
+    target_dir, assistant_dir, _, _ = pairs["kv"]
+    for quant in ("int8", "int4"):
+        mtp = gemma4_nb.load(target_dir, quant=quant, progress=False, kv_chunk=4)
+        assert isinstance(mtp.drafter, MTPDrafter)
+        assert isinstance(mtp.drafter.net.layer_weights[0]["q_proj"], QWeight)
+        plain = gemma4_nb.load(target_dir, quant=quant, progress=False, drafting=None)
+        mtp.stop_token_ids = plain.stop_token_ids = frozenset()
+        prompt = [2] + list(range(40, 52))
+        assert _greedy_ids(mtp, prompt, 20) == _greedy_ids(plain, prompt, 20)
+        assert mtp.last_usage.drafting.proposed > 0
+
+
 def _greedy_ids(model, prompt, n):
     stream = model.generate(prompt, max_new_tokens=n, temperature=0, stream=True)
     for _ in stream:

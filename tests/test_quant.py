@@ -149,10 +149,27 @@ def test_save_and_reload(hf_checkpoints, tmp_path):
     with pytest.raises(Gemma4Error, match="holds int4 weights but quant='int8'"):
         gemma4_nb.load(out, quant="int8", progress=False)
     marker = json.loads((out / MARKER_FILE).read_text())
+    marker["version"] = 1  # int4 of the first layout: refused with the line that re-saves it
+    (out / MARKER_FILE).write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match=r"earlier gemma4-nb layout.*quant='int4'\)\.save_quantized\("):
+        gemma4_nb.load(out, progress=False)
     marker["version"] = 99
     (out / MARKER_FILE).write_text(json.dumps(marker))
     with pytest.raises(CheckpointError, match="incompatible gemma4-nb.*Quantize the original"):
         gemma4_nb.load(out, progress=False)
+
+
+def test_int8_saved_by_the_first_format_version_still_loads(hf_checkpoints, tmp_path):
+    """Version 2 changed only int4: an int8 directory marked version 1 loads as it was saved."""
+    model = gemma4_nb.load(hf_checkpoints["a"][0], quant="int8", progress=False)
+    out = model.save_quantized(tmp_path / "q8")
+    marker = json.loads((out / MARKER_FILE).read_text())
+    marker["version"] = 1
+    (out / MARKER_FILE).write_text(json.dumps(marker))
+    again = gemma4_nb.load(out, progress=False)
+    ids = torch.tensor([2, 17, 99, 5])
+    assert torch.equal(model.net.forward(ids, model.net.new_cache()).logits,
+                       again.net.forward(ids, again.net.new_cache()).logits)
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4", None])

@@ -7,7 +7,7 @@
     python -m gemma4_nb.bench --load-time                           # embedded GGUF: first and cached load
     python -m gemma4_nb.bench --agreement llama.cpp [--model X.gguf] # top-1 agreement and speed vs llama.cpp
     python -m gemma4_nb.bench --draft                               # prompt-lookup drafting on/off
-    python -m gemma4_nb.bench --mtp-cost [--layers 6] [--depth 1024] # MTP draft/verify cost, 12B shape
+    python -m gemma4_nb.bench --mtp-cost [--layers 6] [--depth 1024] [--quant int4] # MTP draft/verify cost, 12B shape
 
 Prints time to first token, prefill and decode tokens/s, and peak memory. ``--agreement`` needs
 the ``bench`` extra (llama-cpp-python).
@@ -74,6 +74,14 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
         else:
             net = random_model(shape, device.type, {"fp32": torch.float32, None: torch.bfloat16}.get(dtype, torch.bfloat16))
         name, gguf = f"{shape} (random weights)", None
+        if compare == "llama.cpp":  # the same shape in llama.cpp's layout, random too
+            from .shape_gguf import LLAMA_TYPES, shape_gguf
+
+            if quant not in LLAMA_TYPES:
+                raise SystemExit(f"--shape with --compare llama.cpp needs --quant {' or '.join(LLAMA_TYPES)}")
+            t1 = time.perf_counter()
+            gguf = shape_gguf(shape, LLAMA_TYPES[quant])
+            print(f"llama.cpp's {shape}: {gguf} ({LLAMA_TYPES[quant]}; ready in {time.perf_counter() - t1:.1f} s)")
         hf_config = tiny_config(**dict(SHAPES[shape]))
         encode, tokens = None, "random"  # random weights: text means nothing to them
     else:
@@ -178,6 +186,10 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
     print(f"bytes read per decode token: weights {w_bytes / 1e9:.3f} GB + KV {kv_bytes / 1e9:.4f} GB"
           + (f"; measured read bandwidth {bw / 1e9:.1f} GB/s" + (" (device copy, read+write)" if device.type == "cuda" else "")
              if bw else ""))
+    if compare == "llama.cpp":
+        from .shape_gguf import weight_bytes_per_token
+
+        print(f"llama.cpp's weights read per decode token: {weight_bytes_per_token(gguf) / 1e9:.3f} GB ({gguf.name})")
     return rows
 
 
@@ -201,19 +213,22 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=6, help="--mtp-cost: target layers actually built (scaled to 48)")
     p.add_argument("--depth", type=int, default=1024, help="--mtp-cost: context length before the measured steps")
     p.add_argument("--load-memory", choices=["int8", "int4", "none"], help="peak RSS of a streaming quantized load")
+    p.add_argument("--quant", choices=["int8", "int4"], help="--mtp-cost, --draft: quantized weights (CPU)")
+    p.add_argument("--repeat", type=int, default=1, help="--draft: the best of this many runs of each")
     args = p.parse_args(argv)
     if args.mtp_cost:
         if args.layers < 6 or args.layers % 6:
             p.error("--layers must be a multiple of 6 (the 12B's 5 sliding + 1 full pattern, so the scaling holds)")
         torch.set_num_threads(args.threads)
-        mtp_cost(args.layers, args.depth, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        mtp_cost(args.layers, args.depth, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,
+                 quant=args.quant)
         return 0
     if args.load_memory:
         load_memory(args.model, None if args.load_memory == "none" else args.load_memory)
         return 0
     if args.draft:
         torch.set_num_threads(args.threads)
-        drafting_speed(args.model)
+        drafting_speed(args.model, quant=args.quant, repeat=args.repeat)
         return 0
     if args.context:
         context_speed()

@@ -12,7 +12,7 @@ import torch
 from ..runtime.checkpoint import expected_tensors
 from ..runtime.config import parse_config
 from ..runtime.decoder import GemmaModel
-from .shapes import random_assistant, random_model
+from .shapes import random_assistant, random_model, random_quantized_model
 from .tiny import tiny_config
 from .workload import REWRITE_PROMPTS, sync
 
@@ -140,20 +140,28 @@ def context_speed(rows: int = 10_000_000, repeats: int = 5) -> None:
           f"median {statistics.median(times) * 1000:.1f} ms over {repeats} runs (target <= 200 ms)")
 
 
-def drafting_speed(model_ref: str | None, new_tokens: int = 128) -> None:
-    """Greedy decode speed with and without prompt-lookup drafting, side by side, same outputs."""
+def drafting_speed(model_ref: str | None, new_tokens: int = 128, quant: str | None = None, repeat: int = 1) -> None:
+    """Greedy decode speed with and without prompt-lookup drafting, side by side, same outputs
+    (``quant``: int8/int4 weights; ``repeat``: the best of that many runs of each)."""
     from ..runtime.model import load
 
-    model = load(model_ref, device="cpu", dtype="fp32", progress=False)
-    print(f"model: {model.source.name}   threads: {torch.get_num_threads()}   {new_tokens} greedy tokens per prompt")
+    model = load(model_ref, device="cpu", dtype="fp32", quant=quant, progress=False)
+    print(f"model: {model.source.name}   weights: {quant or 'fp32'}   threads: {torch.get_num_threads()}   "
+          f"{new_tokens} greedy tokens per prompt, best of {repeat}")
+
+    def run(prompt: str, draft: bool):
+        best = None
+        for _ in range(repeat):
+            model.reset()
+            text = model.generate(prompt, max_new_tokens=new_tokens, temperature=0, draft=draft)
+            if best is None or model.last_usage.decode_tokens_per_second > best[1].decode_tokens_per_second:
+                best = (text, model.last_usage)
+        return best
+
     rows = []
     for i, prompt in enumerate(REWRITE_PROMPTS):
-        model.reset()
-        plain = model.generate(prompt, max_new_tokens=new_tokens, temperature=0, draft=False)
-        u0 = model.last_usage
-        model.reset()
-        spec = model.generate(prompt, max_new_tokens=new_tokens, temperature=0, draft=True)
-        u1 = model.last_usage
+        plain, u0 = run(prompt, False)
+        spec, u1 = run(prompt, True)
         d = u1.drafting
         rows.append((u0.decode_tokens_per_second, u1.decode_tokens_per_second))
         print(f"prompt {i + 1}: plain {u0.decode_tokens_per_second:6.1f} tok/s | drafting {u1.decode_tokens_per_second:6.1f} tok/s"
@@ -165,17 +173,24 @@ def drafting_speed(model_ref: str | None, new_tokens: int = 128) -> None:
 
 
 def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu", dtype=torch.bfloat16,
-             repeats: int = 7, full_layers: int = 48) -> None:
+             repeats: int = 7, full_layers: int = 48, quant: str | None = None) -> None:
     """Cost of one MTP draft step and of a k-token verify relative to one plain decode step, on the
-    12B shape with random weights; the speedup at an acceptance rate follows from them.
+    12B shape with random weights (``quant``: int8/int4 weights, computing in fp32 on the CPU, the
+    assistant int8, as the runtime does); the speedup at an acceptance rate follows.
 
     The target is built with ``layers`` of its 48 layers (memory); every figure is scaled to 48
-    layers from the measured per-layer time plus the measured vocabulary head."""
+    layers from the measured per-layer time, plus the measured vocabulary head: all logits for a
+    verification, the top-1 alone for a plain step (the screened head, with quantized weights)."""
     from ..runtime.speculative import DraftContext
 
     dev = torch.device(device)
-    target = random_model("gemma4-12b", device, dtype, layers=layers)
-    drafters = {"plain head": random_assistant(target, False, dtype), "centroid head": random_assistant(target, True, dtype)}
+    if quant:
+        dtype = torch.float32
+        target = random_quantized_model("gemma4-12b", quant, layers=layers)
+    else:
+        target = random_model("gemma4-12b", device, dtype, layers=layers)
+    drafters = {"plain head": random_assistant(target, False, dtype, "int8" if quant else None),
+                "centroid head": random_assistant(target, True, dtype, "int8" if quant else None)}
     cache = target.new_cache()
     ids = torch.randint(10, target.cfg.vocab_size, (context + 16,))
     for start in range(0, context, 512):
@@ -184,16 +199,18 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
 
     def forward(t: int):
         def fn():
-            target.forward(ids[n : n + t], cache, outputs="all")
+            target.forward(ids[n : n + t], cache, outputs="all", logits=False)
             cache.truncate(n)
         return fn
 
     hidden = torch.randn(8, target.cfg.hidden_size, device=dev, dtype=dtype)
     ctx = DraftContext(target, cache, torch.randn(target.cfg.hidden_size, device=dev, dtype=dtype))
     k_max = max(ks)
-    tasks = {("forward", t): forward(t) for t in [1] + [k + 1 for k in ks]}
-    tasks.update({("head", t): (lambda t=t: target.logits(hidden[:t])) for t in [1] + [k + 1 for k in ks]})
-    tasks.update({("draft", name): (lambda d=d: list(d.steps(int(ids[n]), ctx, k_max))) for name, d in drafters.items()})
+    sizes = [1] + [k + 1 for k in ks]
+    tasks = {("forward", t): forward(t) for t in sizes}
+    tasks.update({("head", t): (lambda t=t: target.logits(hidden[:t])) for t in sizes})
+    tasks[("top1", 1)] = lambda: target.top_k(hidden[0], 1)
+    tasks.update({("draft", name): (lambda d=d: d.propose([int(ids[n])], k_max, ctx)) for name, d in drafters.items()})
     times: dict = {key: [] for key in tasks}
     for fn in tasks.values():  # warm up
         fn()
@@ -206,20 +223,20 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
             times[key].append(time.perf_counter() - t0)
     med = {key: sorted(v)[len(v) // 2] for key, v in times.items()}
 
-    def scaled(t: int) -> float:
-        h = med[("head", t)]
-        return h + (med[("forward", t)] - h) * full_layers / layers
+    def layers_part(t: int) -> float:
+        return med[("forward", t)] * full_layers / layers
 
-    plain = scaled(1)
-    verify = {k: scaled(k + 1) for k in ks}
+    plain = layers_part(1) + med[("top1", 1)]
+    verify = {k: layers_part(k + 1) + med[("head", k + 1)] for k in ks}
     draft = {name: med[("draft", name)] / k_max for name in drafters}
-    print(f"12B shape, random weights, {dtype}, {device}, {torch.get_num_threads()} threads, context {context}; "
+    weights = quant or str(dtype).replace("torch.", "")
+    print(f"12B shape, random {weights} weights, {device}, {torch.get_num_threads()} threads, context {context}; "
           f"target measured with {layers} layers, scaled to {full_layers}")
-    print(f"plain decode step: {plain * 1000:.1f} ms")
+    print(f"plain decode step (top-1 from the head): {plain * 1000:.1f} ms")
     for name, t in draft.items():
         print(f"one draft step ({name}): {t * 1000:.2f} ms = {t / plain:.3f} x plain step")
     for k, t in verify.items():
-        print(f"verify k={k} ({k + 1} tokens): {t * 1000:.1f} ms = {t / plain:.3f} x plain step")
+        print(f"verify k={k} ({k + 1} tokens, all logits): {t * 1000:.1f} ms = {t / plain:.3f} x plain step")
     print("expected speedup = E[tokens per round] * plain / (k * draft + verify_k), "
           "E[tokens] = (1 - a^(k+1)) / (1 - a) for per-draft acceptance a")
     best_draft = min(draft.values())

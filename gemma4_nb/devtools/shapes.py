@@ -49,14 +49,18 @@ def random_weights(expected: dict, prefix: str, device, dtype: torch.dtype, seed
     return weights
 
 
-def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
+def random_quantized_model(shape: str, fmt: str, seed: int = 0, layers: int | None = None) -> GemmaModel:
     """A model of ``shape`` with random ``fmt`` weights built directly in the quantized layout
-    (random codes, scales and minimums): no full-precision copy is ever held, so the 12B shape fits
-    in about 9 GiB (int4) on a CPU machine."""
-    from ..kernels.qweight import GROUP, QWeight
+    (random codes and scales): no full-precision copy is ever held, so the 12B shape fits in about
+    8 GiB (int4) on a CPU machine. ``layers``: only the first N of its layers."""
+    from ..kernels.layout import GROUP, META, SUPER, SUPER_SCALE
+    from ..kernels.qweight import QWeight
     from ..runtime.quant import fmt_for
 
-    cfg = parse_config(tiny_config(**dict(SHAPES[shape])))
+    shape_cfg = dict(SHAPES[shape])
+    if layers:
+        shape_cfg["num_hidden_layers"] = layers
+    cfg = parse_config(tiny_config(**shape_cfg))
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for name, dims in expected_tensors(cfg).items():
@@ -70,24 +74,42 @@ def random_quantized_model(shape: str, fmt: str, seed: int = 0) -> GemmaModel:
         step = 0.02 * 3 / (127 if f == "int8" else 7.5)  # about the spread of 0.02 * randn
         if f == "int8":
             codes = torch.randint(-127, 128, (out, inp), generator=gen, dtype=torch.int8)
-            mins = None
-        else:
+            scales = torch.full((out, inp // GROUP), step) * (0.5 + torch.rand((out, inp // GROUP), generator=gen))
+        else:  # super-blocks: scales d * sc about one step (sc 64..191), minimums dmin * 120 = 7.5 steps
             codes = torch.randint(0, 256, (out, inp // 2), generator=gen, dtype=torch.uint8)
-            mins = torch.full((out, inp // GROUP), -7.5 * step)
-        scales = torch.full((out, inp // GROUP), step) * (0.5 + torch.rand((out, inp // GROUP), generator=gen))
-        weights[key] = QWeight(f, codes, scales, mins, tuple(dims), torch.float32)
+            blocks = -(-(inp // GROUP) // SUPER)
+            scales = torch.randint(0, 256, (out, blocks, META), generator=gen, dtype=torch.uint8)
+            scales[..., 4:4 + SUPER] = torch.randint(64, 192, (out, blocks, SUPER), generator=gen, dtype=torch.uint8)
+            scales[..., 4 + SUPER:] = 120
+            d = torch.full((out, blocks, 1), step / 128 * SUPER_SCALE, dtype=torch.float16)
+            dmin = torch.full((out, blocks, 1), step / 16 * SUPER_SCALE, dtype=torch.float16)
+            scales[..., 0:2] = d.view(torch.uint8)
+            scales[..., 2:4] = dmin.view(torch.uint8)
+            scales = scales.reshape(out, blocks * META)
+        weights[key] = QWeight(f, codes, scales, None, tuple(dims), torch.float32)
     return GemmaModel(cfg, weights)
 
 
-def random_assistant(target: GemmaModel, centroids: bool, dtype: torch.dtype):
+def random_assistant(target: GemmaModel, centroids: bool, dtype: torch.dtype, quant: str | None = None):
+    """Gemma 4 12B's MTP assistant with random weights for ``target`` (``quant``: its matrices
+    quantized, as ``load`` does beside quantized weights on the CPU)."""
+    from ..kernels.qweight import quantize_weight
     from ..runtime.mtp import MTPDrafter, assistant_tensors, check_pair, parse_assistant_config
+    from ..runtime.quant import fmt_for
 
     data = {"model_type": "gemma4_unified_assistant", "text_config": tiny_config(**MTP_12B)["text_config"],
             "backbone_hidden_size": target.cfg.hidden_size, "use_ordered_embeddings": centroids,
             "num_centroids": 2048, "centroid_intermediate_top_k": 32}
     acfg = parse_assistant_config(data)
     check_pair(acfg, target.cfg, "--mtp-cost")
-    weights = random_weights(assistant_tensors(acfg), acfg.text.weight_prefix, target.device, dtype, seed=1)
+    expected = assistant_tensors(acfg)
+    weights = random_weights(expected, acfg.text.weight_prefix, target.device, dtype, seed=1)
+    if quant:
+        prefix = acfg.text.weight_prefix
+        for name, dims in expected.items():
+            key = name[len(prefix):] if name.startswith(prefix) else name
+            if fmt_for(name, dims, quant):
+                weights[key] = quantize_weight(weights[key], fmt_for(name, dims, quant), dtype)
     return MTPDrafter(acfg, weights)
 
 

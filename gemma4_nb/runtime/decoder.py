@@ -212,8 +212,15 @@ class GemmaModel:
         """Run ``ids`` (1-D, the next positions after ``cache.length``) through the decoder.
 
         ``outputs``: ``"last"`` returns the last position only, ``"all"`` every position.
-        The cache is updated and committed.
+        The cache is updated and committed. A few positions on quantized CPU weights run with torch
+        single-threaded (:func:`~gemma4_nb.kernels.ops.numba_threads_only`).
         """
+        if self.fused and ids.shape[0] <= ops.SMALL_BATCH:
+            with ops.numba_threads_only():
+                return self._forward(ids, cache, soft, outputs, logits)
+        return self._forward(ids, cache, soft, outputs, logits)
+
+    def _forward(self, ids, cache, soft, outputs, logits) -> ForwardOutput:
         ids = ids.to(self.device)
         q_pos = cache.begin(ids.shape[0])
         x = self.embed(ids, soft)

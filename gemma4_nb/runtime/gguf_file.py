@@ -179,6 +179,15 @@ class GGUFFile:
     def architecture(self) -> str:
         return self.metadata.get("general.architecture", "?")
 
+    def blocks(self, info: TensorInfo) -> np.ndarray:
+        """A tensor's stored bytes as uint8 ``[rows, bytes per row]`` (a view of the mapped file)."""
+        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        return raw.reshape(int(np.prod(info.shape[:-1])), -1)
+
+    def by_hf_name(self) -> dict[str, TensorInfo]:
+        """The tensors under their Hugging Face names."""
+        return {hf: info for name, info in self.tensors.items() if (hf := hf_name(name)) is not None}
+
     def tensor(self, info: TensorInfo) -> torch.Tensor:
         """One tensor dequantized to fp32, in row-major shape."""
         name = info.qtype.name

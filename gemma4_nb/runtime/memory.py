@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import Gemma4Error
-from ..kernels.qweight import BYTES_PER_WEIGHT
+from ..kernels.qweight import FORMATS, matrix_bytes
 from ..kernels.torch_ops import score_block_elements
 from .checkpoint import expected_tensors
 from .config import ModelConfig
@@ -61,7 +61,7 @@ def weight_bytes(cfg: ModelConfig, weights: str, rest: str = "fp32") -> int:
     """Bytes of every tensor the model loads (the media embedders included) with ``weights`` a
     dtype (``"bf16"``...) or a quantized format (``"int8"``, ``"int4"``). Under a quantized
     format each tensor takes the format :func:`~.quant.fmt_for` gives it, at the bytes of
-    :data:`~gemma4_nb.kernels.qweight.BYTES_PER_WEIGHT`; the tensors it leaves unquantized (norms,
+    :func:`~gemma4_nb.kernels.qweight.matrix_bytes`; the tensors it leaves unquantized (norms,
     media embedders) are held in ``rest``, the activation dtype."""
     total = 0
     for name, shape in expected_tensors(cfg).items():
@@ -70,7 +70,7 @@ def weight_bytes(cfg: ModelConfig, weights: str, rest: str = "fp32") -> int:
             total += n * DTYPE_BYTES[weights]
             continue
         fmt = fmt_for(name, shape, weights)
-        total += n * (BYTES_PER_WEIGHT[fmt] if fmt else DTYPE_BYTES[rest])
+        total += matrix_bytes(fmt, shape) if fmt else n * DTYPE_BYTES[rest]
     return int(total)
 
 
@@ -79,7 +79,7 @@ def plan_memory(cfg: ModelConfig, *, context: int, weights: str = "bf16", kv: st
                 prefill_chunk: int = 512, device: str = "cpu") -> MemoryPlan:
     """Bytes for ``context`` positions of one sequence with the given formats (``compute``: the
     activation dtype; by default the weights' dtype, bf16 for quantized weights)."""
-    compute = compute or ("bf16" if weights in BYTES_PER_WEIGHT else weights)
+    compute = compute or ("bf16" if weights in FORMATS else weights)
     compute_bytes = KV_BYTES[compute]
     w = weight_bytes(cfg, weights, rest=compute)
     sliding = full = 0

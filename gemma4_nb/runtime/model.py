@@ -282,7 +282,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     quantized while the checkpoint streams in (on the CPU, where fused numba kernels run them; with
     ``device="cuda"`` they then move to the GPU, where a fused Triton kernel runs them). A directory
     written by :meth:`Model.save_quantized` loads as saved, without quantizing again. The MTP
-    assistant, when used, stays in the activation dtype.
+    assistant, when used, is int8 beside quantized weights on the CPU, else in the activation dtype.
     """
     from . import quant as qmod
 
@@ -330,7 +330,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
 
         shards = find_shards(model_dir)
         check_checkpoint(cfg, shards)
-        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress)
+        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress,
+                                                  gguf=source if source.suffix == ".gguf" else None)
     else:
         weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     if quant and device.type != "cpu":
@@ -340,7 +341,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     if assistant_dir is not None:
         from .mtp import load_assistant
 
-        drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=progress)
+        # with quantized weights on the CPU the drafter is int8 too (it stays in the activation dtype on a GPU)
+        drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=progress,
+                                 quant="int8" if quant and device.type == "cpu" else None)
     elif drafting in ("auto", "prompt_lookup"):
         drafter = PromptLookupDrafter()
     generation_config = _read_json(model_dir / "generation_config.json")

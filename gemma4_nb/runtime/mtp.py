@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ModelNotFoundError
-from ..kernels import torch_ops as ops
+from ..kernels import ops
 from .checkpoint import check_checkpoint, expected_tensors, find_shards, load_tensors
 from .config import GEMMA4, ModelConfig, parse_config
 from .decoder import GemmaModel
@@ -172,8 +172,18 @@ class MTPDrafter:
         return out
 
     @torch.inference_mode()
-    def steps(self, token: int, target: DraftContext, k: int):
-        """Yield ``(logits, token)`` for ``k`` greedy draft steps after ``token``."""
+    def steps(self, token: int, target: DraftContext, k: int, logits: bool = True):
+        """Yield ``(logits, token)`` for ``k`` greedy draft steps after ``token``. ``logits=False``
+        yields None for the logits where the token can be had without them (a quantized plain
+        head: its screened top-1)."""
+        net = self.net
+        if net.fused:  # quantized on the CPU: numba's kernels do the work (see ops.numba_threads_only)
+            with ops.numba_threads_only():
+                yield from self._steps(token, target, k, logits)
+        else:
+            yield from self._steps(token, target, k, logits)
+
+    def _steps(self, token: int, target: DraftContext, k: int, logits: bool):
         net, tnet = self.net, target.net
         q = target.cache.length  # the position of `token`, the last committed token
         kv = _TargetKV(tnet, target.cache, q, self.acfg.window)
@@ -186,15 +196,18 @@ class MTPDrafter:
             for spec in net.cfg.layers:
                 x = net.layer(spec, x, ropes[spec.rope], q_pos, kv)
             u = net.norm(x, net.weights["norm.weight"])
-            logits = self.head(u)
-            token = int(torch.argmax(logits[0]))
+            if logits or self.centroids is not None or not net.fused:
+                out = self.head(u)[0]
+                token = int(torch.argmax(out))
+            else:
+                out, token = None, int(net.top_k(u[0], 1)[1][0])
             h = ops.linear(u, self.post)
-            yield logits[0], token
+            yield out, token
 
     def propose(self, tokens: list[int], k: int, target: DraftContext | None = None) -> list[int]:
         if target is None or k <= 0:
             return []
-        return [t for _, t in self.steps(tokens[-1], target, k)]
+        return [t for _, t in self.steps(tokens[-1], target, k, logits=False)]
 
 
 # -- finding and loading ----------------------------------------------------------------------
@@ -246,7 +259,10 @@ def resolve_assistant(ref: str | os.PathLike, *, download: bool = False) -> Path
     return path
 
 
-def load_assistant(path: Path, target: ModelConfig, dtype: torch.dtype, device, progress: bool = True) -> MTPDrafter:
+def load_assistant(path: Path, target: ModelConfig, dtype: torch.dtype, device, progress: bool = True,
+                   quant: str | None = None) -> MTPDrafter:
+    """The drafter at ``path`` for ``target``, in ``dtype``; ``quant="int8"``: its matrices int8 (the
+    CPU path of a quantized target, where a draft step otherwise reads the drafter's fp32 head)."""
     path = Path(path)
     config_path = path / "config.json"
     try:
@@ -258,5 +274,10 @@ def load_assistant(path: Path, target: ModelConfig, dtype: torch.dtype, device, 
     shards = find_shards(path)
     expected = assistant_tensors(acfg)
     check_checkpoint(acfg.text, shards, expected)
-    weights = load_tensors(acfg.text, shards, list(expected), dtype, device, progress)
+    if quant:
+        from .quant import load_quantized_from_shards
+
+        weights = load_quantized_from_shards(acfg.text, shards, list(expected), quant, dtype, progress)
+    else:
+        weights = load_tensors(acfg.text, shards, list(expected), dtype, device, progress)
     return MTPDrafter(acfg, weights, source=path)

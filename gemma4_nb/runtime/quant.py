@@ -4,8 +4,9 @@ a checkpoint loads, and saving and reloading quantized checkpoints.
 The format itself (:class:`~gemma4_nb.kernels.qweight.QWeight`: int8 and int4 codes with a scale
 per group of 32 weights) lives with the kernels that read it, in :mod:`gemma4_nb.kernels.qweight`.
 
-Weights converted from a GGUF file are already quantized; there the quantizers search the scale
-(``search=True``) and reproduce Q8_0/Q5_0 blocks in int8 and Q4_K blocks in int4 exactly, and
+Weights converted from a GGUF file are already quantized: Q4_K blocks become int4 and Q8_0
+blocks int8 straight from the file's bytes, without loss; other types are quantized from their
+fp32 values with a scale search (``search=True``, which reproduces Q5_0 blocks in int8 exactly);
 ``int4`` keeps int8 for tensors the GGUF stores with more than 4 bits (see :func:`fmt_for`).
 
 Quantization runs while the checkpoint streams in, a block of rows at a time, so the peak memory
@@ -23,9 +24,11 @@ import torch
 
 from ..errors import CheckpointError, Gemma4Error
 from ..kernels.qweight import FORMATS as QUANT_FORMATS
-from ..kernels.qweight import GROUP, QWeight, quantize
+from ..kernels.qweight import GROUP, QWeight, from_q4_k, from_q8_0, quantize
 
-FORMAT_VERSION = 1
+# version 2: int4 in super-blocks (4.625 bits a weight); version 1 stored int4 with an fp32 scale
+# and minimum per group (6 bits) and is refused; its int8 is the same as version 2's
+FORMAT_VERSION = 2
 MARKER_FILE = "gemma4_nb_quant.json"
 ROW_BLOCK = 8192  # rows converted at a time while streaming (bounds the temporary fp32 copy)
 
@@ -63,9 +66,16 @@ def fmt_for(name: str, shape: tuple[int, ...], fmt: str, source_type: str | None
 
 # -- streaming load ----------------------------------------------------------------------------
 
-def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype, progress: bool = True) -> dict:
+# GGUF block types whose bytes map to a format without loss (and without quantizing again)
+BLOCK_MAPPINGS = {("Q4_K", "int4"): from_q4_k, ("Q8_0", "int8"): from_q8_0}
+
+
+def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype, progress: bool = True,
+                               gguf: Path | None = None) -> dict:
     """Stream ``names`` from safetensors shards: each matrix is read ``ROW_BLOCK`` rows at a time
-    and quantized, so only one block is ever held in full precision."""
+    and quantized, so only one block is ever held in full precision. ``gguf``: the file the
+    shards were converted from; tensors it stores in a block type of :data:`BLOCK_MAPPINGS` are
+    taken from its bytes instead."""
     from safetensors import SafetensorError
     from tqdm.auto import tqdm
 
@@ -77,6 +87,12 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
         by_file.setdefault(shards.weight_map[name], []).append(name)
     sources = gguf_source_types(shards.model_dir)
     search = bool(sources)  # converted from a GGUF: the weights are already block-quantized
+    stored = {}
+    if gguf is not None and sources:
+        from .gguf_file import GGUFFile
+
+        source = GGUFFile(gguf)
+        stored = source.by_hf_name()
     bar = tqdm(total=len(names), desc=f"Loading weights ({fmt})", unit="tensor", disable=not progress, leave=False)
     try:
         for path, file_names in by_file.items():
@@ -88,8 +104,12 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
                         sl = handle.get_slice(name)
                         shape = tuple(sl.get_shape())
                         f = fmt_for(name, shape, fmt, sources.get(name))
+                        mapping = BLOCK_MAPPINGS.get((sources.get(name), f))
                         if f is None:
                             out[canonical_name(cfg, name)] = handle.get_tensor(name).to(dtype)
+                        elif mapping is not None and name in stored:
+                            info = stored[name]
+                            out[canonical_name(cfg, name)] = mapping(source.blocks(info).copy(), shape, dtype)
                         else:
                             out[canonical_name(cfg, name)] = _quantize_streamed(shards, path, name, shape, f, search, dtype)
                     except (SafetensorError, OSError, ValueError) as exc:
@@ -104,18 +124,16 @@ def _quantize_streamed(shards, path, name, shape, fmt: str, search: bool, dtype)
     """Quantize one tensor ``ROW_BLOCK`` rows at a time into preallocated storage. The shard is
     reopened per block: closing it unmaps the pages read, so at most one block of the checkpoint
     is resident (in the file's dtype, plus its fp32 copy) however large the tensor."""
-    rows, cols = shape
-    codes = torch.empty((rows, cols if fmt == "int8" else cols // 2), dtype=torch.int8 if fmt == "int8" else torch.uint8)
-    scales = torch.empty((rows, cols // GROUP), dtype=torch.float32)
-    mins = torch.empty((rows, cols // GROUP), dtype=torch.float32) if fmt == "int4" else None
-    for r in range(0, rows, ROW_BLOCK):
+    codes = scales = None
+    for r in range(0, shape[0], ROW_BLOCK):
         with shards.open(path) as handle:
-            c, s, m = quantize(handle.get_slice(name)[r : r + ROW_BLOCK], fmt, search)
+            c, s, _ = quantize(handle.get_slice(name)[r : r + ROW_BLOCK], fmt, search)
+        if codes is None:  # the layout of the first block, for every row
+            codes = torch.empty((shape[0], c.shape[1]), dtype=c.dtype)
+            scales = torch.empty((shape[0], s.shape[1]), dtype=s.dtype)
         codes[r : r + len(c)] = c
         scales[r : r + len(c)] = s
-        if mins is not None:
-            mins[r : r + len(c)] = m
-    return QWeight(fmt, codes, scales, mins, tuple(shape), dtype)
+    return QWeight(fmt, codes, scales, None, tuple(shape), dtype)
 
 
 def gguf_source_types(model_dir: Path) -> dict[str, str]:
@@ -143,7 +161,14 @@ def read_marker(model_dir: Path) -> dict:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a valid quantization marker ({exc}); quantize the model again") from None
-    if marker.get("version") != FORMAT_VERSION or marker.get("format") not in QUANT_FORMATS:
+    version, fmt = marker.get("version"), marker.get("format")
+    if version == 1 and fmt == "int4":
+        raise CheckpointError(
+            f"{model_dir} holds int4 weights in an earlier gemma4-nb layout (an fp32 scale and minimum per 32 "
+            "weights) that this version no longer reads; it stores int4 in 4.6 bits a weight now. Re-save it "
+            f"from the original checkpoint: gemma4_nb.load(<original>, quant='int4').save_quantized({str(model_dir)!r})"
+        )
+    if version not in (1, FORMAT_VERSION) or fmt not in QUANT_FORMATS:
         raise CheckpointError(
             f"{model_dir}: quantized with an incompatible gemma4-nb (format {marker.get('format')!r}, version "
             f"{marker.get('version')!r}; this version reads version {FORMAT_VERSION}). Quantize the original "
@@ -165,10 +190,11 @@ def save_quantized(weights: dict, fmt: str, source_dir: Path, out_dir: Path) -> 
     tensors, formats = {}, {}
     for name, t in weights.items():
         if isinstance(t, QWeight):
+            if t.fmt == "int4" and not t.super_blocks:
+                raise Gemma4Error("int4 weights on a GPU hold expanded scales; save the quantized model from a CPU "
+                                  "load (device='cpu')")
             tensors[name + ".qcodes"] = t.int8_codes().contiguous().cpu() if t.planes else t.codes.contiguous().cpu()
             tensors[name + ".qscales"] = t.scales.contiguous().cpu()
-            if t.mins is not None:
-                tensors[name + ".qmins"] = t.mins.contiguous().cpu()
             formats[name] = [t.fmt, list(t.shape)]
         else:
             tensors[name] = t.contiguous().cpu()
@@ -206,9 +232,8 @@ def load_saved_quantized(cfg, model_dir: Path, dtype: torch.dtype, quant: str | 
                     f, saved_shape = formats[canon]
                     if tuple(saved_shape) != tuple(shape):
                         raise CheckpointError(f"{path}: {name} was saved as {saved_shape}, config expects {list(shape)}")
-                    mins = handle.get_tensor(canon + ".qmins") if f == "int4" else None
                     out[canon] = QWeight(f, handle.get_tensor(canon + ".qcodes"), handle.get_tensor(canon + ".qscales"),
-                                         mins, tuple(shape), dtype)
+                                         None, tuple(shape), dtype)
                 elif canon in keys:
                     out[canon] = handle.get_tensor(canon).to(dtype)
                 else:
