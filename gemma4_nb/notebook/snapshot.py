@@ -22,9 +22,11 @@ import weakref
 from dataclasses import dataclass, field
 
 from .context import (
+    clean_text,
     count_tokens,
     describe_figure,
     describe_frame,
+    describe_variable,
     figure_title,
     is_frame,
     last_error,
@@ -87,7 +89,8 @@ def frame_item(name: str, obj) -> Item:
     text = _safe(lambda: describe_frame(name, obj), name, obj)
     try:
         if hasattr(obj, "columns"):
-            columns = {str(c): str(obj[c].dtype) for c in list(obj.columns)[:200]}
+            # by position: a repeated column name selects several columns
+            columns = {str(c): str(obj.iloc[:, i].dtype) for i, c in enumerate(list(obj.columns)[:200])}
             facts = {"rows": len(obj), "columns": columns, "width": obj.shape[1]}
             label = f"{name} {len(obj)}x{obj.shape[1]}"
         else:
@@ -97,14 +100,6 @@ def frame_item(name: str, obj) -> Item:
     except Exception:
         columns, facts, label = {}, {}, name
     return Item(f"frame:{name}", "frame", name, text, label, frozenset(c.lower() for c in columns), facts)
-
-
-def variable_line(name: str, obj) -> str:
-    def line():
-        return (f"- {name}: {type(obj).__name__}" + (f" shape {obj.shape}" if hasattr(obj, "shape") else "")
-                + (f" = {obj!r:.60}" if isinstance(obj, (int, float, str, bool)) else ""))
-
-    return _safe(line, name, obj)
 
 
 def cell_sources(shell) -> list[tuple[int, str]]:
@@ -134,11 +129,13 @@ def gather(shell, figures: "FigureMemory | None" = None, history_cells: int = HI
     others = [(k, v) for k, v in variables.items()
               if not is_frame(v) and not type(v).__module__.startswith("matplotlib")][:MAX_VARIABLES]
     for name, obj in others:
-        items.append(Item(f"variable:{name}", "variable", name, variable_line(name, obj)))
+        items.append(Item(f"variable:{name}", "variable", name, describe_variable(name, obj)))
     if figures is not None:
         items.extend(figures.items())
     for index, source in cell_sources(shell)[-history_cells:]:
         items.append(Item(f"cell:{index}", "cell", str(index), source[-CELL_CHARS:]))
+    for item in items:  # text any tokenizer and JSON encoder accepts (no lone surrogates)
+        item.name, item.text, item.label = clean_text(item.name), clean_text(item.text), clean_text(item.label)
     return items
 
 
