@@ -272,6 +272,7 @@ def test_copilot_shows_open_figures_to_a_vision_model(mm_checkpoint):
     from IPython.core.interactiveshell import InteractiveShell
 
     from gemma4_nb.notebook.copilot import Copilot
+    from gemma4_nb.notebook.snapshot import FigureMemory
 
     path, _ = mm_checkpoint
     shell = InteractiveShell.instance()
@@ -280,6 +281,7 @@ def test_copilot_shows_open_figures_to_a_vision_model(mm_checkpoint):
     copilot.settings.max_new_tokens = 3
     copilot.ensure_model()
     plt.close("all")
+    FigureMemory.of(shell).entries.clear()  # figures other tests drew in this shared shell
     without = copilot.model.prepare_chat(copilot.prepare("what does the plot show?").messages)
     fig, ax = plt.subplots(figsize=(3, 2))
     ax.plot([1, 3, 2])
