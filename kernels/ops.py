@@ -18,6 +18,7 @@ step's attention to the numba kernel; fp32/bf16 models keep the torch reference 
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -137,15 +138,31 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().to(torch.float32).contiguous().numpy()
 
 
+_block_buffers = threading.local()  # per thread: the reused output buffer of dequantized_blocks
+
+
+def _block_buffer(elements: int, dtype: np.dtype) -> np.ndarray:
+    """A reused flat buffer of at least ``elements``: a fresh 16 MiB array per block costs its page
+    faults on first touch, which took longer than the dequantization itself."""
+    key = np.dtype(dtype).str
+    buf = getattr(_block_buffers, key, None)
+    if buf is None or buf.size < elements:
+        buf = np.empty(max(elements, DEQUANT_BLOCK_ELEMENTS), dtype=dtype)
+        setattr(_block_buffers, key, buf)
+    return buf
+
+
 def dequantized_blocks(w: QWeight, dtype: torch.dtype = torch.float32):
-    """``(r0, r1, rows)`` blocks of a quantized weight in ``dtype`` (fp32 or bf16)."""
+    """``(r0, r1, rows)`` blocks of a quantized weight in ``dtype`` (fp32 or bf16). On the CPU every
+    block is written into one reused buffer: a block is valid until the next one is asked for."""
     rows = max(1, DEQUANT_BLOCK_ELEMENTS // w.shape[1])
     on_cpu = fused_cpu(w) and not w.planes
     bf16 = dtype == torch.bfloat16
     for r0 in range(0, w.shape[0], rows):
         r1 = min(w.shape[0], r0 + rows)
         if on_cpu:
-            out = np.empty((r1 - r0, w.shape[1]), dtype=np.uint16 if bf16 else np.float32)
+            buf = _block_buffer((r1 - r0) * w.shape[1], np.uint16 if bf16 else np.float32)
+            out = buf[: (r1 - r0) * w.shape[1]].reshape(r1 - r0, w.shape[1])
             if w.fmt == "int4":
                 _nb().dequant_rows_int4(w.codes.numpy(), w.scales.numpy(), r0, out)
             else:
