@@ -63,6 +63,12 @@ def _cmd_bench(args) -> int:
         raise Gemma4Error(f"unknown shape {args.shape!r}; use one of {sorted(SHAPES)}")
     if args.shape and args.model:
         raise Gemma4Error("give --model or --shape, not both")
+    if args.notebook:
+        from .devtools.bench_notebook import notebook_bench
+
+        notebook_bench(model=args.model, shape=args.shape, quant=args.quant, threads=args.threads,
+                       max_new_tokens=args.max_new_tokens, repeat=args.repeat)
+        return 0
     bench_command(model=args.model, shape=args.shape, quant=args.quant, dtype=args.dtype, device=args.device,
                   threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,
                   compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat, cuda_graphs=args.cuda_graphs,
@@ -111,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", choices=["llama.cpp", "transformers"],
                    help="llama-cpp-python on the same GGUF, or transformers' generate on the same weights, in the same run")
     b.add_argument("--bandwidth", action="store_true", help="measure memory bandwidth; print decode's roofline fraction")
+    b.add_argument("--notebook", action="store_true",
+                   help="a scripted notebook session in a real kernel: per question, prompt tokens, tokens reused "
+                        "from the cache, time to first token, total time")
+    b.add_argument("--max-new-tokens", type=int, help="--notebook: new tokens per request at most (default 24; 8 with --shape)")
     b.add_argument("--cuda-graphs", action="store_true",
                    help="decode with static-shape steps replayed as CUDA graphs (experimental; eager on the CPU)")
     b.set_defaults(func=_cmd_bench)

@@ -198,9 +198,16 @@ def test_base_model_is_asked_with_a_plain_question_and_answer_prompt(gguf_cache,
     assert copilot.model.tokenizer.base_model and copilot.backend.base_model  # a GGUF without a chat template
     assert "You are gemma4-nb" not in result.answer  # no echo of a chat prompt the model was never tuned on
     assert "".join(pieces).strip() == result.answer
-    prompt = copilot.qa_prompt(copilot.messages("And the least?"))
+    prompt = copilot.prepare("And the least?").text
     assert "`sales`: DataFrame" in prompt and "Question: Which region has the most revenue?" in prompt
     assert prompt.endswith("Question: And the least?\nAnswer:")
+    # a cell runs, the next question carries what changed and reuses the whole first prompt
+    first = copilot.last_usage
+    shell.run_cell("sales['units'] = [7, 9]", store_history=True)
+    copilot.ask("How many units in total?")
+    second = copilot.last_usage
+    assert second.cached_tokens >= first.prompt_tokens, (first, second)
+    assert "Notebook changes:\n## New cells\n```python\nsales['units'] = [7, 9]" in copilot.prepare("?").text
 
 
 def test_cli_asks_a_base_model_with_a_plain_prompt(gguf_cache):

@@ -272,6 +272,7 @@ def test_copilot_shows_open_figures_to_a_vision_model(mm_checkpoint):
     from IPython.core.interactiveshell import InteractiveShell
 
     from gemma4_nb.notebook.copilot import Copilot
+    from gemma4_nb.notebook.snapshot import FigureMemory
 
     path, _ = mm_checkpoint
     shell = InteractiveShell.instance()
@@ -280,10 +281,11 @@ def test_copilot_shows_open_figures_to_a_vision_model(mm_checkpoint):
     copilot.settings.max_new_tokens = 3
     copilot.ensure_model()
     plt.close("all")
-    without = copilot.model.prepare_chat(copilot.messages("what does the plot show?"))
+    FigureMemory.of(shell).entries.clear()  # figures other tests drew in this shared shell
+    without = copilot.model.prepare_chat(copilot.prepare("what does the plot show?").messages)
     fig, ax = plt.subplots(figsize=(3, 2))
     ax.plot([1, 3, 2])
-    with_fig = copilot.model.prepare_chat(copilot.messages("what does the plot show?"))
+    with_fig = copilot.model.prepare_chat(copilot.prepare("what does the plot show?").messages)
     plt.close("all")
     assert without.soft_mask is None
     assert int(with_fig.soft_mask.sum()) > 0 and TOKENS["image_token_id"] in with_fig.ids

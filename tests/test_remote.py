@@ -93,6 +93,18 @@ def test_stop_strings_and_stopping_mid_reply(server):
     assert reply.stopped and reply.text == "".join(seen) and reply.usage.finish_reason == "interrupted"
     again = backend.complete(MESSAGES, max_new_tokens=8, temperature=0)  # the server carries on
     assert again.text and not again.stopped
+    asked = iter(range(1000))  # a panel's Stop: asked at every streamed event, shown or not
+    stopped = backend.complete(MESSAGES, max_new_tokens=200, temperature=0, should_stop=lambda: next(asked) >= 3)
+    assert stopped.stopped and stopped.usage.finish_reason == "interrupted" and stopped.usage.generated_tokens <= 3
+
+
+def test_a_servers_prefix_cache_report_lands_in_usage():
+    from gemma4_nb.runtime.generation import Usage
+
+    usage = Usage()
+    OpenAIBackend._usage(usage, {"usage": {"prompt_tokens": 812, "completion_tokens": 5,
+                                           "prompt_tokens_details": {"cached_tokens": 768}}})
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.generated_tokens) == (812, 768, 5)
 
 
 def test_agent_loop_through_the_remote_backend(server):

@@ -28,6 +28,10 @@ class Reply:
 
 
 class Backend(Protocol):
+    """Both calls also take ``should_stop``: a callable asked before every token (hidden ones
+    included) and between prefill chunks where the backend can; True ends the reply there
+    (``Reply.stopped``)."""
+
     supports_tools: bool
     supports_images: bool
 

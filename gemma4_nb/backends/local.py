@@ -24,11 +24,12 @@ class LocalBackend:
         self._special = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
 
     def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, draft: bool | None = None,
-                      on_text: Callable[[str], None] | None = None, **sampling) -> Reply:
+                      on_text: Callable[[str], None] | None = None, should_stop=None, **sampling) -> Reply:
         """Continue plain text (no chat template): the code-completion and question-and-answer
-        protocols for base models. Streams through the same stop-string handling as ``generate``."""
+        protocols for base models. Streams through the same stop-string handling as ``generate``.
+        ``should_stop``: asked before every token (hidden ones too); True stops the reply there."""
         m = self.model
-        stream = m.stream(m.request(m.encode(text), max_new_tokens, stop, **sampling), draft)
+        stream = m.stream(m.request(m.encode(text), max_new_tokens, stop, should_stop=should_stop, **sampling), draft)
         stopped = False
         try:
             for delta in stream:
@@ -36,17 +37,18 @@ class LocalBackend:
                     on_text(delta)
         except KeyboardInterrupt:
             stopped = True
+        stopped = stopped or stream.usage.finish_reason == "interrupted"
         return Reply(text=stream.text, usage=stream.usage, stopped=stopped, raw=stream.text)
 
     def _strip(self, text: str) -> str:
         return self._special.sub("", text) if self._special is not None and "<" in text else text
 
     def complete(self, messages, *, tools=None, on_text=None, max_new_tokens=512, draft: bool | None = None,
-                 **sampling) -> Reply:
+                 should_stop=None, **sampling) -> Reply:
         m = self.model
         prompt = m.prepare_chat(messages, tools=tools if self.supports_tools else None)
         req = m.request(prompt.ids, max_new_tokens, None, prompt=prompt if prompt.soft_mask is not None else None,
-                        **sampling)
+                        should_stop=should_stop, **sampling)
         usage = Usage()
         decoder = StreamDecoder(m.tokenizer, skip_special_tokens=False)
         raw, shown, stopped = "", "", False
@@ -61,6 +63,7 @@ class LocalBackend:
         except KeyboardInterrupt:
             stopped = True
             usage.finish_reason = "interrupted"
+        stopped = stopped or usage.finish_reason == "interrupted"
         raw += decoder.flush()
         text, calls, errors = parse_tool_calls(raw)
         text = shown if stopped else self._strip(visible(raw))

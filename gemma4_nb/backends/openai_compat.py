@@ -179,10 +179,15 @@ class OpenAIBackend:
         u = event.get("usage") or {}
         if isinstance(u, dict) and u:
             usage.prompt_tokens = int(u.get("prompt_tokens", 0) or 0)
+            # servers that report their prefix cache (vLLM, OpenAI) say how much of the prompt they reused
+            details = u.get("prompt_tokens_details")
+            usage.cached_tokens = int((details.get("cached_tokens") if isinstance(details, dict) else 0) or 0)
             usage.generated_tokens = int(u.get("completion_tokens", usage.generated_tokens) or 0)
 
+    # -- the backend interface --------------------------------------------------------------
+
     def complete(self, messages, *, tools=None, on_text: Callable[[str], None] | None = None, stop=None, max_new_tokens=512, temperature=None, top_p=None, seed=None, tool_choice=None,
-                 **_) -> Reply:
+                 should_stop=None, **_) -> Reply:
         body = {"model": self.model, "messages": to_openai_messages(messages), "stream": True,
                 "stream_options": {"include_usage": True}, "max_tokens": max_new_tokens}
         if tools and self.supports_tools:
@@ -192,17 +197,17 @@ class OpenAIBackend:
         for key, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed), ("stop", stop)):
             if value is not None:
                 body[key] = value
-        return self._run("/chat/completions", body, on_text, chat=True)
+        return self._run("/chat/completions", body, on_text, chat=True, should_stop=should_stop)
 
     def complete_text(self, text: str, *, stop: list[str], max_new_tokens: int = 256, temperature=None,
-                      on_text: Callable[[str], None] | None = None, **_) -> Reply:
+                      on_text: Callable[[str], None] | None = None, should_stop=None, **_) -> Reply:
         body = {"model": self.model, "prompt": text, "stream": True, "max_tokens": max_new_tokens, "stop": stop,
                 "stream_options": {"include_usage": True}}
         if temperature is not None:
             body["temperature"] = temperature
-        return self._run("/completions", body, on_text, chat=False)
+        return self._run("/completions", body, on_text, chat=False, should_stop=should_stop)
 
-    def _run(self, path: str, body: dict, on_text, chat: bool) -> Reply:
+    def _run(self, path: str, body: dict, on_text, chat: bool, should_stop=None) -> Reply:
         usage = Usage()
         self.last_usage = usage
         t0 = time.perf_counter()
@@ -212,6 +217,9 @@ class OpenAIBackend:
                              first_byte_timeout=self.first_byte_timeout, cancelled=self.cancelled, chat=chat)
         try:
             for event in stream:
+                if should_stop is not None and should_stop():  # every event, tool-call deltas too
+                    stopped, usage.finish_reason = True, "interrupted"
+                    break  # closing the connection ends the generation on the server
                 self._usage(usage, event)
                 for choice in event.get("choices") or []:
                     if not isinstance(choice, dict):

@@ -13,10 +13,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..backends.base import Backend, Reply
+from ..backends.base import Backend
 from ..backends.toolcalls import ToolCall
 from .code_safety import analyse_code
-from .context import clean_text, describe_figure, describe_frame, describe_variable, failure, open_figures, user_variables
+from .context import (
+    clean_text,
+    describe_figure,
+    describe_frame,
+    describe_variable,
+    failure,
+    open_figures,
+    user_variables,
+)
 
 APPROVALS = ("ask", "auto", "never")
 
@@ -64,6 +72,9 @@ class AgentResult:
     steps: list[Step] = field(default_factory=list)
     cells: list[str] = field(default_factory=list)  # code inserted as new cells
     stopped: bool = False
+    messages: list[dict] = field(default_factory=list)  # what the run added to the conversation, as sent
+    transcript: str | None = None  # the code-completion protocol's last prompt and what it generated
+    context: str = ""  # one line: what the model saw of the notebook (snapshot.NotebookView.summary)
     notes: list[str] = field(default_factory=list)  # what went wrong on the way (a reply the server cut off)
 
 
@@ -154,17 +165,21 @@ class Agent:
             reply = self.backend.complete(messages, tools=TOOLS, on_text=on_text, **self.sampling)
             if reply.stopped:
                 result.answer, result.stopped = reply.text, True
+                result.messages.append({"role": "assistant", "content": reply.text})
                 return result
             if reply.cut:  # a cut-off reply is not acted on
                 result.answer = reply.text.strip()
                 result.notes.append(reply.cut)
+                result.messages.append({"role": "assistant", "content": reply.text})
                 return result
             if reply.errors:
                 note = "; ".join(reply.errors)
                 result.steps.append(Step("error", note))
-                messages = messages + [{"role": "assistant", "content": reply.text},
-                                       {"role": "user", "content": f"Your tool call was malformed ({note}). "
-                                        f"Write it again in the tool-call format, or answer directly."}]
+                retry = [{"role": "assistant", "content": reply.text},
+                         {"role": "user", "content": f"Your tool call was malformed ({note}). "
+                          f"Write it again in the tool-call format, or answer directly."}]
+                messages = messages + retry
+                result.messages += retry
                 continue
             if not reply.tool_calls:
                 blocks = CODE_BLOCK.findall(reply.text)
@@ -173,11 +188,14 @@ class Agent:
                 else:
                     result.answer = reply.text.strip()
                     result.steps.append(Step("answer", result.answer))
+                    result.messages.append({"role": "assistant", "content": reply.text})
                     return result
             final = next((c for c in reply.tool_calls if c.name == "final_answer"), None)
             if final is not None:
                 result.answer = str(final.arguments.get("answer", "")).strip() or reply.text.strip()
                 result.steps.append(Step("answer", result.answer))
+                result.messages.append({"role": "assistant", "content": reply.text,
+                                        "tool_calls": [final.as_message_part()]})
                 return result
             calls_msg = {"role": "assistant", "content": reply.text,
                          "tool_calls": [c.as_message_part() for c in reply.tool_calls]}
@@ -191,6 +209,7 @@ class Agent:
                 failed_runs += failed
                 tool_msgs.append({"role": "tool", "name": call.name, "tool_call_id": call.id, "content": output})
             messages = messages + [calls_msg] + tool_msgs
+            result.messages += [calls_msg] + tool_msgs
             if failed_runs >= self.settings.max_failed_runs:
                 result.answer = (f"The code failed {failed_runs} times; the last error is in the output above. "
                                  "Try rephrasing the request.")
@@ -205,6 +224,7 @@ class Agent:
         sampling["max_new_tokens"] = min(sampling.get("max_new_tokens", 256), 256)
         for attempt in range(self.settings.max_failed_runs):
             reply = self.backend.complete_text(prompt, stop=["\n"], **sampling)
+            result.transcript = prompt + reply.text  # what the model has seen and written so far
             if reply.stopped:
                 result.answer, result.stopped = "", True
                 return result
@@ -230,8 +250,9 @@ class Agent:
             result.answer = f"The code failed {self.settings.max_failed_runs} times; the last error is in the output above."
             return result
         shown = "\n".join("# " + line for line in output.splitlines()[:12])
-        answer = self.backend.complete_text(prompt[: len(prompt) - len(primer)] + code + f"\n# Output:\n{shown}\n# In one sentence, the answer is:",
-                                            stop=["\n"], **sampling)
+        final = prompt[: len(prompt) - len(primer)] + code + f"\n# Output:\n{shown}\n# In one sentence, the answer is:"
+        answer = self.backend.complete_text(final, stop=["\n"], **sampling)
+        result.transcript = final + answer.text
         result.answer = answer.text.strip().lstrip("# ").strip() or "Done: the output is above."
         result.steps.append(Step("answer", result.answer))
         if on_text:

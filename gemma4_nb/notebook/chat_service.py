@@ -21,6 +21,7 @@ from ..errors import Gemma4Error
 from ..runtime.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, load_audio, load_image
 from .agent import CODE_BLOCK
 from .attachments import drop_unsupported
+from .interrupts import route_kernel_interrupts
 
 MAX_ATTACHMENT_BYTES = 32 * 2**20
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff"}
@@ -87,7 +88,11 @@ class ChatService:
 
     Events (``emit(dict)``), in order for one request ``id``: ``start``; ``status`` while the model
     loads; ``token`` (``text``: the next piece of the reply); ``code`` (a cell the agent wrote);
-    then ``done`` (``text``, ``stopped``, ``code_blocks``, ``usage``) or ``error`` (``message``).
+    then ``done`` (``text``, ``stopped``, ``code_blocks``, ``usage``, ``context``: one line on what
+    the model saw of the notebook) or ``error`` (``message``).
+
+    Stop is asked at every token the model generates, shown or hidden (tool-call markup, a thought
+    channel), and between prefill chunks; a kernel interrupt stops the reply too (``interrupts.py``).
     """
 
     def __init__(self, copilot, emit: Callable[[dict], None]) -> None:
@@ -99,6 +104,7 @@ class ChatService:
         self._approvals: dict[str, tuple[threading.Event, list]] = {}
         self.loading = False
         self.active = False  # a request is under way (set before its thread starts, cleared at its end)
+        route_kernel_interrupts(getattr(copilot, "shell", None))
 
     @property
     def busy(self) -> bool:
@@ -249,7 +255,7 @@ class ChatService:
                 raise Stopped()
             question = text or "Describe the attachment."
             result = c.ask(question, agent=agent, images=images, audios=audios, use_context=use_context,
-                           on_text=on_text, on_event=on_event,
+                           on_text=on_text, on_event=on_event, should_stop=self._stop.is_set,
                            ask_approval=lambda code, why: self._ask_approval(rid, code, why))
             answer = result.answer if not result.stopped else ("".join(pieces) or result.answer)
             for n in result.notes:  # e.g. a reply the server cut off
@@ -258,9 +264,10 @@ class ChatService:
             blocks = code_blocks(answer) or list(getattr(result, "cells", []) or [])
             u = c.last_usage
             final = {"type": "done", "id": rid, "text": answer, "stopped": bool(result.stopped or self._stop.is_set()),
-                     "code_blocks": blocks, "notes": notes,
+                     "code_blocks": blocks, "notes": notes, "context": result.context,
                      "usage": None if u is None else {
-                         "prompt_tokens": u.prompt_tokens, "generated_tokens": u.generated_tokens,
+                         "prompt_tokens": u.prompt_tokens, "cached_tokens": u.cached_tokens,
+                         "generated_tokens": u.generated_tokens,
                          "tokens_per_s": round(u.decode_tokens_per_second, 2),
                          "prefill_tokens_per_s": round(u.prefill_tokens_per_second, 2),
                          "summary": u.summary()}}

@@ -133,20 +133,52 @@ def describe_frame(name: str, obj, max_rows: int = 5, max_cols: int = 30) -> str
     return "\n".join(lines)
 
 
+def _series(ax, limit: int = 6) -> list[str]:
+    """The plotted series of an axes: each line's label, point count and y range; bars; scatters."""
+    import numpy as np
+
+    out = []
+    for line in ax.lines[:limit]:
+        label = line.get_label()
+        y = np.asarray(line.get_ydata(), dtype=float) if len(line.get_ydata()) else np.zeros(0)
+        finite = y[np.isfinite(y)] if y.size else y
+        span = f", y {finite.min():.4g}..{finite.max():.4g}" if finite.size else ""
+        out.append(f"line{'' if label.startswith('_') else ' ' + repr(label)} ({len(y)} points{span})")
+    if len(ax.lines) > limit:
+        out.append(f"{len(ax.lines) - limit} more lines")
+    if ax.patches:
+        out.append(f"{len(ax.patches)} bars/patches")
+    for coll in ax.collections[:limit]:
+        label = coll.get_label()
+        n = len(coll.get_offsets()) if hasattr(coll, "get_offsets") else 0
+        out.append(f"scatter/collection{'' if label.startswith('_') else ' ' + repr(label)} ({n} points)")
+    return out
+
+
+def figure_title(fig) -> str:
+    """The figure's title: its suptitle, else the first axes title that is set ("" when none)."""
+    sup = getattr(fig, "_suptitle", None)
+    if sup is not None and sup.get_text():
+        return sup.get_text()
+    return next((ax.get_title() for ax in fig.axes if ax.get_title()), "")
+
+
 def describe_figure(fig) -> str:
+    """Title, axes labels and series of a matplotlib figure (works on a closed figure too)."""
     parts = []
     for ax in fig.axes:
         bits = [f"title {ax.get_title()!r}" if ax.get_title() else "",
                 f"x {ax.get_xlabel()!r}" if ax.get_xlabel() else "",
                 f"y {ax.get_ylabel()!r}" if ax.get_ylabel() else "",
-                f"{len(ax.lines)} lines" if ax.lines else "",
-                f"{len(ax.patches)} bars/patches" if ax.patches else "",
-                f"{len(ax.collections)} scatter/collections" if ax.collections else ""]
+                *_series(ax)]
         legend = ax.get_legend()
-        if legend is not None:
+        labels = {line.get_label() for line in ax.lines} | {c.get_label() for c in ax.collections}
+        if legend is not None and not {t.get_text() for t in legend.get_texts()} <= labels:  # else: the series say it
             bits.append("legend " + ", ".join(t.get_text() for t in legend.get_texts()))
         parts.append("axes: " + "; ".join(b for b in bits if b))
-    return f"figure {fig.number}: " + (" | ".join(parts) if parts else "empty")
+    sup = getattr(fig, "_suptitle", None)
+    head = f"figure {fig.number}" + (f" {sup.get_text()!r}" if sup is not None and sup.get_text() else "")
+    return head + ": " + (" | ".join(parts) if parts else "empty")
 
 
 def open_figures() -> list:
@@ -161,7 +193,10 @@ def last_error(shell) -> str | None:
     etype, value, tb = getattr(sys, "last_type", None), getattr(sys, "last_value", None), getattr(sys, "last_traceback", None)
     if value is None:
         return None
-    text = "".join(traceback.format_exception(etype, value, tb))
+    try:
+        text = "".join(traceback.format_exception(etype, value, tb))
+    except Exception as exc:  # an exception that cannot be formatted
+        return f"(the last error could not be shown: {failure(exc)})"
     return text[-3000:]
 
 
@@ -169,6 +204,23 @@ def count_tokens(text: str, tokenizer=None) -> int:
     if tokenizer is not None:
         return len(tokenizer.encode(text))
     return len(text) // 3 + 1
+
+
+def select_frames(ns: dict, frames: list[str] | None) -> dict:
+    """The dataframes a request shows: those named (``--df``; ContextError for a name that is not
+    a DataFrame or Series here), else every DataFrame and Series of the user's."""
+    if not frames:
+        return {k: v for k, v in user_variables(ns).items() if is_frame(v)}
+    missing = [n for n in frames if n not in ns]
+    if missing:
+        known = sorted(k for k, v in user_variables(ns).items() if is_frame(v))
+        raise ContextError(f"no variable named {', '.join(missing)} in the notebook; dataframes here: "
+                           f"{', '.join(known) or 'none'}")
+    wrong = [n for n in frames if not is_frame(ns[n])]
+    if wrong:
+        raise ContextError(f"{', '.join(wrong)} is not a pandas DataFrame or Series "
+                           f"(it is a {type(ns[wrong[0]]).__name__})")
+    return {n: ns[n] for n in frames}
 
 
 def build_context(shell, *, frames: list[str] | None = None, budget_tokens: int = 2000, tokenizer=None,
@@ -180,23 +232,8 @@ def build_context(shell, *, frames: list[str] | None = None, budget_tokens: int 
     ns = shell.user_ns if shell is not None else {}
     ctx = NotebookContext()
     variables = user_variables(ns)
-    if frames:
-        missing = [n for n in frames if n not in ns]
-        if missing:
-            known = sorted(k for k, v in variables.items() if is_frame(v))
-            raise ContextError(f"no variable named {', '.join(missing)} in the notebook; dataframes here: "
-                               f"{', '.join(known) or 'none'}")
-        wrong = [n for n in frames if not is_frame(ns[n])]
-        if wrong:
-            raise ContextError(f"{', '.join(wrong)} is not a pandas DataFrame or Series "
-                               f"(it is a {type(ns[wrong[0]]).__name__})")
-        chosen = {n: ns[n] for n in frames}
-    else:
-        chosen = {k: v for k, v in variables.items() if is_frame(v)}
-    try:
-        error = last_error(shell)
-    except Exception as exc:  # an exception that cannot be formatted
-        error = f"(the last error could not be shown: {failure(exc)})"
+    chosen = select_frames(ns, frames)
+    error = last_error(shell)
     if error:
         ctx.sections.append(("The last error", error))
     for name, obj in chosen.items():

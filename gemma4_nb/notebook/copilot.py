@@ -1,7 +1,9 @@
 """The notebook copilot: one per kernel, behind ``%%gemma`` and the chat panels.
 
-It loads the model lazily, builds the notebook context for each request, keeps the conversation
-across cells (and, opted in, in a history file next to the notebook), and runs the agent.
+It loads the model lazily, keeps the conversation across cells as it was sent (and, opted in, in
+a history file next to the notebook), adds the notebook's snapshot or its changes to each
+question (``snapshot.py``, laid out by ``prompts.py`` so the prompt only grows at its end), and
+runs the agent.
 """
 
 from __future__ import annotations
@@ -16,15 +18,36 @@ from pathlib import Path
 
 from ..backends.local import LocalBackend
 from ..errors import Gemma4Error
-from ..runtime.chat_template import PLAIN_STOPS, plain_prompt
-from .agent import APPROVALS, CODE_PRIMER, Agent, AgentResult, AgentSettings
-from .context import build_context
+from .agent import APPROVALS, CODE_PRIMER, TOOLS, Agent, AgentResult, AgentSettings
+from .prompts import (
+    QUESTION_STOPS,
+    SYSTEM_PROMPT,
+    chat_messages,
+    conversation_chars,
+    plain_block,
+    plain_conversation,
+    plain_question,
+    storable,
+    trim_conversation,
+    user_turn,
+)
+from .snapshot import NotebookView, Update
+
+__all__ = ["SYSTEM_PROMPT", "Copilot", "PreparedRequest", "Settings", "get_copilot"]
 
 LOCAL = "local"  # backend_url: the in-kernel model, whatever $GEMMA4_NB_BACKEND_URL says
 
-SYSTEM_PROMPT = """You are gemma4-nb, a data-science assistant inside the user's Jupyter notebook, running \
-privately on their machine. You see the user's live data below. Answer concisely in Markdown. When code \
-helps, write short Python that uses the variables shown; do not invent data."""
+
+@dataclass
+class PreparedRequest:
+    """A request rendered for the backend, not yet sent."""
+
+    turn: dict  # the user turn it adds to the conversation
+    update: Update | None  # its notebook part (None: without the notebook context)
+    messages: list[dict] | None = None  # the chat layout
+    text: str | None = None  # the plain layout (a base model): the whole prompt
+    prefix: str = ""  # the plain layout: the conversation and this turn's notebook block
+    context: str = ""  # one line: what the model will have seen of the notebook
 
 
 @dataclass
@@ -94,7 +117,11 @@ class Copilot:
         self.settings = Settings()
         self.backend = None
         self.model = None
-        self.turns: list[dict] = []
+        self.turns: list[dict] = []  # the conversation as sent (prompts.py)
+        self.view = NotebookView(shell)  # what the model has seen of the notebook in this conversation
+        # The tools are declared in the system turn, the prompt's first: from a conversation's first
+        # agent request on, every request declares them, so they never change the prefix again.
+        self.tools_declared = False
         self.frontend = None  # the chat sidebar's connection, when present
         self.draft = True  # speculative drafting for requests (a cell's --no-draft turns it off for that cell)
         self.lock = threading.Lock()  # one request at a time: %%gemma cells and the chat panels share the model
@@ -168,7 +195,8 @@ class Copilot:
         m = self.model
         u = m.last_usage
         kv = m.cache.kv.memory() if m.cache.kv is not None else {}
-        lines = [repr(m), f"approval: {self.settings.approval}; conversation: {len(self.turns) // 2} turns",
+        turns = sum(t["role"] == "user" for t in self.turns)
+        lines = [repr(m), f"approval: {self.settings.approval}; conversation: {turns} turns",
                  f"KV cache: {sum(v for k, v in kv.items() if k in ('sliding', 'full')) / 2**20:.1f} MiB, "
                  f"{len(m.cache.ids)} positions",
                  f"drafting: {m.drafter!r}" + ("" if self.draft else " (off: --no-draft)")]
@@ -198,11 +226,13 @@ class Copilot:
 
     def _save_history(self) -> None:
         if self.settings.history_file:
-            data = {"turns": self.turns, "settings": asdict(self.settings)}
+            data = {"turns": storable(self.turns), "settings": asdict(self.settings)}
             self.history_path().write_text(json.dumps(data, indent=1), encoding="utf-8")
 
     def reset(self) -> None:
         self.turns = []
+        self.view.reset()
+        self.tools_declared = False
         if self.model is not None:
             self.model.reset()
         if self.settings.history_file and self.history_path().is_file():
@@ -210,24 +240,54 @@ class Copilot:
 
     # -- a request --------------------------------------------------------------------------
 
-    def messages(self, question: str, *, frames=None, images=(), audios=(), use_context=True) -> list[dict]:
-        system = SYSTEM_PROMPT
-        images = list(images)
+    @property
+    def plain(self) -> bool:
+        """The backend is a base model: it is asked with plain text, not chat turns."""
+        return bool(getattr(self.backend, "base_model", False))
+
+    def context_budget(self) -> int:
+        budget = self.settings.context_tokens
+        if self.model is not None:  # leave most of a small context window to the conversation
+            budget = min(budget, self.model.max_context // 4)
+        return budget
+
+    def prepare(self, question: str, *, frames=None, images=(), audios=(), use_context=True,
+                agent=False) -> PreparedRequest:
+        """The next request as the backend will get it: the conversation so far, then this
+        question with the notebook's snapshot (the conversation's first) or what changed since.
+        Nothing is sent or remembered (``%gemma context`` shows it)."""
+        update = None
         if use_context:
             tok = self.model.tokenizer if self.model is not None else None
-            budget = self.settings.context_tokens
-            if self.model is not None:  # leave most of a small context window to the conversation
-                budget = min(budget, self.model.max_context // 4)
-            ctx = build_context(self.shell, frames=frames, budget_tokens=budget, tokenizer=tok)
-            if ctx.sections:
-                system += "\n\n# The notebook\n" + ctx.render()
-            if ctx.figures and self.backend is not None and self.backend.supports_images:
-                images += ctx.figures  # a vision model sees the open plots themselves
-        content: list[dict] | str = question
-        if images or audios:
-            content = [{"type": "image", "image": i} for i in images] + \
-                      [{"type": "audio", "audio": a} for a in audios] + [{"type": "text", "text": question}]
-        return [{"role": "system", "content": system}, *self.turns, {"role": "user", "content": content}]
+            update = self.view.update(question, budget=self.context_budget(), tokenizer=tok, frames=frames)
+        attached = len(images) + len(audios)
+        images = list(images)
+        if update is not None and update.figures and self.backend is not None and self.backend.supports_images:
+            images += update.figures  # a vision model sees the new plots themselves
+        media = [{"type": "image", "image": i} for i in images] + [{"type": "audio", "audio": a} for a in audios]
+        turn = user_turn(question, update, media, attachments=attached)
+        context = self.view.summary(update) if update is not None else "no notebook context"
+        if self.plain:
+            prefix = plain_conversation(self.turns) + plain_block(turn)
+            text = prefix + self.code_prompt(question, frames) if agent else plain_question(self.turns, turn)
+            return PreparedRequest(turn, update, text=text, prefix=prefix, context=context)
+        return PreparedRequest(turn, update, messages=chat_messages([*self.turns, turn]), context=context)
+
+    def _trim(self) -> None:
+        """Drop the oldest exchanges when the conversation would crowd the model's context (its
+        size: the last request's prompt and reply, as the runtime counted them)."""
+        u = self.model.last_usage if self.model is not None else None
+        if u is None or not self.turns:
+            return
+        room = self.model.max_context - self.settings.max_new_tokens - self.context_budget() - 64  # the question
+        size = u.prompt_tokens + u.generated_tokens
+        if size <= room:
+            return
+        chars_per_token = conversation_chars(self.turns) / max(size, 1)
+        kept = trim_conversation(self.turns, int(max(room, 0) * chars_per_token))
+        if kept is not self.turns:
+            self.turns = kept
+            self.view.reset()  # the snapshot may have gone with them: the next request sends one
 
     def code_prompt(self, question: str, frames=None) -> str:
         """A commented Python prompt for models that complete code rather than call tools."""
@@ -248,13 +308,6 @@ class Copilot:
         lines += [f"# Task: {question.strip()}", "# One line of pandas, result in `result`:", "", primer]
         return "\n".join(lines)
 
-    @staticmethod
-    def qa_prompt(messages: list[dict]) -> str:
-        """The request as plain text for a base model: notebook data, earlier turns, the question."""
-        system = messages[0]["content"]
-        context = system.split("# The notebook\n", 1)[1] if "# The notebook\n" in system else ""
-        return plain_prompt(messages[1:], preamble=f"Notebook data:\n{context}" if context else "")
-
     def sampling(self) -> dict:
         out = {"max_new_tokens": self.settings.max_new_tokens, "draft": self.draft}
         if self.settings.temperature is not None:
@@ -262,32 +315,60 @@ class Copilot:
         return out
 
     def ask(self, question: str, *, agent: bool = False, frames=None, images=(), audios=(), use_context=True,
-            on_text=None, ask_approval=None, on_event=None, workspace=None, sampling: dict | None = None) -> AgentResult:
-        """One request. ``sampling`` overrides the settings for this request only (a cell's flags)."""
+            on_text=None, ask_approval=None, on_event=None, workspace=None, should_stop=None,
+            sampling: dict | None = None) -> AgentResult:
+        """Answer ``question`` (``agent``: write and run cells for it). ``sampling`` overrides the
+        settings for this request only (a cell's flags); ``should_stop`` is asked at every token, and
+        True ends the reply there (a chat panel's Stop)."""
         if not question.strip() and not images and not audios:
             raise Gemma4Error("the cell is empty: write a question under %%gemma")
         sampling = {**self.sampling(), **(sampling or {})}
         backend = self.ensure_model()
         if hasattr(backend, "cancelled"):
             backend.cancelled.clear()  # a Stop meant for an earlier request does not carry over
-        messages = self.messages(question, frames=frames, images=images, audios=audios, use_context=use_context)
+        self._trim()
+        req = self.prepare(question, frames=frames, images=images, audios=audios, use_context=use_context,
+                           agent=agent)
+        if should_stop is not None:
+            sampling["should_stop"] = should_stop
+        turn, added = req.turn, None
         if agent:
             from .workspace import KernelWorkspace
 
             ws = workspace or KernelWorkspace(self.shell, self.frontend)
             runner = Agent(backend, ws, AgentSettings(self.settings.approval, self.settings.max_steps),
                            ask=ask_approval, on_event=on_event, sampling=sampling)
-            result = runner.run(messages, on_text=on_text, code_prompt=self.code_prompt(question, frames))
+            code_prompt = req.text if self.plain else self.code_prompt(question, frames)
+            result = runner.run(req.messages or [], on_text=on_text, code_prompt=code_prompt)
             if hasattr(ws, "flush"):
                 ws.flush()
-        elif getattr(backend, "base_model", False):  # a base model answers a plain Q&A prompt better
-            reply = backend.complete_text(self.qa_prompt(messages), stop=PLAIN_STOPS,
-                                          on_text=on_text, **sampling)
+            self.tools_declared = self.tools_declared or bool(getattr(backend, "supports_tools", False))
+            if self.plain and result.transcript is not None and result.transcript.startswith(req.prefix):
+                turn = {**turn, "agent": True}  # the task is in the transcript, as the model saw it
+                added = [{"role": "assistant", "content": result.answer,
+                          "transcript": result.transcript[len(req.prefix):]}]
+            elif result.messages and not self.plain:
+                added = list(result.messages)
+        elif self.plain:  # a base model answers a plain Q&A prompt better
+            reply = backend.complete_text(req.text, stop=QUESTION_STOPS, on_text=on_text, **sampling)
             result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
+            added = [{"role": "assistant", "content": result.answer, "generated": reply.text}]
         else:
-            reply = backend.complete(messages, on_text=on_text, **sampling)
-            result = AgentResult(answer=reply.text.strip(), stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
-        note = " [with attachments]" if (images or audios) else ""
-        self.turns += [{"role": "user", "content": question + note}, {"role": "assistant", "content": result.answer}]
+            reply = backend.complete(req.messages, tools=TOOLS if self.tools_declared else None, on_text=on_text,
+                                     **sampling)
+            answer = reply.text.strip()
+            if reply.tool_calls:  # the tools are declared (an earlier agent request), but this is a question
+                answer += "\n\n*(the model wanted to run code: ask with `--agent`, or tick Agent, to let it)*"
+                added = [{"role": "assistant", "content": reply.text,
+                          "tool_calls": [c.as_message_part() for c in reply.tool_calls]}]
+            result = AgentResult(answer=answer, stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
+        if not added or added[-1]["role"] != "assistant":
+            added = [*(added or []), {"role": "assistant", "content": result.answer}]
+        if req.update is not None:
+            self.view.commit(req.update)
+        if agent:
+            self.view.mark_agent_work_seen()  # the agent's own cells and their error: the model saw them
+        self.turns += [turn, *added]
         self._save_history()
+        result.context = req.context
         return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import html
 import shlex
 import time
 
@@ -32,7 +33,8 @@ HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--n
 %gemma approval ask|auto|never   ask before running generated code (default), run it, or never
 %gemma backend URL [--model NAME] [--no-tools]   use an OpenAI-compatible server (vLLM,
                            llama.cpp, Ollama); `%gemma backend local` returns to the in-kernel model
-%gemma context [--df NAME] show what the model would see
+%gemma context [--df NAME] show what the next question would carry of the notebook (the whole
+                           snapshot first, then what changed since the last question)
 %gemma panel               a chat panel (ipywidgets) with Send, Stop, attachments
 %gemma history             the conversation so far
 %gemma reset               forget the conversation (and the cached prompt)
@@ -167,10 +169,15 @@ class GemmaMagics(Magics):
         final = notes + result.answer
         if args.agent and result.cells:
             final = stream.text.rstrip() + ("\n\n" + result.answer if result.answer not in stream.text else "")
+        seen = f"context: {result.context}" if result.context else ""
         cut = "".join(f"\n\n*({note})*" for note in result.notes)
-        stream.close(final + cut + ("\n\n*(stopped)*" if result.stopped else ""))
-        if c.last_usage is not None and not rich:
-            print(f"[{c.last_usage.summary()}]")
+        stream.close(final + cut + ("\n\n*(stopped)*" if result.stopped else "")
+                     + (f"\n\n<sub>{html.escape(seen)}</sub>" if seen and rich else ""))
+        if not rich:
+            if seen:
+                print(f"[{seen}]")
+            if c.last_usage is not None:
+                print(f"[{c.last_usage.summary()}]")
 
     def _line(self, line: str):
         parts = _split(line)
@@ -218,10 +225,15 @@ class GemmaMagics(Magics):
                 print(f"approval = {c.settings.approval}")
         elif cmd == "context":
             frames = [rest[i + 1] for i, a in enumerate(rest[:-1]) if a == "--df"] or None
-            from .context import build_context
-
-            ctx = build_context(self.shell, frames=frames, budget_tokens=c.settings.context_tokens)
-            print(ctx.render() or "(nothing to show: no dataframes, figures or recent cells)")
+            req = c.prepare("", frames=frames)
+            print(f"context: {req.context}")
+            if req.update is not None and req.update.text:
+                print(("the whole snapshot (the conversation's first question carries it):" if req.update.full
+                       else "what changed since the last question:") + "\n\n" + req.update.text)
+            elif req.update is not None and req.update.full:
+                print("(nothing to show: no dataframes, figures or recent cells)")
+            else:
+                print("(nothing changed since the last question)")
         elif cmd == "panel":
             from IPython.display import display
 
@@ -232,7 +244,8 @@ class GemmaMagics(Magics):
             if not c.turns:
                 print("(no conversation yet)")
             for t in c.turns:
-                print(f"{t['role']}: {t['content']}\n")
+                note = " [with attachments]" if t.get("attachments") else ""
+                print(f"{t['role']}: {t['content']}{note}\n")
         elif cmd == "reset":
             c.reset()
             print("conversation cleared")

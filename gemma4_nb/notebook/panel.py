@@ -109,6 +109,8 @@ class ChatPanel:
             items = [self._code_row(code) for code in ev.get("code_blocks", [])]
             if u:
                 items.append(self.w.HTML(f"<small class='gemma4-usage'>{u['generated_tokens']} tokens, {u['tokens_per_s']:.1f} tokens/s</small>"))
+            if ev.get("context"):
+                items.append(self.w.HTML(f"<small class='gemma4-context'>context: {html.escape(ev['context'])}</small>"))
             self.history.children = (*self.history.children, *items)
             self._done()
         elif kind == "error":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -20,7 +20,7 @@ class Usage:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    finish_reason: str | None = None  # "eos", "stop_string", "length", "interrupted"
+    finish_reason: str | None = None  # "eos", "stop_string", "length", "interrupted" (Stop, Ctrl-C)
     drafting: object | None = None  # speculative.DraftStats when drafting was on
 
     @property
@@ -60,6 +60,9 @@ class GenerationRequest:
     stop_token_ids: frozenset[int] = frozenset()
     stop_strings: tuple[str, ...] = ()
     prompt: object | None = None  # a multimodal.PreparedPrompt when the prompt holds media
+    # asked between prefill chunks and before every decode step, hidden tokens included: True ends
+    # the generation there (finish_reason "interrupted"); a chat panel's Stop button sets it
+    should_stop: Callable[[], bool] | None = None
 
 
 def check_request(req: GenerationRequest, context_length: int) -> int:
@@ -77,17 +80,20 @@ def check_request(req: GenerationRequest, context_length: int) -> int:
     return min(req.max_new_tokens, context_length - n)
 
 
-def prefill(model, ids: list[int], prefix, chunk: int, start: int = 0, prompt=None):
+def prefill(model, ids: list[int], prefix, chunk: int, start: int = 0, prompt=None, should_stop=None):
     """Run ``ids[start:]`` through the model ``chunk`` tokens at a time (bounded activation
     memory); logits only for the last position. A chunk never splits an image (its tokens attend
     to each other both ways). Each finished chunk is recorded in ``prefix`` at once, so an
-    interrupted prefill leaves a consistent, reusable cache."""
+    interrupted prefill leaves a consistent, reusable cache. Returns None when ``should_stop()``
+    said so before a chunk."""
     from .decoder import SoftTokens
 
     keys = prompt.keys if prompt is not None else ids
     atomic = prompt.atomic if prompt is not None else ()
     out, pos = None, start
     while pos < len(ids):
+        if should_stop is not None and should_stop():
+            return None
         end = min(pos + chunk, len(ids))
         for a, b in atomic:
             if a < end < b:
@@ -133,7 +139,13 @@ def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usag
         usage.cached_tokens = prefix.prepare(req.prompt.keys, req.prompt.atomic)
     else:
         usage.cached_tokens = prefix.prepare(req.prompt_ids)
-    out = prefill(model, req.prompt_ids, prefix, prefill_chunk, start=usage.cached_tokens, prompt=req.prompt)
+    stop = req.should_stop
+    out = prefill(model, req.prompt_ids, prefix, prefill_chunk, start=usage.cached_tokens, prompt=req.prompt,
+                  should_stop=stop)
+    if out is None:
+        usage.prefill_seconds = time.perf_counter() - t0
+        usage.finish_reason = "interrupted"
+        return
     token = sampler(out.logits[-1])
     usage.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -149,6 +161,9 @@ def generate_ids(model, req: GenerationRequest, context_length: int, usage: Usag
             yield token
             if step + 1 == budget:
                 break
+            if stop is not None and stop():
+                usage.finish_reason = "interrupted"
+                return
             token = _next_token(model, token, prefix, sampler)
         usage.finish_reason = "length"
     except KeyboardInterrupt:
@@ -191,6 +206,9 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
 
     while True:
         if (yield from emit(token)):
+            return
+        if req.should_stop is not None and req.should_stop():
+            usage.finish_reason = "interrupted"
             return
         t_draft = time.perf_counter()
         drafts = drafter.propose(history, min(k.k, budget - usage.generated_tokens),

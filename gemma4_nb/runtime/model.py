@@ -133,8 +133,10 @@ class Model:
     # -- generation ---------------------------------------------------------------------------
 
     def request(self, prompt_ids: list[int], max_new_tokens: int, stop: str | Iterable[str] | None = None,
-                prompt: PreparedPrompt | None = None, **sampling) -> GenerationRequest:
-        """A checked generation request (token ids in range, sampling over the model's defaults)."""
+                prompt: PreparedPrompt | None = None, should_stop=None, **sampling) -> GenerationRequest:
+        """A checked generation request (token ids in range, sampling over the model's defaults).
+        ``should_stop``: a callable asked between prefill chunks and before every decode step;
+        True ends the generation there."""
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if any(not isinstance(s, str) for s in stops):
             raise PromptError(f"stop must be a string or a list of strings, got {stop!r:.80}")
@@ -151,6 +153,7 @@ class Model:
             stop_token_ids=self.stop_token_ids,
             stop_strings=tuple(s for s in stops if s),
             prompt=prompt,
+            should_stop=should_stop,
         )
 
     def drafter_for(self, draft: bool | None):

@@ -9,6 +9,7 @@ import {
   codeBlocks,
   downmixResample,
   encodeWav,
+  formatContext,
   formatStatus
 } from './protocol';
 
@@ -31,6 +32,19 @@ describe('ChatModel', () => {
     expect(m.busy).toBe(false);
     expect(m.turns[1]).toMatchObject({ text: 'Use it', streaming: false, codeBlocks: ['df.a.sum()'] });
     expect(m.turns[1].usage?.tokens_per_s).toBe(12.5);
+  });
+
+  it('keeps the line on what the model saw of the notebook', () => {
+    const m = new ChatModel();
+    m.apply({ type: 'start', id: 'r', text: 'warmest?', attachments: [] });
+    expect(formatContext(m.turns[1])).toBe('');
+    m.apply({
+      type: 'done', id: 'r', text: 'Lima', stopped: false, code_blocks: [],
+      usage: { prompt_tokens: 310, cached_tokens: 290, generated_tokens: 2, tokens_per_s: 20 },
+      context: 'weather 21x4 · figure "Daily temperature" · 3 cells · last error'
+    });
+    expect(formatContext(m.turns[1])).toBe('context: weather 21x4 · figure "Daily temperature" · 3 cells · last error');
+    expect(m.turns[1].usage?.cached_tokens).toBe(290);
   });
 
   it('marks a stopped reply and keeps the partial text', () => {

@@ -23,6 +23,7 @@ export interface Attachment {
 
 export interface Usage {
   prompt_tokens: number;
+  cached_tokens?: number; // prompt tokens reused from the previous request's cache
   generated_tokens: number;
   tokens_per_s: number;
   prefill_tokens_per_s?: number;
@@ -56,6 +57,7 @@ export type KernelMessage =
       code_blocks: string[];
       notes?: string[];
       usage: Usage | null;
+      context?: string; // one line: what the model saw of the notebook
     }
   | { type: 'error'; id?: string | null; message: string }
   | { type: 'stopping'; id: string | null; running: boolean }
@@ -79,6 +81,7 @@ export interface Turn {
   streaming?: boolean;
   stopped?: boolean;
   usage?: Usage | null;
+  context?: string;
   approvalId?: string;
   answered?: boolean;
 }
@@ -153,6 +156,7 @@ export class ChatModel {
         t.stopped = msg.stopped;
         t.codeBlocks = msg.code_blocks || [];
         t.usage = msg.usage;
+        t.context = msg.context;
         this.busy = false;
         break;
       }
@@ -300,4 +304,9 @@ export function formatStatus(s: Status | null): string {
     parts.push(`${s.tokens_per_s.toFixed(1)} tokens/s`);
   }
   return parts.join(' · ');
+}
+
+/** The line under an answer: what the model saw of the notebook ("" when the kernel said nothing). */
+export function formatContext(t: Turn): string {
+  return t.context ? `context: ${t.context}` : '';
 }

@@ -17,6 +17,7 @@ import {
   classifyFile,
   downmixResample,
   encodeWav,
+  formatContext,
   formatStatus
 } from './protocol';
 
@@ -396,6 +397,9 @@ export class ChatSidebar extends Widget {
       box.append(
         el('div', 'g4-usage', `${t.usage.generated_tokens} tokens · ${t.usage.tokens_per_s.toFixed(1)} tokens/s`)
       );
+    }
+    if (formatContext(t) && !t.streaming) {
+      box.append(el('div', 'g4-context', formatContext(t)));
     }
     return box;
   }
