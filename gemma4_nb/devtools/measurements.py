@@ -145,7 +145,7 @@ def drafting_speed(model_ref: str | None, new_tokens: int = 128, quant: str | No
     (``quant``: int8/int4 weights; ``repeat``: the best of that many runs of each)."""
     from ..runtime.model import load
 
-    model = load(model_ref, device="cpu", dtype="fp32", quant=quant, progress=False)
+    model = load(model_ref, device="cpu", dtype="fp32", quant=quant, progress=False, drafting="prompt_lookup")
     print(f"model: {model.source.name}   weights: {quant or 'fp32'}   threads: {torch.get_num_threads()}   "
           f"{new_tokens} greedy tokens per prompt, best of {repeat}")
 
