@@ -321,34 +321,30 @@ def _check_activations(xa):
         raise TypeError(f"expected an activation tuple (xq, xd, xs) or (xq, xq2, xd, xd2, xs, xs1), got {xa}")
 
 
-@intrinsic
-def dot_int8(typingctx, xa, t, codes, scales, n):
-    _check_activations(xa)
-    _check((codes, _WEIGHT), (scales, _FLOAT))
-    sig = types.float32(xa, t, codes, scales, n)
+def _one_table(mode: str, rows: int = 1):
+    """The intrinsic ``dot[rows]_<mode>`` of a layout with one table beside its codes (``int8``: a
+    scale per group; ``int4``: the super-blocks' metadata): :func:`_qdot` with that table as both of
+    its side arguments, for one activation row (a float32) or ``rows`` of them (a tuple)."""
+    ret = types.float32 if rows == 1 else types.UniTuple(types.float32, rows)
 
-    def codegen(context, builder, signature, args):
-        xa, t, codes, scales, n = args
-        a = signature.args
-        full = types.float32(a[0], a[1], a[2], a[3], a[3], a[4])
-        return _qdot(context, builder, full, (xa, t, codes, scales, scales, n), "int8")
+    def typer(typingctx, xa, t, codes, table, n):
+        _check_activations(xa)
+        _check((codes, _WEIGHT), (table, _FLOAT))
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            xa, t, codes, table, n = args
+            a = signature.args
+            full = ret(a[0], a[1], a[2], a[3], a[3], a[4])
+            return _qdot(context, builder, full, (xa, t, codes, table, table, n), mode, rows=rows)
+
+        return ret(xa, t, codes, table, n), codegen
+
+    typer.__name__ = f"dot{'' if rows == 1 else rows}_{mode}"
+    return intrinsic(typer)
 
 
-@intrinsic
-def dot_int4(typingctx, xa, t, codes, meta, n):
-    _check_activations(xa)
-    _check((codes, _WEIGHT), (meta, _FLOAT))
-    sig = types.float32(xa, t, codes, meta, n)
-
-    def codegen(context, builder, signature, args):
-        xa, t, codes, meta, n = args
-        a = signature.args
-        full = types.float32(a[0], a[1], a[2], a[3], a[3], a[4])
-        return _qdot(context, builder, full, (xa, t, codes, meta, meta, n), "int4")
-
-    return sig, codegen
+dot_int8 = _one_table("int8")
+dot_int4 = _one_table("int4")
 
 
 def _multi(rows: int):
@@ -357,39 +353,14 @@ def _multi(rows: int):
     ``rows``-tuple; each weight group is loaded and unpacked once for all of them)."""
     ret = types.UniTuple(types.float32, rows)
 
-    def int8(typingctx, xa, t, codes, scales, n):
-        _check_activations(xa)
-        _check((codes, _WEIGHT), (scales, _FLOAT))
-
-        def codegen(context, builder, signature, args):
-            xa, t, codes, scales, n = args
-            a = signature.args
-            full = ret(a[0], a[1], a[2], a[3], a[3], a[4])
-            return _qdot(context, builder, full, (xa, t, codes, scales, scales, n), "int8", rows=rows)
-
-        return ret(xa, t, codes, scales, n), codegen
-
-    def int4(typingctx, xa, t, codes, meta, n):
-        _check_activations(xa)
-        _check((codes, _WEIGHT), (meta, _FLOAT))
-
-        def codegen(context, builder, signature, args):
-            xa, t, codes, meta, n = args
-            a = signature.args
-            full = ret(a[0], a[1], a[2], a[3], a[3], a[4])
-            return _qdot(context, builder, full, (xa, t, codes, meta, meta, n), "int4", rows=rows)
-
-        return ret(xa, t, codes, meta, n), codegen
-
     def planes(typingctx, xa, t, high, low, scales, n):
         _check_activations(xa)
         _check((high, _WEIGHT), (low, _WEIGHT), (scales, _FLOAT))
         return ret(xa, t, high, low, scales, n), \
             lambda context, builder, sig, args: _qdot(context, builder, sig, args, "planes", rows=rows)
 
-    for fn, name in ((int8, "int8"), (int4, "int4"), (planes, "planes")):
-        fn.__name__ = f"dot{rows}_{name}"
-    return intrinsic(int8), intrinsic(int4), intrinsic(planes)
+    planes.__name__ = f"dot{rows}_planes"
+    return _one_table("int8", rows), _one_table("int4", rows), intrinsic(planes)
 
 
 dot2_int8, dot2_int4, dot2_planes = _multi(2)
