@@ -124,7 +124,18 @@ def prefill_dtype(fmt: str = "int4") -> torch.dtype:
         return torch.bfloat16
     if asked == "fp32":
         return torch.float32
+    if asked not in ("", "auto"):
+        _warn_prefill_setting(asked)
     return torch.bfloat16 if fmt == "int4" and native_bf16() else torch.float32
+
+
+@lru_cache(maxsize=None)
+def _warn_prefill_setting(asked: str) -> None:
+    """Once per value: a misspelt setting must not stop a generation, nor go unnoticed."""
+    import warnings
+
+    warnings.warn(f"${PREFILL_ENV}={asked!r} is not a prefill dtype: use auto, bf16 or fp32 (auto is used)",
+                  stacklevel=4)
 
 
 def fused_cpu(weight) -> bool:

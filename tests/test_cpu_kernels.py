@@ -157,6 +157,9 @@ def test_bf16_prefill_products(fmt, gen, monkeypatch):
     assert ops.prefill_dtype("int4") == (torch.bfloat16 if ops.native_bf16() else torch.float32)
     monkeypatch.setattr(ops, "native_bf16", lambda: False)
     assert ops.prefill_dtype("int4") == torch.float32
+    monkeypatch.setenv(ops.PREFILL_ENV, f"bfloat-{fmt}")  # a misspelt value: a warning naming it (once), then auto
+    with pytest.warns(UserWarning, match=f"GEMMA4_NB_PREFILL='bfloat-{fmt}' is not a prefill dtype: use auto, bf16 or fp32"):
+        assert ops.prefill_dtype("int4") == torch.float32
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
