@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nbformat
 import pytest
+from kernel_helpers import execute as run_in_kernel
 from nbclient import NotebookClient
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.ipynb"))
@@ -122,33 +121,15 @@ def test_interrupt_stops_generation_and_keeps_the_partial_answer(tmp_path):
     try:
         kc.wait_for_ready(timeout=60)
 
-        def execute(code, interrupt_after=None, timeout=120):
-            msg_id = kc.execute(code)
-            outputs, deadline, sent = [], time.time() + timeout, False
-            while time.time() < deadline:
-                if interrupt_after is not None and not sent and time.time() > start + interrupt_after:
-                    km.interrupt_kernel()
-                    sent = True
-                try:
-                    msg = kc.get_iopub_msg(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if msg["parent_header"].get("msg_id") != msg_id:
-                    continue
-                if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                    break
-                outputs.append(msg)
-            return outputs
+        def execute(code, interrupt_after=None):
+            return run_in_kernel(km, kc, code, interrupt_after=interrupt_after)[0]
 
-        start = time.time()
         execute(f"%load_ext gemma4_nb\n%gemma model {tiny_dir}\ny = 123")
         execute("%%gemma --max-new-tokens 8\nwarm up")  # loads the model
-        start = time.time()
         outs = execute("%%gemma --max-new-tokens 3000 --temperature 0\nWrite a very long essay.", interrupt_after=1.5)
         text = " ".join(str(m["content"].get("data", {}).get("text/markdown", "")) for m in outs)
         assert "(stopped)" in text
         assert not any(m["msg_type"] == "error" for m in outs)
-        start = time.time()
         outs = execute("print(y)\n%gemma status")
         printed = " ".join(m["content"].get("text", "") for m in outs if m["msg_type"] == "stream")
         assert "123" in printed and "finish: interrupted" in printed

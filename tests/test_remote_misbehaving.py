@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
+from kernel_helpers import execute as run_in_kernel
 
 from gemma4_nb.backends.openai_compat import OpenAIBackend, RemoteError
 from gemma4_nb.notebook.agent import Agent, AgentSettings
@@ -300,22 +301,8 @@ def test_the_kernel_interrupt_stops_a_wait_for_a_silent_server(bad_server, tmp_p
     try:
         kc.wait_for_ready(timeout=60)
         kc.execute_interactive(f"%load_ext gemma4_nb\n%gemma backend {bad_server}/silent --no-tools", timeout=60)
-        start = time.time()
-        msg_id = kc.execute("%%gemma\nhello?")
-        texts, interrupted = [], False
-        while time.time() - start < 60:
-            if not interrupted and time.time() - start > 1.5:
-                km.interrupt_kernel()
-                interrupted = time.time()
-            try:
-                msg = kc.get_iopub_msg(timeout=0.2)
-            except queue.Empty:
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
-            texts.append(json.dumps(msg["content"]))
+        messages, interrupted = run_in_kernel(km, kc, "%%gemma\nhello?", interrupt_after=1.5, timeout=60)
+        texts = [json.dumps(m["content"]) for m in messages]
         took = time.time() - interrupted
         assert took < 5, took  # not the 60 s first-byte limit
         assert "(stopped)" in " ".join(texts) and '"ename"' not in " ".join(texts)
