@@ -325,26 +325,28 @@ def test_row_dot_intrinsics(fmt, shape, gen):
     close(out, want, rel=1e-5)
 
 
-def test_products_without_vnni(tmp_path):
-    """Machines without AVX-VNNI run the same integer sums in fp32 arithmetic (kernels/simd.py):
+@pytest.mark.parametrize("setting", ["HAS_VNNI = WIDE = False", "WIDE = False"], ids=["no-vnni", "vnni-256"])
+def test_products_without_vnni(setting, tmp_path):
+    """Machines without AVX-VNNI run the same integer sums in fp32 arithmetic, and machines with
+    256-bit VNNI only (AVX-VNNI) one group per instruction instead of two (kernels/simd.py):
     compiled that way in a fresh process (its own numba cache), every layout's product and the
     screened head still match the reference."""
-    code = """
+    code = f"""
 import numpy as np, torch
 from gemma4_nb.kernels import simd
-simd.HAS_VNNI = False  # before any kernel compiles
+simd.{setting}  # before any kernel compiles
 from gemma4_nb.kernels import cpu_numba as nb, ops
 from gemma4_nb.kernels.qweight import quantize_weight, to_planes
 from quant_reference import fake_quant_for
 g = torch.Generator().manual_seed(5)
 worst = 0.0
 for fmt in ("int8", "int4", "planes"):
-    w = quantize_weight(torch.randn(300, 224, generator=g), "int4" if fmt == "int4" else "int8")
+    w = quantize_weight(torch.randn(300, 352, generator=g), "int4" if fmt == "int4" else "int8")
     w = to_planes(w) if fmt == "planes" else w
-    x = torch.randn(2, 224, generator=g)
+    x = torch.randn(2, 352, generator=g)
     want = fake_quant_for(x, w) @ w.dequantize().t()
     worst = max(worst, float((ops.linear(x, w) - want).abs().max() / want.abs().max()))
-h = torch.randn(224, generator=g)
+h = torch.randn(352, generator=g)
 _, ids = ops.head_topk(h, w, None, 5)
 assert torch.equal(ids, (fake_quant_for(h[None], w) @ w.dequantize().t())[0].topk(5).indices)
 print(worst)
