@@ -345,9 +345,17 @@ def head_logits(hidden: torch.Tensor, head, cap: float | None) -> torch.Tensor:
 
 def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, token ids) of the soft-capped logits of one position ``hidden``
-    (``[hidden]`` or ``[1, hidden]``). For a quantized head on the CPU the logits are never
-    materialized; otherwise they are computed with :func:`linear` and ranked with torch."""
-    h = hidden.reshape(1, -1)
+    (``[hidden]`` or ``[1, hidden]``): :func:`head_topk_rows` of that one row."""
+    vals, ids = head_topk_rows(hidden.reshape(1, -1), head, cap, k)
+    return vals[0], ids[0]
+
+
+def head_topk_rows(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` ``(values [N, k], token ids [N, k])`` of the soft-capped logits of each position of
+    ``hidden`` ``[N, hidden]``. For a quantized head on the CPU the logits are never materialized
+    and each head row is read once for all positions (a verification's positions); otherwise they
+    are computed with :func:`linear` and ranked with torch."""
+    h = hidden.reshape(-1, hidden.shape[-1])
     if fused_cpu(head):
         row_err = policy = None
         if head.planes:
@@ -355,6 +363,4 @@ def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[to
             policy = head.__dict__.setdefault("_screen_policy", _nb().ScreenPolicy())
         vals, ids = _nb().head_topk(_np(h), kernel_weight(head), k, cap, row_err=row_err, policy=policy)
         return torch.from_numpy(vals), torch.from_numpy(ids)
-    logits = head_logits(h, head, cap)[0]
-    vals, ids = torch.topk(logits, k)
-    return vals, ids
+    return torch.topk(head_logits(h, head, cap), k, dim=-1)

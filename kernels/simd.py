@@ -408,38 +408,34 @@ dot_int8 = _one_table("int8")
 dot_int4 = _one_table("int4")
 
 
-def _multi(rows: int):
-    """``dot{rows}_int8``, ``dot{rows}_int4`` and ``dot{rows}_planes``: :func:`dot_int8`,
-    :func:`dot_int4` and :func:`dot_planes` for activation rows ``t .. t + rows - 1`` at once (a
-    ``rows``-tuple; each weight group is loaded and unpacked once for all of them)."""
-    ret = types.UniTuple(types.float32, rows)
+def _two_planes(mode: str, rows: int = 1):
+    """The intrinsic ``dot[rows]_<mode>`` of an int8 row stored as two nibble planes (``planes``:
+    exact; ``screen``: the high plane's estimate), for one activation row or ``rows`` of them."""
+    ret = types.float32 if rows == 1 else types.UniTuple(types.float32, rows)
 
-    def planes(typingctx, xa, t, high, low, scales, n):
-        _check_activations(xa)
-        _check((high, _WEIGHT), (low, _WEIGHT), (scales, _FLOAT))
-        return ret(xa, t, high, low, scales, n), \
-            lambda context, builder, sig, args: _qdot(context, builder, sig, args, "planes", rows=rows)
-
-    planes.__name__ = f"dot{rows}_planes"
-    return _one_table("int8", rows), _one_table("int4", rows), intrinsic(planes)
-
-
-dot2_int8, dot2_int4, dot2_planes = _multi(2)
-dot4_int8, dot4_int4, dot4_planes = _multi(4)
-
-
-def _planes(mode):
     def typer(typingctx, xa, t, high, low, scales, n):
         _check_activations(xa)
         _check((high, _WEIGHT), (low, _WEIGHT), (scales, _FLOAT))
-        return types.float32(xa, t, high, low, scales, n), \
-            lambda context, builder, sig, args: _qdot(context, builder, sig, args, mode)
-    typer.__name__ = f"dot_{mode}"
+        return ret(xa, t, high, low, scales, n), \
+            lambda context, builder, sig, args: _qdot(context, builder, sig, args, mode, rows=rows)
+
+    typer.__name__ = f"dot{'' if rows == 1 else rows}_{mode}"
     return intrinsic(typer)
 
 
-dot_planes = _planes("planes")  # an int8 row stored as two nibble planes, exactly
-dot_screen = _planes("screen")  # its estimate from the high plane: |error| <= |x| * row_err
+def _multi(rows: int):
+    """``dot{rows}_int8``, ``dot{rows}_int4``, ``dot{rows}_planes`` and ``dot{rows}_screen``: the
+    one-row products for activation rows ``t .. t + rows - 1`` at once (a ``rows``-tuple; each
+    weight group is loaded and unpacked once for all of them)."""
+    return _one_table("int8", rows), _one_table("int4", rows), _two_planes("planes", rows), _two_planes("screen", rows)
+
+
+dot2_int8, dot2_int4, dot2_planes, dot2_screen = _multi(2)
+dot4_int8, dot4_int4, dot4_planes, dot4_screen = _multi(4)
+
+
+dot_planes = _two_planes("planes")  # an int8 row stored as two nibble planes, exactly
+dot_screen = _two_planes("screen")  # its estimate from the high plane: |error| <= |x| * row_err
 
 
 @intrinsic

@@ -229,6 +229,34 @@ def test_screened_head_is_exact(k, cap, first_pass, gen):
     assert learned >= {5, 40, 99} if first_pass == "columns" else not learned
 
 
+@pytest.mark.parametrize("layout,first_pass", [("int4", None), ("int8", None), ("planes", "screen"),
+                                               ("planes", "columns"), ("planes", "full")])
+def test_head_topk_of_several_positions(layout, first_pass, gen):
+    """A verification's positions through the head at once (each row read once for all of them:
+    1 to 7 positions, the blocks of 4 and 2 and the single remainder) give every position exactly
+    its own top-k, as one position at a time does."""
+    from gemma4_nb.kernels.cpu_numba import ScreenPolicy
+    from gemma4_nb.kernels.qweight import to_planes
+
+    w = quantize_weight(torch.randn(4000, 96, generator=gen) * 0.05, "int4" if layout == "int4" else "int8")
+    p = to_planes(w) if layout == "planes" else w
+    if layout == "planes":
+        policy = p.__dict__["_screen_policy"] = ScreenPolicy()
+        policy.skip = 0 if first_pass != "full" else 10**9
+        policy.LEARN_CALLS = 1 if first_pass == "columns" else 10**9
+    for t in range(1, 8):
+        h = torch.randn(t, 96, generator=gen) * 3
+        h[:, [5, 40]] *= 8  # outlier columns, as in real hidden states
+        vals, ids = ops.head_topk_rows(h, p, 30.0, 5)
+        assert vals.shape == ids.shape == (t, 5)
+        logits = ref.softcap(fake_quant_for(h, w) @ w.dequantize().t(), 30.0)
+        for i in range(t):
+            one_vals, one_ids = ops.head_topk(h[i], p, 30.0, 5)
+            assert torch.equal(ids[i], one_ids)
+            close(vals[i], one_vals, rel=1e-6)
+            assert torch.equal(ids[i], torch.topk(logits[i], 5).indices)
+
+
 def test_screen_columns_norms(gen):
     """The screen's side data for exact columns against torch: its errors there, and per row the
     norm of its error outside them and the norm of its row with them exact."""

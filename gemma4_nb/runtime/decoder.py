@@ -115,6 +115,11 @@ class GemmaModel:
         materializing every logit when the head is quantized on the CPU."""
         return ops.head_topk(hidden, self.lm_head, self.cfg.final_softcap, k)
 
+    def top_k_rows(self, hidden: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`top_k` of every position of ``hidden`` ``[N, hidden]``: ``(values [N, k], ids
+        [N, k])``; a quantized head on the CPU reads each of its rows once for all positions."""
+        return ops.head_topk_rows(hidden, self.lm_head, self.cfg.final_softcap, k)
+
     def rope_at(self, layer: int, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of layer ``layer``'s RoPE at ``positions``."""
         return self.rope_tables[self.cfg.layers[layer].rope].get(positions)
