@@ -13,7 +13,7 @@ row dot products are the vector intrinsics of :mod:`.simd`).
   one for int4 weights),
   through ``gemm_quantized``: parallel over output rows, each weight row
   read once for all ``t`` (matrix-vector at decode, small matrix-matrix for verification).
-* ``gate_up_gelu``: ``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices.
+* ``gate_up_gelu``: ``gelu_tanh(x W_gate^T) * (x W_up^T)`` on one quantization of the activations.
 * ``decode_attention`` / ``decode_attention_chunks``: one query position, grouped-query attention
   with an online softmax over K/V read in place from the cache's chunks; each K/V row is read once
   for all query heads sharing it; the key range is split across threads and the partial softmaxes
@@ -221,30 +221,31 @@ def gemm(x, w, out):
 
 @njit(inline="always", fastmath=True)
 def gelu_tanh(g):
+    """``0.5 g (1 + tanh(y))`` written as ``g / (1 + exp(-2y))`` (the same function): one ``exp``
+    instead of ``tanh``, which took 4x as long (libm). ``y`` is clamped where the result is 0 in
+    fp32 anyway, so ``exp`` never overflows (fastmath assumes no infinities)."""
     c = np.float32(0.7978845608028654)  # sqrt(2 / pi)
-    return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(c * (g + np.float32(0.044715) * g * g * g)))
+    y = c * (g + np.float32(0.044715) * g * g * g)
+    return g / (np.float32(1.0) + np.exp(np.float32(-2.0) * max(y, np.float32(-40.0))))
 
 
 @njit(**_OPTS)
+def _gelu_times(g, u, out):
+    for t in prange(out.shape[0]):
+        for n in range(out.shape[1]):
+            out[t, n] = gelu_tanh(g[t, n]) * u[t, n]
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def gate_up_gelu(x, wg, wu, out):
-    """``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices."""
+    """``gelu_tanh(x W_gate^T) * (x W_up^T)``: both products on the same quantized activations,
+    then GELU and the product in one pass."""
     xa = quantize_activations_fine(x)
-    t_n = x.shape[0]
-    for n in prange(out.shape[1]):
-        t = 0
-        while t + 4 <= t_n:
-            g0, g1, g2, g3 = row_dot4(xa, t, wg, n)
-            u0, u1, u2, u3 = row_dot4(xa, t, wu, n)
-            out[t, n], out[t + 1, n] = gelu_tanh(g0) * u0, gelu_tanh(g1) * u1
-            out[t + 2, n], out[t + 3, n] = gelu_tanh(g2) * u2, gelu_tanh(g3) * u3
-            t += 4
-        if t + 2 <= t_n:
-            g0, g1 = row_dot2(xa, t, wg, n)
-            u0, u1 = row_dot2(xa, t, wu, n)
-            out[t, n], out[t + 1, n] = gelu_tanh(g0) * u0, gelu_tanh(g1) * u1
-            t += 2
-        if t < t_n:
-            out[t, n] = gelu_tanh(row_dot(xa, t, wg, n)) * row_dot(xa, t, wu, n)
+    g = np.empty_like(out)
+    u = np.empty_like(out)
+    gemm_quantized(xa, wg, g)
+    gemm_quantized(xa, wu, u)
+    _gelu_times(g, u, out)
 
 
 def _store_row(row, out, i):

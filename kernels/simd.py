@@ -334,6 +334,30 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
             first = builder.insert_element(zero8, corr, ir.Constant(_I32, 0))
             builder.store(builder.fadd(builder.load(corrs[r]), first, flags=_FAST), corrs[r])
 
+    def pair(g):
+        """Two groups past the last whole octet, their scales read alone (512-bit VNNI)."""
+        scales, u = [], unpack_pair(g)
+        for i in range(2):
+            gi = builder.add(g, ir.Constant(_I64, i))
+            scales.append(_super_block_scales(builder, srow, gi) if mode == "int4"
+                          else (builder.load(builder.gep(srow, [gi])), None))
+        halves = ir.Constant(ir.VectorType(_I32, 16), [0] * 8 + [1] * 8)
+        for r, (activations, srow_x) in enumerate(per_row):
+            for xr, dr in activations:
+                f = [builder.fmul(scales[i][0], builder.load(builder.gep(dr, [builder.add(g, ir.Constant(_I64, i))])),
+                                  flags=_FAST) for i in range(2)]
+                two = builder.insert_element(builder.insert_element(ir.Constant(ir.VectorType(_F32, 2), ir.Undefined),
+                                                                    f[0], ir.Constant(_I32, 0)), f[1], ir.Constant(_I32, 1))
+                add_pair(wide[r][0], u, xr, g, builder.shuffle_vector(two, two, halves))
+            corr = ir.Constant(_F32, 0.0)
+            for i in range(2):
+                xsum = builder.load(builder.gep(srow_x, [builder.add(g, ir.Constant(_I64, i))]))
+                c = builder.fmul(scales[i][1], xsum, flags=_FAST) if mode == "int4" else \
+                    builder.fmul(scales[i][0], builder.fmul(xsum, ir.Constant(_F32, k_corr), flags=_FAST), flags=_FAST)
+                corr = builder.fadd(corr, c, flags=_FAST)
+            first = builder.insert_element(zero8, corr, ir.Constant(_I32, 0))
+            builder.store(builder.fadd(builder.load(corrs[r]), first, flags=_FAST), corrs[r])
+
     octets = builder.udiv(g_n, ir.Constant(_I64, SUPER))
     with cgutils.for_range(builder, octets) as loop:
         o = loop.index
@@ -354,6 +378,11 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
             _prefetch(builder, srow, builder.mul(ahead, ir.Constant(_I64, SUPER)))
         octet(o)
     done = builder.mul(octets, ir.Constant(_I64, SUPER))
+    if WIDE:  # the rest by pairs, then the last group alone when their number is odd
+        pairs = builder.udiv(builder.sub(g_n, done), ir.Constant(_I64, 2))
+        with cgutils.for_range(builder, pairs) as loop:
+            pair(builder.add(done, builder.mul(loop.index, ir.Constant(_I64, 2))))
+        done = builder.add(done, builder.mul(pairs, ir.Constant(_I64, 2)))
     with cgutils.for_range(builder, builder.sub(g_n, done)) as loop:
         single(builder.add(done, loop.index))
     results = []

@@ -129,7 +129,7 @@ def test_quantized_linear(fmt, t, gen, monkeypatch):
     w = quantize_weight(torch.randn(200, 320, generator=gen), fmt)
     x = torch.randn(t, 320, generator=gen)
     monkeypatch.setenv(ops.PREFILL_ENV, "fp32")  # t=40: dequantized blocks and torch's GEMM, exact
-    want = (fake_quant_for(x, w) if t <= ops.SMALL_BATCH else x) @ w.dequantize().t()
+    want = (fake_quant_for(x, w) if t <= ops.integer_batch(320) else x) @ w.dequantize().t()
     close(ops.linear(x, w), want)
 
 

@@ -220,7 +220,7 @@ class GemmaModel:
         The cache is updated and committed. A few positions on quantized CPU weights run with torch
         single-threaded (:func:`~gemma4_nb.kernels.ops.numba_threads_only`).
         """
-        if self.fused and ids.shape[0] <= ops.SMALL_BATCH:
+        if self.fused and ids.shape[0] <= ops.integer_batch(self.cfg.hidden_size):
             with ops.numba_threads_only():
                 return self._forward(ids, cache, soft, outputs, logits)
         return self._forward(ids, cache, soft, outputs, logits)
