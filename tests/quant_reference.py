@@ -53,7 +53,8 @@ def quantized_activation_linear(monkeypatch) -> None:
     plain, plain_head = torch_ops.linear, ops.head_logits
 
     def head_logits(hidden, head, cap):
-        if isinstance(head, torch.Tensor) and hidden.reshape(-1, hidden.shape[-1]).shape[0] <= ops.integer_batch(hidden.shape[-1]):
+        if isinstance(head, torch.Tensor) and hidden.reshape(-1, hidden.shape[-1]).shape[0] <= \
+                ops.integer_batch(hidden.shape[-1], weight_format(head) or "int8"):
             return torch_ops.softcap(plain(fake_quant_for(hidden, head), head).float(), cap)
         return plain_head(hidden, head, cap)
 
@@ -61,7 +62,7 @@ def quantized_activation_linear(monkeypatch) -> None:
 
     def linear(x, weight):
         rows = x.reshape(-1, x.shape[-1]).shape[0]
-        if rows <= ops.integer_batch(x.shape[-1]) and x.shape[-1] % 32 == 0:
+        if rows <= ops.integer_batch(x.shape[-1], weight_format(weight) or "int8") and x.shape[-1] % 32 == 0:
             x = fake_quant_for(x, weight)
         return plain(x, weight)
 

@@ -52,6 +52,9 @@ class GemmaModel:
                 and self.lm_head.shape[0] >= self.SCREENED_HEAD_MIN_ROWS):
             self._screened_head()
         self._decode_args = None  # per-layer arguments of the fused decode kernels, built on first use
+        # forwards of at most this many positions run on the integer kernels (torch single-threaded)
+        fmt = getattr(self.layer_weights[0]["q_proj"], "fmt", "int8")
+        self.integer_batch = ops.integer_batch(cfg.hidden_size, fmt)
         self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
         self.rope_tables = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
                       for s in cfg.layers}
@@ -220,7 +223,7 @@ class GemmaModel:
         The cache is updated and committed. A few positions on quantized CPU weights run with torch
         single-threaded (:func:`~gemma4_nb.kernels.ops.numba_threads_only`).
         """
-        if self.fused and ids.shape[0] <= ops.integer_batch(self.cfg.hidden_size):
+        if self.fused and ids.shape[0] <= self.integer_batch:
             with ops.numba_threads_only():
                 return self._forward(ids, cache, soft, outputs, logits)
         return self._forward(ids, cache, soft, outputs, logits)
