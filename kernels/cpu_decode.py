@@ -8,7 +8,7 @@ the parallel product kernels):
 * :func:`attention_inputs`: RMSNorm, the q/k/v projections in one parallel pass over all their
   rows, per-head q/k norms, RoPE and the weight-free v norm;
 * :func:`attention_output_and_mlp`: the output projection, both sandwich norms and residuals,
-  gate/up/GELU-tanh in one pass over both matrices, the down projection, the layer scalar.
+  gate and up products on one quantization of the activations and GELU-tanh, the down projection, the layer scalar.
 
 A quantized matrix is passed as the kernel tuple of :func:`gemma4_nb.kernels.ops.kernel_weight`. Norm weights
 arrive with the family's offset already added (Gemma 3's ``1 + w``); a norm without weight is an

@@ -13,7 +13,7 @@ row dot products are the vector intrinsics of :mod:`.simd`).
   one for int4 weights),
   through ``gemm_quantized``: parallel over output rows, each weight row
   read once for all ``t`` (matrix-vector at decode, small matrix-matrix for verification).
-* ``gate_up_gelu``: ``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices.
+* ``gate_up_gelu``: ``gelu_tanh(x W_gate^T) * (x W_up^T)`` on one quantization of the activations.
 * ``decode_attention`` / ``decode_attention_chunks``: one query position, grouped-query attention
   with an online softmax over K/V read in place from the cache's chunks; each K/V row is read once
   for all query heads sharing it; the key range is split across threads and the partial softmaxes
@@ -36,8 +36,8 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .layout import SUPER_SCALE
-from .simd import (PREFETCH, dot2_int4, dot2_int8, dot2_planes, dot4_int4, dot4_int8, dot4_planes, dot8, dot_int4,
-                   dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
+from .simd import (PREFETCH, dot2_int4, dot2_int8, dot2_planes, dot2_screen, dot4_int4, dot4_int8, dot4_planes,
+                   dot4_screen, dot8, dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
 
 
 def _choose_threading_layer() -> None:
@@ -221,30 +221,31 @@ def gemm(x, w, out):
 
 @njit(inline="always", fastmath=True)
 def gelu_tanh(g):
+    """``0.5 g (1 + tanh(y))`` written as ``g / (1 + exp(-2y))`` (the same function): one ``exp``
+    instead of ``tanh``, which took 4x as long (libm). ``y`` is clamped where the result is 0 in
+    fp32 anyway, so ``exp`` never overflows (fastmath assumes no infinities)."""
     c = np.float32(0.7978845608028654)  # sqrt(2 / pi)
-    return np.float32(0.5) * g * (np.float32(1.0) + np.tanh(c * (g + np.float32(0.044715) * g * g * g)))
+    y = c * (g + np.float32(0.044715) * g * g * g)
+    return g / (np.float32(1.0) + np.exp(np.float32(-2.0) * max(y, np.float32(-40.0))))
 
 
 @njit(**_OPTS)
+def _gelu_times(g, u, out):
+    for t in prange(out.shape[0]):
+        for n in range(out.shape[1]):
+            out[t, n] = gelu_tanh(g[t, n]) * u[t, n]
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def gate_up_gelu(x, wg, wu, out):
-    """``gelu_tanh(x W_gate^T) * (x W_up^T)`` in one pass over both matrices."""
+    """``gelu_tanh(x W_gate^T) * (x W_up^T)``: both products on the same quantized activations,
+    then GELU and the product in one pass."""
     xa = quantize_activations_fine(x)
-    t_n = x.shape[0]
-    for n in prange(out.shape[1]):
-        t = 0
-        while t + 4 <= t_n:
-            g0, g1, g2, g3 = row_dot4(xa, t, wg, n)
-            u0, u1, u2, u3 = row_dot4(xa, t, wu, n)
-            out[t, n], out[t + 1, n] = gelu_tanh(g0) * u0, gelu_tanh(g1) * u1
-            out[t + 2, n], out[t + 3, n] = gelu_tanh(g2) * u2, gelu_tanh(g3) * u3
-            t += 4
-        if t + 2 <= t_n:
-            g0, g1 = row_dot2(xa, t, wg, n)
-            u0, u1 = row_dot2(xa, t, wu, n)
-            out[t, n], out[t + 1, n] = gelu_tanh(g0) * u0, gelu_tanh(g1) * u1
-            t += 2
-        if t < t_n:
-            out[t, n] = gelu_tanh(row_dot(xa, t, wg, n)) * row_dot(xa, t, wu, n)
+    g = np.empty_like(out)
+    u = np.empty_like(out)
+    gemm_quantized(xa, wg, g)
+    gemm_quantized(xa, wu, u)
+    _gelu_times(g, u, out)
 
 
 def _store_row(row, out, i):
@@ -549,21 +550,34 @@ def _push(vals, idx, v, i):
 
 @njit(**_OPTS)
 def _head_topk(x, w, k, parts, part_vals, part_idx):
+    """Each part's top-k rows for every position ``t`` of ``x`` ``[T, hidden]`` (exact values)."""
     n_rows = w[0].shape[0]
+    t_n = x.shape[0]
     per = (n_rows + parts - 1) // parts
     xa = quantize_activations_fine(x)
     for p in prange(parts):
-        vals = np.full(k, NEG, dtype=np.float32)
-        idx = np.zeros(k, dtype=np.int64)
+        vals = np.full((t_n, k), NEG, dtype=np.float32)
+        idx = np.zeros((t_n, k), dtype=np.int64)
         for n in range(p * per, min(n_rows, p * per + per)):
-            _push(vals, idx, row_dot(xa, 0, w, n), n)
-        part_vals[p, :] = vals
-        part_idx[p, :] = idx
+            for t in range(t_n):
+                _push(vals[t], idx[t], row_dot(xa, t, w, n), n)
+        part_vals[:, p, :] = vals
+        part_idx[:, p, :] = idx
+
+
+@njit(inline="always")
+def _estimate(v, t, n, use_cols, col_err, x_col, estimates, vals, idx):
+    """Record row ``n``'s estimate ``v`` for position ``t`` (plus the exact columns' share)."""
+    if use_cols:
+        v += dot8(col_err, n, x_col[t])
+    estimates[t, n] = v
+    _push(vals[t], idx[t], v, n)
 
 
 @njit(**_OPTS)
 def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col_err):
-    """Pass 1 of the screened head: every row's estimate, and each part's top-k of the estimates.
+    """Pass 1 of the screened head, for every position ``t`` of ``x`` ``[T, hidden]`` at once (each
+    row's bytes read once for all): every row's estimate, and each part's top-k of the estimates.
     The estimate multiplies one-part activations with the high nibble plane alone (half the bytes)
     or, with ``full``, with both planes (the exact weights). The screen takes the exact weights in
     the columns ``cols`` (the activations' largest, learned by :class:`ScreenPolicy`; at most
@@ -571,94 +585,119 @@ def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col
     stored aside: the error bound then covers the other columns only."""
     codes, scales, low, kind = w
     n_rows = codes.shape[0]
+    t_n = x.shape[0]
     per = (n_rows + parts - 1) // parts
     xa = quantize_activations(x)
     use_cols = cols.shape[0] > 0 and not full
-    x_col = np.zeros(EXACT_COLUMNS, dtype=np.float32)  # the one-part activations there
-    for i in range(cols.shape[0]):
-        x_col[i] = np.float32(xa[0][0, cols[i]]) * xa[1][0, cols[i] // 32]
+    x_col = np.zeros((t_n, EXACT_COLUMNS), dtype=np.float32)  # the one-part activations there
+    for t in range(t_n):
+        for i in range(cols.shape[0]):
+            x_col[t, i] = np.float32(xa[0][t, cols[i]]) * xa[1][t, cols[i] // 32]
     for p in prange(parts):
-        vals = np.full(k, NEG, dtype=np.float32)
-        idx = np.zeros(k, dtype=np.int64)
+        vals = np.full((t_n, k), NEG, dtype=np.float32)
+        idx = np.zeros((t_n, k), dtype=np.int64)
         for n in range(p * per, min(n_rows, p * per + per)):
-            if full:
-                v = dot_planes(xa, 0, codes, low, scales, n)
-            else:
-                v = dot_screen(xa, 0, codes, low, scales, n)
-                if use_cols:
-                    v += dot8(col_err, n, x_col)
-            estimates[n] = v
-            _push(vals, idx, v, n)
-        part_vals[p, :] = vals
-        part_idx[p, :] = idx
+            t = 0
+            while t + 4 <= t_n:
+                if full:
+                    e0, e1, e2, e3 = dot4_planes(xa, t, codes, low, scales, n)
+                else:
+                    e0, e1, e2, e3 = dot4_screen(xa, t, codes, low, scales, n)
+                _estimate(e0, t, n, use_cols, col_err, x_col, estimates, vals, idx)
+                _estimate(e1, t + 1, n, use_cols, col_err, x_col, estimates, vals, idx)
+                _estimate(e2, t + 2, n, use_cols, col_err, x_col, estimates, vals, idx)
+                _estimate(e3, t + 3, n, use_cols, col_err, x_col, estimates, vals, idx)
+                t += 4
+            if t + 2 <= t_n:
+                if full:
+                    e0, e1 = dot2_planes(xa, t, codes, low, scales, n)
+                else:
+                    e0, e1 = dot2_screen(xa, t, codes, low, scales, n)
+                _estimate(e0, t, n, use_cols, col_err, x_col, estimates, vals, idx)
+                _estimate(e1, t + 1, n, use_cols, col_err, x_col, estimates, vals, idx)
+                t += 2
+            if t < t_n:
+                e0 = dot_planes(xa, t, codes, low, scales, n) if full else dot_screen(xa, t, codes, low, scales, n)
+                _estimate(e0, t, n, use_cols, col_err, x_col, estimates, vals, idx)
+        part_vals[:, p, :] = vals
+        part_idx[:, p, :] = idx
 
 
 @njit(**_OPTS)
 def _head_rescore(x, w, row_err, k, parts, full, estimates, threshold, part_vals, part_idx, part_count,
                   cols, screen_err):
-    """Pass 2: the exact value (two-part activations ``x2``) of every row whose estimate (screen
-    weights ``S``, or with ``full`` the weights ``W``, times one-part activations ``x1``) plus its
-    error bound reaches ``threshold``: ``|S x1 - W x2| <= |S| |x1 - x2| + |(S - W) x2|`` with
-    ``|(S - W) x2| <= |S - W| |x2|`` (Cauchy-Schwarz), and ``|W x1 - W x2| <= |W| |x1 - x2|``.
-    ``row_err[n]`` holds ``|S_n - W_n|``, ``|S_n|`` and ``|W_n|``. Where the screen took the exact
-    weights in columns ``cols``, ``S - W`` is zero there: ``screen_err[n]`` holds ``|S_n - W_n|``
-    over the other columns and ``|S_n|`` (with those columns exact), and ``|x2|`` is taken over the
-    other columns too (``screen_err`` is ``row_err`` when ``cols`` is empty). Each part's exact
-    top-k."""
+    """Pass 2, for every position ``t``: the exact value (two-part activations ``x2``) of every row
+    whose estimate (screen weights ``S``, or with ``full`` the weights ``W``, times one-part
+    activations ``x1``) plus its error bound reaches ``threshold[t]``:
+    ``|S x1 - W x2| <= |S| |x1 - x2| + |(S - W) x2|`` with ``|(S - W) x2| <= |S - W| |x2|``
+    (Cauchy-Schwarz), and ``|W x1 - W x2| <= |W| |x1 - x2|``. ``row_err[n]`` holds ``|S_n - W_n|``,
+    ``|S_n|`` and ``|W_n|``. Where the screen took the exact weights in columns ``cols``, ``S - W``
+    is zero there: ``screen_err[n]`` holds ``|S_n - W_n|`` over the other columns and ``|S_n|``
+    (with those columns exact), and ``|x2|`` is taken over the other columns too (``screen_err`` is
+    ``row_err`` when ``cols`` is empty). Each part's exact top-k per position."""
     n_rows = w[0].shape[0]
+    t_n = x.shape[0]
     per = (n_rows + parts - 1) // parts
     xa = quantize_activations_fine(x)
     xq, xq2, xd, xd2, _, _ = xa
     c_q, c_d, _ = quantize_activations(x)
-    norm = np.float32(0.0)  # |x2| outside the exact columns
-    gap = np.float32(0.0)  # |x1 - x2|
+    norm = np.zeros(t_n, dtype=np.float32)  # |x2| outside the exact columns
+    gap = np.zeros(t_n, dtype=np.float32)  # |x1 - x2|
     exact_col = np.zeros(x.shape[1], dtype=np.bool_)
     if not full:
         for i in range(cols.shape[0]):
             exact_col[cols[i]] = True
-    for i in range(x.shape[1]):
-        v = np.float32(xq[0, i]) * xd[0, i // 32] + np.float32(xq2[0, i]) * xd2[0, i // 32]
-        if not exact_col[i]:
-            norm += v * v
-        e = np.float32(c_q[0, i]) * c_d[0, i // 32] - v
-        gap += e * e
-    norm = np.sqrt(norm) * np.float32(1.0001)
-    gap = np.sqrt(gap) * np.float32(1.0001)
+    for t in range(t_n):
+        for i in range(x.shape[1]):
+            v = np.float32(xq[t, i]) * xd[t, i // 32] + np.float32(xq2[t, i]) * xd2[t, i // 32]
+            if not exact_col[i]:
+                norm[t] += v * v
+            e = np.float32(c_q[t, i]) * c_d[t, i // 32] - v
+            gap[t] += e * e
+        norm[t] = np.sqrt(norm[t]) * np.float32(1.0001)
+        gap[t] = np.sqrt(gap[t]) * np.float32(1.0001)
     for p in prange(parts):
-        vals = np.full(k, NEG, dtype=np.float32)
-        idx = np.zeros(k, dtype=np.int64)
         lo, hi = p * per, min(n_rows, p * per + per)
         rows = np.empty(max(0, hi - lo), dtype=np.int64)
-        c = 0
-        for n in range(lo, hi):
-            bound = gap * row_err[n, 2] if full else norm * screen_err[n, 0] + gap * screen_err[n, 1]
-            if estimates[n] + bound >= threshold:
-                rows[c] = n
-                c += 1
-        # the rows are scattered: fetch a few rows ahead (without, the loop waited on memory
-        # latency, ~5 GB/s)
-        for i in range(min(c, RESCORE_AHEAD)):
-            _prefetch_weight_row(w, rows[i])
-        for i in range(c):
-            if i + RESCORE_AHEAD < c:
-                _prefetch_weight_row(w, rows[i + RESCORE_AHEAD])
-            _push(vals, idx, row_dot(xa, 0, w, rows[i]), rows[i])
-        part_vals[p, :] = vals
-        part_idx[p, :] = idx
-        part_count[p] = c
+        total = 0
+        for t in range(t_n):
+            vals = np.full(k, NEG, dtype=np.float32)
+            idx = np.zeros(k, dtype=np.int64)
+            c = 0
+            for n in range(lo, hi):
+                bound = gap[t] * row_err[n, 2] if full else norm[t] * screen_err[n, 0] + gap[t] * screen_err[n, 1]
+                if estimates[t, n] + bound >= threshold[t]:
+                    rows[c] = n
+                    c += 1
+            # the rows are scattered: fetch a few rows ahead (without, the loop waited on memory
+            # latency, ~5 GB/s)
+            for i in range(min(c, RESCORE_AHEAD)):
+                _prefetch_weight_row(w, rows[i])
+            for i in range(c):
+                if i + RESCORE_AHEAD < c:
+                    _prefetch_weight_row(w, rows[i + RESCORE_AHEAD])
+                _push(vals, idx, row_dot(xa, t, w, rows[i]), rows[i])
+            part_vals[t, p, :] = vals
+            part_idx[t, p, :] = idx
+            total += c
+        part_count[p] = total
 
 
 @njit(cache=True, fastmath=True)
 def _exact_rows(x, w, ids, out):
+    """``out[t, i]``: the exact value of row ``ids[t, i]`` for position ``t``."""
     xa = quantize_activations_fine(x)
-    for i in range(ids.shape[0]):
-        out[i] = row_dot(xa, 0, w, ids[i])
+    for t in range(ids.shape[0]):
+        for i in range(ids.shape[1]):
+            out[t, i] = row_dot(xa, t, w, ids[t, i])
 
 
 def _top(part_vals, part_idx, k):
-    flat_v, flat_i = part_vals.ravel(), part_idx.ravel()
-    order = np.argsort(-flat_v, kind="stable")[:k]
-    return flat_v[order], flat_i[order]
+    """Per position, the best ``k`` of every part's top-k: ``(vals [T, k], ids [T, k])``."""
+    flat_v = part_vals.reshape(part_vals.shape[0], -1)
+    flat_i = part_idx.reshape(part_idx.shape[0], -1)
+    order = np.argsort(-flat_v, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(flat_v, order, 1), np.take_along_axis(flat_i, order, 1)
 
 
 _NO_COLUMNS = (np.empty(0, dtype=np.int64), np.zeros((1, EXACT_COLUMNS), dtype=np.float32))
@@ -705,7 +744,7 @@ class ScreenPolicy:
     def columns(self, x, w, row_err):
         """``(cols, col_err, screen_err)`` for this call (:func:`_head_screen`); learns from ``x``."""
         if self.screen_err is None:
-            sq = np.square(x[0].astype(np.float64))
+            sq = np.square(x.astype(np.float64)).sum(0)
             self._energy = sq if self._energy is None else self._energy + sq
             self._calls += 1
             if self._calls >= self.LEARN_CALLS and x.shape[1] > EXACT_COLUMNS:
@@ -725,38 +764,39 @@ class ScreenPolicy:
 
 
 def head_topk(x, w, k: int, cap: float | None, parts: int = 64, row_err=None, policy: ScreenPolicy | None = None):
-    """Top-``k`` (values, ids) of ``softcap(x @ W^T)`` for one position ``x`` ``[1, hidden]``, the
-    activations quantized in int8 parts as every product's (see :mod:`.simd`).
+    """Top-``k`` ``(values [T, k], ids [T, k])`` of ``softcap(x @ W^T)`` for each position of ``x``
+    ``[T, hidden]``, the activations quantized in int8 parts as every product's (see :mod:`.simd`).
 
     A head in the nibble-plane layout (``row_err`` given) runs two passes: pass 1 estimates every
-    row cheaply (one-part activations; the high plane only, or both planes, see
-    :class:`ScreenPolicy`), the exact values of the best estimates set a threshold (the k-th best
-    of them), and pass 2 computes exactly only the rows whose estimate plus error bound reaches
-    it. Every other row is provably below the k-th best exact value, so the result is exactly the
-    top-k of the full product. ``policy`` (kept per head) chooses the first pass and the screen's
-    exact columns."""
+    row cheaply for every position (one-part activations; the high plane only, or both planes, see
+    :class:`ScreenPolicy`; each row read once for all positions), the exact values of each
+    position's best estimates set its threshold (the k-th best of them), and pass 2 computes
+    exactly only the rows whose estimate plus error bound reaches it. Every other row is provably
+    below the k-th best exact value, so the result is exactly the top-k of the full product.
+    ``policy`` (kept per head) chooses the first pass and the screen's exact columns."""
     n_rows = w[0].shape[0]
+    t_n = x.shape[0]
     parts = max(1, min(parts, n_rows // max(k, 1)))
-    part_vals = np.empty((parts, k), dtype=np.float32)
-    part_idx = np.empty((parts, k), dtype=np.int64)
+    part_vals = np.empty((t_n, parts, k), dtype=np.float32)
+    part_idx = np.empty((t_n, parts, k), dtype=np.int64)
     if row_err is None:
         _head_topk(x, w, k, parts, part_vals, part_idx)
     else:
         screen = policy is None or policy.use_screen()
         cols, col_err, screen_err = policy.columns(x, w, row_err) if policy is not None else (*_NO_COLUMNS, row_err)
-        estimates = np.empty(n_rows, dtype=np.float32)
+        estimates = np.empty((t_n, n_rows), dtype=np.float32)
         _head_screen(x, w, k, parts, not screen, estimates, part_vals, part_idx, cols, col_err)
         _, ids = _top(part_vals, part_idx, k)
-        exact = np.empty(len(ids), dtype=np.float32)
+        exact = np.empty(ids.shape, dtype=np.float32)
         _exact_rows(x, w, ids, exact)
-        kth = float(np.sort(exact)[-k]) if len(ids) >= k else float(NEG)
+        kth = np.sort(exact, axis=1)[:, -k].astype(np.float64) if ids.shape[1] >= k else np.full(t_n, float(NEG))
         # slack for the fp32 rounding of both sums (~1e-6 relative; 1e-3 is far above it)
-        threshold = np.float32(kth - 1e-3 * (abs(kth) + 1.0))
+        threshold = (kth - 1e-3 * (np.abs(kth) + 1.0)).astype(np.float32)
         part_count = np.empty(parts, dtype=np.int64)
         _head_rescore(x, w, row_err, k, parts, not screen, estimates, threshold, part_vals, part_idx, part_count,
                       cols, screen_err)
         if policy is not None:
-            policy.observe(int(part_count.sum()), n_rows, screen)
+            policy.observe(int(part_count.sum()) // t_n, n_rows, screen)
     vals, ids = _top(part_vals, part_idx, k)
     if cap is not None:
         vals = (np.tanh(vals / cap) * cap).astype(np.float32)

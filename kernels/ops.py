@@ -5,7 +5,7 @@ A weight is either a tensor (the torch path, any device) or a :class:`~gemma4_nb
 
 * on the CPU, a QWeight runs the numba kernels of :mod:`.cpu_numba` (dequantization fused into the
   matrix-vector or small matrix-matrix product; gate/up/GELU fused; the head fused with top-k);
-  a prompt of more than ``SMALL_BATCH`` positions dequantizes blocks of rows and multiplies them
+  a prompt of more than :func:`integer_batch` positions dequantizes blocks of rows and multiplies them
   with torch's GEMM (compute-bound, so the dequantization is a small extra), in bf16 for int4
   weights on a CPU that multiplies bf16 natively, else in fp32 (:func:`prefill_dtype`);
 * on CUDA, :mod:`.gpu` runs it (a fused-dequantization Triton kernel for decode-sized batches,
@@ -31,6 +31,12 @@ from .qweight import QWeight
 from .torch_ops import RopeTable, apply_rope, attention_mask, gelu_tanh, rms_norm, score_block_elements, softcap  # noqa: F401
 
 SMALL_BATCH = 16  # up to this many positions: numba products; above: dequantized blocks + torch GEMM
+# ... and up to WIDE_ROW_BATCH[fmt] for rows of at least WIDE_ROW weights (Gemma 4 12B's are 3,840
+# and up). The integer kernels cost per position, the dequantized blocks a fixed cost per weight
+# plus a cheaper GEMM per position; on one core the two crossed at ~24 positions for the 270M's
+# 640-weight rows, and for the 12B's 3,840-weight rows at ~70 (int8, fp32 GEMM) and ~110 positions
+# (int4, bf16 GEMM) (docs/kernels.md).
+WIDE_ROW, WIDE_ROW_BATCH = 2560, {"int8": 64, "int4": 112}
 DEQUANT_BLOCK_ELEMENTS = 1 << 22  # elements of one dequantized block (16 MiB in fp32)
 PREFILL_ENV = "GEMMA4_NB_PREFILL"  # "auto" (default), "bf16" or "fp32": the dtype of CPU prefill products
 
@@ -138,6 +144,12 @@ def _warn_prefill_setting(asked: str) -> None:
                   stacklevel=4)
 
 
+def integer_batch(in_features: int, fmt: str = "int8") -> int:
+    """The most positions a product with ``fmt`` rows of ``in_features`` weights runs on the
+    integer kernels; more go through dequantized blocks and torch's GEMM."""
+    return WIDE_ROW_BATCH.get(fmt, SMALL_BATCH) if in_features >= WIDE_ROW else SMALL_BATCH
+
+
 def fused_cpu(weight) -> bool:
     return isinstance(weight, QWeight) and weight.device.type == "cpu" and numba_available()
 
@@ -190,7 +202,7 @@ def qlinear(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     t = x2.shape[0]
-    if fused_cpu(w) and t <= SMALL_BATCH:
+    if fused_cpu(w) and t <= integer_batch(k, w.fmt):
         out = np.empty((t, w.shape[0]), dtype=np.float32)
         _nb().gemm(_np(x2), kernel_weight(w), out)
         y = torch.from_numpy(out)
@@ -215,7 +227,7 @@ def gated_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
     if not isinstance(gate, QWeight) and not isinstance(down, QWeight):
         return _ref.gated_mlp(x, gate, up, down)
     x2 = x.reshape(-1, x.shape[-1])
-    if fused_cpu(gate) and fused_cpu(up) and x2.shape[0] <= SMALL_BATCH:
+    if fused_cpu(gate) and fused_cpu(up) and x2.shape[0] <= integer_batch(x2.shape[1], gate.fmt):
         act = np.empty((x2.shape[0], gate.shape[0]), dtype=np.float32)
         _nb().gate_up_gelu(_np(x2), kernel_weight(gate), kernel_weight(up), act)
         h = torch.from_numpy(act).to(x.dtype).reshape(*x.shape[:-1], gate.shape[0])
@@ -336,7 +348,7 @@ def head_logits(hidden: torch.Tensor, head, cap: float | None) -> torch.Tensor:
     head on the CPU multiplies activations quantized as every product's (two int8 parts, about 15
     bits, for int8 weights; see kernels/simd.py), as :func:`head_topk` does."""
     h = hidden.reshape(-1, hidden.shape[-1])
-    if fused_cpu(head) and h.shape[0] <= SMALL_BATCH:
+    if fused_cpu(head) and h.shape[0] <= integer_batch(h.shape[1], head.fmt):
         out = np.empty((h.shape[0], head.shape[0]), dtype=np.float32)
         _nb().gemm(_np(h), kernel_weight(head), out)
         return softcap(torch.from_numpy(out), cap)
@@ -345,9 +357,17 @@ def head_logits(hidden: torch.Tensor, head, cap: float | None) -> torch.Tensor:
 
 def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` (values, token ids) of the soft-capped logits of one position ``hidden``
-    (``[hidden]`` or ``[1, hidden]``). For a quantized head on the CPU the logits are never
-    materialized; otherwise they are computed with :func:`linear` and ranked with torch."""
-    h = hidden.reshape(1, -1)
+    (``[hidden]`` or ``[1, hidden]``): :func:`head_topk_rows` of that one row."""
+    vals, ids = head_topk_rows(hidden.reshape(1, -1), head, cap, k)
+    return vals[0], ids[0]
+
+
+def head_topk_rows(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` ``(values [N, k], token ids [N, k])`` of the soft-capped logits of each position of
+    ``hidden`` ``[N, hidden]``. For a quantized head on the CPU the logits are never materialized
+    and each head row is read once for all positions (a verification's positions); otherwise they
+    are computed with :func:`linear` and ranked with torch."""
+    h = hidden.reshape(-1, hidden.shape[-1])
     if fused_cpu(head):
         row_err = policy = None
         if head.planes:
@@ -355,6 +375,4 @@ def head_topk(hidden: torch.Tensor, head, cap: float | None, k: int) -> tuple[to
             policy = head.__dict__.setdefault("_screen_policy", _nb().ScreenPolicy())
         vals, ids = _nb().head_topk(_np(h), kernel_weight(head), k, cap, row_err=row_err, policy=policy)
         return torch.from_numpy(vals), torch.from_numpy(ids)
-    logits = head_logits(h, head, cap)[0]
-    vals, ids = torch.topk(logits, k)
-    return vals, ids
+    return torch.topk(head_logits(h, head, cap), k, dim=-1)

@@ -61,6 +61,9 @@ _V8B = ir.VectorType(_I8, 8)
 _V16B = ir.VectorType(_I8, 16)
 _V32B = ir.VectorType(_I8, 32)
 _V32F = ir.VectorType(_F32, 32)
+_V64B = ir.VectorType(_I8, 64)
+_V16I = ir.VectorType(_I32, 16)
+_V16F = ir.VectorType(_F32, 16)
 _FAST = ("fast",)
 
 
@@ -69,7 +72,14 @@ def _has_vnni() -> bool:
     return bool(features.get("avxvnni") or (features.get("avx512vnni") and features.get("avx512vl")))
 
 
+def _has_wide_vnni() -> bool:
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512vnni") and features.get("avx512bw") and features.get("avx512f"))
+
+
 HAS_VNNI = _has_vnni()  # numba compiles for the host CPU; its on-disk cache is keyed by it too
+# 512-bit VNNI: two groups per instruction (see _qdot); else one group per 256-bit instruction
+WIDE = HAS_VNNI and _has_wide_vnni()
 
 
 def _row_ptr(builder, arr, row, width):
@@ -120,9 +130,19 @@ def _group_sum(builder, u, xq):
     return out
 
 
+def _pair_sum(builder, u, xq):
+    """:func:`_group_sum` of two groups at once (64 bytes each side; ``vpdpbusd`` on 512 bits): an
+    ``<16 x float>``, lanes 0-7 the first group's partial sums, 8-15 the second's."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I, [_V16I, _V16I, _V16I]),
+                                        "llvm.x86.avx512.vpdpbusd.512")
+    s = builder.call(fn, [ir.Constant(_V16I, [0] * 16), builder.bitcast(u, _V16I), builder.bitcast(xq, _V16I)])
+    return builder.sitofp(s, _V16F)
+
+
 def _hsum(builder, vec):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, _V8F]),
-                                        "llvm.vector.reduce.fadd.v8f32")
+    n = vec.type.count
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_F32, vec.type]),
+                                        f"llvm.vector.reduce.fadd.v{n}f32")
     return builder.call(fn, [ir.Constant(_F32, 0.0), vec], fastmath=_FAST)
 
 
@@ -220,6 +240,8 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
     zero8 = ir.Constant(_V8F, [0.0] * 8)
     accs = [[cgutils.alloca_once_value(builder, zero8) for _ in range(n_acc)] for _ in range(rows)]
     corrs = [cgutils.alloca_once_value(builder, zero8) for _ in range(rows)]  # per-group corrections, 8 lanes
+    zero16 = ir.Constant(_V16F, [0.0] * 16)
+    wide = [[cgutils.alloca_once_value(builder, zero16) for _ in range(n_acc)] for _ in range(rows)] if WIDE else None
     k_corr = -120.5 if mode == "screen" else -128.0  # int8 layouts: the code offset times the group sum
 
     def unpack(g):
@@ -238,6 +260,30 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
                 hi = builder.or_(hi, builder.lshr(low, _bytes(4)))
         return _concat(builder, lo, hi)
 
+    def unpack_pair(g):
+        """Groups ``g`` and ``g + 1``'s 64 weight bytes ``U``, each group's 32 in weight order."""
+        if mode == "int8":
+            return builder.xor(_vload(builder, wrow, builder.mul(g, ir.Constant(_I64, GROUP)), _V64B), _bytes(-128, 64))
+        half = builder.mul(g, ir.Constant(_I64, GROUP // 2))
+        b = _vload(builder, wrow, half, _V32B)  # both groups' nibbles (or high planes), 16 bytes each
+        if mode == "int4":
+            lo, hi = builder.and_(b, _bytes(15, 32)), builder.lshr(b, _bytes(4, 32))
+        else:
+            lo, hi = builder.shl(b, _bytes(4, 32)), builder.and_(b, _bytes(-16, 32))
+            if mode == "planes":
+                low = _vload(builder, row2, half, _V32B)
+                lo = builder.or_(lo, builder.and_(low, _bytes(15, 32)))
+                hi = builder.or_(hi, builder.lshr(low, _bytes(4, 32)))
+        # lo/hi hold weights 0-15/16-31 of group g in bytes 0-15, of group g + 1 in bytes 16-31
+        order = list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64))
+        return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 64), order))
+
+    def add_pair(acc, u, xr, g, factor):
+        """``acc += vpdpbusd(U, xq) * factor`` for groups ``g`` and ``g + 1`` (``factor``: their
+        scales times xd, 8 lanes each)."""
+        sums = _pair_sum(builder, u, _vload(builder, xr, builder.mul(g, ir.Constant(_I64, GROUP)), _V64B))
+        builder.store(builder.fadd(builder.load(acc), builder.fmul(sums, factor, flags=_FAST), flags=_FAST), acc)
+
     def add_group(acc, u, xr, g, factor):
         """``acc += vpdpbusd(U, xq) * factor`` (``factor``: the group's scale times xd, splat)."""
         sums = _group_sum(builder, u, _vload(builder, xr, builder.mul(g, ir.Constant(_I64, GROUP)), _V32B))
@@ -254,6 +300,15 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
                 builder.fmul(scales, builder.fmul(xs, _splat(builder, ir.Constant(_F32, k_corr), _V8F), flags=_FAST),
                              flags=_FAST)
             builder.store(builder.fadd(builder.load(corrs[r]), corr, flags=_FAST), corrs[r])
+        if WIDE:
+            for j in range(0, SUPER, 2):
+                g = builder.add(g0, ir.Constant(_I64, j))
+                u = unpack_pair(g)
+                for r, (activations, _) in enumerate(per_row):
+                    for (xr, _), f in zip(activations, factors[r]):
+                        lanes = builder.shuffle_vector(f, f, ir.Constant(ir.VectorType(_I32, 16), [j] * 8 + [j + 1] * 8))
+                        add_pair(wide[r][(j // 2) % n_acc], u, xr, g, lanes)
+            return
         for j in range(SUPER):
             g = builder.add(g0, ir.Constant(_I64, j))
             u = unpack(g)
@@ -279,6 +334,30 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
             first = builder.insert_element(zero8, corr, ir.Constant(_I32, 0))
             builder.store(builder.fadd(builder.load(corrs[r]), first, flags=_FAST), corrs[r])
 
+    def pair(g):
+        """Two groups past the last whole octet, their scales read alone (512-bit VNNI)."""
+        scales, u = [], unpack_pair(g)
+        for i in range(2):
+            gi = builder.add(g, ir.Constant(_I64, i))
+            scales.append(_super_block_scales(builder, srow, gi) if mode == "int4"
+                          else (builder.load(builder.gep(srow, [gi])), None))
+        halves = ir.Constant(ir.VectorType(_I32, 16), [0] * 8 + [1] * 8)
+        for r, (activations, srow_x) in enumerate(per_row):
+            for xr, dr in activations:
+                f = [builder.fmul(scales[i][0], builder.load(builder.gep(dr, [builder.add(g, ir.Constant(_I64, i))])),
+                                  flags=_FAST) for i in range(2)]
+                two = builder.insert_element(builder.insert_element(ir.Constant(ir.VectorType(_F32, 2), ir.Undefined),
+                                                                    f[0], ir.Constant(_I32, 0)), f[1], ir.Constant(_I32, 1))
+                add_pair(wide[r][0], u, xr, g, builder.shuffle_vector(two, two, halves))
+            corr = ir.Constant(_F32, 0.0)
+            for i in range(2):
+                xsum = builder.load(builder.gep(srow_x, [builder.add(g, ir.Constant(_I64, i))]))
+                c = builder.fmul(scales[i][1], xsum, flags=_FAST) if mode == "int4" else \
+                    builder.fmul(scales[i][0], builder.fmul(xsum, ir.Constant(_F32, k_corr), flags=_FAST), flags=_FAST)
+                corr = builder.fadd(corr, c, flags=_FAST)
+            first = builder.insert_element(zero8, corr, ir.Constant(_I32, 0))
+            builder.store(builder.fadd(builder.load(corrs[r]), first, flags=_FAST), corrs[r])
+
     octets = builder.udiv(g_n, ir.Constant(_I64, SUPER))
     with cgutils.for_range(builder, octets) as loop:
         o = loop.index
@@ -299,6 +378,11 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
             _prefetch(builder, srow, builder.mul(ahead, ir.Constant(_I64, SUPER)))
         octet(o)
     done = builder.mul(octets, ir.Constant(_I64, SUPER))
+    if WIDE:  # the rest by pairs, then the last group alone when their number is odd
+        pairs = builder.udiv(builder.sub(g_n, done), ir.Constant(_I64, 2))
+        with cgutils.for_range(builder, pairs) as loop:
+            pair(builder.add(done, builder.mul(loop.index, ir.Constant(_I64, 2))))
+        done = builder.add(done, builder.mul(pairs, ir.Constant(_I64, 2)))
     with cgutils.for_range(builder, builder.sub(g_n, done)) as loop:
         single(builder.add(done, loop.index))
     results = []
@@ -307,7 +391,13 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
         for i in range(1, n_acc):
             vec = builder.fadd(vec, builder.load(accs[r][i]), flags=_FAST)
         vec = builder.fadd(vec, builder.load(corrs[r]), flags=_FAST)
-        results.append(_hsum(builder, vec))
+        total = _hsum(builder, vec)
+        if WIDE:
+            vec16 = builder.load(wide[r][0])
+            for i in range(1, n_acc):
+                vec16 = builder.fadd(vec16, builder.load(wide[r][i]), flags=_FAST)
+            total = builder.fadd(total, _hsum(builder, vec16), flags=_FAST)
+        results.append(total)
     if rows == 1:
         return results[0]
     return context.make_tuple(builder, sig.return_type, results)
@@ -347,38 +437,34 @@ dot_int8 = _one_table("int8")
 dot_int4 = _one_table("int4")
 
 
-def _multi(rows: int):
-    """``dot{rows}_int8``, ``dot{rows}_int4`` and ``dot{rows}_planes``: :func:`dot_int8`,
-    :func:`dot_int4` and :func:`dot_planes` for activation rows ``t .. t + rows - 1`` at once (a
-    ``rows``-tuple; each weight group is loaded and unpacked once for all of them)."""
-    ret = types.UniTuple(types.float32, rows)
+def _two_planes(mode: str, rows: int = 1):
+    """The intrinsic ``dot[rows]_<mode>`` of an int8 row stored as two nibble planes (``planes``:
+    exact; ``screen``: the high plane's estimate), for one activation row or ``rows`` of them."""
+    ret = types.float32 if rows == 1 else types.UniTuple(types.float32, rows)
 
-    def planes(typingctx, xa, t, high, low, scales, n):
-        _check_activations(xa)
-        _check((high, _WEIGHT), (low, _WEIGHT), (scales, _FLOAT))
-        return ret(xa, t, high, low, scales, n), \
-            lambda context, builder, sig, args: _qdot(context, builder, sig, args, "planes", rows=rows)
-
-    planes.__name__ = f"dot{rows}_planes"
-    return _one_table("int8", rows), _one_table("int4", rows), intrinsic(planes)
-
-
-dot2_int8, dot2_int4, dot2_planes = _multi(2)
-dot4_int8, dot4_int4, dot4_planes = _multi(4)
-
-
-def _planes(mode):
     def typer(typingctx, xa, t, high, low, scales, n):
         _check_activations(xa)
         _check((high, _WEIGHT), (low, _WEIGHT), (scales, _FLOAT))
-        return types.float32(xa, t, high, low, scales, n), \
-            lambda context, builder, sig, args: _qdot(context, builder, sig, args, mode)
-    typer.__name__ = f"dot_{mode}"
+        return ret(xa, t, high, low, scales, n), \
+            lambda context, builder, sig, args: _qdot(context, builder, sig, args, mode, rows=rows)
+
+    typer.__name__ = f"dot{'' if rows == 1 else rows}_{mode}"
     return intrinsic(typer)
 
 
-dot_planes = _planes("planes")  # an int8 row stored as two nibble planes, exactly
-dot_screen = _planes("screen")  # its estimate from the high plane: |error| <= |x| * row_err
+def _multi(rows: int):
+    """``dot{rows}_int8``, ``dot{rows}_int4``, ``dot{rows}_planes`` and ``dot{rows}_screen``: the
+    one-row products for activation rows ``t .. t + rows - 1`` at once (a ``rows``-tuple; each
+    weight group is loaded and unpacked once for all of them)."""
+    return _one_table("int8", rows), _one_table("int4", rows), _two_planes("planes", rows), _two_planes("screen", rows)
+
+
+dot2_int8, dot2_int4, dot2_planes, dot2_screen = _multi(2)
+dot4_int8, dot4_int4, dot4_planes, dot4_screen = _multi(4)
+
+
+dot_planes = _two_planes("planes")  # an int8 row stored as two nibble planes, exactly
+dot_screen = _two_planes("screen")  # its estimate from the high plane: |error| <= |x| * row_err
 
 
 @intrinsic

@@ -1,6 +1,6 @@
 """Plain-torch reference of the fused CPU kernels' 8-bit activations.
 
-The kernels quantize the activations of every product of at most ``ops.SMALL_BATCH`` positions
+The kernels quantize the activations of every product of at most ``ops.integer_batch(K)`` positions
 per group of 32, in two int8 parts (``d = max|x| / 127``, then the remainder with ``d / 254``;
 round half to even; see kernels/simd.py), one part for int4 weights; the reference products here
 do the same, so the kernels can be held to tight tolerances.
@@ -46,14 +46,15 @@ def fake_quant_for(x: torch.Tensor, weight) -> torch.Tensor:
 
 def quantized_activation_linear(monkeypatch) -> None:
     """Make the torch reference path's products quantize their activations where the fused path
-    does (at most SMALL_BATCH positions), so a dequantized twin (weights from :func:`dequantized`)
+    does (at most ``ops.integer_batch(K)`` positions), so a dequantized twin (weights from :func:`dequantized`)
     is an exact oracle."""
     from gemma4_nb.kernels import ops, torch_ops
 
     plain, plain_head = torch_ops.linear, ops.head_logits
 
     def head_logits(hidden, head, cap):
-        if isinstance(head, torch.Tensor) and hidden.reshape(-1, hidden.shape[-1]).shape[0] <= ops.SMALL_BATCH:
+        if isinstance(head, torch.Tensor) and hidden.reshape(-1, hidden.shape[-1]).shape[0] <= \
+                ops.integer_batch(hidden.shape[-1], weight_format(head) or "int8"):
             return torch_ops.softcap(plain(fake_quant_for(hidden, head), head).float(), cap)
         return plain_head(hidden, head, cap)
 
@@ -61,7 +62,7 @@ def quantized_activation_linear(monkeypatch) -> None:
 
     def linear(x, weight):
         rows = x.reshape(-1, x.shape[-1]).shape[0]
-        if rows <= ops.SMALL_BATCH and x.shape[-1] % 32 == 0:
+        if rows <= ops.integer_batch(x.shape[-1], weight_format(weight) or "int8") and x.shape[-1] % 32 == 0:
             x = fake_quant_for(x, weight)
         return plain(x, weight)
 

@@ -129,7 +129,7 @@ def test_quantized_linear(fmt, t, gen, monkeypatch):
     w = quantize_weight(torch.randn(200, 320, generator=gen), fmt)
     x = torch.randn(t, 320, generator=gen)
     monkeypatch.setenv(ops.PREFILL_ENV, "fp32")  # t=40: dequantized blocks and torch's GEMM, exact
-    want = (fake_quant_for(x, w) if t <= ops.SMALL_BATCH else x) @ w.dequantize().t()
+    want = (fake_quant_for(x, w) if t <= ops.integer_batch(320) else x) @ w.dequantize().t()
     close(ops.linear(x, w), want)
 
 
@@ -229,6 +229,34 @@ def test_screened_head_is_exact(k, cap, first_pass, gen):
     assert learned >= {5, 40, 99} if first_pass == "columns" else not learned
 
 
+@pytest.mark.parametrize("layout,first_pass", [("int4", None), ("int8", None), ("planes", "screen"),
+                                               ("planes", "columns"), ("planes", "full")])
+def test_head_topk_of_several_positions(layout, first_pass, gen):
+    """A verification's positions through the head at once (each row read once for all of them:
+    1 to 7 positions, the blocks of 4 and 2 and the single remainder) give every position exactly
+    its own top-k, as one position at a time does."""
+    from gemma4_nb.kernels.cpu_numba import ScreenPolicy
+    from gemma4_nb.kernels.qweight import to_planes
+
+    w = quantize_weight(torch.randn(4000, 96, generator=gen) * 0.05, "int4" if layout == "int4" else "int8")
+    p = to_planes(w) if layout == "planes" else w
+    if layout == "planes":
+        policy = p.__dict__["_screen_policy"] = ScreenPolicy()
+        policy.skip = 0 if first_pass != "full" else 10**9
+        policy.LEARN_CALLS = 1 if first_pass == "columns" else 10**9
+    for t in range(1, 8):
+        h = torch.randn(t, 96, generator=gen) * 3
+        h[:, [5, 40]] *= 8  # outlier columns, as in real hidden states
+        vals, ids = ops.head_topk_rows(h, p, 30.0, 5)
+        assert vals.shape == ids.shape == (t, 5)
+        logits = ref.softcap(fake_quant_for(h, w) @ w.dequantize().t(), 30.0)
+        for i in range(t):
+            one_vals, one_ids = ops.head_topk(h[i], p, 30.0, 5)
+            assert torch.equal(ids[i], one_ids)
+            close(vals[i], one_vals, rel=1e-6)
+            assert torch.equal(ids[i], torch.topk(logits[i], 5).indices)
+
+
 def test_screen_columns_norms(gen):
     """The screen's side data for exact columns against torch: its errors there, and per row the
     norm of its error outside them and the norm of its row with them exact."""
@@ -325,26 +353,28 @@ def test_row_dot_intrinsics(fmt, shape, gen):
     close(out, want, rel=1e-5)
 
 
-def test_products_without_vnni(tmp_path):
-    """Machines without AVX-VNNI run the same integer sums in fp32 arithmetic (kernels/simd.py):
+@pytest.mark.parametrize("setting", ["HAS_VNNI = WIDE = False", "WIDE = False"], ids=["no-vnni", "vnni-256"])
+def test_products_without_vnni(setting, tmp_path):
+    """Machines without AVX-VNNI run the same integer sums in fp32 arithmetic, and machines with
+    256-bit VNNI only (AVX-VNNI) one group per instruction instead of two (kernels/simd.py):
     compiled that way in a fresh process (its own numba cache), every layout's product and the
     screened head still match the reference."""
-    code = """
+    code = f"""
 import numpy as np, torch
 from gemma4_nb.kernels import simd
-simd.HAS_VNNI = False  # before any kernel compiles
+simd.{setting}  # before any kernel compiles
 from gemma4_nb.kernels import cpu_numba as nb, ops
 from gemma4_nb.kernels.qweight import quantize_weight, to_planes
 from quant_reference import fake_quant_for
 g = torch.Generator().manual_seed(5)
 worst = 0.0
 for fmt in ("int8", "int4", "planes"):
-    w = quantize_weight(torch.randn(300, 224, generator=g), "int4" if fmt == "int4" else "int8")
+    w = quantize_weight(torch.randn(300, 352, generator=g), "int4" if fmt == "int4" else "int8")
     w = to_planes(w) if fmt == "planes" else w
-    x = torch.randn(2, 224, generator=g)
+    x = torch.randn(2, 352, generator=g)
     want = fake_quant_for(x, w) @ w.dequantize().t()
     worst = max(worst, float((ops.linear(x, w) - want).abs().max() / want.abs().max()))
-h = torch.randn(224, generator=g)
+h = torch.randn(352, generator=g)
 _, ids = ops.head_topk(h, w, None, 5)
 assert torch.equal(ids, (fake_quant_for(h[None], w) @ w.dequantize().t())[0].topk(5).indices)
 print(worst)

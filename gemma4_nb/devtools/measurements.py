@@ -179,8 +179,9 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
     assistant int8, as the runtime does); the speedup at an acceptance rate follows.
 
     The target is built with ``layers`` of its 48 layers (memory); every figure is scaled to 48
-    layers from the measured per-layer time, plus the measured vocabulary head: all logits for a
-    verification, the top-1 alone for a plain step (the screened head, with quantized weights)."""
+    layers from the measured per-layer time, plus the measured vocabulary head: the top-1 for a plain
+    step and of every position of a verification (the screened head, with quantized weights), all
+    logits for a verification otherwise."""
     from ..runtime.speculative import DraftContext
 
     dev = torch.device(device)
@@ -208,7 +209,11 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
     k_max = max(ks)
     sizes = [1] + [k + 1 for k in ks]
     tasks = {("forward", t): forward(t) for t in sizes}
-    tasks.update({("head", t): (lambda t=t: target.logits(hidden[:t])) for t in sizes})
+    # a verification's head: with quantized CPU weights (greedy) the top-1 of every position, each
+    # head row read once for all of them; otherwise every logit
+    fused = getattr(target, "fused", False)
+    head = (lambda t: target.top_k_rows(hidden[:t], 1)) if fused else (lambda t: target.logits(hidden[:t]))
+    tasks.update({("head", t): (lambda t=t: head(t)) for t in sizes})
     tasks[("top1", 1)] = lambda: target.top_k(hidden[0], 1)
     tasks.update({("draft", name): (lambda d=d: d.propose([int(ids[n])], k_max, ctx)) for name, d in drafters.items()})
     times: dict = {key: [] for key in tasks}
@@ -236,7 +241,8 @@ def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu",
     for name, t in draft.items():
         print(f"one draft step ({name}): {t * 1000:.2f} ms = {t / plain:.3f} x plain step")
     for k, t in verify.items():
-        print(f"verify k={k} ({k + 1} tokens, all logits): {t * 1000:.1f} ms = {t / plain:.3f} x plain step")
+        print(f"verify k={k} ({k + 1} tokens, {'top-1 of each' if fused else 'all logits'}): {t * 1000:.1f} ms "
+              f"= {t / plain:.3f} x plain step")
     print("expected speedup = E[tokens per round] * plain / (k * draft + verify_k), "
           "E[tokens] = (1 - a^(k+1)) / (1 - a) for per-draft acceptance a")
     best_draft = min(draft.values())

@@ -52,6 +52,9 @@ class GemmaModel:
                 and self.lm_head.shape[0] >= self.SCREENED_HEAD_MIN_ROWS):
             self._screened_head()
         self._decode_args = None  # per-layer arguments of the fused decode kernels, built on first use
+        # forwards of at most this many positions run on the integer kernels (torch single-threaded)
+        fmt = getattr(self.layer_weights[0]["q_proj"], "fmt", "int8")
+        self.integer_batch = ops.integer_batch(cfg.hidden_size, fmt)
         self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
         self.rope_tables = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
                       for s in cfg.layers}
@@ -114,6 +117,11 @@ class GemmaModel:
         """Top-``k`` (soft-capped logits, token ids) of one position's final hidden state, without
         materializing every logit when the head is quantized on the CPU."""
         return ops.head_topk(hidden, self.lm_head, self.cfg.final_softcap, k)
+
+    def top_k_rows(self, hidden: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`top_k` of every position of ``hidden`` ``[N, hidden]``: ``(values [N, k], ids
+        [N, k])``; a quantized head on the CPU reads each of its rows once for all positions."""
+        return ops.head_topk_rows(hidden, self.lm_head, self.cfg.final_softcap, k)
 
     def rope_at(self, layer: int, positions: range) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of layer ``layer``'s RoPE at ``positions``."""
@@ -215,7 +223,7 @@ class GemmaModel:
         The cache is updated and committed. A few positions on quantized CPU weights run with torch
         single-threaded (:func:`~gemma4_nb.kernels.ops.numba_threads_only`).
         """
-        if self.fused and ids.shape[0] <= ops.SMALL_BATCH:
+        if self.fused and ids.shape[0] <= self.integer_batch:
             with ops.numba_threads_only():
                 return self._forward(ids, cache, soft, outputs, logits)
         return self._forward(ids, cache, soft, outputs, logits)

@@ -224,16 +224,21 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
             continue
         start = prefix.kv.length
         fed = [token] + drafts
-        out = model.forward(torch.tensor(fed, dtype=torch.long), prefix.kv, outputs="all" if drafts else "last")
+        out = model.forward(torch.tensor(fed, dtype=torch.long), prefix.kv, outputs="all" if drafts else "last",
+                            logits=plain_k is None)
         prefix.appended(fed)
+        if plain_k is not None:  # the k best logits of every position, each head row read once for all
+            top_vals, top_ids = model.top_k_rows(out.hidden, plain_k)
         t_done = time.perf_counter()
         accepted, nxt = 0, None
         for i, d in enumerate(drafts):
             if sampler.params.greedy:
-                choice = int(torch.argmax(out.logits[i]))
+                choice = int(top_ids[i, 0]) if plain_k is not None else int(torch.argmax(out.logits[i]))
                 ok = choice == d
             else:
-                ok, choice = accept_or_resample(out.logits[i], d, sampler.params, sampler.generator)
+                logits = out.logits[i] if plain_k is None else \
+                    _sparse_logits(top_vals[i], top_ids[i], model.cfg.vocab_size)
+                ok, choice = accept_or_resample(logits, d, sampler.params, sampler.generator)
             if not ok:
                 nxt = choice
                 break
@@ -248,7 +253,20 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
         # the position whose logits chose the next token is the last one kept
         last = accepted if drafts else -1
         hidden = out.hidden[last]
-        token = nxt if nxt is not None else sampler(out.logits[last])
+        if nxt is not None:
+            token = nxt
+        elif plain_k is not None:
+            token = sampler.pick(top_vals[last], top_ids[last])
+        else:
+            token = sampler(out.logits[last])
+
+
+def _sparse_logits(values: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Logits over the whole vocabulary that hold ``values`` at ``ids`` and minus infinity elsewhere:
+    under a top-k filter of the same k, the distribution of the full logits."""
+    logits = torch.full((vocab,), float("-inf"))
+    logits[ids] = values.float()
+    return logits
 
 
 class TextStream:
