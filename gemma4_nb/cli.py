@@ -87,7 +87,11 @@ def _cmd_models(args) -> int:
     if not found:
         print("no models found in the Hugging Face cache, Ollama's store or LM Studio's folders")
         return 0
-    rows = [(m.ref, f"{m.size / 2**30:.1f} GiB", m.format + (" + projector" if m.projector else ""), str(m.path))
+    def size(n: int) -> str:
+        return next(f"{n / 2**e:.1f} {unit}" for e, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+                    if n >= 2**e or e == 0)
+
+    rows = [(m.ref, size(m.size), m.format + (" + projector" if m.projector else ""), str(m.path))
             for m in found]
     widths = [max(len(r[i]) for r in rows + [("model", "size", "format", "")]) for i in range(3)]
     print(f"{'model':<{widths[0]}}  {'size':>{widths[1]}}  {'format':<{widths[2]}}  path")

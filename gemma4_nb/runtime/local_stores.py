@@ -75,10 +75,10 @@ def gguf_format(path: Path) -> str:
     arch = meta.get("general.architecture", "?")
     ftype = meta.get("general.file_type")
     try:
-        kind = LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        kind = " " + LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except (TypeError, ValueError):
-        kind = "?" if ftype is None else f"file type {ftype}"
-    return f"GGUF {kind} ({arch})"
+        kind = "" if ftype is None else f" file type {ftype}"
+    return f"GGUF{kind} ({arch})"
 
 
 # -- Ollama ------------------------------------------------------------------------------------

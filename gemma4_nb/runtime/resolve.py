@@ -99,7 +99,7 @@ def locate(model: str | os.PathLike | None, *, download: bool = False) -> LocalM
     if path.is_dir():
         if not (path / "config.json").is_file() and any(path.glob("*.gguf")):
             gguf, projector = pick_gguf(path, "the folder")
-            return LocalModel("path", str(path), gguf.resolve(), projector and projector.resolve())
+            return LocalModel("path", str(path), gguf.absolute(), projector and projector.absolute())
         return LocalModel("path", str(path), path.resolve())
     if name.startswith(("/", ".", "~")) or os.sep + os.sep in name or path.suffix:
         raise ModelNotFoundError(f"model path {str(path)!r} (from {source}) does not exist")
