@@ -62,7 +62,7 @@ def test_the_kv_cache_is_part_of_the_plan(cfg_12b):
 
 def test_when_only_int4_fits_it_loads_tightly_and_says_so(cfg_12b):
     choice = choose_weights(cfg_12b, device="cpu", probe=free(cpu=11 * GiB))
-    assert choice.quant == "int4" and "it fits with little to spare; int8 would take" in choice.note
+    assert choice.quant == "int4" and "it fits with little to spare: close other programs if the kernel dies; int8 would take" in choice.note
 
 
 def test_when_nothing_fits_the_refusal_has_the_numbers(cfg_12b):
@@ -84,6 +84,12 @@ def test_on_a_gpu_auto_tries_the_gpu_first_then_the_cpu(cfg_12b, monkeypatch):
     assert (small_gpu.device, small_gpu.quant) == ("cpu", "int4") and "on cpu" in small_gpu.note
     with pytest.raises(MemoryPlanError, match="available on cuda; free memory or device='cpu'"):
         choose_weights(cfg_12b, device="cuda", probe=free(cuda=8 * GiB))
+
+
+def test_a_gpu_asked_for_without_one_is_refused_before_probing(cfg_12b, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Gemma4Error, match="device='cuda' was asked for but PyTorch sees no CUDA GPU"):
+        choose_weights(cfg_12b, device="cuda", probe=lambda device: 1 / 0)
 
 
 def test_forced_formats_and_where_they_come_from(cfg_12b, monkeypatch):

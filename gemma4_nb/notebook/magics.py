@@ -216,12 +216,14 @@ class GemmaMagics(Magics):
                 print(c.backend.status())
         elif cmd == "config":
             quant = c.settings.quant
-            for item in rest:
-                key, _, value = item.partition("=")
-                c.settings.update(key.strip(), value.strip())
-            if c.settings.quant != quant and c.model is not None:
-                c.unload()  # the weights load again in the new format on first use
-                print(f"(the model reloads with quant={c.settings.quant or 'auto'} on first use)")
+            try:
+                for item in rest:
+                    key, _, value = item.partition("=")
+                    c.settings.update(key.strip(), value.strip())
+            finally:  # a later item's error must not leave the model loaded in the old format
+                if c.settings.quant != quant and c.model is not None:
+                    c.unload()  # the weights load again in the new format on first use
+                    print(f"(the model reloads with quant={c.settings.quant or 'auto'} on first use)")
             for k, v in vars(c.settings).items():
                 print(f"{k} = {v}")
         elif cmd == "approval":

@@ -81,6 +81,8 @@ def choose_weights(cfg: ModelConfig, *, quant=None, device=None, dtype=None, max
         from .memory import available_memory as probe
     setting, origin = quant_setting(quant)
     asked_dtype = dtype_name(dtype)
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise Gemma4Error("device='cuda' was asked for but PyTorch sees no CUDA GPU; use device='cpu'")
     if setting in ("int8", "int4"):
         return WeightChoice(setting, device, dtype, f"gemma4-nb: {setting} weights ({origin})")
     if setting == "bf16":
@@ -133,7 +135,7 @@ def _chosen(tried: list, context: int, *, tight: bool) -> WeightChoice:
     label = act if fmt == "bf16" else fmt
     wider = [t for t in tried[:-1] if t[0] == dev and t[1] != fmt]
     why = f"; {wider[-1][1]} would take {wider[-1][3].total / GiB:.1f} GiB" if wider else ""
-    fit = (f"it fits with little to spare{why}: close other programs if the kernel dies" if tight
+    fit = (f"it fits with little to spare: close other programs if the kernel dies{why}" if tight
            else f"fits in {COMFORTABLE:.0%} of it{why}")
     note = (f"gemma4-nb: {label} weights on {dev}: {plan.total / GiB:.1f} GiB with the KV cache for {context:,} tokens, "
             f"{free / GiB:.1f} GiB free ({fit}); quant= or ${QUANT_ENV} chooses")
