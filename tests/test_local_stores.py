@@ -61,6 +61,12 @@ def add_manifest(store: Path, name: str, tag: str, layers: list[tuple[str, dict]
 
 
 @pytest.fixture(scope="module")
+def embedded_gguf():
+    """The embedded model's file, found before any test moves $HOME (its cache is under $HOME)."""
+    return embedded_model()
+
+
+@pytest.fixture(scope="module")
 def small_gguf(tmp_path_factory):
     path = tmp_path_factory.mktemp("small") / "small.gguf"
     write_gguf(path)
@@ -68,12 +74,12 @@ def small_gguf(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ollama_store(tmp_path_factory, small_gguf):
+def ollama_store(tmp_path_factory, small_gguf, embedded_gguf):
     """gemma3:270m (the embedded GGUF with a projector layer), a damaged, a truncated and a
     partly pulled model, a user's namespaced model, and one stored as tensors (not GGUF)."""
     store = tmp_path_factory.mktemp("ollama") / "models"
     template = add_blob(store, b"{{ .Prompt }}")
-    add_manifest(store, "gemma3", "270m", [(MODEL, add_blob(store, embedded_model())),
+    add_manifest(store, "gemma3", "270m", [(MODEL, add_blob(store, embedded_gguf)),
                                            ("application/vnd.ollama.image.template", template),
                                            (PROJECTOR, add_blob(store, small_gguf))])
     good = small_gguf.read_bytes() + b"\1" * 32  # (not the projector's blob, which links to small_gguf)
@@ -103,6 +109,13 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="module")
+def store_cache(tmp_path_factory):
+    """The GGUF conversions of these tests' links to the embedded file (named apart from it, so
+    converted apart from it): kept out of the session's cache, which test_gguf.py inspects."""
+    return tmp_path_factory.mktemp("stores-cache")
+
+
 @pytest.fixture
 def ollama(ollama_store, home, monkeypatch):
     monkeypatch.setenv("OLLAMA_MODELS", str(ollama_store))
@@ -119,13 +132,14 @@ def test_ollama_names_as_ollama_reads_them():
             _ollama_parts(bad)
 
 
-def test_an_ollama_model_loads_from_its_blob(ollama, home):
+def test_an_ollama_model_loads_from_its_blob(ollama, home, store_cache, embedded_gguf, monkeypatch):
     found = locate("ollama:gemma3:270m")
     blobs = ollama / "blobs"
-    assert found.path == blobs / f"sha256-{_sha256(embedded_model())}"
+    assert found.path == blobs / f"sha256-{_sha256(embedded_gguf)}"
     assert found.projector is not None and found.projector.parent == blobs
+    direct = gemma4_nb.load(embedded_gguf, device="cpu", dtype="fp32", progress=False)
+    monkeypatch.setenv("GEMMA4_NB_CACHE", str(store_cache))
     model = gemma4_nb.load("ollama:gemma3:270m", device="cpu", dtype="fp32", progress=False)
-    direct = gemma4_nb.load(embedded_model(), device="cpu", dtype="fp32", progress=False)
     assert model.source == found.path and model.projector == found.projector
     prompt = "import pandas as pd\n"
     assert model.generate(prompt, max_new_tokens=8, temperature=0) == direct.generate(prompt, max_new_tokens=8,
@@ -142,7 +156,7 @@ def test_a_damaged_or_partial_blob_is_named(ollama, home):
     with pytest.raises(CheckpointError, match=r"sha256-(ab){32} \(a blob of ollama:gemma3:pulling\) is only partly "
                                               r"downloaded; pull it again with `ollama pull gemma3:pulling`"):
         gemma4_nb.load("ollama:gemma3:pulling", progress=False)
-    with pytest.raises(CheckpointError, match="ollama:tensors:latest has no GGUF model layer"):
+    with pytest.raises(CheckpointError, match=r"ollama:tensors:latest has no GGUF model layer \(its layers: tensor\)"):
         gemma4_nb.load("ollama:tensors", progress=False)
 
 
@@ -157,6 +171,28 @@ def test_a_missing_model_names_what_is_there(ollama, home, monkeypatch):
         gemma4_nb.load("ollama:gemma4:12b", progress=False)
     with pytest.raises(ModelNotFoundError, match="for a model in Ollama write ollama:gemma4:12b"):
         gemma4_nb.load("gemma4:12b", progress=False)
+
+
+def test_a_store_this_user_cannot_read_is_skipped(ollama, monkeypatch):
+    """The Linux service's store belongs to the `ollama` user: a permission error there is no crash
+    (as root, chmod cannot deny anything, so the denial is simulated)."""
+    from gemma4_nb.runtime import local_stores
+
+    locked = Path("/nonexistent-locked/ollama/models")
+    monkeypatch.setattr(local_stores, "ollama_stores", lambda: [locked, ollama])
+    real_is_dir, real_is_file = Path.is_dir, Path.is_file
+
+    def denied(real):
+        def check(self):
+            if str(self).startswith(str(locked)):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+        return check
+
+    monkeypatch.setattr(Path, "is_dir", denied(real_is_dir))
+    monkeypatch.setattr(Path, "is_file", denied(real_is_file))
+    assert locate("ollama:gemma3:270m").path.parent == ollama / "blobs"
+    assert "ollama:gemma3:270m" in [m.ref for m in local_stores.list_ollama()]
 
 
 def test_a_blob_is_hashed_once_while_it_is_unchanged(tmp_path, small_gguf):
@@ -174,45 +210,47 @@ def test_a_blob_is_hashed_once_while_it_is_unchanged(tmp_path, small_gguf):
         verify_blob(blob, digest, len(data), "x")
 
 
-def _lmstudio_folder(root: Path, small_gguf: Path, publisher="lmstudio-community", repo="gemma-3-270m-GGUF") -> Path:
+def _lmstudio_folder(root: Path, small_gguf: Path, embedded_gguf: Path, publisher="lmstudio-community",
+                     repo="gemma-3-270m-GGUF") -> Path:
     folder = root / publisher / repo
     folder.mkdir(parents=True)
-    (folder / "gemma-3-270m-Q4_K_M.gguf").symlink_to(embedded_model())
+    # named as the embedded file is, so its conversion is the session's own (the cache key is name and target)
+    (folder / embedded_gguf.name).symlink_to(embedded_gguf)
     shutil.copy(small_gguf, folder / "mmproj-gemma-3-270m-f16.gguf")
     return folder
 
 
-def test_lm_studio_folders(home, small_gguf):
-    folder = _lmstudio_folder(home / ".lmstudio" / "models", small_gguf)
+def test_lm_studio_folders(home, small_gguf, embedded_gguf):
+    folder = _lmstudio_folder(home / ".lmstudio" / "models", small_gguf, embedded_gguf)
     for ref in ("lmstudio:lmstudio-community/gemma-3-270m-GGUF", "lmstudio-community/gemma-3-270m-GGUF", str(folder)):
         found = locate(ref)
-        assert found.path.name == "gemma-3-270m-Q4_K_M.gguf" and found.projector.name.startswith("mmproj"), ref
+        assert found.path == folder / embedded_gguf.name and found.projector.name.startswith("mmproj"), ref
     model = gemma4_nb.load("lmstudio-community/gemma-3-270m-GGUF", device="cpu", dtype="fp32", progress=False)
     assert model.config.model_type == "gemma3_text" and model.projector == folder / "mmproj-gemma-3-270m-f16.gguf"
-    assert locate(str(folder / "gemma-3-270m-Q4_K_M.gguf")).projector.name == "mmproj-gemma-3-270m-f16.gguf"
+    assert locate(str(folder / embedded_gguf.name)).projector.name == "mmproj-gemma-3-270m-f16.gguf"
     with pytest.raises(ModelNotFoundError, match="is a projector .* not a model"):
         locate(str(folder / "mmproj-gemma-3-270m-f16.gguf"))
     shutil.copy(small_gguf, folder / "gemma-3-270m-Q8_0.gguf")
-    with pytest.raises(ModelNotFoundError, match="holds 2 GGUF files: gemma-3-270m-Q4_K_M.gguf, gemma-3-270m-Q8_0.gguf; "
+    with pytest.raises(ModelNotFoundError, match="holds 2 GGUF files: gemma-3-270m-Q8_0.gguf, gemma-3-270m-q4_k_m.gguf; "
                                                  "pass the path of the one to load"):
         locate("lmstudio:lmstudio-community/gemma-3-270m-GGUF")
     with pytest.raises(ModelNotFoundError, match="lmstudio:someone/else is not in LM Studio's models .* models there: "
-                                                 ".*gemma-3-270m-Q4_K_M.gguf, .*gemma-3-270m-Q8_0.gguf"):
+                                                 ".*gemma-3-270m-Q8_0.gguf, .*gemma-3-270m-q4_k_m.gguf"):
         locate("lmstudio:someone/else")  # a folder of two models lists them by path
 
 
-def test_lm_studio_older_and_moved_folders(home, small_gguf, tmp_path):
-    _lmstudio_folder(home / ".cache" / "lm-studio" / "models", small_gguf)
+def test_lm_studio_older_and_moved_folders(home, small_gguf, embedded_gguf, tmp_path):
+    _lmstudio_folder(home / ".cache" / "lm-studio" / "models", small_gguf, embedded_gguf)
     assert locate("lmstudio:lmstudio-community/gemma-3-270m-GGUF").path.parent.parent.parent.name == "models"
     moved = tmp_path / "elsewhere"
-    _lmstudio_folder(moved, small_gguf, repo="moved-GGUF")
+    _lmstudio_folder(moved, small_gguf, embedded_gguf, repo="moved-GGUF")
     (home / ".lmstudio").mkdir()
     (home / ".lmstudio" / "settings.json").write_text(json.dumps({"downloadsFolder": str(moved)}))
     assert locate("lmstudio-community/moved-GGUF").path.parent == moved / "lmstudio-community" / "moved-GGUF"
 
 
-def test_the_models_command_lists_every_store(ollama_store, home, small_gguf, tiny_dir):
-    _lmstudio_folder(home / ".lmstudio" / "models", small_gguf)
+def test_the_models_command_lists_every_store(ollama_store, home, small_gguf, embedded_gguf, tiny_dir):
+    _lmstudio_folder(home / ".lmstudio" / "models", small_gguf, embedded_gguf)
     repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--google--gemma-4-tiny-test"
     commit = "0123456789abcdef0123456789abcdef01234567"
     shutil.copytree(tiny_dir, repo / "snapshots" / commit)
@@ -223,7 +261,7 @@ def test_the_models_command_lists_every_store(ollama_store, home, small_gguf, ti
                          env=env)
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
-    size = embedded_model().stat().st_size
+    size = embedded_gguf.stat().st_size
     assert "GGUF Q4_K_M (gemma3) + projector" in rows["ollama:gemma3:270m"], out.stdout
     assert f" {(size + small_gguf.stat().st_size) / 2 ** 20:.1f} MiB " in rows["ollama:gemma3:270m"]
     assert "GGUF (gemma3)" in rows["ollama:someone/mine:latest"]  # a file without general.file_type
@@ -233,7 +271,7 @@ def test_the_models_command_lists_every_store(ollama_store, home, small_gguf, ti
     assert "safetensors (gemma4_unified)" in rows["google/gemma-4-tiny-test"], out.stdout
 
 
-def test_in_a_real_kernel(ollama_store, tiny_dir, tmp_path):
+def test_in_a_real_kernel(ollama_store, tiny_dir, tmp_path, store_cache):
     """`%gemma config quant=` and `%gemma model ollama:...` as a user types them; the free-memory
     probe set so that only int4 fits the tiny model (a 12B on a 16 GB machine, scaled down)."""
     from test_notebook_kernel import run_cells, text_of
@@ -267,7 +305,7 @@ def test_in_a_real_kernel(ollama_store, tiny_dir, tmp_path):
         "%%gemma --max-new-tokens 3\nhi",
         "%gemma model ollama:gemma4:12b",
         "%%gemma --max-new-tokens 3\nhi",
-    ], tmp_path, env={"OLLAMA_MODELS": str(ollama_store)})
+    ], tmp_path, env={"OLLAMA_MODELS": str(ollama_store), "GEMMA4_NB_CACHE": str(store_cache)})
     out = [text_of(c) for c in cells]
     assert not any(o.get("output_type") == "error" for c in cells for o in c.outputs), out
     assert "gemma4-nb: int4 weights on cpu" in out[3], out[3]  # chosen with no setting, said in one line

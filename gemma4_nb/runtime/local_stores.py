@@ -48,10 +48,26 @@ class LocalModel:
     format: str = ""  # "GGUF Q4_K_M (gemma4)", "safetensors (gemma4)"...
 
 
+def _is_dir(path: Path) -> bool:
+    """``Path.is_dir`` that is False, not an error, behind a folder this user cannot read (the
+    Linux service's Ollama store is the ``ollama`` user's own)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def is_gguf(path: Path) -> bool:
     """A GGUF file by its name or, for blobs without one (Ollama's), by its first bytes."""
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path):
         return False
     if path.suffix == ".gguf":
         return True
@@ -118,10 +134,10 @@ def _ollama_display(host: str, namespace: str, model: str, tag: str) -> str:
 def _manifest_files(store: Path):
     """(display name, manifest path) of every manifest in a store."""
     root = store / "manifests"
-    if not root.is_dir():
+    if not _is_dir(root):
         return
     for path in sorted(root.glob("*/*/*/*")):
-        if path.is_file():
+        if _is_file(path):
             host, namespace, model, tag = path.relative_to(root).parts
             yield _ollama_display(host, namespace, model, tag), path
 
@@ -129,7 +145,7 @@ def _manifest_files(store: Path):
 def _find_manifest(stores: list[Path], parts: tuple[str, str, str, str]) -> Path | None:
     for store in stores:
         exact = store.joinpath("manifests", *parts)
-        if exact.is_file():
+        if _is_file(exact):
             return exact
         wanted = [p.lower() for p in parts]  # Ollama's names are case-insensitive
         for _, path in _manifest_files(store):
@@ -165,7 +181,7 @@ def resolve_ollama(name: str) -> LocalModel:
     if manifest is None:
         there = [n for s in stores for n, _ in _manifest_files(s)]
         where = " or ".join(str(s) for s in stores)
-        if not any((s / "manifests").is_dir() for s in stores):
+        if not any(_is_dir(s / "manifests") for s in stores):
             raise ModelNotFoundError(f"no Ollama store at {where}: install Ollama and `ollama pull {shown}`, "
                                      f"or set ${OLLAMA_ENV} to where Ollama keeps its models")
         raise ModelNotFoundError(f"{OLLAMA_PREFIX}{shown} is not in Ollama's store ({where}); models there: "
@@ -174,7 +190,7 @@ def resolve_ollama(name: str) -> LocalModel:
     layers = _read_manifest(manifest)
     models = [x for x in layers if x.get("mediaType") == OLLAMA_MODEL_MEDIA]
     if not models:
-        kinds = sorted({str(x.get("mediaType", "?")).rpartition(".")[2] for x in layers})
+        kinds = sorted({str(x.get("mediaType", "?")).partition(";")[0].rpartition(".")[2] for x in layers})
         raise CheckpointError(f"{OLLAMA_PREFIX}{shown} has no GGUF model layer (its layers: {', '.join(kinds)}); "
                               "gemma4-nb reads Ollama models stored as one GGUF file")
     path, hexdigest, size = _layer_blob(store, models[0], manifest)
@@ -199,7 +215,7 @@ def verify_blob(path: Path, hexdigest: str, size: int, shown: str) -> None:
     """The blob is there, has the manifest's size, and (checked once, then remembered while its
     size and modification time stay the same) hashes to its sha256 digest."""
     again = f"pull it again with `ollama pull {shown}`"
-    if not path.is_file():
+    if not _is_file(path):
         partial = sorted(path.parent.glob(path.name + "-partial*"))
         state = "only partly downloaded" if partial else "missing"
         raise CheckpointError(f"{path} (a blob of {OLLAMA_PREFIX}{shown}) is {state}; {again}")
@@ -218,9 +234,12 @@ def verify_blob(path: Path, hexdigest: str, size: int, shown: str) -> None:
         print(f"gemma4-nb: checking {path.name} against its sha256 once ({size / (1 << 30):.1f} GiB)",
               file=sys.stderr, flush=True)
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 24):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} (a blob of {OLLAMA_PREFIX}{shown}): {exc}") from None
     if h.hexdigest() != hexdigest:
         raise CheckpointError(f"{path} (a blob of {OLLAMA_PREFIX}{shown}) does not match its sha256 digest: the file "
                               f"is damaged; {again}")
@@ -277,7 +296,7 @@ def lmstudio_roots() -> list[Path]:
     roots += [home / "models", Path.home() / ".cache" / "lm-studio" / "models"]
     unique = []
     for r in roots:
-        if r.is_dir() and r not in unique:
+        if _is_dir(r) and r not in unique:
             unique.append(r)
     return unique
 
@@ -312,7 +331,7 @@ def resolve_lmstudio(name: str, *, required: bool) -> LocalModel | None:
     roots = lmstudio_roots()
     for root in roots:
         folder = root / parts[0] / parts[1]
-        if folder.is_dir():
+        if _is_dir(folder):
             path, projector = pick_gguf(folder, f"LM Studio's {name}")
             return LocalModel("lmstudio", f"{LMSTUDIO_PREFIX}{name}", path, projector)
     if not required:
