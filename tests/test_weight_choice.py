@@ -60,9 +60,13 @@ def test_the_kv_cache_is_part_of_the_plan(cfg_12b):
     assert short.quant == "int8"
 
 
-def test_when_only_int4_fits_it_loads_tightly_and_says_so(cfg_12b):
-    choice = choose_weights(cfg_12b, device="cpu", probe=free(cpu=11 * GiB))
-    assert choice.quant == "int4" and "it fits with little to spare: close other programs if the kernel dies; int8 would take" in choice.note
+@pytest.mark.parametrize("size", [11, 8])
+def test_when_only_int4_fits_it_loads_tightly_and_says_so(cfg_12b, size):
+    """Under 70%, int4 loads while its weights fit (load()'s own limit), saying how little is left."""
+    choice = choose_weights(cfg_12b, device="cpu", probe=free(cpu=size * GiB))
+    assert choice.quant == "int4" and f"GiB, {size}.0 GiB free: little to spare (the KV cache and activations for " \
+        "32,768 tokens take" in choice.note
+    assert "close other programs if the kernel dies; int8 would take" in choice.note
 
 
 def test_when_nothing_fits_the_refusal_has_the_numbers(cfg_12b):
@@ -82,8 +86,10 @@ def test_on_a_gpu_auto_tries_the_gpu_first_then_the_cpu(cfg_12b, monkeypatch):
     assert (on_gpu.device, on_gpu.quant, on_gpu.dtype) == ("cuda", "int8", "bf16")  # the Triton kernel runs it
     small_gpu = choose_weights(cfg_12b, probe=free(cuda=8 * GiB, cpu=16 * GiB))
     assert (small_gpu.device, small_gpu.quant) == ("cpu", "int4") and "on cpu" in small_gpu.note
+    tight_gpu = choose_weights(cfg_12b, device="cuda", probe=free(cuda=8 * GiB))  # a device given: that one only
+    assert (tight_gpu.device, tight_gpu.quant) == ("cuda", "int4") and "little to spare" in tight_gpu.note
     with pytest.raises(MemoryPlanError, match="available on cuda; free memory or device='cpu'"):
-        choose_weights(cfg_12b, device="cuda", probe=free(cuda=8 * GiB))
+        choose_weights(cfg_12b, device="cuda", probe=free(cuda=6 * GiB))
 
 
 def test_a_gpu_asked_for_without_one_is_refused_before_probing(cfg_12b, monkeypatch):

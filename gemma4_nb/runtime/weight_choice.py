@@ -5,7 +5,8 @@ The setting comes from ``load(quant=...)``, else ``$GEMMA4_NB_QUANT``, else ``au
 widest format whose weights, KV cache and activations for :data:`PLANNED_CONTEXT` tokens (the
 memory planner's numbers) fit in :data:`COMFORTABLE` of the device's free memory (the planner's one
 free-memory probe), leaving the rest to the notebook's own data; when none does, int4 still loads
-if it fits at all, and when even int4 does not, the load is refused with the numbers.
+if its weights fit (``load``'s own limit; each request's KV cache is checked when it comes), and
+when even they do not, the load is refused with what each format needs.
 
 - Devices: a ``device`` given is the only one tried. Without one, a CUDA GPU is tried first (the
   quantized formats run there too, with the Triton kernel), then the CPU (the fused numba kernels).
@@ -118,7 +119,7 @@ def _widest_that_fits(cfg: ModelConfig, device, context: int, probe) -> WeightCh
                 return _chosen(tried, context, tight=False)
     last_dev = devices[-1]
     smallest = [t for t in tried if t[0] == last_dev][-1]
-    if smallest[3].total <= smallest[4]:
+    if smallest[3].weights <= smallest[4]:  # load()'s own limit: the weights; each request is checked later
         return _chosen(tried, context, tight=True)
     dev, _, _, plan, free = smallest
     needs = {fmt: p for d, fmt, _, p, _ in tried if d == dev}
@@ -131,12 +132,18 @@ def _widest_that_fits(cfg: ModelConfig, device, context: int, probe) -> WeightCh
 
 
 def _chosen(tried: list, context: int, *, tight: bool) -> WeightChoice:
+    def label(fmt: str, act: str) -> str:  # unquantized weights are named by their dtype
+        return act if fmt == "bf16" else fmt
+
     dev, fmt, act, plan, free = tried[-1]
-    label = act if fmt == "bf16" else fmt
     wider = [t for t in tried[:-1] if t[0] == dev and t[1] != fmt]
-    why = f"; {wider[-1][1]} would take {wider[-1][3].total / GiB:.1f} GiB" if wider else ""
-    fit = (f"it fits with little to spare: close other programs if the kernel dies{why}" if tight
-           else f"fits in {COMFORTABLE:.0%} of it{why}")
-    note = (f"gemma4-nb: {label} weights on {dev}: {plan.total / GiB:.1f} GiB with the KV cache for {context:,} tokens, "
-            f"{free / GiB:.1f} GiB free ({fit}); quant= or ${QUANT_ENV} chooses")
+    why = f"; {label(wider[-1][1], wider[-1][2])} would take {wider[-1][3].total / GiB:.1f} GiB" if wider else ""
+    if tight:
+        note = (f"gemma4-nb: {label(fmt, act)} weights on {dev}: {plan.weights / GiB:.1f} GiB, {free / GiB:.1f} GiB "
+                f"free: little to spare (the KV cache and activations for {context:,} tokens take "
+                f"{(plan.kv + plan.activations) / GiB:.1f} GiB more; close other programs if the kernel dies{why})")
+    else:
+        note = (f"gemma4-nb: {label(fmt, act)} weights on {dev}: {plan.total / GiB:.1f} GiB with the KV cache for "
+                f"{context:,} tokens, {free / GiB:.1f} GiB free (fits in {COMFORTABLE:.0%} of it{why})")
+    note += f"; quant= or ${QUANT_ENV} chooses"
     return WeightChoice(None if fmt == "bf16" else fmt, dev, act, note)
