@@ -140,7 +140,7 @@ def test_an_ollama_model_loads_from_its_blob(ollama, home, store_cache, embedded
     direct = gemma4_nb.load(embedded_gguf, device="cpu", dtype="fp32", progress=False)
     monkeypatch.setenv("GEMMA4_NB_CACHE", str(store_cache))
     model = gemma4_nb.load("ollama:gemma3:270m", device="cpu", dtype="fp32", progress=False)
-    assert model.source == found.path and model.projector == found.projector
+    assert model.source == found.path and model.projector == found.projector and model.name == "ollama:gemma3:270m"
     prompt = "import pandas as pd\n"
     assert model.generate(prompt, max_new_tokens=8, temperature=0) == direct.generate(prompt, max_new_tokens=8,
                                                                                        temperature=0)
@@ -314,6 +314,6 @@ def test_in_a_real_kernel(ollama_store, tiny_dir, tmp_path, store_cache):
     assert "quant = bf16" in out[6] and "reloads with quant=bf16" in out[6]
     assert "gemma4-nb: bf16 weights (quant='bf16')" in out[7] and "torch.bfloat16" in out[8]
     assert "int4 weights" not in out[8]
-    assert "gemma3_text" in out[12] and "sha256-" in out[12]
+    assert "<gemma4_nb.Model ollama:gemma3:270m: gemma3_text" in out[12]
     assert "ollama:gemma3:damaged) does not match its sha256 digest" in out[14]
     assert "ollama:gemma4:12b is not in Ollama's store" in out[16] and "gemma3:270m" in out[16]

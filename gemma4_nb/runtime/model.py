@@ -56,12 +56,13 @@ class Model:
                  generation_config: dict, max_context: int, source: Path | None = None, *,
                  kv_dtype: str | None = None, kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
                  kv_offload_after: int | None = None, drafter=None, quant: str | None = None,
-                 projector: Path | None = None, weight_note: str = "") -> None:
+                 projector: Path | None = None, weight_note: str = "", name: str | None = None) -> None:
         self.quant = quant
         self.projector = projector  # a GGUF's mmproj file (vision, audio), when one was found
         self.weight_note = weight_note  # what load() chose for the weights and why (one line; "" when told)
         self.model_dir = model_dir
         self.source = source or model_dir  # what the user pointed at (a GGUF is converted to model_dir)
+        self.name = name or self.source.name  # "ollama:gemma4:12b" for a store's model, else the file or folder
         self.config = cfg
         self.net = net
         self.tokenizer = tokenizer
@@ -115,7 +116,7 @@ class Model:
     def __repr__(self) -> str:
         cfg = self.config
         weights = f"{self.quant} weights, " if self.quant else ""
-        return (f"<gemma4_nb.Model {self.source.name}: {cfg.model_type}, {cfg.num_layers} layers, "
+        return (f"<gemma4_nb.Model {self.name}: {cfg.model_type}, {cfg.num_layers} layers, "
                 f"{cfg.parameter_count() / 1e9:.2f}B params, {weights}{self.net.dtype}, {self.net.device}>")
 
     # -- prompts ------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source,
                  kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk,
                  kv_offload_after=kv_offload_after, drafter=drafter, quant=quant, projector=located.projector,
-                 weight_note=choice.note)
+                 weight_note=choice.note, name=located.ref if located.store in ("ollama", "lmstudio") else None)
 
 
 DRAFTING = ("auto", "mtp", "prompt_lookup", None)
