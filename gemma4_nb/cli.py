@@ -7,10 +7,12 @@ import sys
 
 from .errors import Gemma4Error
 from .runtime.chat_template import PLAIN_STOPS, plain_prompt
+from .runtime.weight_choice import QUANT_SETTINGS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="model directory or Hugging Face repo id (default: $GEMMA4_NB_MODEL)")
+    p.add_argument("--model", help="model directory, .gguf file, Hugging Face repo id, ollama:<name>[:<tag>] or "
+                                   "lmstudio:<publisher>/<repo> (default: $GEMMA4_NB_MODEL; `gemma4-nb models` lists them)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="weight dtype (default: bf16 on CUDA, fp32 on CPU if it fits)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-context", type=int, help="longest prompt plus reply, in tokens")
@@ -18,7 +20,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafting", choices=["auto", "mtp", "prompt_lookup", "off"], default="auto",
                    help="speculative decoding (output unchanged): the MTP assistant when found, else prompt lookup")
     p.add_argument("--assistant", help="the MTP assistant's directory or repo id (default: found next to the model)")
-    p.add_argument("--quant", choices=["int8", "int4"], help="quantize the weights while loading (CPU; with --device cuda they then run on the GPU)")
+    p.add_argument("--quant", type=str.lower, choices=QUANT_SETTINGS,
+                   help="weight format (default: $GEMMA4_NB_QUANT, else auto: the widest that fits in memory; a GGUF "
+                        "keeps its own); int8/int4 are quantized while loading")
 
 
 def _cmd_generate(args) -> int:
@@ -76,6 +80,26 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_models(args) -> int:
+    from .runtime.local_stores import list_local_models
+
+    found = list_local_models()
+    if not found:
+        print("no models found in the Hugging Face cache, Ollama's store or LM Studio's folders")
+        return 0
+    def size(n: int) -> str:
+        return next(f"{n / 2**e:.1f} {unit}" for e, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB"), (0, "B"))
+                    if n >= 2**e or e == 0)
+
+    rows = [(m.ref, size(m.size), m.format + (" + projector" if m.projector else ""), str(m.path))
+            for m in found]
+    widths = [max(len(r[i]) for r in rows + [("model", "size", "format", "")]) for i in range(3)]
+    print(f"{'model':<{widths[0]}}  {'size':>{widths[1]}}  {'format':<{widths[2]}}  path")
+    for ref, size, fmt, path in rows:
+        print(f"{ref:<{widths[0]}}  {size:>{widths[1]}}  {fmt:<{widths[2]}}  {path}")
+    return 0
+
+
 def _cmd_tiny(args) -> int:
     from .devtools.tiny import write_tiny_checkpoint
 
@@ -104,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="prefill/decode speed, time to first token and peak memory (like llama-bench)")
     b.add_argument("--model", help="model directory, .gguf or repo id (default: the embedded Gemma 3 270M)")
     b.add_argument("--shape", help="instead of a model: random weights in a named shape (gemma4-12b)")
-    b.add_argument("--quant", choices=["int8", "int4"], help="weight format (default: unquantized)")
+    b.add_argument("--quant", choices=["int8", "int4"],
+                   help="weight format (default: unquantized with --shape; with --model what load() picks)")
     b.add_argument("--dtype", choices=["bf16", "fp32"], help="unquantized weight / activation dtype")
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's setting)")
@@ -124,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cuda-graphs", action="store_true",
                    help="decode with static-shape steps replayed as CUDA graphs (experimental; eager on the CPU)")
     b.set_defaults(func=_cmd_bench)
+
+    models = sub.add_parser("models", help="the models on this machine (Hugging Face cache, Ollama, LM Studio): "
+                                           "what to pass to --model / load(), size, format")
+    models.set_defaults(func=_cmd_models)
 
     tiny = sub.add_parser("tiny", help="write a tiny random Gemma 4 checkpoint (for smoke tests)")
     tiny.add_argument("out_dir")

@@ -88,11 +88,13 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
         import json
 
         from ..runtime.model import load
+        from ..runtime.local_stores import is_gguf
         from ..runtime.resolve import resolve_model
 
         src = resolve_model(model)
-        gguf = src if src.suffix == ".gguf" else None
+        gguf = src if is_gguf(src) else None
         loaded = load(str(src), device=device.type, dtype=dtype, quant=quant, progress=False)
+        quant = loaded.quant  # what load() chose when none was given
         net, name = loaded.net, src.name
         encode = loaded.encode
         hf_config = json.loads((loaded.model_dir / "config.json").read_text())

@@ -53,6 +53,7 @@ class PreparedRequest:
 @dataclass
 class Settings:
     model: str | None = None  # None: $GEMMA4_NB_MODEL, else the embedded default
+    quant: str | None = None  # weight format (auto, bf16, int8, int4); None: $GEMMA4_NB_QUANT, else auto
     approval: str = "ask"
     max_new_tokens: int = 512
     temperature: float | None = None  # None: the checkpoint's default
@@ -99,6 +100,13 @@ def check_setting(key: str, value):
         raise Gemma4Error(f"temperature must be a number >= 0 (0 is greedy), got {value!r}")
     if key == "first_byte_timeout" and value is not None and not (math.isfinite(value) and value > 0):
         raise Gemma4Error(f"first_byte_timeout must be a number of seconds above 0, got {value!r}")
+    if key == "quant" and value is not None:
+        from ..runtime.weight_choice import QUANT_SETTINGS
+
+        if value.lower() not in QUANT_SETTINGS:
+            raise Gemma4Error(f"quant must be one of {', '.join(QUANT_SETTINGS)} (or none: $GEMMA4_NB_QUANT, else "
+                              f"auto), got {value!r}")
+        value = value.lower()
     return value
 
 
@@ -166,7 +174,7 @@ class Copilot:
             from ..runtime.model import load
 
             t = time.perf_counter()
-            self.model = load(self.settings.model, progress=True)
+            self.model = load(self.settings.model, progress=True, quant=self.settings.quant)
             self.load_seconds = time.perf_counter() - t
             self.backend = LocalBackend(self.model)
         return self.backend

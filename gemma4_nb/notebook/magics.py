@@ -26,10 +26,12 @@ HELP = """%%gemma [--agent] [--df NAME ...] [--image X ...] [--audio X ...] [--n
     and --no-draft apply to this cell only (`%gemma config` changes the settings).
 
 %gemma status              model, memory, last reply's speed
-%gemma model [REF]         show or set the model (a directory, .gguf file or HF repo id;
-                           `default` goes back to $GEMMA4_NB_MODEL or the embedded model)
+%gemma model [REF]         show or set the model (a directory, .gguf file, HF repo id,
+                           ollama:<name>[:<tag>] or lmstudio:<publisher>/<repo>; `default`
+                           goes back to $GEMMA4_NB_MODEL or the embedded model)
 %gemma config [key=value]  show or change settings (approval, max_new_tokens, temperature,
-                           context_tokens, max_steps, history_file, first_byte_timeout)
+                           context_tokens, max_steps, history_file, first_byte_timeout,
+                           quant=auto|bf16|int8|int4: the weight format, reloads the model)
 %gemma approval ask|auto|never   ask before running generated code (default), run it, or never
 %gemma backend URL [--model NAME] [--no-tools]   use an OpenAI-compatible server (vLLM,
                            llama.cpp, Ollama); `%gemma backend local` returns to the in-kernel model
@@ -183,7 +185,8 @@ class GemmaMagics(Magics):
         parts = _split(line)
         cmd, rest = (parts[0], parts[1:]) if parts else ("status", [])
         c = self.copilot
-        if c.lock.locked() and (cmd in ("unload", "reset") or (cmd in ("model", "backend") and rest)):
+        reloads = cmd in ("model", "backend") or (cmd == "config" and any(r.startswith("quant") for r in rest))
+        if c.lock.locked() and (cmd in ("unload", "reset") or (reloads and rest)):
             raise Gemma4Error(BUSY)  # a chat panel is generating with the model this would replace
         if cmd == "status":
             print(c.status())
@@ -212,9 +215,15 @@ class GemmaMagics(Magics):
                 c.ensure_model()
                 print(c.backend.status())
         elif cmd == "config":
-            for item in rest:
-                key, _, value = item.partition("=")
-                c.settings.update(key.strip(), value.strip())
+            quant = c.settings.quant
+            try:
+                for item in rest:
+                    key, _, value = item.partition("=")
+                    c.settings.update(key.strip(), value.strip())
+            finally:  # a later item's error must not leave the model loaded in the old format
+                if c.settings.quant != quant and c.model is not None:
+                    c.unload()  # the weights load again in the new format on first use
+                    print(f"(the model reloads with quant={c.settings.quant or 'auto'} on first use)")
             for k, v in vars(c.settings).items():
                 print(f"{k} = {v}")
         elif cmd == "approval":

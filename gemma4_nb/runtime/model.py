@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,7 +19,7 @@ from .generation import GenerationRequest, TextStream, Usage, generate_ids
 from .kv_cache import DEFAULT_CHUNK, PrefixCache
 from .memory import GiB, MemoryPlanError, available_memory, plan_memory, weight_bytes
 from .multimodal import PreparedPrompt, collect_media, prepare_prompt
-from .resolve import resolve_model
+from .resolve import locate
 from .sampling import SamplingParams
 from .speculative import PromptLookupDrafter
 from .tokenizer import Tokenizer
@@ -54,10 +55,14 @@ class Model:
     def __init__(self, model_dir: Path, cfg: ModelConfig, net: GemmaModel, tokenizer: Tokenizer,
                  generation_config: dict, max_context: int, source: Path | None = None, *,
                  kv_dtype: str | None = None, kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
-                 kv_offload_after: int | None = None, drafter=None, quant: str | None = None) -> None:
+                 kv_offload_after: int | None = None, drafter=None, quant: str | None = None,
+                 projector: Path | None = None, weight_note: str = "", name: str | None = None) -> None:
         self.quant = quant
+        self.projector = projector  # a GGUF's mmproj file (vision, audio), when one was found
+        self.weight_note = weight_note  # what load() chose for the weights and why (one line; "" when told)
         self.model_dir = model_dir
         self.source = source or model_dir  # what the user pointed at (a GGUF is converted to model_dir)
+        self.name = name or self.source.name  # "ollama:gemma4:12b" for a store's model, else the file or folder
         self.config = cfg
         self.net = net
         self.tokenizer = tokenizer
@@ -110,8 +115,9 @@ class Model:
 
     def __repr__(self) -> str:
         cfg = self.config
-        return (f"<gemma4_nb.Model {self.source.name}: {cfg.model_type}, {cfg.num_layers} layers, "
-                f"{cfg.parameter_count() / 1e9:.2f}B params, {self.net.dtype}, {self.net.device}>")
+        weights = f"{self.quant} weights, " if self.quant else ""
+        return (f"<gemma4_nb.Model {self.name}: {cfg.model_type}, {cfg.num_layers} layers, "
+                f"{cfg.parameter_count() / 1e9:.2f}B params, {weights}{self.net.dtype}, {self.net.device}>")
 
     # -- prompts ------------------------------------------------------------------------------
 
@@ -262,8 +268,10 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
          kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
          kv_offload_after: int | None = None, drafting: str | None = "auto",
          assistant: str | os.PathLike | None = None, quant: str | None = None) -> Model:
-    """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, or
-    ``$GEMMA4_NB_MODEL``; with none of these, the embedded Gemma 3 270M.
+    """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, a
+    model in Ollama's store (``"ollama:gemma4:12b"``) or LM Studio's (``"lmstudio:<publisher>/<repo>"``,
+    or a bare ``<publisher>/<repo>`` not in the HF cache), or ``$GEMMA4_NB_MODEL``; with none of
+    these, the embedded Gemma 3 270M.
 
     ``dtype``: ``"bf16"`` or ``"fp32"`` (default: bf16 on CUDA, fp32 on CPU when it fits).
     ``max_context``: the longest prompt plus reply to allow (default: the model's maximum).
@@ -280,7 +288,10 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     save and "auto" without an assistant leaves drafting off; ``"mtp"`` requires the assistant;
     ``"prompt_lookup"``; or None (off).
     ``assistant``: the MTP drafter's directory or repo id.
-    ``quant``: ``"int8"`` or ``"int4"`` weights (groups of 32 weights, see docs/kernels.md),
+    ``quant``: ``"auto"`` (the default, unless ``$GEMMA4_NB_QUANT`` says otherwise) picks bf16, int8 or
+    int4 from the device's free memory and the planned KV cache and says what it chose in one line
+    (see :mod:`.weight_choice`; a GGUF keeps its own format, an explicit ``dtype`` means unquantized);
+    ``"bf16"`` unquantized bf16 weights; ``"int8"`` or ``"int4"`` (groups of 32 weights, see docs/kernels.md),
     quantized while the checkpoint streams in (on the CPU, where fused numba kernels run them; with
     ``device="cuda"`` they then move to the GPU, where a fused Triton kernel runs them). A directory
     written by :meth:`Model.save_quantized` loads as saved, without quantizing again. The MTP
@@ -288,9 +299,13 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     """
     from . import quant as qmod
 
-    quant = qmod.check_quant(quant)
-    model_dir = source = resolve_model(model, download=download)
-    if model_dir.suffix == ".gguf":
+    from .local_stores import is_gguf
+    from .weight_choice import choose_weights, quant_setting
+
+    quant_setting(quant)  # a misspelt format is refused before anything is read
+    located = locate(model, download=download)
+    model_dir = source = located.path
+    if is_gguf(source):
         from .gguf_file import prepare_gguf
 
         model_dir = prepare_gguf(model_dir, progress=progress)
@@ -303,6 +318,12 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"max_context={max_context} is outside what this model supports (2 to {limit} tokens)"
         )
     saved_quant = qmod.is_quantized_dir(model_dir)
+    choice = choose_weights(cfg, quant=quant, device=device, dtype=dtype, max_context=max_context,
+                            stored="gguf" if is_gguf(source) else qmod.read_marker(model_dir)["format"] if saved_quant else None,
+                            probe=available_memory)
+    quant, device, dtype = qmod.check_quant(choice.quant), choice.device, choice.dtype
+    if choice.note and progress:
+        print(choice.note, file=sys.stderr, flush=True)
     if (quant or saved_quant) and device is None:
         device = "cpu"  # quantized weights default to the CPU (fused numba kernels); CUDA only when asked for
     if (quant or saved_quant) and device is not None and torch.device(device).type not in ("cpu", "cuda"):
@@ -338,7 +359,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         shards = find_shards(model_dir)
         check_checkpoint(cfg, shards)
         weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress,
-                                                  gguf=source if source.suffix == ".gguf" else None)
+                                                  gguf=source if is_gguf(source) else None)
     else:
         weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     if quant and device.type != "cpu":
@@ -356,7 +377,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     generation_config = _read_json(model_dir / "generation_config.json")
     return Model(model_dir, cfg, GemmaModel(cfg, weights), tokenizer, generation_config, max_context, source,
                  kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk,
-                 kv_offload_after=kv_offload_after, drafter=drafter, quant=quant)
+                 kv_offload_after=kv_offload_after, drafter=drafter, quant=quant, projector=located.projector,
+                 weight_note=choice.note, name=located.ref if located.store in ("ollama", "lmstudio") else None)
 
 
 DRAFTING = ("auto", "mtp", "prompt_lookup", None)
