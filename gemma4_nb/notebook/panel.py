@@ -114,8 +114,10 @@ class ChatPanel:
             self.history.children = (*self.history.children, *items)
             self._done()
         elif kind == "error":
-            self.history.children = (*self.history.children,
-                                     self._bubble("error", html.escape(ev["message"]), "#c33"))
+            children = self.history.children
+            if self._reply is not None and not self._text and not self.service.busy:  # its request failed
+                children = tuple(c for c in children if c is not self._reply)  # no empty "gemma …" left behind
+            self.history.children = (*children, self._bubble("error", html.escape(ev["message"]), "#c33"))
             if not self.service.busy:
                 self._done()
 
@@ -155,7 +157,8 @@ class ChatPanel:
 
     @staticmethod
     def _status_html(st: dict) -> str:
-        parts = [f"<b>gemma4-nb</b> · {html.escape(str(st.get('state')))}", html.escape(str(st.get("model") or ""))]
+        model = ", ".join(str(st[k]) for k in ("model", "model_format", "device") if st.get(k))
+        parts = [f"<b>gemma4-nb</b> · {html.escape(str(st.get('state')))}", html.escape(model)]
         if st.get("elapsed_s") is not None and st.get("state") == "loading":
             parts.append(f"loading {st['elapsed_s']:.0f} s")
         if st.get("memory_mib"):

@@ -4,6 +4,7 @@
  */
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { Kernel } from '@jupyterlab/services';
 import { LabIcon } from '@jupyterlab/ui-components';
 
@@ -37,10 +38,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
   id: 'gemma4-nb:sidebar',
   description: 'A chat with the Gemma copilot in the active notebook kernel.',
   autoStart: true,
-  requires: [INotebookTracker],
+  requires: [INotebookTracker, IRenderMimeRegistry],
   optional: [ILabShell],
-  activate: (app: JupyterFrontEnd, tracker: INotebookTracker) => {
-    const sidebar = new ChatSidebar(tracker);
+  activate: (app: JupyterFrontEnd, tracker: INotebookTracker, rendermime: IRenderMimeRegistry) => {
+    const sidebar = new ChatSidebar(tracker, rendermime);
     sidebar.title.icon = ICON;
     app.shell.add(sidebar, 'right', { rank: 600 });
     tracker.widgetAdded.connect((_, panel) => acceptKernelInserts(panel));
