@@ -1,7 +1,8 @@
 """The sidebar's chat view in a real JupyterLab with Debian's Chromium: replies rendered by
 JupyterLab's Markdown renderer (sanitized), each code block once with Copy / Insert below / Insert
 and run, failed requests that end cleanly, autoscroll that leaves a reader alone, Clear (the
-kernel forgets too), and a status that follows the kernel (unload, reset, restart).
+kernel forgets too), a status that follows the kernel (unload, reset, restart), cell edits proposed as a diff (accepted,
+undone, rejected, never over a changed cell), and the palette commands and shortcut.
 
 The replies whose rendering is checked come from a scripted backend put into the kernel's copilot
 (the view is the point there: its Markdown must be known); the status checks use the real
@@ -62,6 +63,16 @@ MARKDOWN_REPLY = [
     "That is all.",
 ]
 CODE = "totals = sales.groupby('region')['revenue'].sum()\nprint(totals.sort_values(ascending=False))"
+
+FUNCTION_CELL = "def add(a, b):\n    return a+b"
+DOCSTRING_CELL = 'def add(a, b):\n    """The sum of a and b."""\n    return a + b'
+DOCSTRING_REPLY = f"Here it is:\n\n```python\n{DOCSTRING_CELL}\n```\n"
+
+
+def source(page, index: int) -> str:
+    return page.evaluate("i => window.jupyterapp.shell.currentWidget.content.widgets[i].model.sharedModel.getSource()",
+                         index)
+
 
 # Runs code in the notebook's kernel, returns what it printed.
 KERNEL_RUN = """async (code) => {
@@ -211,7 +222,71 @@ def _scenario(page, url, expect):
     expect(sidebar.locator(".g4-turn")).to_have_count(0)
     assert run("print(len(get_ipython()._gemma4_nb_copilot.turns))").strip() == "0"
 
-    # 5. the status follows the kernel, with the real embedded model
+    # 5. cell edits: proposed as a diff, applied only when accepted, undone with JupyterLab's undo
+    page.locator(".jp-Notebook .jp-Cell").nth(1).click()
+    page.evaluate("window.jupyterapp.commands.execute('notebook:insert-cell-below')")
+    page.evaluate("s => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel.setSource(s)",
+                  FUNCTION_CELL)
+    edited = page.locator(".jp-Notebook .jp-Cell").nth(2)
+    run(SCRIPTED + f"_script({[DOCSTRING_REPLY]!r})")
+    page.evaluate("window.jupyterapp.commands.execute('gemma4-nb:add-docstring')")
+    proposal = sidebar.locator(".g4-edit").last
+    expect(proposal.locator(".g4-accept-edit")).to_be_visible(timeout=30_000)
+    assert [e.inner_text() for e in proposal.locator(".g4-diff-del").all()] == ["-     return a+b"]
+    assert [e.inner_text() for e in proposal.locator(".g4-diff-add").all()] == [
+        '+     """The sum of a and b."""', "+     return a + b"]
+    assert source(page, 2) == FUNCTION_CELL  # nothing applied before the user says so
+    page.screenshot(path=str(ARTIFACTS / "chat-edit-1-proposed.png"))
+    proposal.locator(".g4-accept-edit").click()
+    expect(proposal.locator(".g4-edit-outcome")).to_contain_text("applied")
+    assert source(page, 2) == DOCSTRING_CELL
+    page.screenshot(path=str(ARTIFACTS / "chat-edit-2-accepted.png"))
+    edited.locator(".jp-InputArea .cm-content").click()
+    page.keyboard.press("Control+z")
+    page.wait_for_function("s => window.jupyterapp.shell.currentWidget.content.widgets[2].model.sharedModel"
+                           ".getSource() === s", arg=FUNCTION_CELL, timeout=10_000)
+    page.screenshot(path=str(ARTIFACTS / "chat-edit-3-undone.png"))
+    # rejected: the cell stays; a cell changed since the proposal is never overwritten
+    page.evaluate("window.jupyterapp.commands.execute('gemma4-nb:add-docstring')")
+    proposal = sidebar.locator(".g4-edit").last
+    expect(proposal.locator(".g4-reject-edit")).to_be_visible(timeout=30_000)
+    proposal.locator(".g4-reject-edit").click()
+    expect(proposal.locator(".g4-edit-outcome")).to_contain_text("rejected")
+    assert source(page, 2) == FUNCTION_CELL
+    page.evaluate("window.jupyterapp.commands.execute('gemma4-nb:add-docstring')")
+    proposal = sidebar.locator(".g4-edit").last
+    expect(proposal.locator(".g4-accept-edit")).to_be_visible(timeout=30_000)
+    page.evaluate("s => window.jupyterapp.shell.currentWidget.content.widgets[2].model.sharedModel.setSource(s)",
+                  FUNCTION_CELL + "\nprint(add(1, 2))")
+    proposal.locator(".g4-accept-edit").click()
+    expect(proposal.locator(".g4-edit-outcome")).to_contain_text("not applied: the cell changed since")
+    assert source(page, 2) == FUNCTION_CELL + "\nprint(add(1, 2))"
+
+    # 6. palette commands: explain the active cell's error, ask about the selection; the shortcut
+    page.evaluate("window.jupyterapp.shell.currentWidget.content.activeCellIndex = 2")
+    page.evaluate("window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel"
+                  ".setSource('ratio = 1 / 0')")
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-cell')")
+    expect(edited.locator(".jp-OutputArea-output")).to_contain_text("ZeroDivisionError", timeout=30_000)
+    page.evaluate("window.jupyterapp.shell.currentWidget.content.activeCellIndex = 2")
+    run(SCRIPTED + "_script(['Dividing by zero is undefined: check the divisor first.'])")
+    page.evaluate("window.jupyterapp.commands.execute('gemma4-nb:explain-error')")
+    expect(sidebar.locator(".g4-user").last).to_contain_text("ZeroDivisionError", timeout=30_000)
+    expect(sidebar.locator(".g4-assistant").last).to_contain_text("Dividing by zero", timeout=30_000)
+    page.evaluate("window.jupyterapp.commands.execute('gemma4-nb:ask-about-selection')")
+    expect(box).to_have_value("```python\nratio = 1 / 0\n```\n")
+    box.fill("")
+    palette_labels = page.evaluate("() => ['gemma4-nb:open-chat', 'gemma4-nb:ask-about-selection', "
+                                   "'gemma4-nb:explain-error', 'gemma4-nb:fix-cell', 'gemma4-nb:add-docstring']"
+                                   ".map(c => window.jupyterapp.commands.label(c))")
+    assert all(label.startswith("gemma4-nb: ") for label in palette_labels), palette_labels
+    page.evaluate("window.jupyterapp.shell.collapseRight()")
+    expect(sidebar).to_be_hidden()
+    page.locator(".jp-Notebook .jp-Cell").nth(0).click()
+    page.keyboard.press("Control+Shift+J")
+    expect(sidebar).to_be_visible()
+
+    # 7. the status follows the kernel, with the real embedded model
     run("%gemma unload\n%gemma config max_new_tokens=8 temperature=0")
     expect(status).to_contain_text("not loaded", timeout=30_000)
     box.fill("Say hi.")

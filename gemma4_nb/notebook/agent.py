@@ -261,7 +261,7 @@ class Agent:
         self.on_event("step", "writing the answer")
         answer = self.backend.complete_text(final, stop=["\n"], **sampling)
         result.transcript = final + answer.text
-        result.answer = answer.text.strip().lstrip("# ").strip() or "Done: the output is above."
+        result.answer = answer.text.strip().lstrip("# ").strip() or "Done: the output is under the cell."
         result.steps.append(Step("answer", result.answer))
         if on_text:
             on_text(result.answer)

@@ -91,7 +91,7 @@ def describe_model(copilot) -> dict:
         return {"model": source.name or str(source), "model_format": fmt, "device": str(getattr(net, "device", "") or "")}
     if b is not None:
         url = getattr(b, "url", None)
-        return {"model": str(getattr(b, "model", None) or "server"), "model_format": "server",
+        return {"model": str(getattr(b, "model", None) or type(b).__name__), "model_format": "server" if url else None,
                 "device": str(url) if url else None}
     url = copilot.remote_url()
     if url:

@@ -8,7 +8,9 @@ import {
   classifyFile,
   codeBlocks,
   downmixResample,
+  editRequest,
   encodeWav,
+  lineDiff,
   formatContext,
   formatStatus
 } from './protocol';
@@ -134,6 +136,38 @@ describe('ChatModel', () => {
     expect(m.status).toBeNull();
     status('c3'); // the new kernel's conversation: nothing more to clear
     expect(m.turns).toHaveLength(1);
+  });
+});
+
+describe('cell edits', () => {
+  it('diffs a cell line by line', () => {
+    const before = 'def f(x):\n    return x+1\n\nf(2)';
+    const after = 'def f(x):\n    """One more than x."""\n    return x + 1\n\nf(2)';
+    expect(lineDiff(before, after)).toEqual([
+      { op: ' ', text: 'def f(x):' },
+      { op: '-', text: '    return x+1' },
+      { op: '+', text: '    """One more than x."""' },
+      { op: '+', text: '    return x + 1' },
+      { op: ' ', text: '' },
+      { op: ' ', text: 'f(2)' }
+    ]);
+    expect(lineDiff('a', 'a')).toEqual([{ op: ' ', text: 'a' }]);
+    expect(lineDiff('', 'x')).toEqual([{ op: '-', text: '' }, { op: '+', text: 'x' }]);
+    // applying the diff's kept and added lines gives the proposal back, whatever the sizes
+    const big = Array.from({ length: 600 }, (_, i) => `line ${i}`).join('\n');
+    const changed = big.replace('line 300', 'line three hundred');
+    const d = lineDiff(big, changed);
+    expect(d.filter(l => l.op !== '-').map(l => l.text).join('\n')).toBe(changed);
+    expect(d.filter(l => l.op !== '+').map(l => l.text).join('\n')).toBe(big);
+    expect(d.filter(l => l.op !== ' ')).toHaveLength(2);
+  });
+
+  it('asks for the whole new cell in one block, with the error when there is one', () => {
+    const q = editRequest('Fix this cell.', 'x = 1/0', 'ZeroDivisionError: division by zero');
+    expect(q).toContain('```python\nx = 1/0\n```');
+    expect(q).toContain('ZeroDivisionError: division by zero');
+    expect(q.startsWith('Fix this cell.')).toBe(true);
+    expect(editRequest('Add a docstring.', 'def f(): pass')).not.toContain('failed');
   });
 });
 

@@ -80,7 +80,7 @@ export type FrontendMessage =
 
 export interface Turn {
   id: string;
-  role: 'user' | 'assistant' | 'error' | 'note' | 'code' | 'approval';
+  role: 'user' | 'assistant' | 'error' | 'note' | 'code' | 'approval' | 'edit';
   text: string;
   attachments?: { kind: AttachmentKind; name: string }[];
   codeBlocks?: string[];
@@ -91,6 +91,8 @@ export interface Turn {
   approvalId?: string;
   answered?: boolean;
   step?: string; // what the agent is doing now (a reply under way)
+  original?: string; // an edit: the cell's source when it was asked for (text: the proposed source)
+  outcome?: string; // an edit: what became of it (accepted, rejected, not applied: why)
 }
 
 let counter = 0;
@@ -360,4 +362,68 @@ export function formatStatus(s: Status | null): string {
 /** The line under an answer: what the model saw of the notebook ("" when the kernel said nothing). */
 export function formatContext(t: Turn): string {
   return t.context ? `context: ${t.context}` : '';
+}
+
+export interface DiffLine {
+  op: ' ' | '-' | '+';
+  text: string;
+}
+
+/** A line diff of a cell's source and a proposed one: the common first and last lines, and a
+ *  longest common subsequence of the lines between (a middle too large for that is shown as all
+ *  removed, then all added). */
+export function lineDiff(before: string, after: string): DiffLine[] {
+  const a = before.split('\n');
+  const b = after.split('\n');
+  let head = 0;
+  while (head < a.length && head < b.length && a[head] === b[head]) {
+    head++;
+  }
+  let tail = 0;
+  while (tail < a.length - head && tail < b.length - head && a[a.length - 1 - tail] === b[b.length - 1 - tail]) {
+    tail++;
+  }
+  const same = (lines: string[]) => lines.map(text => ({ op: ' ' as const, text }));
+  const x = a.slice(head, a.length - tail);
+  const y = b.slice(head, b.length - tail);
+  return [...same(a.slice(0, head)), ...middleDiff(x, y), ...same(a.slice(a.length - tail))];
+}
+
+function middleDiff(a: string[], b: string[]): DiffLine[] {
+  if (a.length * b.length > 250000) {
+    return [...a.map(text => ({ op: '-' as const, text })), ...b.map(text => ({ op: '+' as const, text }))];
+  }
+  // lcs[i][j]: the common lines of a[i:] and b[j:]
+  const lcs = Array.from({ length: a.length + 1 }, () => new Array<number>(b.length + 1).fill(0));
+  for (let i = a.length - 1; i >= 0; i--) {
+    for (let j = b.length - 1; j >= 0; j--) {
+      lcs[i][j] = a[i] === b[j] ? lcs[i + 1][j + 1] + 1 : Math.max(lcs[i + 1][j], lcs[i][j + 1]);
+    }
+  }
+  const out: DiffLine[] = [];
+  let i = 0;
+  let j = 0;
+  while (i < a.length || j < b.length) {
+    if (i < a.length && j < b.length && a[i] === b[j]) {
+      out.push({ op: ' ', text: a[i] });
+      i++;
+      j++;
+    } else if (i < a.length && (j === b.length || lcs[i + 1][j] >= lcs[i][j + 1])) {
+      out.push({ op: '-', text: a[i] }); // removed lines first, as diffs show them
+      i++;
+    } else {
+      out.push({ op: '+', text: b[j] });
+      j++;
+    }
+  }
+  return out;
+}
+
+/** The question that asks for a cell edit: the whole new cell, in one code block. */
+export function editRequest(instruction: string, source: string, error?: string): string {
+  return (
+    `${instruction}\n\nReply with the whole new cell in one \`\`\`python code block.\n\n` +
+    `\`\`\`python\n${source}\n\`\`\`` +
+    (error ? `\n\nThe cell failed with:\n\`\`\`\n${error}\n\`\`\`` : '')
+  );
 }

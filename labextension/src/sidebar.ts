@@ -20,7 +20,9 @@ import {
   bytesToBase64,
   classifyFile,
   downmixResample,
+  editRequest,
   encodeWav,
+  lineDiff,
   formatContext,
   formatStatus
 } from './protocol';
@@ -245,6 +247,9 @@ export class ChatSidebar extends Widget {
   }
 
   private connecting = false;
+  /** Edits asked for, by request id, and the proposals waiting for Accept / Reject. */
+  private edits = new Map<string, { panel: NotebookPanel; cellId: string; source: string }>();
+  private editTargets = new Map<string, { panel: NotebookPanel; cellId: string; source: string }>();
   /** The agent's cells, by the kernel's name for them: where they are, to run them when approved. */
   private agentCells = new Map<string, { panel: NotebookPanel; id: string }>();
 
@@ -356,11 +361,80 @@ export class ChatSidebar extends Widget {
 
   private receive(msg: KernelMessage): void {
     this.model.apply(msg);
+    if (msg.type === 'done' || msg.type === 'error') {
+      this.proposeEditFrom(msg);
+    }
     if (msg.type === 'token') {
       this.scheduleRender(); // many tokens a second: one repaint per frame
     } else {
       this.render();
     }
+  }
+
+  /** Ask a question from a command: shown and sent as if typed. */
+  ask(text: string): void {
+    this.input.value = text;
+    this.send();
+  }
+
+  /** Put text in the input box for the user to finish (e.g. the selected code). */
+  prefill(text: string): void {
+    this.input.value = text;
+    this.input.focus();
+    this.input.setSelectionRange(text.length, text.length);
+  }
+
+  /** Ask for an edit of a cell ("fix this cell", "add a docstring"): the reply's code comes back
+   *  as a diff of the cell, applied only when the user accepts it. */
+  requestEdit(panel: NotebookPanel, cellId: string, source: string, instruction: string, error?: string): void {
+    const msg = this.model.chat(editRequest(instruction, source, error), [], false, this.contextBox.checked);
+    if (this.post(msg) && msg.type === 'chat') {
+      this.edits.set(msg.id, { panel, cellId, source });
+    }
+  }
+
+  private proposeEditFrom(msg: KernelMessage): void {
+    if ((msg.type !== 'done' && msg.type !== 'error') || !msg.id) {
+      return;
+    }
+    const edit = this.edits.get(msg.id);
+    this.edits.delete(msg.id);
+    if (!edit || msg.type !== 'done' || msg.stopped) {
+      return;
+    }
+    const proposed = (msg.code_blocks || [])[0];
+    if (proposed === undefined) {
+      this.model.turns.push({ id: msg.id, role: 'note', text: 'the reply has no code block: nothing to apply to the cell' });
+    } else if (proposed.trim() === edit.source.trim()) {
+      this.model.turns.push({ id: msg.id, role: 'note', text: 'the proposed cell is the same as the cell: nothing to change' });
+    } else {
+      this.editTargets.set(msg.id, edit);
+      this.model.turns.push({ id: msg.id, role: 'edit', text: proposed, original: edit.source });
+    }
+  }
+
+  /** Accepted: the cell gets the proposed source in one undoable change (JupyterLab's undo, Ctrl+Z
+   *  in the cell, takes it back); never over edits the user made since the proposal. */
+  private applyEdit(t: Turn, accept: boolean): void {
+    const target = this.editTargets.get(t.id);
+    if (!accept) {
+      t.outcome = 'rejected: the cell is unchanged';
+    } else if (!target || target.panel.isDisposed) {
+      t.outcome = 'not applied: the notebook is closed';
+    } else {
+      const cell = target.panel.content.widgets.find(c => c.model.id === target.cellId);
+      if (!cell) {
+        t.outcome = 'not applied: the cell is no longer in the notebook';
+      } else if (cell.model.sharedModel.getSource() !== target.source) {
+        t.outcome = 'not applied: the cell changed since this was proposed (ask again)';
+      } else {
+        cell.model.sharedModel.setSource(t.text);
+        target.panel.content.activeCellIndex = target.panel.content.widgets.indexOf(cell);
+        t.outcome = 'applied (Ctrl+Z in the cell undoes it)';
+      }
+    }
+    this.editTargets.delete(t.id);
+    this.render();
   }
 
   async addFiles(files: File[]): Promise<void> {
@@ -513,6 +587,7 @@ export class ChatSidebar extends Widget {
 
   private answerApproval(t: Turn, ok: boolean): void {
     t.answered = true;
+    t.outcome = ok ? 'approved: it runs in the notebook' : 'skipped: not run';
     this.post({ type: 'approve', approval_id: t.approvalId || '', ok });
     this.render();
   }
@@ -520,7 +595,7 @@ export class ChatSidebar extends Widget {
   /** The turn's box, built again only when what it shows changed (a streaming reply: its text). */
   private viewOf(t: Turn): TurnView {
     const key = JSON.stringify([t.role, t.role === 'assistant' ? '' : t.text, t.streaming, t.stopped, t.answered,
-      t.usage, t.context, t.step]);
+      t.usage, t.context, t.step, t.outcome]);
     let view = this.views.get(t);
     if (view && view.key === key) {
       if (t.role === 'assistant') {
@@ -528,18 +603,36 @@ export class ChatSidebar extends Widget {
       }
       return view;
     }
-    const box = el('div', `g4-turn g4-${t.role}`);
+    const box = el('div', `g4-turn ${t.role === 'code' ? 'g4-code-turn' : `g4-${t.role}`}`);
     box.dataset.id = t.id;
     const text = el('div', 'g4-text');
     view = { key, box, text, renderer: view?.renderer, rendered: undefined, rendering: false };
     if (t.role === 'approval') {
-      box.append(el('div', 'g4-label', `Run the cell above? ${t.text ? `(${t.text})` : ''}`));
+      box.append(el('div', 'g4-label', t.outcome ? `Run the cell above? ${t.outcome}` :
+        `Run the cell above? ${t.text ? `(${t.text})` : ''}`));
       if (!t.answered) {
         const run = el('button', 'g4-approve jp-mod-styled jp-mod-accept', 'Run');
         const skip = el('button', 'g4-deny jp-mod-styled', 'Skip');
         run.onclick = () => this.answerApproval(t, true);
         skip.onclick = () => this.answerApproval(t, false);
         box.append(run, skip);
+      }
+    } else if (t.role === 'edit') {
+      box.append(el('div', 'g4-label', 'proposed change to the cell'));
+      const diff = el('pre', 'g4-diff');
+      for (const line of lineDiff(t.original || '', t.text)) {
+        const cls = line.op === '+' ? 'g4-diff-add' : line.op === '-' ? 'g4-diff-del' : 'g4-diff-same';
+        diff.append(el('div', cls, `${line.op} ${line.text}`));
+      }
+      box.append(diff);
+      if (t.outcome) {
+        box.append(el('div', 'g4-label g4-edit-outcome', t.outcome));
+      } else {
+        const accept = el('button', 'g4-accept-edit jp-mod-styled jp-mod-accept', 'Accept');
+        const reject = el('button', 'g4-reject-edit jp-mod-styled', 'Reject');
+        accept.onclick = () => this.applyEdit(t, true);
+        reject.onclick = () => this.applyEdit(t, false);
+        box.append(accept, reject);
       }
     } else if (t.role === 'code') {
       box.append(el('div', 'g4-label', 'the agent wrote a cell below'), el('pre', 'g4-code', t.text),
