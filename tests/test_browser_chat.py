@@ -243,8 +243,11 @@ def _scenario(page, url, expect):
     page.screenshot(path=str(ARTIFACTS / "chat-edit-2-accepted.png"))
     edited.locator(".jp-InputArea .cm-content").click()
     page.keyboard.press("Control+z")
-    page.wait_for_function("s => window.jupyterapp.shell.currentWidget.content.widgets[2].model.sharedModel"
-                           ".getSource() === s", arg=FUNCTION_CELL, timeout=10_000)
+    try:
+        page.wait_for_function("s => window.jupyterapp.shell.currentWidget.content.widgets[2].model.sharedModel"
+                               ".getSource() === s", arg=FUNCTION_CELL, timeout=10_000)
+    finally:
+        assert source(page, 2) == FUNCTION_CELL  # one undo: the cell as it was before the edit
     page.screenshot(path=str(ARTIFACTS / "chat-edit-3-undone.png"))
     # rejected: the cell stays; a cell changed since the proposal is never overwritten
     page.evaluate("window.jupyterapp.commands.execute('gemma4-nb:add-docstring')")

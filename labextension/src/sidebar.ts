@@ -428,7 +428,11 @@ export class ChatSidebar extends Widget {
       } else if (cell.model.sharedModel.getSource() !== target.source) {
         t.outcome = 'not applied: the cell changed since this was proposed (ask again)';
       } else {
+        // its own undo step: not merged with the user's typing just before or after
+        const undo = (cell.model.sharedModel as { undoManager?: { stopCapturing(): void } | null }).undoManager;
+        undo?.stopCapturing();
         cell.model.sharedModel.setSource(t.text);
+        undo?.stopCapturing();
         target.panel.content.activeCellIndex = target.panel.content.widgets.indexOf(cell);
         t.outcome = 'applied (Ctrl+Z in the cell undoes it)';
       }
