@@ -128,6 +128,12 @@ def _scenario(page, url, expect):
 
     page.locator(".lm-TabBar-tab[data-id='gemma4-nb-sidebar']").click()
     sidebar = page.locator(".g4-sidebar")
+    # wider, as a user drags it (the screenshots are the README's)
+    right = page.locator("#jp-right-stack").bounding_box()
+    page.mouse.move(right["x"] - 2, right["y"] + 300)
+    page.mouse.down()
+    page.mouse.move(right["x"] - 180, right["y"] + 300, steps=5)
+    page.mouse.up()
     status = sidebar.locator(".g4-status")
     # a readable status, not a Python repr
     expect(status).to_contain_text("not loaded · the embedded Gemma 3 270M (loads on first use)", timeout=60_000)
@@ -315,3 +321,45 @@ def _scenario(page, url, expect):
     expect(sidebar.locator(".g4-turn")).to_have_count(1)
     expect(status).to_contain_text("not loaded · the embedded Gemma 3 270M", timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "chat-6-after-restart.png"))
+
+    # 8. inline completion: ghost text from the kernel's completion model, accepted with Tab
+    page.wait_for_function(KERNEL_IDLE, timeout=60_000)
+    run("from gemma4_nb.notebook.completion import get_completer as _gc\n"
+        "_completer = _gc(get_ipython()._gemma4_nb_copilot)\n_completer._backend()")  # loaded, as after a first use
+    page.locator(".jp-Notebook .jp-Cell").nth(1).click()
+    page.evaluate("window.jupyterapp.commands.execute('notebook:insert-cell-below')")
+    page.evaluate("window.jupyterapp.commands.execute('notebook:enter-edit-mode')")
+    page.keyboard.type("def add(a, b):", delay=20)
+    page.keyboard.press("Enter")
+    page.keyboard.type("return", delay=20)
+    ghost = page.locator(".jp-Notebook .jp-GhostText")
+    expect(ghost).to_be_visible(timeout=30_000)
+    suggested = ghost.inner_text()
+    assert suggested.strip(), "empty ghost text"
+    page.screenshot(path=str(ARTIFACTS / "chat-7-ghost-text.png"))
+    page.keyboard.press("Tab")
+    expect(ghost).to_have_count(0)
+    typed = "def add(a, b):\n    return"
+    accepted = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.activeCell.model.sharedModel"
+                             ".getSource()")
+    assert accepted.startswith(typed) and len(accepted) > len(typed), accepted
+    assert accepted[len(typed):].strip() and suggested.strip().split()[0] in accepted, (suggested, accepted)
+    page.screenshot(path=str(ARTIFACTS / "chat-8-ghost-accepted.png"))
+    # never queued behind a running cell: while one runs, no completion is asked of the kernel
+    asked = int(run("print(_completer._latest)"))
+    page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+                  ".requestExecute({code: 'import time; time.sleep(4)'})")
+    page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
+                           " === 'busy'", timeout=10_000)
+    page.keyboard.press("Enter")
+    page.keyboard.type("x = ad", delay=20)
+    page.wait_for_timeout(1500)
+    expect(ghost).to_have_count(0)
+    page.wait_for_function(KERNEL_IDLE, timeout=30_000)
+    assert int(run("print(_completer._latest)")) == asked
+    # turned off in the kernel: no ghost text
+    run("%gemma config completion_model=off")
+    page.keyboard.type("d(1, ", delay=20)
+    page.wait_for_timeout(2500)
+    expect(ghost).to_have_count(0)
+

@@ -16,6 +16,7 @@ import uuid
 
 from ..errors import Gemma4Error
 from .chat_service import ChatService
+from .completion import get_completer
 from .copilot import get_copilot
 from .workspace import RunResult, run_result_from_outputs
 
@@ -114,6 +115,12 @@ class ChatProtocol:
                 self.send(self.service.status())
             elif kind == "cell_result":
                 self._cell_result(msg)
+            elif kind == "complete":
+                cells = msg.get("cells") or []
+                if not isinstance(cells, list):
+                    raise Gemma4Error("cells must be a list of the cells' sources")
+                get_completer(self.copilot).submit(msg.get("id"), msg.get("prefix", ""), msg.get("suffix", ""),
+                                                   cells, self.send)
             elif kind == "reset":
                 if self.service.busy:
                     raise Gemma4Error("a reply is streaming: stop it before clearing the conversation")

@@ -64,6 +64,7 @@ class Settings:
     backend_model: str | None = None
     backend_tools: bool = True
     first_byte_timeout: float | None = None  # seconds a server may take to start answering (None: 60, or the env)
+    completion_model: str | None = None  # inline completion's model (None: the embedded Gemma 3 270M; "off")
 
     def update(self, key: str, value: str) -> None:
         names = {f.name: f for f in fields(self)}

@@ -5,12 +5,14 @@
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette } from '@jupyterlab/apputils';
 import { ICodeCellModel } from '@jupyterlab/cells';
+import { ICompletionProviderManager } from '@jupyterlab/completer';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { Kernel } from '@jupyterlab/services';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { FRONTEND_TARGET, KernelMessage } from './protocol';
+import { GemmaInlineProvider } from './completion';
 import { ChatSidebar, insertCell } from './sidebar';
 
 const ICON = new LabIcon({
@@ -67,13 +69,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description: 'A chat with the Gemma copilot in the active notebook kernel.',
   autoStart: true,
   requires: [INotebookTracker, IRenderMimeRegistry],
-  optional: [ILabShell, ICommandPalette],
+  optional: [ILabShell, ICommandPalette, ICompletionProviderManager],
   activate: (
     app: JupyterFrontEnd,
     tracker: INotebookTracker,
     rendermime: IRenderMimeRegistry,
     _labShell: ILabShell | null,
-    palette: ICommandPalette | null
+    palette: ICommandPalette | null,
+    completions: ICompletionProviderManager | null
   ) => {
     const sidebar = new ChatSidebar(tracker, rendermime);
     sidebar.title.icon = ICON;
@@ -151,6 +154,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
       }
     });
+    // ghost text from the kernel's completion model (JupyterLab's inline completer)
+    completions?.registerInlineProvider(new GemmaInlineProvider(sidebar));
     app.commands.addKeyBinding({ command: COMMANDS.open, keys: ['Accel Shift J'], selector: 'body' });
     for (const command of Object.values(COMMANDS)) {
       palette?.addItem({ command, category: 'gemma4-nb' });

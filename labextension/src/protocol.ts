@@ -67,7 +67,8 @@ export type KernelMessage =
   | { type: 'reset' }
   | { type: 'insert_cell'; code: string; run: boolean; ref?: string }
   | { type: 'run_cell'; ref: string }
-  | { type: 'step'; id: string; text: string };
+  | { type: 'step'; id: string; text: string }
+  | { type: 'completion'; id: string; text: string; error?: string };
 
 export type FrontendMessage =
   | { type: 'chat'; id: string; text: string; attachments: Attachment[]; agent: boolean; context: boolean }
@@ -76,6 +77,7 @@ export type FrontendMessage =
   | { type: 'status' }
   | { type: 'reset' }
   | { type: 'config'; settings: Record<string, string> }
+  | { type: 'complete'; id: string; prefix: string; suffix: string; cells: string[] }
   | { type: 'cell_result'; ref: string; outputs?: unknown[]; status?: string; execution_count?: number | null; missing?: boolean };
 
 export interface Turn {
@@ -217,6 +219,7 @@ export class ChatModel {
         break;
       }
       case 'stopping':
+      case 'completion':
         break;
       case 'reset':
         this.turns = [];

@@ -23,6 +23,7 @@ import {
   editRequest,
   encodeWav,
   lineDiff,
+  newId,
   formatContext,
   formatStatus
 } from './protocol';
@@ -360,6 +361,12 @@ export class ChatSidebar extends Widget {
   }
 
   private receive(msg: KernelMessage): void {
+    if (msg.type === 'completion') {
+      const resolve = this.completions.get(msg.id);
+      this.completions.delete(msg.id);
+      resolve?.(msg.error ? '' : msg.text);
+      return;
+    }
     this.model.apply(msg);
     if (msg.type === 'done' || msg.type === 'error') {
       this.proposeEditFrom(msg);
@@ -369,6 +376,32 @@ export class ChatSidebar extends Widget {
     } else {
       this.render();
     }
+  }
+
+  /** Completions asked for, by id: answered by the kernel's `completion` message. */
+  private completions = new Map<string, (text: string) => void>();
+
+  /** Inline completion at the cursor from the kernel of ``panel`` ("" when it has none, when
+   *  this sidebar is not connected to that kernel, or after a few seconds without an answer). */
+  complete(panel: NotebookPanel, prefix: string, suffix: string, cells: string[]): Promise<string> {
+    const comm = this.comm;
+    if (!comm || panel !== this.panel || comm.isDisposed) {
+      return Promise.resolve('');
+    }
+    const id = newId();
+    for (const [old, resolve] of this.completions) {
+      resolve(''); // superseded: the kernel stops it at its next token
+      this.completions.delete(old);
+    }
+    return new Promise<string>(resolve => {
+      this.completions.set(id, resolve);
+      comm.send({ type: 'complete', id, prefix, suffix, cells } as any);
+      setTimeout(() => {
+        if (this.completions.delete(id)) {
+          resolve('');
+        }
+      }, 10000);
+    });
   }
 
   /** Ask a question from a command: shown and sent as if typed. */
