@@ -333,7 +333,15 @@ def _scenario(page, url, expect):
     page.keyboard.press("Enter")
     page.keyboard.type("return", delay=20)
     ghost = page.locator(".jp-Notebook .jp-GhostText")
-    expect(ghost).to_be_visible(timeout=30_000)
+    for _ in range(3):  # on a loaded machine a completion can outlast the completer's timeout: ask again
+        try:
+            expect(ghost).to_be_visible(timeout=20_000)
+            break
+        except AssertionError:
+            page.keyboard.press("Alt+\\")  # the inline completer's "invoke"
+    if not ghost.is_visible():
+        raise AssertionError("no ghost text; requests, last latency: "
+                             + run("print(_completer._latest, _completer.last_latency_s)"))
     suggested = ghost.inner_text()
     assert suggested.strip(), "empty ghost text"
     page.screenshot(path=str(ARTIFACTS / "chat-7-ghost-text.png"))
