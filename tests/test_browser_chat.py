@@ -64,6 +64,21 @@ MARKDOWN_REPLY = [
 ]
 CODE = "totals = sales.groupby('region')['revenue'].sum()\nprint(totals.sort_values(ascending=False))"
 
+# Runs a cell in the kernel; returns the Markdown of its displays and their updates, as they came.
+CELL_DISPLAYS = """async (code) => {
+  const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+  const f = k.requestExecute({ code, store_history: false });
+  const seen = [];
+  f.onIOPub = m => {
+    const t = m.header.msg_type;
+    if (t === 'display_data' || t === 'update_display_data') {
+      seen.push(m.content.data['text/markdown'] || m.content.data['text/plain']);
+    }
+  };
+  await f.done;
+  return seen;
+}"""
+
 FUNCTION_CELL = "def add(a, b):\n    return a+b"
 DOCSTRING_CELL = 'def add(a, b):\n    """The sum of a and b."""\n    return a + b'
 DOCSTRING_REPLY = f"Here it is:\n\n```python\n{DOCSTRING_CELL}\n```\n"
@@ -192,7 +207,7 @@ def _scenario(page, url, expect):
     widget = page.locator(".gemma4-nb-panel")
     widget.scroll_into_view_if_needed()
     widget.locator("textarea").fill("This one fails too.")
-    widget.locator("button", has_text="Send").click()
+    widget.locator("textarea").press("Enter")  # sends, as in the sidebar (the extension's doing)
     expect(widget.locator(".widget-html", has_text="the backend broke")).to_have_count(1, timeout=30_000)
     expect(widget.locator(".widget-html", has_text=re.compile(r"gemma\s*…"))).to_have_count(0)
     expect(widget.locator("button", has_text="Send")).to_be_enabled()
@@ -306,6 +321,13 @@ def _scenario(page, url, expect):
     page.screenshot(path=str(ARTIFACTS / "chat-4-status-ready.png"))
     run("%gemma unload")  # in the kernel, outside the sidebar: the status follows
     expect(status).to_contain_text("not loaded · the embedded Gemma 3 270M", timeout=30_000)
+    # a %%gemma cell says what loads and for how long, then streams its answer
+    shown = page.evaluate(CELL_DISPLAYS, "%%gemma --max-new-tokens 4\nSay hi.")
+    assert shown[0] == "*loading gemma-3-270m-q4_k_m.gguf…*" or shown[0].startswith("*loading "), shown
+    assert any(re.fullmatch(r"\*loaded \S+\.gguf \(GGUF \w+, cpu\) in [\d.]+ s\*", x) for x in shown), shown
+    assert shown[-1].strip() and not shown[-1].startswith("*load"), shown  # then the streamed answer
+    run("%gemma unload")
+    expect(status).to_contain_text("not loaded · the embedded Gemma 3 270M", timeout=30_000)
     run("%gemma reset")  # the kernel forgets the conversation: so does the chat
     expect(sidebar.locator(".g4-turn")).to_have_count(1, timeout=30_000)
     expect(sidebar.locator(".g4-note")).to_have_text("the conversation was cleared in the kernel")
@@ -354,6 +376,7 @@ def _scenario(page, url, expect):
     assert accepted[len(typed):].strip() and suggested.strip().split()[0] in accepted, (suggested, accepted)
     page.screenshot(path=str(ARTIFACTS / "chat-8-ghost-accepted.png"))
     # never queued behind a running cell: while one runs, no completion is asked of the kernel
+    page.wait_for_timeout(1500)  # the accepted text may ask once more (debounced): let that pass
     asked = int(run("print(_completer._latest)"))
     page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
                   ".requestExecute({code: 'import time; time.sleep(4)'})")

@@ -31,7 +31,8 @@ class ChatPanel:
         self.w = w
         self.status = w.HTML(self._status_html(self.service.status()))
         self.history = w.VBox([], layout=w.Layout(max_height="480px", overflow="auto"))
-        self.input = w.Textarea(placeholder="Ask about your notebook… (Send)", layout=w.Layout(width="100%", height="64px"))
+        self.input = w.Textarea(placeholder="Ask about your notebook… (Enter sends in JupyterLab, Shift+Enter: new line)",
+                                layout=w.Layout(width="100%", height="64px"))
         self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
         self.upload = w.FileUpload(accept="image/*,audio/*,.wav,.flac,.ogg,.mp3", multiple=True,

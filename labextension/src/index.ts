@@ -56,6 +56,31 @@ function cellError(panel: NotebookPanel): string {
   return '';
 }
 
+/** The ipywidgets panel's box sends on Enter (Shift+Enter: a new line), as the sidebar's does:
+ *  ipywidgets' Textarea has no key events of its own, so the extension clicks the panel's Send. */
+function sendWidgetPanelOnEnter(): void {
+  document.addEventListener(
+    'keydown',
+    (e: KeyboardEvent) => {
+      const target = e.target as HTMLElement | null;
+      if (e.key !== 'Enter' || e.shiftKey || e.isComposing || target?.tagName !== 'TEXTAREA') {
+        return;
+      }
+      const panel = target.closest('.gemma4-nb-panel');
+      const send = panel
+        ? Array.from(panel.querySelectorAll('button')).find(b => b.textContent?.trim() === 'Send')
+        : undefined;
+      if (send) {
+        e.preventDefault();
+        e.stopPropagation(); // not the notebook's own Enter
+        target.dispatchEvent(new Event('input', { bubbles: true })); // the box's last keystrokes synced first
+        send.click();
+      }
+    },
+    true
+  );
+}
+
 const COMMANDS = {
   open: 'gemma4-nb:open-chat',
   askSelection: 'gemma4-nb:ask-about-selection',
@@ -82,6 +107,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     sidebar.title.icon = ICON;
     app.shell.add(sidebar, 'right', { rank: 600 });
     tracker.widgetAdded.connect((_, panel) => acceptKernelInserts(panel));
+    sendWidgetPanelOnEnter();
     const open = () => app.shell.activateById(sidebar.id);
     const hasCell = () => !!tracker.currentWidget?.content.activeCell;
     const activeCell = () => {
