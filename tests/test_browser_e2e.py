@@ -112,6 +112,11 @@ KERNEL_IDLE = ("() => { const w = window.jupyterapp && window.jupyterapp.shell.c
                " && w.sessionContext.session.kernel.status === 'idle'; }")
 
 
+# The index of the notebook cell whose source is exactly the given code.
+CELL_INDEX = ("(code) => window.jupyterapp.shell.currentWidget.content.widgets"
+              ".findIndex(c => c.model.sharedModel.getSource() === code)")
+
+
 def png_b64() -> str:
     from PIL import Image, ImageDraw
 
@@ -232,30 +237,42 @@ def _scenario(page, url, root, expect):
     expect(sidebar.locator(".g4-assistant").last.locator(".g4-usage")).to_be_visible(timeout=120_000)
     page.screenshot(path=str(ARTIFACTS / "4-voice-question.png"))
 
-    # 5. the agent: it asks before running (approval "ask"), writes its cell below through the sidebar,
-    #    then "Insert and run" adds the generated code as a new cell and runs it in the notebook
+    # 5. the agent: its steps show as they happen; it writes its cell below through the sidebar,
+    #    asks before running it (approval "ask"; the code shown once, above the question), then runs
+    #    it IN the notebook: the cell gets its execution count and its output under it
     sidebar.locator(".g4-agent").check()
     box.fill("Compute the total revenue per region.")
     box.press("Enter")
     approve = sidebar.locator(".g4-approve")
     expect(approve).to_be_visible(timeout=120_000)
-    code = sidebar.locator(".g4-approval .g4-code").last.inner_text()
+    expect(sidebar.locator(".g4-step")).to_have_text("waiting for your approval…")
+    code = sidebar.locator(".g4-code-turn .g4-code").last.inner_text()
     assert "sales" in code, code
-    approve.click()
-    run = sidebar.locator(".g4-assistant").last.locator(".g4-insert-run")
-    expect(run).to_be_visible(timeout=120_000)
+    assert sidebar.locator(".g4-turn pre", has_text=code.splitlines()[0]).count() == 1  # shown once
     expect(page.locator(".jp-Notebook .jp-Cell")).to_have_count(cells_before + 1)  # the agent's cell, inserted
-    run.click()
-    expect(page.locator(".jp-Notebook .jp-Cell")).to_have_count(cells_before + 2)
-    last = page.locator(".jp-Notebook .jp-Cell").last
-    # it ran in the kernel: an execution count and the value the code computed (whatever the small model wrote)
-    expect(last.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[\d+\]"), timeout=60_000)
-    expect(last.locator(".jp-OutputArea-output").first).to_be_visible(timeout=60_000)
-    assert "sales" in last.locator(".jp-InputArea").inner_text()
+    index = page.evaluate(CELL_INDEX, code)
+    agent_cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    expect(agent_cell.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[\s*\]"))  # not run before the yes
+    page.screenshot(path=str(ARTIFACTS / "5-agent-approval.png"))
+    approve.click()
+    expect(agent_cell.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[\d+\]"), timeout=60_000)
+    expect(agent_cell.locator(".jp-OutputArea-output").first).to_be_visible(timeout=60_000)
+    # the agent read the cell's output back and answered (more approvals if it retried)
+    for _ in range(3):
+        done = sidebar.locator(".g4-assistant").last.locator(".g4-usage")
+        try:
+            expect(done).to_be_visible(timeout=120_000)
+            break
+        except AssertionError:
+            if approve.is_visible():
+                approve.click()
+    expect(sidebar.locator(".g4-assistant").last.locator(".g4-usage")).to_be_visible()
+    shown = agent_cell.locator(".jp-OutputArea-output").first.inner_text().strip().splitlines()[0]
+    expect(sidebar.locator(".g4-note", has_text=shown).first).to_be_visible()  # what the agent read back
     # the user's own cells are untouched
     first = page.locator(".jp-Notebook .jp-Cell").nth(0).locator(".jp-InputArea").inner_text()
     assert "%load_ext gemma4_nb" in first
-    page.screenshot(path=str(ARTIFACTS / "5-insert-and-run.png"))
+    page.screenshot(path=str(ARTIFACTS / "5-agent-ran-in-notebook.png"))
     page.screenshot(path=str(ARTIFACTS / "sidebar.png"))
 
     # 6. the ipywidgets panel (%gemma panel): a streamed reply, then Stop mid-generation

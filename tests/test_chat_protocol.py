@@ -228,8 +228,9 @@ def test_the_agent_inserts_cells_through_the_frontend():
 
     sent = []
     proto = ChatProtocol(Copilot(None), sent.append)
-    KernelWorkspace(None, proto).insert_cell("x = 1")
-    assert sent == [{"type": "insert_cell", "code": "x = 1", "run": False}]
+    ws = KernelWorkspace(None, proto)
+    ws.insert_cell("x = 1")
+    assert sent == [{"type": "insert_cell", "code": "x = 1", "run": False, "ref": ws.cell_ref}]
 
 
 # -- a real kernel, the real embedded model, a real comm ----------------------------------------
@@ -310,6 +311,9 @@ def test_sidebar_protocol_in_a_real_kernel_with_the_embedded_model(tmp_path):
         tokens = [e["text"] for e in evs if e["type"] == "token"]
         assert tokens and "".join(tokens).strip()
         assert evs[-1]["usage"]["tokens_per_s"] > 0
+        ready = k.events(lambda e: e["type"] == "status")[-1]  # readable: the file, its format, the device
+        assert ready["model"].endswith(".gguf") and ready["model_format"].startswith("GGUF"), ready
+        assert ready["device"] == "cpu" and "<" not in ready["model"]
         # stop mid-generation: the kernel handles the stop message while the worker generates
         k.execute("%gemma config max_new_tokens=400")
         k.send({"type": "chat", "id": "q2", "text": "Write a very long story about a dragon, chapter by chapter."})

@@ -103,6 +103,7 @@ class Agent:
         if mode == "auto" and check.safe:
             return True, ""
         why = check.reason() or "it was written by the model"
+        self.on_event("step", "waiting for your approval")
         if self.ask(code, why):
             return True, ""
         return False, (f"not run: {why}, and the user did not approve it; the code is in a new cell below "
@@ -117,8 +118,10 @@ class Agent:
         if not ok:
             self.on_event("skipped", reason)
             return reason, False
+        self.on_event("step", "running the cell")
         run = self.ws.run_code(code)
         self.on_event("output", run.summary())
+        self.on_event("step", "reading the output")
         return run.summary(), run.failed
 
     def call_tool(self, call: ToolCall, result: AgentResult) -> tuple[str, bool]:
@@ -160,8 +163,10 @@ class Agent:
         if not self.backend.supports_tools and code_prompt is not None:
             return self._run_completion(code_prompt, on_text)
         result = AgentResult(answer="")
-        failed_runs = 0
-        for _ in range(self.settings.max_steps):
+        failed_runs, last_failed = 0, False
+        for step in range(self.settings.max_steps):
+            self.on_event("step", "writing" if step == 0 else "retrying: the code failed" if last_failed
+                          else "continuing with the output")
             reply = self.backend.complete(messages, tools=TOOLS, on_text=on_text, **self.sampling)
             if reply.stopped:
                 result.answer, result.stopped = reply.text, True
@@ -207,6 +212,7 @@ class Agent:
                     result.answer, result.stopped = "Stopped: the code was interrupted.", True
                     return result
                 failed_runs += failed
+                last_failed = bool(failed)
                 tool_msgs.append({"role": "tool", "name": call.name, "tool_call_id": call.id, "content": output})
             messages = messages + [calls_msg] + tool_msgs
             result.messages += [calls_msg] + tool_msgs
@@ -223,6 +229,7 @@ class Agent:
         sampling = dict(self.sampling)
         sampling["max_new_tokens"] = min(sampling.get("max_new_tokens", 256), 256)
         for attempt in range(self.settings.max_failed_runs):
+            self.on_event("step", "writing code" if attempt == 0 else "retrying: the code failed")
             reply = self.backend.complete_text(prompt, stop=["\n"], **sampling)
             result.transcript = prompt + reply.text  # what the model has seen and written so far
             if reply.stopped:
@@ -251,9 +258,10 @@ class Agent:
             return result
         shown = "\n".join("# " + line for line in output.splitlines()[:12])
         final = prompt[: len(prompt) - len(primer)] + code + f"\n# Output:\n{shown}\n# In one sentence, the answer is:"
+        self.on_event("step", "writing the answer")
         answer = self.backend.complete_text(final, stop=["\n"], **sampling)
         result.transcript = final + answer.text
-        result.answer = answer.text.strip().lstrip("# ").strip() or "Done: the output is above."
+        result.answer = answer.text.strip().lstrip("# ").strip() or "Done: the output is under the cell."
         result.steps.append(Step("answer", result.answer))
         if on_text:
             on_text(result.answer)

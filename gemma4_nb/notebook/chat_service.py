@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Callable
 
 from ..errors import Gemma4Error
@@ -75,6 +76,32 @@ def decode_attachment(att: dict):
     return kind, value
 
 
+def describe_model(copilot) -> dict:
+    """The model as the status line names it: ``model`` (the file, directory or repository the
+    user chose, or the server's model), ``model_format`` (GGUF, quantized or plain weights and
+    their dtype) and ``device``; read from attributes, never a network call."""
+    m, b = copilot.model, copilot.backend
+    if m is not None:
+        source = Path(str(getattr(m, "source", "") or "model"))
+        net = getattr(m, "net", None)
+        dtype = str(getattr(net, "dtype", "") or "").replace("torch.", "")
+        kind = "GGUF" if source.suffix.lower() == ".gguf" else "safetensors"
+        quant = getattr(m, "quant", None)
+        fmt = " ".join(x for x in (kind, quant, dtype) if x)
+        return {"model": source.name or str(source), "model_format": fmt, "device": str(getattr(net, "device", "") or "")}
+    if b is not None:
+        url = getattr(b, "url", None)
+        return {"model": str(getattr(b, "model", None) or type(b).__name__), "model_format": "server" if url else None,
+                "device": str(url) if url else None}
+    url = copilot.remote_url()
+    if url:
+        return {"model": copilot.settings.backend_model or os.environ.get("GEMMA4_NB_BACKEND_MODEL") or "server",
+                "model_format": "server (connects on first use)", "device": url}
+    chosen = copilot.settings.model or os.environ.get("GEMMA4_NB_MODEL")
+    name = Path(chosen).name if chosen else "the embedded Gemma 3 270M"
+    return {"model": f"{name} (loads on first use)", "model_format": None, "device": None}
+
+
 def _rss_mib() -> float | None:
     try:
         with open("/proc/self/statm") as f:
@@ -87,7 +114,8 @@ class ChatService:
     """Requests to a :class:`~gemma4_nb.notebook.copilot.Copilot` on a worker thread.
 
     Events (``emit(dict)``), in order for one request ``id``: ``start``; ``status`` while the model
-    loads; ``token`` (``text``: the next piece of the reply); ``code`` (a cell the agent wrote);
+    loads; ``token`` (``text``: the next piece of the reply); ``step`` (what the agent is doing:
+    writing code, waiting for approval, running the cell...); ``code`` (a cell the agent wrote);
     then ``done`` (``text``, ``stopped``, ``code_blocks``, ``usage``, ``context``: one line on what
     the model saw of the notebook) or ``error`` (``message``).
 
@@ -110,6 +138,10 @@ class ChatService:
     def busy(self) -> bool:
         return self.active
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
     # -- status -------------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -117,15 +149,10 @@ class ChatService:
         u = c.last_usage
         state = "loading" if self.loading else "generating" if self.busy else \
             "ready" if c.backend is not None else "not loaded"
-        out = {"type": "status", "state": state, "model": None, "memory_mib": _rss_mib(),
+        out = {"type": "status", "state": state, **describe_model(c), "memory_mib": _rss_mib(),
                "tokens_per_s": round(u.decode_tokens_per_second, 2) if u is not None else None,
-               "approval": c.settings.approval, "frontend": c.frontend is not None}
-        if c.model is not None:
-            out["model"] = repr(c.model)
-        elif c.backend is not None:
-            out["model"] = c.backend.status().splitlines()[0]
-        else:
-            out["model"] = c.settings.model or os.environ.get("GEMMA4_NB_MODEL") or "default (loads on first use)"
+               "approval": c.settings.approval, "frontend": c.frontend is not None,
+               "conversation": c.conversation_id}
         return out
 
     # -- a request ----------------------------------------------------------------------------
@@ -239,7 +266,7 @@ class ChatService:
         def on_event(kind: str, detail: str) -> None:
             if kind == "code":
                 self.emit({"type": "code", "id": rid, "code": detail})
-            elif kind in ("skipped", "output"):
+            elif kind in ("skipped", "output", "step"):
                 self.emit({"type": kind, "id": rid, "text": detail})
 
         notes = []

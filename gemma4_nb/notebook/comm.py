@@ -3,15 +3,22 @@
 The sidebar opens the comm (after ``import gemma4_nb.notebook.comm; gemma4_nb.notebook.comm.register()``) and sends
 JSON messages; replies come back on the same comm. Generation runs on a worker thread
 (:class:`~gemma4_nb.notebook.chat_service.ChatService`), so the kernel keeps handling ``stop`` while a reply
-streams. The open comm is the copilot's ``frontend``: the agent inserts its cells through it.
+streams. The open comm is the copilot's ``frontend``: the agent inserts its cells through it and,
+when the sidebar runs cells (``{"run_cells": true}`` in the comm's open message), runs them in the
+notebook through it (their outputs stay under them; the agent reads them back).
 See docs/panels.md for every message.
 """
 
 from __future__ import annotations
 
+import threading
+import uuid
+
 from ..errors import Gemma4Error
 from .chat_service import ChatService
+from .completion import get_completer
 from .copilot import get_copilot
+from .workspace import RunResult, run_result_from_outputs
 
 TARGET = "gemma4_nb.chat"
 FRONTEND_TARGET = "gemma4_nb.frontend"  # opened by the kernel (the widget panel's inserts)
@@ -21,10 +28,15 @@ PROTOCOL_VERSION = 1
 class ChatProtocol:
     """Messages in (``handle``), messages out (``send``); independent of the transport."""
 
-    def __init__(self, copilot, send) -> None:
+    def __init__(self, copilot, send, *, runs_cells: bool = False) -> None:
         self.copilot = copilot
         self._send = send
         self.service = ChatService(copilot, self.send)
+        # The frontend runs the agent's cells in the notebook (it said so when it opened the comm):
+        # ``run_cell`` asks it and waits for the cell's outputs.
+        self.runs_cells = runs_cells
+        self._runs: dict[str, tuple[threading.Event, list]] = {}
+        self.closed = False
 
     def send(self, msg: dict) -> None:
         try:
@@ -32,9 +44,42 @@ class ChatProtocol:
         except Exception:  # a closed comm or a gone frontend must not break generation
             pass
 
-    # the copilot's frontend hook (notebook.KernelWorkspace calls it for the agent's cells)
-    def insert_cell(self, code: str, run: bool = False) -> None:
-        self.send({"type": "insert_cell", "code": code, "run": bool(run)})
+    # the copilot's frontend hooks (notebook.KernelWorkspace calls them for the agent's cells)
+    def insert_cell(self, code: str, run: bool = False) -> str:
+        """A new cell below the active one; returns the name ``run_cell`` knows it by."""
+        ref = uuid.uuid4().hex[:12]
+        self.send({"type": "insert_cell", "code": code, "run": bool(run), "ref": ref})
+        return ref
+
+    def run_cell(self, ref: str) -> RunResult | None:
+        """Run the inserted cell ``ref`` in the notebook and wait for its outputs (called on a
+        request's worker thread; the kernel's main thread runs the cell). None when this
+        frontend does not run cells (the caller runs the code itself)."""
+        if not self.runs_cells or self.closed:
+            return None
+        event, answer = threading.Event(), []
+        self._runs[ref] = (event, answer)
+        self.send({"type": "run_cell", "ref": ref})
+        try:
+            while not event.wait(0.2):
+                service = getattr(self.copilot, "chat_service", None)
+                if self.closed or (service is not None and service.stop_requested):
+                    # the cell may still be running in the notebook: the agent stops reading it
+                    return RunResult(interrupted=True)
+            return answer[0]
+        finally:
+            self._runs.pop(ref, None)
+
+    def _cell_result(self, msg: dict) -> None:
+        pending = self._runs.get(str(msg.get("ref")))
+        if pending is None:
+            return
+        if msg.get("missing"):
+            result = RunResult(error="not run: the cell is no longer in the notebook (deleted or moved away)")
+        else:
+            result = run_result_from_outputs(msg.get("outputs") or [], str(msg.get("status") or "ok"))
+        pending[1].append(result)
+        pending[0].set()
 
     def hello(self) -> None:
         from importlib.metadata import PackageNotFoundError, version
@@ -68,11 +113,20 @@ class ChatProtocol:
                 self.service.approve(str(msg.get("approval_id")), bool(msg.get("ok")))
             elif kind == "status":
                 self.send(self.service.status())
+            elif kind == "cell_result":
+                self._cell_result(msg)
+            elif kind == "complete":
+                cells = msg.get("cells") or []
+                if not isinstance(cells, list):
+                    raise Gemma4Error("cells must be a list of the cells' sources")
+                get_completer(self.copilot).submit(msg.get("id"), msg.get("prefix", ""), msg.get("suffix", ""),
+                                                   cells, self.send)
             elif kind == "reset":
                 if self.service.busy:
                     raise Gemma4Error("a reply is streaming: stop it before clearing the conversation")
                 self.copilot.reset()
                 self.send({"type": "reset"})
+                self.send(self.service.status())
             elif kind == "config":
                 settings = msg.get("settings")
                 if not isinstance(settings, dict):
@@ -91,13 +145,15 @@ class ChatProtocol:
     def close(self) -> None:
         # The sidebar moved to another notebook or went away: a reply under way finishes (its
         # messages go nowhere), code waiting for approval is not run.
+        self.closed = True
         self.service.cancel_approvals()
         if self.copilot.frontend is self:
             self.copilot.frontend = None
 
 
 def _open(comm, open_msg, shell) -> ChatProtocol:
-    proto = ChatProtocol(get_copilot(shell), comm.send)
+    data = (open_msg or {}).get("content", {}).get("data") or {}
+    proto = ChatProtocol(get_copilot(shell), comm.send, runs_cells=bool(data.get("run_cells")))
     proto.copilot.frontend = proto  # the newest sidebar gets the agent's cells
     comm.on_msg(lambda msg: proto.handle(msg["content"]["data"]))
     comm.on_close(lambda msg: proto.close())

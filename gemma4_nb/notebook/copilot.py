@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class Settings:
     backend_model: str | None = None
     backend_tools: bool = True
     first_byte_timeout: float | None = None  # seconds a server may take to start answering (None: 60, or the env)
+    completion_model: str | None = None  # inline completion's model (None: the embedded Gemma 3 270M; "off")
 
     def update(self, key: str, value: str) -> None:
         names = {f.name: f for f in fields(self)}
@@ -126,6 +128,7 @@ class Copilot:
         self.backend = None
         self.model = None
         self.turns: list[dict] = []  # the conversation as sent (prompts.py)
+        self.conversation_id = uuid.uuid4().hex[:12]  # a new one whenever the conversation is forgotten
         self.view = NotebookView(shell)  # what the model has seen of the notebook in this conversation
         # The tools are declared in the system turn, the prompt's first: from a conversation's first
         # agent request on, every request declares them, so they never change the prefix again.
@@ -239,6 +242,7 @@ class Copilot:
 
     def reset(self) -> None:
         self.turns = []
+        self.conversation_id = uuid.uuid4().hex[:12]
         self.view.reset()
         self.tools_declared = False
         if self.model is not None:

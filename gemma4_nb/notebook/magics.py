@@ -100,6 +100,48 @@ class _Stream:
             print()
 
 
+def _load_with_progress(copilot, rich: bool) -> None:
+    """Load the model before a cell's question, saying what loads and for how long (a line that
+    counts the seconds, then how long it took)."""
+    import threading
+
+    from IPython.display import Markdown, display
+
+    from .chat_service import describe_model
+
+    name = str(describe_model(copilot)["model"]).replace(" (loads on first use)", "")
+    say = lambda text: None  # noqa: E731 - a terminal gets the first and last lines only
+    if rich:
+        handle = display(Markdown(f"*loading {name}…*"), display_id=True)
+        say = lambda text: handle.update(Markdown(f"*{text}*"))  # noqa: E731
+    else:
+        print(f"loading {name}…", flush=True)
+    t0, done = time.monotonic(), threading.Event()
+
+    def tick():
+        while not done.wait(1.0):
+            say(f"loading {name}… {time.monotonic() - t0:.0f} s")
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        copilot.ensure_model()
+    except BaseException:
+        done.set()
+        ticker.join(2)
+        say(f"could not load {name} (the reason follows)")
+        raise
+    done.set()
+    ticker.join(2)
+    loaded = describe_model(copilot)
+    where = ", ".join(str(loaded[k]) for k in ("model_format", "device") if loaded.get(k))
+    line = f"loaded {loaded['model']}" + (f" ({where})" if where else "") + f" in {time.monotonic() - t0:.1f} s"
+    if rich:
+        say(line)
+    else:
+        print(line)
+
+
 @magics_class
 class GemmaMagics(Magics):
     def __init__(self, shell) -> None:
@@ -156,6 +198,8 @@ class GemmaMagics(Magics):
             raise Gemma4Error(BUSY)
         notes = ""
         try:
+            if c.backend is None:
+                _load_with_progress(c, rich)
             if images or audios:  # the same note the panels give when the model cannot take them
                 c.ensure_model()
                 images, audios, kept_back = drop_unsupported(c, images, audios)

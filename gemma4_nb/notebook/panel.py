@@ -31,7 +31,8 @@ class ChatPanel:
         self.w = w
         self.status = w.HTML(self._status_html(self.service.status()))
         self.history = w.VBox([], layout=w.Layout(max_height="480px", overflow="auto"))
-        self.input = w.Textarea(placeholder="Ask about your notebook… (Send)", layout=w.Layout(width="100%", height="64px"))
+        self.input = w.Textarea(placeholder="Ask about your notebook… (Enter sends in JupyterLab, Shift+Enter: new line)",
+                                layout=w.Layout(width="100%", height="64px"))
         self.send_button = w.Button(description="Send", button_style="primary", icon="paper-plane")
         self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
         self.upload = w.FileUpload(accept="image/*,audio/*,.wav,.flac,.ogg,.mp3", multiple=True,
@@ -114,8 +115,10 @@ class ChatPanel:
             self.history.children = (*self.history.children, *items)
             self._done()
         elif kind == "error":
-            self.history.children = (*self.history.children,
-                                     self._bubble("error", html.escape(ev["message"]), "#c33"))
+            children = self.history.children
+            if self._reply is not None and not self._text and not self.service.busy:  # its request failed
+                children = tuple(c for c in children if c is not self._reply)  # no empty "gemma …" left behind
+            self.history.children = (*children, self._bubble("error", html.escape(ev["message"]), "#c33"))
             if not self.service.busy:
                 self._done()
 
@@ -155,7 +158,8 @@ class ChatPanel:
 
     @staticmethod
     def _status_html(st: dict) -> str:
-        parts = [f"<b>gemma4-nb</b> · {html.escape(str(st.get('state')))}", html.escape(str(st.get("model") or ""))]
+        model = ", ".join(str(st[k]) for k in ("model", "model_format", "device") if st.get(k))
+        parts = [f"<b>gemma4-nb</b> · {html.escape(str(st.get('state')))}", html.escape(model)]
         if st.get("elapsed_s") is not None and st.get("state") == "loading":
             parts.append(f"loading {st['elapsed_s']:.0f} s")
         if st.get("memory_mib"):

@@ -42,22 +42,25 @@ class KernelWorkspace:
     """Cells and code execution in a live IPython shell.
 
     New cells go through the chat sidebar's frontend when it is connected (``frontend``, set by
-    the panel), else through IPython's ``set_next_input`` (one new cell below, holding every cell
-    the run wrote): the user's own cells are never overwritten.
+    the panel), which also runs them in the notebook; else through IPython's ``set_next_input``
+    (one new cell below, holding every cell the run wrote) and the code runs here, its output
+    captured: the user's own cells are never overwritten.
     """
 
     def __init__(self, shell, frontend=None) -> None:
         self.shell = shell
         self.frontend = frontend
         self.pending: list[str] = []
+        self.cell_ref = None  # the frontend's name for the cell last inserted (None: not through a frontend)
 
     @property
     def namespace(self) -> dict:
         return self.shell.user_ns
 
     def insert_cell(self, code: str) -> None:
+        self.cell_ref = None
         if self.frontend is not None:
-            self.frontend.insert_cell(code)
+            self.cell_ref = self.frontend.insert_cell(code)
         else:
             self.pending.append(code)
 
@@ -68,6 +71,13 @@ class KernelWorkspace:
             self.pending = []
 
     def run_code(self, code: str) -> RunResult:
+        """Run the agent's code: in the notebook, as the cell just inserted, when a frontend that
+        runs cells holds it (its output stays under it, the notebook records the run); else here."""
+        run_cell = getattr(self.frontend, "run_cell", None)
+        if run_cell is not None and self.cell_ref is not None:
+            result = run_cell(self.cell_ref)
+            if result is not None:
+                return result
         from IPython.utils.capture import capture_output
 
         out = RunResult()
@@ -89,3 +99,49 @@ class KernelWorkspace:
         elif err is not None:
             out.error = "".join(traceback.format_exception(type(err), err, err.__traceback__))[-3000:]
         return out
+
+
+def run_result_from_outputs(outputs: list, status: str = "ok") -> RunResult:
+    """What a cell run in the notebook produced (its nbformat outputs, as the frontend read them)
+    in the shape the agent reads: printed text, the value, rich outputs' text, figures, the error."""
+    import base64
+    import re
+
+    ansi = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+    out = RunResult()
+    for o in outputs if isinstance(outputs, list) else []:
+        if not isinstance(o, dict):
+            continue
+        kind = o.get("output_type")
+        if kind == "stream":
+            text = o.get("text", "")
+            text = "".join(text) if isinstance(text, list) else str(text)
+            if o.get("name") == "stderr":
+                out.stderr += text
+            else:
+                out.stdout += text
+        elif kind in ("execute_result", "display_data"):
+            data = o.get("data") or {}
+            png = data.get("image/png")
+            if isinstance(png, str):
+                try:
+                    out.images.append(base64.b64decode(png))
+                except ValueError:
+                    pass
+            plain = data.get("text/plain")
+            if plain is not None:
+                plain = "".join(plain) if isinstance(plain, list) else str(plain)
+                if kind == "execute_result":
+                    out.result = plain[:3000]
+                elif png is None:
+                    out.displays.append(plain)
+        elif kind == "error":
+            if o.get("ename") == "KeyboardInterrupt":
+                out.interrupted = True
+            else:
+                tb = "\n".join(ansi.sub("", str(line)) for line in o.get("traceback") or [])
+                out.error = (tb or f"{o.get('ename')}: {o.get('evalue')}")[-3000:]
+    if status == "aborted" and not out.error and not out.interrupted:
+        out.interrupted = True  # the kernel skipped it (an interrupt, or an error queued before it)
+    return out
+

@@ -8,7 +8,9 @@ import {
   classifyFile,
   codeBlocks,
   downmixResample,
+  editRequest,
   encodeWav,
+  lineDiff,
   formatContext,
   formatStatus
 } from './protocol';
@@ -75,7 +77,7 @@ describe('ChatModel', () => {
     m.apply({ type: 'note', id: 'r', text: '1 image(s) not sent' });
     expect(inserted).toEqual([['x = 1', false]]);
     expect(m.turns.map(t => t.role)).toEqual(['code', 'approval', 'note']);
-    expect(m.turns[1].approvalId).toBe('a1');
+    expect(m.turns[1]).toMatchObject({ approvalId: 'a1', text: 'it was written by the model' }); // the code: once, above
     // with a reply under way, the steps go above it: the reply stays last
     m.apply({ type: 'start', id: 's', text: 'q', attachments: [] });
     m.apply({ type: 'code', id: 's', code: 'y = 2' });
@@ -88,9 +90,84 @@ describe('ChatModel', () => {
     const m = new ChatModel();
     m.apply({ type: 'status', state: 'loading', model: null, memory_mib: 300, tokens_per_s: null, elapsed_s: 2.4 });
     expect(formatStatus(m.status)).toBe('loading · loading the model: 2 s · kernel 300 MiB');
-    m.apply({ type: 'status', state: 'ready', model: 'Model(gemma3)', memory_mib: 512.4, tokens_per_s: 31.25 });
-    expect(formatStatus(m.status)).toBe('ready · Model(gemma3) · kernel 512 MiB · 31.3 tokens/s');
+    m.apply({
+      type: 'status', state: 'ready', model: 'gemma-3-270m-it-Q4_K_M.gguf', model_format: 'GGUF float32',
+      device: 'cpu', memory_mib: 512.4, tokens_per_s: 31.25
+    });
+    expect(formatStatus(m.status)).toBe(
+      'ready · gemma-3-270m-it-Q4_K_M.gguf, GGUF float32, cpu · kernel 512 MiB · 31.3 tokens/s');
+    m.apply({ type: 'status', state: 'not loaded', model: 'the embedded Gemma 3 270M (loads on first use)',
+      model_format: null, device: null, memory_mib: null, tokens_per_s: null });
+    expect(formatStatus(m.status)).toBe('not loaded · the embedded Gemma 3 270M (loads on first use)');
     expect(formatStatus(null)).toBe('connecting…');
+  });
+
+  it('ends a reply whose done never came once the kernel says it runs nothing', () => {
+    const m = new ChatModel();
+    m.apply({ type: 'start', id: 'r', text: 'q', attachments: [] });
+    m.apply({ type: 'status', state: 'generating', model: 'm', memory_mib: null, tokens_per_s: null });
+    expect(m.busy).toBe(true);
+    m.apply({ type: 'status', state: 'ready', model: 'm', memory_mib: null, tokens_per_s: null });
+    expect(m.busy).toBe(false);
+    expect(m.turns.map(t => t.role)).toEqual(['user']); // no empty reply bubble left behind
+    m.apply({ type: 'start', id: 's', text: 'q2', attachments: [] });
+    m.apply({ type: 'token', id: 's', text: 'partial' });
+    m.apply({ type: 'error', id: 's', message: 'RuntimeError: boom' });
+    expect(m.turns.slice(-2)).toMatchObject([{ role: 'assistant', text: 'partial', streaming: false }, { role: 'error' }]);
+    expect(m.busy).toBe(false);
+  });
+
+  it('forgets the chat when the kernel forgets the conversation', () => {
+    const m = new ChatModel();
+    const status = (conversation: string) =>
+      m.apply({ type: 'status', state: 'ready', model: 'm', memory_mib: null, tokens_per_s: null, conversation });
+    status('c1');
+    m.apply({ type: 'start', id: 'r', text: 'q', attachments: [] });
+    m.apply({ type: 'done', id: 'r', text: 'a', stopped: false, code_blocks: [], usage: null });
+    status('c1');
+    expect(m.turns.map(t => t.role)).toEqual(['user', 'assistant']);
+    status('c2'); // %gemma reset in a cell
+    expect(m.turns).toMatchObject([{ role: 'note', text: 'the conversation was cleared in the kernel' }]);
+    m.apply({ type: 'start', id: 's', text: 'q', attachments: [] });
+    m.apply({ type: 'token', id: 's', text: 'half' });
+    m.kernelGone('the kernel restarted: the conversation starts over');
+    expect(m.turns).toMatchObject([{ role: 'note', text: 'the kernel restarted: the conversation starts over' }]);
+    expect(m.busy).toBe(false);
+    expect(m.status).toBeNull();
+    status('c3'); // the new kernel's conversation: nothing more to clear
+    expect(m.turns).toHaveLength(1);
+  });
+});
+
+describe('cell edits', () => {
+  it('diffs a cell line by line', () => {
+    const before = 'def f(x):\n    return x+1\n\nf(2)';
+    const after = 'def f(x):\n    """One more than x."""\n    return x + 1\n\nf(2)';
+    expect(lineDiff(before, after)).toEqual([
+      { op: ' ', text: 'def f(x):' },
+      { op: '-', text: '    return x+1' },
+      { op: '+', text: '    """One more than x."""' },
+      { op: '+', text: '    return x + 1' },
+      { op: ' ', text: '' },
+      { op: ' ', text: 'f(2)' }
+    ]);
+    expect(lineDiff('a', 'a')).toEqual([{ op: ' ', text: 'a' }]);
+    expect(lineDiff('', 'x')).toEqual([{ op: '-', text: '' }, { op: '+', text: 'x' }]);
+    // applying the diff's kept and added lines gives the proposal back, whatever the sizes
+    const big = Array.from({ length: 600 }, (_, i) => `line ${i}`).join('\n');
+    const changed = big.replace('line 300', 'line three hundred');
+    const d = lineDiff(big, changed);
+    expect(d.filter(l => l.op !== '-').map(l => l.text).join('\n')).toBe(changed);
+    expect(d.filter(l => l.op !== '+').map(l => l.text).join('\n')).toBe(big);
+    expect(d.filter(l => l.op !== ' ')).toHaveLength(2);
+  });
+
+  it('asks for the whole new cell in one block, with the error when there is one', () => {
+    const q = editRequest('Fix this cell.', 'x = 1/0', 'ZeroDivisionError: division by zero');
+    expect(q).toContain('```python\nx = 1/0\n```');
+    expect(q).toContain('ZeroDivisionError: division by zero');
+    expect(q.startsWith('Fix this cell.')).toBe(true);
+    expect(editRequest('Add a docstring.', 'def f(): pass')).not.toContain('failed');
   });
 });
 

@@ -33,7 +33,10 @@ export interface Usage {
 export interface Status {
   type: 'status';
   state: string; // "not loaded" | "loading" | "ready" | "generating"
-  model: string | null;
+  model: string | null; // a readable name: the file or repository, or the server's model
+  model_format?: string | null; // e.g. "GGUF Q4_K_M", "safetensors bfloat16", "server"
+  device?: string | null; // "cpu", "cuda:0", or the server's address
+  conversation?: string; // changes when the kernel forgets the conversation (%gemma reset, a restart)
   memory_mib: number | null;
   tokens_per_s: number | null;
   approval?: string;
@@ -62,7 +65,10 @@ export type KernelMessage =
   | { type: 'error'; id?: string | null; message: string }
   | { type: 'stopping'; id: string | null; running: boolean }
   | { type: 'reset' }
-  | { type: 'insert_cell'; code: string; run: boolean };
+  | { type: 'insert_cell'; code: string; run: boolean; ref?: string }
+  | { type: 'run_cell'; ref: string }
+  | { type: 'step'; id: string; text: string }
+  | { type: 'completion'; id: string; text: string; error?: string };
 
 export type FrontendMessage =
   | { type: 'chat'; id: string; text: string; attachments: Attachment[]; agent: boolean; context: boolean }
@@ -70,11 +76,13 @@ export type FrontendMessage =
   | { type: 'approve'; approval_id: string; ok: boolean }
   | { type: 'status' }
   | { type: 'reset' }
-  | { type: 'config'; settings: Record<string, string> };
+  | { type: 'config'; settings: Record<string, string> }
+  | { type: 'complete'; id: string; prefix: string; suffix: string; cells: string[] }
+  | { type: 'cell_result'; ref: string; outputs?: unknown[]; status?: string; execution_count?: number | null; missing?: boolean };
 
 export interface Turn {
   id: string;
-  role: 'user' | 'assistant' | 'error' | 'note' | 'code' | 'approval';
+  role: 'user' | 'assistant' | 'error' | 'note' | 'code' | 'approval' | 'edit';
   text: string;
   attachments?: { kind: AttachmentKind; name: string }[];
   codeBlocks?: string[];
@@ -84,6 +92,9 @@ export interface Turn {
   context?: string;
   approvalId?: string;
   answered?: boolean;
+  step?: string; // what the agent is doing now (a reply under way)
+  original?: string; // an edit: the cell's source when it was asked for (text: the proposed source)
+  outcome?: string; // an edit: what became of it (accepted, rejected, not applied: why)
 }
 
 let counter = 0;
@@ -97,8 +108,12 @@ export class ChatModel {
   turns: Turn[] = [];
   status: Status | null = null;
   busy = false;
-  /** Called with the cells the kernel asks to insert (the agent's cells). */
-  onInsert: ((code: string, run: boolean) => void) | null = null;
+  /** The kernel's conversation the turns belong to (``status.conversation``). */
+  conversation: string | null = null;
+  /** Called with the cells the kernel asks to insert (the agent's cells; ``ref`` names one to run later). */
+  onInsert: ((code: string, run: boolean, ref?: string) => void) | null = null;
+  /** Called when the kernel asks to run a cell it inserted (the agent's, approved). */
+  onRunCell: ((ref: string) => void) | null = null;
 
   chat(text: string, attachments: Attachment[], agent = false, context = true): FrontendMessage {
     return { type: 'chat', id: newId(), text, attachments, agent, context };
@@ -123,12 +138,45 @@ export class ChatModel {
     }
   }
 
+  /** Every streaming reply ends where it is (an empty one goes); nothing runs any more. */
+  endStreaming(): void {
+    for (const t of [...this.turns]) {
+      if (t.role === 'assistant' && t.streaming) {
+        t.streaming = false;
+        t.step = undefined;
+        if (!t.text) {
+          this.turns.splice(this.turns.indexOf(t), 1);
+        }
+      }
+    }
+    this.busy = false;
+  }
+
+  /** The kernel restarted, died or was replaced: its conversation is gone, and so is the chat. */
+  kernelGone(why: string): void {
+    this.endStreaming();
+    this.turns = this.turns.length && why ? [{ id: newId(), role: 'note', text: why }] : [];
+    this.conversation = null;
+    this.status = null;
+  }
+
   apply(msg: KernelMessage): void {
     switch (msg.type) {
       case 'hello':
         break;
       case 'status':
         this.status = msg;
+        if (msg.conversation !== undefined) {
+          if (this.conversation !== null && msg.conversation !== this.conversation && this.turns.length) {
+            // the kernel forgot the conversation (%gemma reset): the sidebar shows what it remembers
+            this.turns = [{ id: newId(), role: 'note', text: 'the conversation was cleared in the kernel' }];
+          }
+          this.conversation = msg.conversation;
+        }
+        if (msg.state !== 'generating' && msg.state !== 'loading' && this.busy) {
+          // the kernel runs nothing: a reply whose "done" never came ends here
+          this.endStreaming();
+        }
         break;
       case 'start':
         this.busy = true;
@@ -147,7 +195,7 @@ export class ChatModel {
         this.step({ id: msg.id, role: 'code', text: msg.code, codeBlocks: [msg.code] });
         break;
       case 'approval':
-        this.step({ id: msg.id, role: 'approval', text: msg.code, approvalId: msg.approval_id });
+        this.step({ id: msg.id, role: 'approval', text: msg.why, approvalId: msg.approval_id });
         break;
       case 'done': {
         const t = this.reply(msg.id);
@@ -157,6 +205,7 @@ export class ChatModel {
         t.codeBlocks = msg.code_blocks || [];
         t.usage = msg.usage;
         t.context = msg.context;
+        t.step = undefined;
         this.busy = false;
         break;
       }
@@ -164,24 +213,30 @@ export class ChatModel {
         // a reply that failed midway stops streaming; a refused request leaves no empty reply
         const t = this.turns.find(x => x.id === msg.id && x.role === 'assistant');
         if (t) {
-          t.streaming = false;
-          if (!t.text) {
-            this.turns.splice(this.turns.indexOf(t), 1);
-          }
-          this.busy = false;
+          this.endStreaming();
         }
         this.turns.push({ id: msg.id || newId(), role: 'error', text: msg.message });
         break;
       }
       case 'stopping':
+      case 'completion':
         break;
       case 'reset':
         this.turns = [];
         break;
+
       case 'insert_cell':
         if (this.onInsert) {
-          this.onInsert(msg.code, msg.run);
+          this.onInsert(msg.code, msg.run, msg.ref);
         }
+        break;
+      case 'run_cell':
+        if (this.onRunCell) {
+          this.onRunCell(msg.ref);
+        }
+        break;
+      case 'step':
+        this.reply(msg.id).step = msg.text;
         break;
     }
   }
@@ -285,7 +340,7 @@ export function encodeWav(samples: Float32Array, sampleRate = 16000): Uint8Array
   return new Uint8Array(buf);
 }
 
-/** The status line: state, model, load progress, memory, speed. */
+/** The status line: state, model (name, format, device), load progress, memory, speed. */
 export function formatStatus(s: Status | null): string {
   if (!s) {
     return 'connecting…';
@@ -294,8 +349,9 @@ export function formatStatus(s: Status | null): string {
   if (s.state === 'loading' && s.elapsed_s !== undefined) {
     parts.push(`loading the model: ${Math.round(s.elapsed_s)} s`);
   }
-  if (s.model) {
-    parts.push(s.model);
+  const model = [s.model, s.model_format, s.device].filter(x => x).join(', ');
+  if (model) {
+    parts.push(model);
   }
   if (s.memory_mib) {
     parts.push(`kernel ${Math.round(s.memory_mib)} MiB`);
@@ -309,4 +365,68 @@ export function formatStatus(s: Status | null): string {
 /** The line under an answer: what the model saw of the notebook ("" when the kernel said nothing). */
 export function formatContext(t: Turn): string {
   return t.context ? `context: ${t.context}` : '';
+}
+
+export interface DiffLine {
+  op: ' ' | '-' | '+';
+  text: string;
+}
+
+/** A line diff of a cell's source and a proposed one: the common first and last lines, and a
+ *  longest common subsequence of the lines between (a middle too large for that is shown as all
+ *  removed, then all added). */
+export function lineDiff(before: string, after: string): DiffLine[] {
+  const a = before.split('\n');
+  const b = after.split('\n');
+  let head = 0;
+  while (head < a.length && head < b.length && a[head] === b[head]) {
+    head++;
+  }
+  let tail = 0;
+  while (tail < a.length - head && tail < b.length - head && a[a.length - 1 - tail] === b[b.length - 1 - tail]) {
+    tail++;
+  }
+  const same = (lines: string[]) => lines.map(text => ({ op: ' ' as const, text }));
+  const x = a.slice(head, a.length - tail);
+  const y = b.slice(head, b.length - tail);
+  return [...same(a.slice(0, head)), ...middleDiff(x, y), ...same(a.slice(a.length - tail))];
+}
+
+function middleDiff(a: string[], b: string[]): DiffLine[] {
+  if (a.length * b.length > 250000) {
+    return [...a.map(text => ({ op: '-' as const, text })), ...b.map(text => ({ op: '+' as const, text }))];
+  }
+  // lcs[i][j]: the common lines of a[i:] and b[j:]
+  const lcs = Array.from({ length: a.length + 1 }, () => new Array<number>(b.length + 1).fill(0));
+  for (let i = a.length - 1; i >= 0; i--) {
+    for (let j = b.length - 1; j >= 0; j--) {
+      lcs[i][j] = a[i] === b[j] ? lcs[i + 1][j + 1] + 1 : Math.max(lcs[i + 1][j], lcs[i][j + 1]);
+    }
+  }
+  const out: DiffLine[] = [];
+  let i = 0;
+  let j = 0;
+  while (i < a.length || j < b.length) {
+    if (i < a.length && j < b.length && a[i] === b[j]) {
+      out.push({ op: ' ', text: a[i] });
+      i++;
+      j++;
+    } else if (i < a.length && (j === b.length || lcs[i + 1][j] >= lcs[i][j + 1])) {
+      out.push({ op: '-', text: a[i] }); // removed lines first, as diffs show them
+      i++;
+    } else {
+      out.push({ op: '+', text: b[j] });
+      j++;
+    }
+  }
+  return out;
+}
+
+/** The question that asks for a cell edit: the whole new cell, in one code block. */
+export function editRequest(instruction: string, source: string, error?: string): string {
+  return (
+    `${instruction}\n\nReply with the whole new cell in one \`\`\`python code block.\n\n` +
+    `\`\`\`python\n${source}\n\`\`\`` +
+    (error ? `\n\nThe cell failed with:\n\`\`\`\n${error}\n\`\`\`` : '')
+  );
 }

@@ -1,8 +1,12 @@
 /**
  * The sidebar: a chat with the copilot in the active notebook's kernel, over a comm.
  */
+import { Clipboard } from '@jupyterlab/apputils';
+import { ICodeCellModel } from '@jupyterlab/cells';
 import { NotebookActions, NotebookPanel, INotebookTracker } from '@jupyterlab/notebook';
-import { Kernel } from '@jupyterlab/services';
+import { IRenderMimeRegistry, MimeModel } from '@jupyterlab/rendermime';
+import { IRenderMime } from '@jupyterlab/rendermime-interfaces';
+import { Kernel, KernelMessage as JupyterMessage } from '@jupyterlab/services';
 import { Widget } from '@lumino/widgets';
 
 import {
@@ -16,27 +20,53 @@ import {
   bytesToBase64,
   classifyFile,
   downmixResample,
+  editRequest,
   encodeWav,
+  lineDiff,
+  newId,
   formatContext,
   formatStatus
 } from './protocol';
 
-/** A new code cell below the active one (never over a user's cell); run it when asked. */
-export async function insertCell(panel: NotebookPanel, code: string, run: boolean): Promise<void> {
+/** A new code cell below the active one (never over a user's cell); run it when asked.
+ *  Returns the new cell's model id. */
+export async function insertCell(panel: NotebookPanel, code: string, run: boolean): Promise<string | null> {
   const nb = panel.content;
   if (!nb.model) {
-    return;
+    return null;
   }
   NotebookActions.insertBelow(nb);
   NotebookActions.changeCellType(nb, 'code');
   const cell = nb.activeCell;
   if (!cell) {
-    return;
+    return null;
   }
   cell.model.sharedModel.setSource(code);
   if (run) {
     await NotebookActions.run(nb, panel.sessionContext);
   }
+  return cell.model.id;
+}
+
+/** Run one cell of the notebook with JupyterLab's own action (so the notebook records it: the
+ *  execution count, the outputs under it); its outputs once it finished, or null when it is gone. */
+export async function runCellById(
+  panel: NotebookPanel,
+  cellId: string
+): Promise<{ outputs: unknown[]; execution_count: number | null } | null> {
+  const nb = panel.content;
+  const index = nb.widgets.findIndex(c => c.model.id === cellId);
+  if (index < 0 || nb.widgets[index].model.type !== 'code') {
+    return null;
+  }
+  nb.activeCellIndex = index;
+  nb.deselectAll();
+  await NotebookActions.run(nb, panel.sessionContext);
+  const model = nb.widgets[index]?.model as ICodeCellModel | undefined;
+  if (!model || model.id !== cellId) {
+    return null;
+  }
+  return { outputs: model.outputs.toJSON() as unknown[], execution_count: model.executionCount };
 }
 
 function el<K extends keyof HTMLElementTagNameMap>(
@@ -62,7 +92,13 @@ export class ChatSidebar extends Widget {
   private renderPending = false;
 
   private statusLine = el('div', 'g4-status', 'no notebook');
+  private clearButton = el('button', 'g4-clear jp-mod-styled', 'Clear');
   private history = el('div', 'g4-history');
+  private latestButton = el('button', 'g4-latest jp-mod-styled', '↓ latest');
+  /** Follow new replies to the bottom; off while the user reads further up. */
+  private stickToBottom = true;
+  /** What each turn is shown as, kept between renders (a reply's Markdown renders once per change). */
+  private views = new Map<Turn, TurnView>();
   private chips = el('div', 'g4-chips');
   private input = el('textarea', 'g4-input');
   private sendButton = el('button', 'g4-send jp-mod-styled jp-mod-accept', 'Send');
@@ -73,7 +109,10 @@ export class ChatSidebar extends Widget {
   private agentBox = el('input', 'g4-agent');
   private contextBox = el('input', 'g4-context');
 
-  constructor(tracker: INotebookTracker) {
+  constructor(
+    tracker: INotebookTracker,
+    private readonly rendermime: IRenderMimeRegistry
+  ) {
     super();
     this.id = 'gemma4-nb-sidebar';
     this.addClass('g4-sidebar');
@@ -96,7 +135,26 @@ export class ChatSidebar extends Widget {
     options.append(agentLabel, ctxLabel);
     const buttons = el('div', 'g4-buttons');
     buttons.append(this.sendButton, this.stopButton, this.attachButton, this.recordButton, this.fileInput);
-    this.node.append(this.statusLine, this.history, this.chips, this.input, buttons, options);
+    this.clearButton.title = 'Clear the chat (the kernel forgets the conversation too)';
+    const header = el('div', 'g4-header');
+    header.append(this.statusLine, this.clearButton);
+    this.latestButton.style.display = 'none';
+    const historyBox = el('div', 'g4-history-box');
+    historyBox.append(this.history, this.latestButton);
+    this.node.append(header, historyBox, this.chips, this.input, buttons, options);
+    this.clearButton.onclick = () => this.post({ type: 'reset' });
+    this.history.addEventListener('scroll', () => {
+      // the user scrolled up to read: new replies do not pull the view down until they come back
+      this.stickToBottom = this.history.scrollHeight - this.history.scrollTop - this.history.clientHeight < 24;
+      if (this.stickToBottom) {
+        this.latestButton.style.display = 'none';
+      }
+    });
+    this.latestButton.onclick = () => {
+      this.stickToBottom = true;
+      this.history.scrollTop = this.history.scrollHeight;
+      this.latestButton.style.display = 'none';
+    };
 
     this.sendButton.onclick = () => this.send();
     this.stopButton.onclick = () => this.post({ type: 'stop' });
@@ -127,11 +185,17 @@ export class ChatSidebar extends Widget {
         void this.addFiles(files);
       }
     });
-    this.model.onInsert = (code, run) => {
-      if (this.panel) {
-        void insertCell(this.panel, code, run);
+    this.model.onInsert = (code, run, ref) => {
+      const panel = this.panel;
+      if (panel) {
+        void insertCell(panel, code, run).then(id => {
+          if (ref && id) {
+            this.agentCells.set(ref, { panel, id });
+          }
+        });
       }
     };
+    this.model.onRunCell = ref => void this.runAgentCell(ref);
     tracker.currentChanged.connect((_, panel) => void this.follow(panel));
     void this.follow(tracker.currentWidget);
   }
@@ -144,6 +208,7 @@ export class ChatSidebar extends Widget {
     if (this.panel) {
       this.panel.sessionContext.kernelChanged.disconnect(this.onKernelChanged, this);
       this.panel.sessionContext.statusChanged.disconnect(this.onKernelStatus, this);
+      this.panel.sessionContext.iopubMessage.disconnect(this.onIopub, this);
     }
     this.panel = panel;
     this.disconnectComm();
@@ -153,6 +218,9 @@ export class ChatSidebar extends Widget {
     }
     panel.sessionContext.kernelChanged.connect(this.onKernelChanged, this);
     panel.sessionContext.statusChanged.connect(this.onKernelStatus, this);
+    panel.sessionContext.iopubMessage.connect(this.onIopub, this);
+    this.model.kernelGone('');
+    this.render();
     await panel.sessionContext.ready;
     if (panel === this.panel) {
       await this.connect();
@@ -161,12 +229,18 @@ export class ChatSidebar extends Widget {
 
   private onKernelChanged(): void {
     this.disconnectComm();
+    this.model.kernelGone('a new kernel: the conversation starts over');
+    this.render();
     void this.connect();
   }
 
   private onKernelStatus(_: unknown, status: Kernel.Status): void {
-    if (status === 'restarting' || status === 'dead') {
+    if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
       this.disconnectComm();
+      this.model.kernelGone(
+        status === 'dead' ? 'the kernel died: the conversation is gone' : 'the kernel restarted: the conversation starts over'
+      );
+      this.render();
       this.setStatus(`kernel ${status}`);
     } else if (status === 'idle' && !this.comm && !this.connecting) {
       void this.connect();
@@ -174,6 +248,42 @@ export class ChatSidebar extends Widget {
   }
 
   private connecting = false;
+  /** Edits asked for, by request id, and the proposals waiting for Accept / Reject. */
+  private edits = new Map<string, { panel: NotebookPanel; cellId: string; source: string }>();
+  private editTargets = new Map<string, { panel: NotebookPanel; cellId: string; source: string }>();
+  /** The agent's cells, by the kernel's name for them: where they are, to run them when approved. */
+  private agentCells = new Map<string, { panel: NotebookPanel; id: string }>();
+
+  /** The agent's approved cell runs in the notebook; its outputs go back to the agent. */
+  private async runAgentCell(ref: string): Promise<void> {
+    const comm = this.comm;
+    const where = this.agentCells.get(ref);
+    let result = null;
+    try {
+      result = where && !where.panel.isDisposed ? await runCellById(where.panel, where.id) : null;
+    } catch (err) {
+      result = null;
+    }
+    const reply = result
+      ? { type: 'cell_result', ref, outputs: result.outputs, execution_count: result.execution_count }
+      : { type: 'cell_result', ref, missing: true };
+    if (comm && !comm.isDisposed) {
+      comm.send(reply as any);
+    }
+  }
+
+  /** A cell finished (%gemma unload, model, reset...): ask the kernel for the status it left. */
+  private onIopub(_: unknown, msg: JupyterMessage.IMessage): void {
+    const parent = msg.parent_header as Partial<JupyterMessage.IHeader>;
+    if (
+      this.comm &&
+      msg.header.msg_type === 'status' &&
+      (msg.content as JupyterMessage.IStatusMsg['content']).execution_state === 'idle' &&
+      parent.msg_type === 'execute_request'
+    ) {
+      this.comm.send({ type: 'status' } as any);
+    }
+  }
 
   private async connect(): Promise<void> {
     const kernel = this.panel?.sessionContext.session?.kernel;
@@ -203,7 +313,7 @@ export class ChatSidebar extends Widget {
       };
       this.comm = comm;
       this.kernel = kernel;
-      comm.open({});
+      comm.open({ run_cells: true }); // the agent's cells run in the notebook, through this sidebar
     } catch (err) {
       this.setStatus(`could not connect: ${err}`);
     } finally {
@@ -222,7 +332,7 @@ export class ChatSidebar extends Widget {
         // the kernel is gone: nothing to close
       }
     }
-    this.model.busy = false;
+    this.model.endStreaming();
     this.render();
   }
 
@@ -251,12 +361,117 @@ export class ChatSidebar extends Widget {
   }
 
   private receive(msg: KernelMessage): void {
+    if (msg.type === 'completion') {
+      const resolve = this.completions.get(msg.id);
+      this.completions.delete(msg.id);
+      resolve?.(msg.error ? '' : msg.text);
+      return;
+    }
     this.model.apply(msg);
+    if (msg.type === 'done' || msg.type === 'error') {
+      this.proposeEditFrom(msg);
+    }
     if (msg.type === 'token') {
       this.scheduleRender(); // many tokens a second: one repaint per frame
     } else {
       this.render();
     }
+  }
+
+  /** Completions asked for, by id: answered by the kernel's `completion` message. */
+  private completions = new Map<string, (text: string) => void>();
+
+  /** Inline completion at the cursor from the kernel of ``panel`` ("" when it has none, when
+   *  this sidebar is not connected to that kernel, or after a few seconds without an answer). */
+  complete(panel: NotebookPanel, prefix: string, suffix: string, cells: string[]): Promise<string> {
+    const comm = this.comm;
+    if (!comm || panel !== this.panel || comm.isDisposed) {
+      return Promise.resolve('');
+    }
+    const id = newId();
+    for (const [old, resolve] of this.completions) {
+      resolve(''); // superseded: the kernel stops it at its next token
+      this.completions.delete(old);
+    }
+    return new Promise<string>(resolve => {
+      this.completions.set(id, resolve);
+      comm.send({ type: 'complete', id, prefix, suffix, cells } as any);
+      setTimeout(() => {
+        if (this.completions.delete(id)) {
+          resolve('');
+        }
+      }, 10000);
+    });
+  }
+
+  /** Ask a question from a command: shown and sent as if typed. */
+  ask(text: string): void {
+    this.input.value = text;
+    this.send();
+  }
+
+  /** Put text in the input box for the user to finish (e.g. the selected code). */
+  prefill(text: string): void {
+    this.input.value = text;
+    this.input.focus();
+    this.input.setSelectionRange(text.length, text.length);
+  }
+
+  /** Ask for an edit of a cell ("fix this cell", "add a docstring"): the reply's code comes back
+   *  as a diff of the cell, applied only when the user accepts it. */
+  requestEdit(panel: NotebookPanel, cellId: string, source: string, instruction: string, error?: string): void {
+    const msg = this.model.chat(editRequest(instruction, source, error), [], false, this.contextBox.checked);
+    if (this.post(msg) && msg.type === 'chat') {
+      this.edits.set(msg.id, { panel, cellId, source });
+    }
+  }
+
+  private proposeEditFrom(msg: KernelMessage): void {
+    if ((msg.type !== 'done' && msg.type !== 'error') || !msg.id) {
+      return;
+    }
+    const edit = this.edits.get(msg.id);
+    this.edits.delete(msg.id);
+    if (!edit || msg.type !== 'done' || msg.stopped) {
+      return;
+    }
+    const proposed = (msg.code_blocks || [])[0];
+    if (proposed === undefined) {
+      this.model.turns.push({ id: msg.id, role: 'note', text: 'the reply has no code block: nothing to apply to the cell' });
+    } else if (proposed.trim() === edit.source.trim()) {
+      this.model.turns.push({ id: msg.id, role: 'note', text: 'the proposed cell is the same as the cell: nothing to change' });
+    } else {
+      this.editTargets.set(msg.id, edit);
+      this.model.turns.push({ id: msg.id, role: 'edit', text: proposed, original: edit.source });
+    }
+  }
+
+  /** Accepted: the cell gets the proposed source in one undoable change (JupyterLab's undo, Ctrl+Z
+   *  in the cell, takes it back); never over edits the user made since the proposal. */
+  private applyEdit(t: Turn, accept: boolean): void {
+    const target = this.editTargets.get(t.id);
+    if (!accept) {
+      t.outcome = 'rejected: the cell is unchanged';
+    } else if (!target || target.panel.isDisposed) {
+      t.outcome = 'not applied: the notebook is closed';
+    } else {
+      const cell = target.panel.content.widgets.find(c => c.model.id === target.cellId);
+      if (!cell) {
+        t.outcome = 'not applied: the cell is no longer in the notebook';
+      } else if (cell.model.sharedModel.getSource() !== target.source) {
+        t.outcome = 'not applied: the cell changed since this was proposed (ask again)';
+      } else {
+        // its own undo step: not merged with the user's typing just before or after
+        const undo = (cell.model.sharedModel as { undoManager?: { stopCapturing(): void } | null }).undoManager;
+        undo?.stopCapturing();
+        cell.model.sharedModel.setSource(t.text);
+        undo?.stopCapturing();
+        target.panel.content.activeCellIndex = target.panel.content.widgets.indexOf(cell);
+        t.outcome = 'applied (Ctrl+Z in the cell undoes it)';
+      }
+    }
+    this.editTargets.delete(t.id);
+    this.render();
   }
 
   async addFiles(files: File[]): Promise<void> {
@@ -353,67 +568,179 @@ export class ChatSidebar extends Widget {
     }
   }
 
-  private renderTurn(t: Turn): HTMLElement {
-    const box = el('div', `g4-turn g4-${t.role}`);
+  /** The buttons under a code block: Copy, Insert below, Insert and run (the user's own click). */
+  private codeActions(code: string, insert: boolean): HTMLElement {
+    const bar = el('div', 'g4-code-actions');
+    const copy = el('button', 'g4-copy jp-mod-styled', 'Copy');
+    copy.onclick = () => {
+      Clipboard.copyToSystem(code);
+      copy.textContent = 'Copied';
+      setTimeout(() => (copy.textContent = 'Copy'), 1500);
+    };
+    bar.append(copy);
+    if (insert) {
+      const below = el('button', 'g4-insert jp-mod-styled', 'Insert below');
+      const run = el('button', 'g4-insert-run jp-mod-styled jp-mod-accept', 'Insert and run');
+      below.onclick = () => this.panel && void insertCell(this.panel, code, false);
+      run.onclick = () => this.panel && void insertCell(this.panel, code, true);
+      bar.append(below, run);
+    }
+    return bar;
+  }
+
+  /** A reply's Markdown through JupyterLab's renderer (sanitized: the reply is untrusted; code
+   *  highlighted in the theme's colours); once done, each code block gets its buttons. */
+  private async renderMarkdown(view: TurnView, t: Turn): Promise<void> {
+    const md = t.text + (t.stopped ? '\n\n*(stopped)*' : '');
+    const wanted = `${md}\u0000${t.streaming ? 1 : 0}`;
+    if (view.rendered === wanted || view.rendering) {
+      return;
+    }
+    view.rendering = true;
+    try {
+      if (!view.renderer) {
+        view.renderer = this.rendermime.createRenderer('text/markdown');
+        view.text.replaceChildren(view.renderer.node);
+      }
+      await view.renderer.renderModel(new MimeModel({ data: { 'text/markdown': md }, trusted: false }));
+      view.rendered = wanted;
+      if (!t.streaming) {
+        view.renderer.node.querySelectorAll('pre').forEach(pre => {
+          pre.after(this.codeActions((pre.textContent || '').replace(/\n$/, ''), true));
+        });
+      }
+    } catch (err) {
+      view.text.textContent = md; // the text itself rather than nothing
+      view.rendered = wanted;
+    } finally {
+      view.rendering = false;
+    }
+    this.scrollIfFollowing();
+    // the reply moved on while it rendered: render the newest text
+    if (`${t.text + (t.stopped ? '\n\n*(stopped)*' : '')}\u0000${t.streaming ? 1 : 0}` !== view.rendered) {
+      void this.renderMarkdown(view, t);
+    }
+  }
+
+  private answerApproval(t: Turn, ok: boolean): void {
+    t.answered = true;
+    t.outcome = ok ? 'approved: it runs in the notebook' : 'skipped: not run';
+    this.post({ type: 'approve', approval_id: t.approvalId || '', ok });
+    this.render();
+  }
+
+  /** The turn's box, built again only when what it shows changed (a streaming reply: its text). */
+  private viewOf(t: Turn): TurnView {
+    const key = JSON.stringify([t.role, t.role === 'assistant' ? '' : t.text, t.streaming, t.stopped, t.answered,
+      t.usage, t.context, t.step, t.outcome]);
+    let view = this.views.get(t);
+    if (view && view.key === key) {
+      if (t.role === 'assistant') {
+        void this.renderMarkdown(view, t);
+      }
+      return view;
+    }
+    const box = el('div', `g4-turn ${t.role === 'code' ? 'g4-code-turn' : `g4-${t.role}`}`);
     box.dataset.id = t.id;
+    const text = el('div', 'g4-text');
+    view = { key, box, text, renderer: view?.renderer, rendered: undefined, rendering: false };
     if (t.role === 'approval') {
-      box.append(el('div', 'g4-label', 'Run this code?'), el('pre', 'g4-code', t.text));
+      box.append(el('div', 'g4-label', t.outcome ? `Run the cell above? ${t.outcome}` :
+        `Run the cell above? ${t.text ? `(${t.text})` : ''}`));
       if (!t.answered) {
         const run = el('button', 'g4-approve jp-mod-styled jp-mod-accept', 'Run');
         const skip = el('button', 'g4-deny jp-mod-styled', 'Skip');
-        const answer = (ok: boolean) => {
-          t.answered = true;
-          this.post({ type: 'approve', approval_id: t.approvalId || '', ok });
-          this.render();
-        };
-        run.onclick = () => answer(true);
-        skip.onclick = () => answer(false);
+        run.onclick = () => this.answerApproval(t, true);
+        skip.onclick = () => this.answerApproval(t, false);
         box.append(run, skip);
       }
-      return box;
+    } else if (t.role === 'edit') {
+      box.append(el('div', 'g4-label', 'proposed change to the cell'));
+      const diff = el('pre', 'g4-diff');
+      for (const line of lineDiff(t.original || '', t.text)) {
+        const cls = line.op === '+' ? 'g4-diff-add' : line.op === '-' ? 'g4-diff-del' : 'g4-diff-same';
+        diff.append(el('div', cls, `${line.op} ${line.text}`));
+      }
+      box.append(diff);
+      if (t.outcome) {
+        box.append(el('div', 'g4-label g4-edit-outcome', t.outcome));
+      } else {
+        const accept = el('button', 'g4-accept-edit jp-mod-styled jp-mod-accept', 'Accept');
+        const reject = el('button', 'g4-reject-edit jp-mod-styled', 'Reject');
+        accept.onclick = () => this.applyEdit(t, true);
+        reject.onclick = () => this.applyEdit(t, false);
+        box.append(accept, reject);
+      }
+    } else if (t.role === 'code') {
+      box.append(el('div', 'g4-label', 'the agent wrote a cell below'), el('pre', 'g4-code', t.text),
+        this.codeActions(t.text, false));
+    } else if (t.role === 'assistant') {
+      if (t.streaming && t.step) {
+        box.append(el('div', 'g4-step', `${t.step}…`));
+      }
+      box.append(text);
+      if (view.renderer) {
+        text.append(view.renderer.node);
+      }
+      if (t.streaming) {
+        box.classList.add('g4-streaming');
+      }
+      if (t.usage && !t.streaming) {
+        box.append(
+          el('div', 'g4-usage', `${t.usage.generated_tokens} tokens · ${t.usage.tokens_per_s.toFixed(1)} tokens/s`)
+        );
+      }
+      if (formatContext(t) && !t.streaming) {
+        box.append(el('div', 'g4-context', formatContext(t)));
+      }
+      void this.renderMarkdown(view, t);
+    } else {
+      if (t.attachments && t.attachments.length) {
+        box.append(el('div', 'g4-attached', t.attachments.map(a => `[${a.kind}: ${a.name}]`).join(' ')));
+      }
+      text.textContent = t.text;
+      box.append(text);
     }
-    if (t.role === 'code') {
-      box.append(el('div', 'g4-label', 'the agent wrote a cell'), el('pre', 'g4-code', t.text));
-      return box;
+    this.views.set(t, view);
+    return view;
+  }
+
+  private scrollIfFollowing(): void {
+    if (this.stickToBottom) {
+      this.history.scrollTop = this.history.scrollHeight;
+    } else {
+      this.latestButton.style.display = '';
     }
-    const text = el('div', 'g4-text', t.text + (t.stopped ? '\n\n(stopped)' : ''));
-    if (t.attachments && t.attachments.length) {
-      box.append(el('div', 'g4-attached', t.attachments.map(a => `[${a.kind}: ${a.name}]`).join(' ')));
-    }
-    box.append(text);
-    if (t.streaming) {
-      box.classList.add('g4-streaming');
-    }
-    for (const code of t.codeBlocks || []) {
-      const block = el('div', 'g4-block');
-      const insert = el('button', 'g4-insert jp-mod-styled', 'Insert below');
-      const run = el('button', 'g4-insert-run jp-mod-styled jp-mod-accept', 'Insert and run');
-      insert.onclick = () => this.panel && void insertCell(this.panel, code, false);
-      run.onclick = () => this.panel && void insertCell(this.panel, code, true);
-      block.append(el('pre', 'g4-code', code), insert, run);
-      box.append(block);
-    }
-    if (t.usage && !t.streaming) {
-      box.append(
-        el('div', 'g4-usage', `${t.usage.generated_tokens} tokens · ${t.usage.tokens_per_s.toFixed(1)} tokens/s`)
-      );
-    }
-    if (formatContext(t) && !t.streaming) {
-      box.append(el('div', 'g4-context', formatContext(t)));
-    }
-    return box;
   }
 
   render(): void {
     if (this.comm) {
       this.setStatus(formatStatus(this.model.status));
     }
-    const atBottom = this.history.scrollHeight - this.history.scrollTop - this.history.clientHeight < 40;
-    this.history.replaceChildren(...this.model.turns.map(t => this.renderTurn(t)));
-    if (atBottom) {
-      this.history.scrollTop = this.history.scrollHeight;
+    const boxes = this.model.turns.map(t => this.viewOf(t).box);
+    for (const t of [...this.views.keys()]) {
+      if (!this.model.turns.includes(t)) {
+        this.views.get(t)?.renderer?.dispose();
+        this.views.delete(t);
+      }
     }
+    const current = Array.from(this.history.children);
+    if (current.length !== boxes.length || boxes.some((b, i) => current[i] !== b)) {
+      this.history.replaceChildren(...boxes);
+    }
+    this.scrollIfFollowing();
     this.sendButton.disabled = this.model.busy;
     this.stopButton.disabled = !this.model.busy;
+    this.clearButton.disabled = this.model.busy;
   }
+}
+
+/** A turn as shown: its box, and for a reply its Markdown renderer and what it last rendered. */
+interface TurnView {
+  key: string;
+  box: HTMLElement;
+  text: HTMLElement;
+  renderer?: IRenderMime.IRenderer;
+  rendered?: string;
+  rendering: boolean;
 }
