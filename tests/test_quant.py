@@ -121,12 +121,11 @@ def test_screened_head_generation_and_save(hf_checkpoints, tmp_path, monkeypatch
 
 
 def test_prompt_lookup_drafting_on_quantized_weights(hf_checkpoints):
-    """With quantized weights on the CPU prompt lookup is off unless asked for. Asked for, its draft
-    length follows measured costs and its plain steps take the fused head's top-k
+    """With quantized weights on the CPU prompt lookup is on by default; its draft length follows
+    measured costs, and its plain steps and verifications take the fused head's top-k
     (generation._speculative): greedy text is the same with and without drafting, and seeded top-k
     sampling is reproducible."""
-    assert gemma4_nb.load(hf_checkpoints["a"][0], quant="int8", progress=False).drafter is None  # off by default
-    model = gemma4_nb.load(hf_checkpoints["a"][0], quant="int8", progress=False, drafting="prompt_lookup")
+    model = gemma4_nb.load(hf_checkpoints["a"][0], quant="int8", progress=False)
     assert model.net.fused and type(model.drafter).__name__ == "PromptLookupDrafter"
     prompt = [2] + [17, 99, 5, 300, 41] * 6  # repetitive: lookup has something to propose
     drafted = model.generate(prompt, max_new_tokens=24, temperature=0)

@@ -283,9 +283,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     ``drafting`` (speculative decoding; the output is unchanged): ``"auto"`` (the default) uses
     Gemma 4's MTP assistant when one is found -- ``assistant``, ``$GEMMA4_NB_ASSISTANT``, an
     ``assistant/`` folder or a ``<name>-assistant`` directory next to the model, or
-    ``<repo>-assistant`` in the Hugging Face cache -- and prompt lookup otherwise, except with
-    quantized weights on the CPU, where verifying drafts costs about as much as the steps they
-    save and "auto" without an assistant leaves drafting off; ``"mtp"`` requires the assistant;
+    ``<repo>-assistant`` in the Hugging Face cache -- and prompt lookup otherwise (its draft length
+    follows measured costs and pauses where drafts do not pay); ``"mtp"`` requires the assistant;
     ``"prompt_lookup"``; or None (off).
     ``assistant``: the MTP drafter's directory or repo id.
     ``quant``: ``"auto"`` (the default, unless ``$GEMMA4_NB_QUANT`` says otherwise) picks bf16, int8 or
@@ -344,11 +343,6 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         )
     tokenizer = Tokenizer(model_dir)
     assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download)
-    if drafting == "auto" and assistant_dir is None and (quant or saved_quant) and device.type == "cpu":
-        # Prompt lookup does not pay on quantized CPU weights yet: verifying k+1 positions costs
-        # about k+1 steps there (270M: 0.87-0.90x of plain decoding, docs/benchmarks.md), so "auto"
-        # leaves it off; drafting="prompt_lookup" still asks for it.
-        drafting = None
     if saved_quant:
         weights = qmod.load_saved_quantized(cfg, model_dir, dtype, quant, progress=progress)
         check_finite_weights(weights, model_dir)
