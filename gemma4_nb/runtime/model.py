@@ -289,11 +289,15 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     from . import quant as qmod
 
     quant = qmod.check_quant(quant)
+    if quant in qmod.UNQUANTIZED:  # plain weights in that dtype (a quantized GGUF dequantized)
+        dtype, quant, plain = dtype or quant, None, True
+    else:
+        plain = False
     model_dir = source = resolve_model(model, download=download)
-    if model_dir.suffix == ".gguf":
+    if model_dir.suffix == ".gguf":  # repacked in its own format (or quant's) once, or read as it is
         from .gguf_file import prepare_gguf
 
-        model_dir = prepare_gguf(model_dir, progress=progress)
+        model_dir = prepare_gguf(model_dir, quant, plain=plain, progress=progress)
     cfg = load_config(model_dir)
     limit = cfg.max_position_embeddings
     if max_context is None:
@@ -337,8 +341,12 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
 
         shards = find_shards(model_dir)
         check_checkpoint(cfg, shards)
-        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress,
-                                                  gguf=source if source.suffix == ".gguf" else None)
+        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress)
+    elif source.suffix == ".gguf":
+        from .gguf_file import GGUFFile
+        from .gguf_weights import plain_weights
+
+        weights = {k: t.to(device) for k, t in plain_weights(GGUFFile(source), cfg, dtype).items()}
     else:
         weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     if quant and device.type != "cpu":
