@@ -26,7 +26,8 @@ def converter() -> Path:
 def convert(checkpoint: Path, out: Path, outtype: str = "f32") -> Path:
     """``checkpoint`` (a transformers ``save_pretrained`` directory) as a GGUF, by llama.cpp's
     converter, run with this Python and the sdist's own gguf-py (it may need a newer gguf)."""
-    env = dict(os.environ, PYTHONPATH=str(LLAMA_SRC / "gguf-py"), NO_LOCAL_GGUF="")
+    env = dict(os.environ, PYTHONPATH=str(LLAMA_SRC / "gguf-py"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     res = subprocess.run([sys.executable, str(converter()), str(checkpoint), "--outfile", str(out),
                           "--outtype", outtype], capture_output=True, text=True, env=env, timeout=600)
     if res.returncode != 0 or not out.is_file():

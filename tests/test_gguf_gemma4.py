@@ -45,7 +45,34 @@ def gemma4_ggufs(tmp_path_factory):
     files = {t: convert(ckpt, root / f"tiny-{t}.gguf", t) for t in ("f32", "f16")}
     for ftype in FTYPES:
         files[ftype] = quantize(files["f32"], root / f"tiny-{ftype}.gguf", ftype)
+    assistant = root / "ckpt-assistant"
+    make_assistant(assistant)
+    files["assistant"] = convert(assistant, root / "assistant" / "tiny-assistant-f32.gguf", "f32")
     return ckpt, model, files
+
+
+def make_assistant(out) -> None:
+    """A tiny MTP assistant for TEXT's target (its layers read the target's K/V: the same head
+    sizes and KV heads), written by transformers."""
+    from conftest import randomize_
+    from test_mtp import _allow_all_shared_layers
+    from transformers import Gemma4UnifiedAssistantConfig, Gemma4UnifiedAssistantForCausalLM, Gemma4UnifiedTextConfig
+
+    text = Gemma4UnifiedTextConfig(
+        vocab_size=512, max_position_embeddings=1024, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, global_head_dim=128, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=16,
+        moe_intermediate_size=None)
+    mp = _allow_all_shared_layers()
+    try:
+        cfg = Gemma4UnifiedAssistantConfig(text_config=text, backbone_hidden_size=TEXT["hidden_size"],
+                                           use_ordered_embeddings=False)
+        model = Gemma4UnifiedAssistantForCausalLM(cfg).eval()
+        randomize_(model, 11)
+        model.save_pretrained(out)
+    finally:
+        mp.undo()
+    write_tokenizer(out, TEXT["vocab_size"])
 
 
 def token_ids(n: int, seed: int) -> list[int]:
@@ -183,3 +210,29 @@ def conversion_dirs_for(path):
     from gemma4_nb.runtime.gguf_file import cache_root
 
     return [p for p in cache_root().glob(f"{path.stem}-*") if (p / "config.json").is_file()]
+
+
+def test_mtp_assistant_gguf_beside_the_model(gemma4_ggufs, tmp_path):
+    """A ``gemma4-assistant`` GGUF in the model's folder is found and drafts; its weights are the
+    safetensors assistant's, and drafting leaves greedy output unchanged."""
+    from gemma4_nb.runtime.mtp import MTPDrafter
+
+    ckpt, _, files = gemma4_ggufs
+    folder = tmp_path / "lmstudio" / "google" / "gemma-4-tiny"
+    folder.mkdir(parents=True)
+    shutil.copy(files["Q8_0"], folder / "tiny-Q8_0.gguf")
+    shutil.copy(files["assistant"], folder / "tiny-assistant.gguf")
+    model = gemma4_nb.load(folder / "tiny-Q8_0.gguf", progress=False)
+    assert isinstance(model.drafter, MTPDrafter) and model.drafter.source == folder / "tiny-assistant.gguf"
+    ids = token_ids(40, seed=4)
+    drafted = model.generate(ids, max_new_tokens=24, temperature=0)
+    assert model.last_usage.drafting is not None and model.last_usage.drafting.proposed > 0
+    assert drafted == model.generate(ids, max_new_tokens=24, temperature=0, draft=False)
+    alone = gemma4_nb.load(files["f32"], progress=False)  # no assistant beside it: none
+    assert not isinstance(alone.drafter, MTPDrafter)
+    from_gguf = gemma4_nb.load(files["f32"], assistant=files["assistant"], dtype="fp32", progress=False)
+    from_safetensors = gemma4_nb.load(files["f32"], assistant=files["assistant"].parent.parent / "ckpt-assistant",
+                                      dtype="fp32", progress=False)
+    mine, theirs = from_gguf.drafter.net.weights, from_safetensors.drafter.net.weights
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert torch.equal(from_gguf.drafter.pre, from_safetensors.drafter.pre)

@@ -271,3 +271,34 @@ def load_memory(model_ref: str | None, quant: str | None) -> None:
     print(f"model: {model_ref or 'embedded 270M'}   quant: {quant}   load {r['load_s']:.1f} s")
     print(f"weights after loading {r['weights'] / gib:.3f} GiB; peak RSS of the loading process {r['peak'] / gib:.3f} GiB "
           f"(of which {int(base.stdout) / gib:.3f} GiB is the interpreter with torch and numba imported)")
+
+
+def gguf_load_memory(gguf_path, quant: str | None = None) -> None:
+    """A GGUF loaded twice in fresh processes with an empty cache: the first load repacks its
+    weights (or reads them, for a float file), the second memory-maps the cached result. Prints
+    each one's time and peak RSS beside the file's size (the goal: peak <= file + 1.5 GB)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    code = ("import json, resource, sys, time; t0 = time.perf_counter(); import gemma4_nb; "
+            "from gemma4_nb.runtime.quant import weights_nbytes; t = time.perf_counter(); "
+            "m = gemma4_nb.load(sys.argv[1], quant=sys.argv[2] or None, device='cpu', progress=False); "
+            "s = time.perf_counter() - t; print(json.dumps({'peak': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss "
+            "* 1024, 'weights': weights_nbytes(m.net.weights), 'load_s': s, 'import_s': t - t0, 'quant': m.quant}))")
+    path = Path(gguf_path)
+    gib = 2**30
+    print(f"model: {path.name} ({path.stat().st_size / gib:.2f} GiB)   quant: {quant or 'the file own format'}")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, GEMMA4_NB_CACHE=cache)
+        for label in ("first load (repacks once)", "second load (cached)"):
+            out = subprocess.run([sys.executable, "-c", code, str(path), quant or ""], env=env, capture_output=True,
+                                 text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {label:<28} {r['load_s']:7.1f} s   peak RSS {r['peak'] / gib:6.2f} GiB   weights "
+                  f"{r['weights'] / gib:.2f} GiB as {r['quant']}   (import {r['import_s']:.1f} s)")

@@ -60,9 +60,14 @@ BLOCK_TENSORS = {
 }
 # a whole tensor name (no ".weight" in the Hugging Face name)
 BLOCK_SCALARS = {"layer_output_scale": "layer_scalar"}  # Gemma 4's per-layer residual scalar
-GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+                  # the MTP assistant's projections (architecture gemma4-assistant)
+                  "nextn.pre_projection": "pre_projection", "nextn.post_projection": "post_projection"}
 # tensors whose content the config carries (Gemma 4's RoPE frequency factors: which pairs rotate)
 CONFIG_TENSORS = ("rope_freqs.weight",)
+
+
+ASSISTANT_ARCH = "gemma4-assistant"  # llama.cpp's name for Gemma 4's MTP assistant
 
 
 @dataclass(frozen=True)
@@ -248,15 +253,34 @@ def gguf_config(g: GGUFFile) -> dict:
     """A Hugging Face ``config.json`` dict for the file's model."""
     arch = g.architecture
     if arch not in ARCHITECTURES:
-        hint = (" (a Gemma 4 MTP assistant: put it beside its model, which finds it)" if arch == "gemma4_assistant"
+        hint = (" (a Gemma 4 MTP assistant: put it beside its model, which finds it)" if arch == ASSISTANT_ARCH
                 else " (a multimodal projector: put it beside its model)" if arch == "clip" else "")
         raise ConfigError(
             f"{g.path}: GGUF architecture {arch!r} is not supported{hint}. Supported: {', '.join(sorted(ARCHITECTURES))}"
         )
+    common, get, tokens = _common_config(g, arch)
+    return common | (_gemma3_config(g, get, common) if arch == "gemma3" else _gemma4_config(g, get, common, tokens))
+
+
+def gguf_assistant_config(g: GGUFFile) -> dict:
+    """The ``config.json`` dict of a Gemma 4 MTP assistant GGUF (``gemma4-assistant``, written by
+    llama.cpp's converter from ``Gemma4UnifiedAssistantForCausalLM``): its decoder as the text
+    config, every layer reading the target's K/V; the target's hidden size from
+    ``embedding_length_out``. The converter leaves out the centroid-masked head's tensors, so
+    the drafter uses its full tied head."""
+    a = ASSISTANT_ARCH
+    common, get, tokens = _common_config(g, a)
+    text = common | _gemma4_config(g, get, common, tokens, a=a)
+    text.update(model_type="gemma4_unified_text", num_kv_shared_layers=0)
+    return {"model_type": "gemma4_unified_assistant", "backbone_hidden_size": get.int(f"{a}.embedding_length_out"),
+            "use_ordered_embeddings": False, "text_config": text}
+
+
+def _common_config(g: GGUFFile, arch: str):
     get = _MetadataReader(g)
     tokens = get.strings("tokenizer.ggml.tokens")
     common = {
-        "model_type": ARCHITECTURES[arch].model_type,
+        "model_type": ARCHITECTURES[arch].model_type if arch in ARCHITECTURES else None,
         "vocab_size": len(tokens),
         "hidden_size": get.int(f"{arch}.embedding_length"),
         "num_hidden_layers": get.int(f"{arch}.block_count"),
@@ -270,7 +294,7 @@ def gguf_config(g: GGUFFile) -> dict:
         "bos_token_id": get.token_id("tokenizer.ggml.bos_token_id", 2, len(tokens)),
         "eos_token_id": get.token_id("tokenizer.ggml.eos_token_id", 1, len(tokens)),
     }
-    return common | (_gemma3_config(g, get, common) if arch == "gemma3" else _gemma4_config(g, get, common, tokens))
+    return common, get, tokens
 
 
 def _gemma3_config(g: GGUFFile, get: "_MetadataReader", common: dict) -> dict:
@@ -295,13 +319,13 @@ def _gemma3_config(g: GGUFFile, get: "_MetadataReader", common: dict) -> dict:
     }
 
 
-def _gemma4_config(g: GGUFFile, get: "_MetadataReader", common: dict, tokens: list) -> dict:
+def _gemma4_config(g: GGUFFile, get: "_MetadataReader", common: dict, tokens: list, a: str = "gemma4") -> dict:
     """Gemma 4 as llama.cpp's converter writes it: per-layer arrays for the KV heads (and the MLP
     width, with double-wide MLPs), the sliding/full pattern as booleans, the head sizes of the two
     kinds of layer (``key_length`` full, ``key_length_swa`` sliding), K=V layers without
     ``attn_v``, and the full layers' partial RoPE as frequency factors (``rope_freqs``: 1 for a
     rotated pair, 1e30 for one left alone)."""
-    a, n = "gemma4", common["num_hidden_layers"]
+    n = common["num_hidden_layers"]
     if get.int(f"{a}.embedding_length_per_layer_input", 0, minimum=0):
         raise ConfigError(f"{g.path}: this Gemma 4 has per-layer input embeddings (E2B/E4B), which this runtime "
                           "does not run; use Gemma 4 12B (or its safetensors checkpoint)")

@@ -283,7 +283,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     ``quant``: ``"int8"`` or ``"int4"`` weights (groups of 32 weights, see docs/kernels.md),
     quantized while the checkpoint streams in (on the CPU, where fused numba kernels run them; with
     ``device="cuda"`` they then move to the GPU, where a fused Triton kernel runs them). A directory
-    written by :meth:`Model.save_quantized` loads as saved, without quantizing again. The MTP
+    written by :meth:`Model.save_quantized` loads as saved, without quantizing again. A ``.gguf``
+    keeps its own format by default (Q4_K_M/Q4_0 as int4, Q8_0/Q6_K as int8, F16/F32 unquantized;
+    repacked once and cached, docs/gguf.md); ``quant="fp32"`` or ``"bf16"`` dequantizes it. The MTP
     assistant, when used, is int8 beside quantized weights on the CPU, else in the activation dtype.
     """
     from . import quant as qmod
@@ -326,7 +328,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"available on {device}; free memory, use dtype='bf16', or a smaller model"
         )
     tokenizer = Tokenizer(model_dir)
-    assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download)
+    assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download, source)
     if drafting == "auto" and assistant_dir is None and (quant or saved_quant) and device.type == "cpu":
         # Prompt lookup does not pay on quantized CPU weights yet: verifying k+1 positions costs
         # about k+1 steps there (270M: 0.87-0.90x of plain decoding, docs/benchmarks.md), so "auto"
@@ -357,8 +359,13 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         from .mtp import load_assistant
 
         # with quantized weights on the CPU the drafter is int8 too (it stays in the activation dtype on a GPU)
-        drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=progress,
-                                 quant="int8" if quant and device.type == "cpu" else None)
+        draft_quant = "int8" if quant and device.type == "cpu" else None
+        if assistant_dir.suffix == ".gguf":  # llama.cpp's gemma4-assistant file
+            from .gguf_assistant import load_gguf_assistant
+
+            drafter = load_gguf_assistant(assistant_dir, cfg, dtype, device, quant=draft_quant)
+        else:
+            drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=progress, quant=draft_quant)
     elif drafting in ("auto", "prompt_lookup"):
         drafter = PromptLookupDrafter()
     generation_config = _read_json(model_dir / "generation_config.json")
@@ -370,17 +377,25 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
 DRAFTING = ("auto", "mtp", "prompt_lookup", None)
 
 
-def _assistant_dir(drafting, assistant, model_dir: Path, cfg: ModelConfig, download: bool) -> Path | None:
-    """Where the MTP assistant to load is, or None (checked before the target's weights load)."""
+def _assistant_dir(drafting, assistant, model_dir: Path, cfg: ModelConfig, download: bool,
+                   source: Path | None = None) -> Path | None:
+    """Where the MTP assistant to load is (a directory, or a ``gemma4-assistant`` GGUF), or None
+    (checked before the target's weights load)."""
     from .mtp import find_assistant, resolve_assistant
 
     if drafting not in DRAFTING:
         raise Gemma4Error(f"drafting {drafting!r} is not supported: use 'auto', 'mtp', 'prompt_lookup' or None")
     if drafting not in ("auto", "mtp"):
         return None
+    if assistant is not None and str(assistant).endswith(".gguf") and Path(assistant).expanduser().is_file():
+        return Path(assistant).expanduser().resolve()
     if assistant is not None:
         return resolve_assistant(assistant, download=download)
     found = find_assistant(model_dir) if cfg.family.name == "gemma4" else None
+    if found is None and cfg.family.name == "gemma4" and source is not None and source.suffix == ".gguf":
+        from .gguf_assistant import find_assistant_gguf
+
+        found = find_assistant_gguf(source)
     if found is None and drafting == "mtp":
         raise ModelNotFoundError(
             f"drafting='mtp' needs the model's MTP assistant, and none was found next to {model_dir}: pass "
