@@ -236,3 +236,16 @@ def test_mtp_assistant_gguf_beside_the_model(gemma4_ggufs, tmp_path):
     mine, theirs = from_gguf.drafter.net.weights, from_safetensors.drafter.net.weights
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert torch.equal(from_gguf.drafter.pre, from_safetensors.drafter.pre)
+
+
+def test_images_ask_for_what_a_gguf_lacks(gemma4_ggufs):
+    """A Gemma 4 GGUF is the text model (llama.cpp keeps vision and audio in an mmproj file): an
+    image is refused with a note that says so and what to load instead."""
+    from gemma4_nb.errors import PromptError
+
+    _, _, files = gemma4_ggufs
+    model = gemma4_nb.load(files["Q8_0"], progress=False)
+    image = np.zeros((96, 96, 3), dtype=np.uint8)
+    with pytest.raises(PromptError, match="mmproj file, which gemma4-nb does not read yet"):
+        model.chat([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}]}],
+                   max_new_tokens=2)

@@ -259,7 +259,8 @@ def gguf_config(g: GGUFFile) -> dict:
             f"{g.path}: GGUF architecture {arch!r} is not supported{hint}. Supported: {', '.join(sorted(ARCHITECTURES))}"
         )
     common, get, tokens = _common_config(g, arch)
-    return common | (_gemma3_config(g, get, common) if arch == "gemma3" else _gemma4_config(g, get, common, tokens))
+    config = common | (_gemma3_config(g, get, common) if arch == "gemma3" else _gemma4_config(g, get, common, tokens))
+    return config | {"gemma4_nb_gguf": g.path.name}  # read from a GGUF (a text model: media live in an mmproj)
 
 
 def gguf_assistant_config(g: GGUFFile) -> dict:
@@ -615,7 +616,22 @@ def gguf_format(path: Path, quant: str | None, plain: bool = False) -> str | Non
 
     if plain:
         return None
-    return quant or own_format(GGUFFile(path))
+    if quant:
+        return quant
+    # the file's own format is remembered beside the cache: finding it parses the whole header
+    # (2 s for a 262,144-token vocabulary), which a cached load otherwise never needs
+    memo = cache_root() / f"{cache_dir_for(path, 'own').name}.json"
+    try:
+        return json.loads(memo.read_text(encoding="utf-8"))["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    fmt = own_format(GGUFFile(path))
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"format": fmt}), encoding="utf-8")
+    except OSError:
+        pass  # not remembered: found again next time
+    return fmt
 
 
 def prepare_gguf(path: Path, quant: str | None = None, plain: bool = False, progress: bool = True) -> Path:
