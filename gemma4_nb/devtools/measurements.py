@@ -18,7 +18,7 @@ from .workload import REWRITE_PROMPTS, sync
 
 
 def load_time() -> None:
-    """First (converting) and cached load of the embedded GGUF, in fresh processes."""
+    """First (repacking) and cached load of the embedded GGUF, in fresh processes."""
     import os
     import subprocess
     import sys
@@ -29,7 +29,7 @@ def load_time() -> None:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, GEMMA4_NB_CACHE=cache)
         env.pop("GEMMA4_NB_MODEL", None)
-        for label in ("first load (converts GGUF, builds tokenizer)", "cached load", "cached load"):
+        for label in ("first load (repacks the GGUF, builds tokenizer)", "cached load", "cached load"):
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
             load_s, import_s = out.stdout.split()
             print(f"{label:<46} {float(load_s):6.2f} s   (import gemma4_nb {float(import_s):.2f} s)")
