@@ -95,7 +95,7 @@ def test_default_keeps_the_files_blocks_and_is_cached(gguf_cache):
     """By default the Q4_K_M file loads as int4 (its Q4_K blocks as they are; its wider Q6_K/Q5_0/
     Q8_0 tensors as int8), repacked once into a cache directory that later loads memory-map; an
     fp32 load dequantizes from the file and caches only the config and tokenizer."""
-    from gemma4_nb.kernels.qweight import QWeight
+    from gemma4_nb.kernels.qweight import QWeight, to_planes
 
     model = gemma4_nb.load(embedded_model(), progress=False)
     assert model.quant == "int4" and isinstance(model.net.weights["layers.0.mlp.gate_proj.weight"], QWeight)
@@ -104,6 +104,10 @@ def test_default_keeps_the_files_blocks_and_is_cached(gguf_cache):
     stamp = packed.stat().st_mtime_ns
     again = gemma4_nb.load(embedded_model(), progress=False)
     assert again.model_dir == model.model_dir and packed.stat().st_mtime_ns == stamp
+    head = again.net.lm_head  # the int8 head, stored by the repack in the decoder's nibble planes
+    split = to_planes(QWeight("int8", head.int8_codes(), head.scales, None, head.shape))
+    assert head.planes and all(torch.equal(a, b) for a, b in
+                               ((split.codes, head.codes), (split.low, head.low), (split.row_err, head.row_err)))
     plain = gemma4_nb.load(embedded_model(), quant="fp32", progress=False)
     assert plain.quant is None and not list(plain.model_dir.glob("*.safetensors"))
 

@@ -36,7 +36,7 @@ from tokenizers.models import BPE
 
 from ..errors import CheckpointError, ConfigError
 
-CONVERTER_VERSION = "4"  # 4: weights repacked quantized (or read from the file), Gemma 4
+CONVERTER_VERSION = "5"  # 4: weights repacked quantized (or read from the file), Gemma 4; 5: the head in planes
 SOURCE_TYPES_FILE = "gguf_tensor_types.json"  # checkpoint name -> GGUF type
 GGUF_MAGIC = b"GGUF"
 FLOAT_TYPES = ("F32", "F16", "BF16")

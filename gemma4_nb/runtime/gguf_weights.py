@@ -104,11 +104,16 @@ def plain_weights(g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str
 _ST_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.float32: "F32"}
 
 
-def _layout(name: str, info: TensorInfo, fmt: str | None) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-    """The safetensors entries of one tensor: codes and scales of a quantized matrix, else itself."""
+def _layout(name: str, info: TensorInfo, fmt: str | None,
+            planes: bool = False) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """The safetensors entries of one tensor: codes and scales of a quantized matrix (an int8
+    vocabulary head in nibble planes: high, low, scales, row norms), else itself."""
     if fmt is None:
         return [(name, torch.float32, tuple(info.shape))]
     rows, cols = info.shape
+    if planes:
+        return [(name + ".qcodes", torch.uint8, (rows, cols // 2)), (name + ".qlow", torch.uint8, (rows, cols // 2)),
+                (name + ".qscales", torch.float32, (rows, cols // GROUP)), (name + ".qrowerr", torch.float32, (rows, 3))]
     if fmt == "int8":
         return [(name + ".qcodes", torch.int8, (rows, cols)), (name + ".qscales", torch.float32, (rows, cols // GROUP))]
     return [(name + ".qcodes", torch.uint8, (rows, cols // 2)),
@@ -121,11 +126,18 @@ def repack(g: GGUFFile, cfg: ModelConfig, fmt: str, out_dir: Path) -> None:
     time and written in place (the header first, from the shapes alone)."""
     from .quant import BLOCK_MAPPINGS, FORMAT_VERSION, MARKER_FILE, fmt_for
 
+    from .decoder import GemmaModel
+
     tensors = checked_tensors(g, cfg)
+    head = "lm_head.weight" if "lm_head.weight" in tensors else next(n for n in tensors if n.endswith("embed_tokens.weight"))
     plan = []  # (hf name, info, format or None, entries)
+    planes = []  # the vocabulary head, stored in the nibble planes the decoder screens it with on the CPU
     for name, info in tensors.items():
         f = fmt_for(name, tuple(info.shape), fmt, info.qtype.name)
-        plan.append((name, info, f, _layout(canonical_name(cfg, name), info, f)))
+        split = name == head and f == "int8" and info.shape[0] >= GemmaModel.SCREENED_HEAD_MIN_ROWS
+        if split:
+            planes.append(canonical_name(cfg, name))
+        plan.append((name, info, f, _layout(canonical_name(cfg, name), info, f, split)))
     header, offset = {}, 0
     for _, _, _, entries in plan:
         for key, dtype, shape in entries:
@@ -148,6 +160,8 @@ def repack(g: GGUFFile, cfg: ModelConfig, fmt: str, out_dir: Path) -> None:
             for r in range(0, rows, step):
                 raw = g.rows(info, r, r + step)
                 parts = _convert(g, name, info, f, raw, BLOCK_MAPPINGS)
+                if len(entries) == 4:  # nibble planes (kernels.qweight.to_planes), block by block
+                    parts = _split_planes(*parts)
                 for start, (key, dtype, shape), part in zip(starts, entries, parts):
                     row_bytes = part[0].nbytes if part.dim() > 1 else 0
                     _pwrite_all(fd, part.contiguous().numpy().tobytes(), start + r * row_bytes)
@@ -156,7 +170,20 @@ def repack(g: GGUFFile, cfg: ModelConfig, fmt: str, out_dir: Path) -> None:
         os.close(fd)
     formats = {canonical_name(cfg, name): [f, list(info.shape)] for name, info, f, _ in plan if f is not None}
     (Path(out_dir) / MARKER_FILE).write_text(json.dumps(
-        {"format": fmt, "version": FORMAT_VERSION, "tensors": formats, "source": g.path.name}, indent=1))
+        {"format": fmt, "version": FORMAT_VERSION, "tensors": formats, "planes": planes, "source": g.path.name},
+        indent=1))
+
+
+def _split_planes(codes: torch.Tensor, scales: torch.Tensor) -> list[torch.Tensor]:
+    """int8 rows -> ``[high, low, scales, row norms]`` as :func:`~..kernels.qweight.to_planes` lays them out."""
+    from ..kernels import cpu_numba as nb
+
+    rows, cols = codes.shape
+    high = np.empty((rows, cols // 2), dtype=np.uint8)
+    low = np.empty((rows, cols // 2), dtype=np.uint8)
+    err = np.empty((rows, 3), dtype=np.float32)
+    nb.split_int8_planes(codes.numpy(), scales.numpy(), high, low, err)
+    return [torch.from_numpy(high), torch.from_numpy(low), scales, torch.from_numpy(err)]
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

@@ -352,8 +352,12 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     else:
         weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     if quant and device.type != "cpu":
-        # quantized while streaming on the CPU; codes and scales then move to the GPU (kernels/gpu.py)
-        weights = {name: t.to(device) for name, t in weights.items()}
+        # quantized while streaming on the CPU; codes and scales then move to the GPU (kernels/gpu.py),
+        # a head saved in nibble planes (a repacked GGUF) as plain int8
+        from ..kernels.qweight import QWeight
+
+        weights = {name: (QWeight("int8", t.int8_codes(), t.scales, None, t.shape, t.dtype)
+                          if getattr(t, "planes", False) else t).to(device) for name, t in weights.items()}
     drafter = None
     if assistant_dir is not None:
         from .mtp import load_assistant

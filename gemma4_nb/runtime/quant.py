@@ -202,6 +202,7 @@ def load_saved_quantized(cfg, model_dir: Path, dtype: torch.dtype, quant: str | 
             f"quant={marker['format']!r} (or None), or quantize the original checkpoint")
     path = Path(model_dir) / "model.safetensors"
     formats = marker["tensors"]
+    planes = set(marker.get("planes") or ())  # an int8 head stored in nibble planes (a repacked GGUF)
     out: dict = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -213,6 +214,11 @@ def load_saved_quantized(cfg, model_dir: Path, dtype: torch.dtype, quant: str | 
                     f, saved_shape = formats[canon]
                     if tuple(saved_shape) != tuple(shape):
                         raise CheckpointError(f"{path}: {name} was saved as {saved_shape}, config expects {list(shape)}")
+                    if canon in planes:
+                        out[canon] = QWeight(f, handle.get_tensor(canon + ".qcodes"), handle.get_tensor(canon + ".qscales"),
+                                             None, tuple(shape), dtype, handle.get_tensor(canon + ".qlow"),
+                                             handle.get_tensor(canon + ".qrowerr"))
+                        continue
                     out[canon] = QWeight(f, handle.get_tensor(canon + ".qcodes"), handle.get_tensor(canon + ".qscales"),
                                          None, tuple(shape), dtype)
                 elif canon in keys:
