@@ -61,11 +61,22 @@ $(VENV)/.deps-browser: | $(BIN)/python
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	touch $@
 
+# llama.cpp's own GGUF converter (convert_hf_to_gguf.py and its gguf-py), from the sdist of the
+# llama-cpp-python the tests install: the GGUF tests convert tiny transformers checkpoints with it.
+LLAMA_SDIST := llama_cpp_python-0.3.36
+LLAMA_SRC := build/$(LLAMA_SDIST)/vendor/llama.cpp
+$(LLAMA_SRC)/convert_hf_to_gguf.py: | $(BIN)/python
+	mkdir -p build
+	$(PIP) download --quiet --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d build/
+	tar -xzf build/$(LLAMA_SDIST).tar.gz -C build/
+	touch $@
+
 # The package itself is reinstalled (non-editable, a few seconds) so tests run what users install.
 install: $(VENV)/.deps $(LABEXT)
 	$(VENV_PATH) $(PIP) install --quiet --no-deps --no-build-isolation --force-reinstall .
 
-install-test: $(VENV)/.deps-test $(VENV)/.deps-browser install
+install-test: $(VENV)/.deps-test $(VENV)/.deps-browser $(LLAMA_SRC)/convert_hf_to_gguf.py install
+
 
 demo: install
 	$(BIN)/python -m gemma4_nb.devtools.demo examples/quickstart.ipynb build

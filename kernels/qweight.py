@@ -249,3 +249,62 @@ def from_q4_k(raw, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -
     meta[..., 4:4 + SUPER], meta[..., 4 + SUPER:] = sc, mn
     return QWeight("int4", torch.from_numpy(codes), torch.from_numpy(meta.reshape(rows, nb * META)), None,
                    (rows, cols), dtype)
+
+
+def from_q4_0_int8(raw, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> QWeight:
+    """int8 from ggml Q4_0 blocks (``raw``: uint8 ``[rows, in // 32 * 18]``: fp16 ``d``, 16 bytes
+    of nibbles, byte ``j`` holding weight ``j`` low and ``j + 16`` high; ``w = d * (q - 8)``): the
+    codes ``q - 8`` with ``d`` as the scale, without loss (at twice the bytes of int4)."""
+    import numpy as np
+
+    rows, cols = shape
+    blocks = np.ascontiguousarray(raw).reshape(rows, cols // 32, 18)
+    qs = blocks[:, :, 2:]
+    codes = (np.concatenate((qs & 15, qs >> 4), axis=2).astype(np.int8) - 8).reshape(rows, cols)
+    scales = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(rows, cols // 32).astype(np.float32)
+    return QWeight("int8", torch.from_numpy(codes), torch.from_numpy(scales), None, (rows, cols), dtype)
+
+
+def from_q4_0_int4(raw, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> QWeight:
+    """int4 from ggml Q4_0 blocks, keeping their codes: the nibbles are laid out as this format's
+    (byte ``j`` of a group: weight ``j`` low, ``j + 16`` high); a negative ``d`` flips a group's
+    codes (``q -> 15 - q``), so each group is ``w = |d| * q' - c * |d|`` with ``c`` 8 or 7. What is
+    not exact: ``|d|`` becomes an 8-bit multiple of its super-block's largest ``|d|`` / 255, and the
+    offset the least-squares best for the rounded scale (``c|d| + 7.5 (s' - |d|)``), in 8 bits
+    relative to the super-block's largest offset. The error is a fraction of a quantization step
+    in groups near their super-block's largest scale (docs/gguf.md has the measurements)."""
+    import numpy as np
+
+    rows, cols = shape
+    groups = cols // GROUP
+    nsb = -(-groups // SUPER)
+    blocks = np.ascontiguousarray(raw).reshape(rows, groups, 18)
+    d = blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[:, :, 2:]
+    neg = d < 0
+    codes = np.where(neg[..., None], 255 - qs, qs).astype(np.uint8)  # both nibbles flipped: 15 - q
+    ad = np.abs(d)
+    c = np.where(neg, 7.0, 8.0).astype(np.float32)
+    pad = nsb * SUPER - groups
+    ad_p = np.pad(ad, ((0, 0), (0, pad))).reshape(rows, nsb, SUPER)
+    c_p = np.pad(c, ((0, 0), (0, pad))).reshape(rows, nsb, SUPER)
+    d_super = _fp16_scale(ad_p.max(axis=2) / 255.0)
+    sc = np.clip(np.rint(ad_p / np.where(d_super > 0, d_super, 1.0)[..., None]), 0, 255)
+    approx = sc * d_super[..., None]
+    offset = c_p * ad_p + 7.5 * (approx - ad_p)  # least squares over q' in 0..15, for the rounded scale
+    offset = np.maximum(offset, 0.0)
+    dmin = _fp16_scale(offset.max(axis=2) / 255.0)
+    mn = np.clip(np.rint(offset / np.where(dmin > 0, dmin, 1.0)[..., None]), 0, 255)
+    meta = np.zeros((rows, nsb, META), dtype=np.uint8)
+    meta[..., 0:2] = (d_super * SUPER_SCALE).astype(np.float16)[..., None].view(np.uint8)
+    meta[..., 2:4] = (dmin * SUPER_SCALE).astype(np.float16)[..., None].view(np.uint8)
+    meta[..., 4:4 + SUPER], meta[..., 4 + SUPER:] = sc.astype(np.uint8), mn.astype(np.uint8)
+    return QWeight("int4", torch.from_numpy(codes.reshape(rows, cols // 2)),
+                   torch.from_numpy(meta.reshape(rows, nsb * META)), None, (rows, cols), dtype)
+
+
+def _fp16_scale(x):
+    """``x`` rounded to what a super-block stores (fp16 of ``x * SUPER_SCALE``), as fp32."""
+    import numpy as np
+
+    return ((x * SUPER_SCALE).astype(np.float16).astype(np.float32) / SUPER_SCALE).astype(np.float32)

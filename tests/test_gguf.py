@@ -36,7 +36,8 @@ def gguf_cache(conversion_cache):
 
 @pytest.fixture(scope="session")
 def embedded(gguf_cache):
-    return gemma4_nb.load(embedded_model(), device="cpu", dtype="fp32", progress=False)
+    """The file's blocks dequantized to fp32, as transformers reads them (the reference)."""
+    return gemma4_nb.load(embedded_model(), device="cpu", quant="fp32", progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -90,11 +91,25 @@ def test_tokenizer_matches_transformers_gguf_conversion(embedded):
         assert embedded.tokenizer.decode(ids) == ref.decode(ids, skip_special_tokens=True)
 
 
-def test_cached_conversion_is_reused(embedded, gguf_cache):
-    converted = [p for p in (gguf_cache / "gguf").iterdir() if not p.name.startswith(".")]
-    assert len(converted) == 1 and (converted[0] / "model.safetensors").is_file()
-    again = gemma4_nb.load(embedded_model(), device="cpu", dtype="fp32", progress=False)
-    assert again.model_dir == converted[0]
+def test_default_keeps_the_files_blocks_and_is_cached(gguf_cache):
+    """By default the Q4_K_M file loads as int4 (its Q4_K blocks as they are; its wider Q6_K/Q5_0/
+    Q8_0 tensors as int8), repacked once into a cache directory that later loads memory-map; an
+    fp32 load dequantizes from the file and caches only the config and tokenizer."""
+    from gemma4_nb.kernels.qweight import QWeight, to_planes
+
+    model = gemma4_nb.load(embedded_model(), progress=False)
+    assert model.quant == "int4" and isinstance(model.net.weights["layers.0.mlp.gate_proj.weight"], QWeight)
+    packed = model.model_dir / "model.safetensors"
+    assert packed.stat().st_size < embedded_model().stat().st_size * 1.5  # about the file's size, never fp32
+    stamp = packed.stat().st_mtime_ns
+    again = gemma4_nb.load(embedded_model(), progress=False)
+    assert again.model_dir == model.model_dir and packed.stat().st_mtime_ns == stamp
+    head = again.net.lm_head  # the int8 head, stored by the repack in the decoder's nibble planes
+    split = to_planes(QWeight("int8", head.int8_codes(), head.scales, None, head.shape))
+    assert head.planes and all(torch.equal(a, b) for a, b in
+                               ((split.codes, head.codes), (split.low, head.low), (split.row_err, head.row_err)))
+    plain = gemma4_nb.load(embedded_model(), quant="fp32", progress=False)
+    assert plain.quant is None and not list(plain.model_dir.glob("*.safetensors"))
 
 
 def test_default_model_is_embedded_with_one_notice(tmp_path, gguf_cache):
@@ -137,9 +152,9 @@ def test_unknown_architecture(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    write_gguf(tmp_path / "q41.gguf", tensor_types={"blk.1.ffn_up.weight": GGMLQuantizationType.Q4_1})
-    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_up\.weight is stored as Q4_1.*supported: F32, F16, BF16, Q8_0"):
-        gemma4_nb.load(tmp_path / "q41.gguf", progress=False)
+    write_gguf(tmp_path / "q81.gguf", tensor_types={"blk.1.ffn_up.weight": GGMLQuantizationType.Q8_1})
+    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_up\.weight is stored as Q8_1.*supported: F32, F16, BF16, Q8_0"):
+        gemma4_nb.load(tmp_path / "q81.gguf", progress=False)
 
 
 def test_f16_bf16_q8_0_tensors_dequantize_like_gguf(tmp_path):

@@ -187,7 +187,7 @@ def test_planned_weight_bytes_are_the_loaded_bytes(hf_checkpoints, quant):
 
 
 def test_bad_quant_requests(tiny_dir):
-    with pytest.raises(Gemma4Error, match="quant 'int3' is not supported: use 'int8', 'int4' or None"):
+    with pytest.raises(Gemma4Error, match="quant 'int3' is not supported: use 'int8', 'int4', 'bf16', 'fp32' or None"):
         gemma4_nb.load(tiny_dir, quant="int3", progress=False)
     with pytest.raises(Gemma4Error, match="CPU or a CUDA GPU"):
         gemma4_nb.load(tiny_dir, quant="int8", device="meta", progress=False)
@@ -198,7 +198,7 @@ def test_bad_quant_requests(tiny_dir):
 
 @pytest.fixture(scope="module")
 def fp32_270m(conversion_cache):
-    return gemma4_nb.load(embedded_model(), device="cpu", dtype="fp32", progress=False)
+    return gemma4_nb.load(embedded_model(), device="cpu", quant="fp32", progress=False)
 
 
 @pytest.mark.parametrize("quant,target", [("int8", 0.99), ("int4", 0.95)])

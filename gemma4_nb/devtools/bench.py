@@ -22,7 +22,8 @@ import torch
 
 from ..runtime.decoder import GemmaModel
 from .bench_llama_cpp import agreement_llama_cpp, llama_cpp_speed
-from .measurements import context_speed, drafting_speed, load_memory, load_time, long_context, mtp_cost, preprocessing
+from .measurements import (context_speed, drafting_speed, gguf_load_memory, load_memory, load_time, long_context,
+                           mtp_cost, preprocessing)
 from .shapes import SHAPES, on_device, random_model, random_quantized_model
 from .tiny import tiny_config
 from .workload import cpu_name, run, text_ids
@@ -215,7 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=6, help="--mtp-cost: target layers actually built (scaled to 48)")
     p.add_argument("--depth", type=int, default=1024, help="--mtp-cost: context length before the measured steps")
     p.add_argument("--load-memory", choices=["int8", "int4", "none"], help="peak RSS of a streaming quantized load")
-    p.add_argument("--quant", choices=["int8", "int4"], help="--mtp-cost, --draft: quantized weights (CPU)")
+    p.add_argument("--gguf-load", action="store_true",
+                   help="first (repacking) and cached load of a GGUF (--model, or --shape's random GGUF): time, peak RSS")
+    p.add_argument("--quant", choices=["int8", "int4"], help="--mtp-cost, --draft, --gguf-load: quantized weights (CPU)")
     p.add_argument("--repeat", type=int, default=1, help="--draft: the best of this many runs of each")
     args = p.parse_args(argv)
     if args.mtp_cost:
@@ -227,6 +230,11 @@ def main(argv=None) -> int:
         return 0
     if args.load_memory:
         load_memory(args.model, None if args.load_memory == "none" else args.load_memory)
+        return 0
+    if args.gguf_load:
+        from .shape_gguf import shape_gguf
+
+        gguf_load_memory(shape_gguf(args.shape) if args.shape else args.model, args.quant)
         return 0
     if args.draft:
         torch.set_num_threads(args.threads)

@@ -110,7 +110,7 @@ def use_shape_model(shell, shape: str = "gemma4-12b", quant: str = "int4", max_c
     t = time.perf_counter()
     net = random_quantized_model(shape, quant)
     warmup.warm_up()
-    embedded = prepare_gguf(resolve_model(None), progress=False)
+    embedded = prepare_gguf(resolve_model(None), plain=True, progress=False)  # its tokenizer only
     tok_dir = Path(tempfile.mkdtemp(prefix="gemma4nb-shape-tokenizer-"))
     shutil.copy(embedded / "tokenizer.json", tok_dir / "tokenizer.json")
     config = json.loads((embedded / "tokenizer_config.json").read_text())

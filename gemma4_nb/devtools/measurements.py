@@ -18,7 +18,7 @@ from .workload import REWRITE_PROMPTS, sync
 
 
 def load_time() -> None:
-    """First (converting) and cached load of the embedded GGUF, in fresh processes."""
+    """First (repacking) and cached load of the embedded GGUF, in fresh processes."""
     import os
     import subprocess
     import sys
@@ -29,7 +29,7 @@ def load_time() -> None:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, GEMMA4_NB_CACHE=cache)
         env.pop("GEMMA4_NB_MODEL", None)
-        for label in ("first load (converts GGUF, builds tokenizer)", "cached load", "cached load"):
+        for label in ("first load (repacks the GGUF, builds tokenizer)", "cached load", "cached load"):
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
             load_s, import_s = out.stdout.split()
             print(f"{label:<46} {float(load_s):6.2f} s   (import gemma4_nb {float(import_s):.2f} s)")
@@ -277,3 +277,43 @@ def load_memory(model_ref: str | None, quant: str | None) -> None:
     print(f"model: {model_ref or 'embedded 270M'}   quant: {quant}   load {r['load_s']:.1f} s")
     print(f"weights after loading {r['weights'] / gib:.3f} GiB; peak RSS of the loading process {r['peak'] / gib:.3f} GiB "
           f"(of which {int(base.stdout) / gib:.3f} GiB is the interpreter with torch and numba imported)")
+
+
+def gguf_load_memory(gguf_path, quant: str | None = None) -> None:
+    """A GGUF loaded twice in fresh processes with an empty cache: the first load repacks its
+    weights (or reads them, for a float file), the second memory-maps the cached result. Prints
+    each one's time and peak RSS beside the file's size (the goal: peak <= file + 1.5 GB): while
+    loading (the packed weights are memory-mapped, so pages come in as they are read) and once every
+    weight has been read (what a forward pass makes resident)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    code = ("import json, resource, sys, time; t0 = time.perf_counter(); import torch, gemma4_nb; "
+            "from gemma4_nb.runtime.quant import weights_nbytes; t = time.perf_counter(); "
+            "m = gemma4_nb.load(sys.argv[1], quant=sys.argv[2] or None, device='cpu', progress=False); "
+            "s = time.perf_counter() - t; peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024; "
+            # every weight's pages read once, 16 MB at a time (what a forward pass makes resident)
+            "parts = [p for w in m.net.weights.values() for p in ((w.codes, w.scales, w.mins, w.low, w.row_err) "
+            "if hasattr(w, 'fmt') else (w,)) if p is not None]; "
+            "[int(b[i:i + 2**24].sum(dtype=torch.int64)) for p in parts for b in [p.contiguous().view(-1).view(torch.uint8)] "
+            "for i in range(0, b.numel(), 2**24)]; "
+            "print(json.dumps({'peak': peak, 'used': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "
+            "'weights': weights_nbytes(m.net.weights), 'load_s': s, 'import_s': t - t0, 'quant': m.quant}))")
+    path = Path(gguf_path)
+    gib = 2**30
+    print(f"model: {path.name} ({path.stat().st_size / gib:.2f} GiB)   quant: {quant or 'the file own format'}")
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, GEMMA4_NB_CACHE=cache)
+        for label in ("first load (repacks once)", "second load (cached)"):
+            out = subprocess.run([sys.executable, "-c", code, str(path), quant or ""], env=env, capture_output=True,
+                                 text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {label:<28} {r['load_s']:7.1f} s   peak RSS {r['peak'] / gib:5.2f} GiB while loading, "
+                  f"{r['used'] / gib:5.2f} GiB once every weight was read   weights {r['weights'] / gib:.2f} GiB as "
+                  f"{r['quant']}   (import {r['import_s']:.1f} s)")

@@ -1,9 +1,12 @@
-"""GGUF checkpoints (llama.cpp's format) turned into the runtime's own model directory.
+"""GGUF checkpoints (llama.cpp's format): the header, the metadata as a ``config.json``, the
+tokenizer rebuilt from the vocabulary, and the cache directory a GGUF loads from.
 
-The first load reads the GGUF header, maps its metadata to a ``config.json``, dequantizes the
-tensors to fp32 (F32, F16, BF16, Q8_0, Q5_0, Q4_K, Q6_K) under the Hugging Face names, rebuilds the
-tokenizer from the vocabulary as a ``tokenizers`` tokenizer, and writes all of it to a cache
-directory. Later loads are ordinary memory-mapped safetensors loads from that directory.
+Two architectures: ``gemma3`` (the embedded 270M) and ``gemma4`` (llama.cpp's layout of Gemma 4,
+as its ``convert_hf_to_gguf.py`` writes it). The first load writes a cache directory with the
+config, tokenizer and templates; its weights are repacked, still quantized, into the runtime's
+int8/int4 format by :mod:`.gguf_weights` (the layout :func:`~.quant.save_quantized` writes, so
+later loads are memory-mapped), or, for unquantized loads, read from the GGUF itself each time.
+Nothing is ever written in fp32.
 
 The header is parsed here (a few dozen lines) because ``gguf.GGUFReader`` spends about 9 s on
 this model's 262,144-entry vocabulary; block layouts, type sizes and dequantization come from the
@@ -28,17 +31,16 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
-from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import CHECKED_FINITE, check_finite
 
-CONVERTER_VERSION = "3"
-SOURCE_TYPES_FILE = "gguf_tensor_types.json"  # checkpoint name -> GGUF type (quantization reads it)
+CONVERTER_VERSION = "5"  # 4: weights repacked quantized (or read from the file), Gemma 4; 5: the head in planes
+SOURCE_TYPES_FILE = "gguf_tensor_types.json"  # checkpoint name -> GGUF type
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K", "Q6_K")
+FLOAT_TYPES = ("F32", "F16", "BF16")
+SUPPORTED_TYPES = FLOAT_TYPES + ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q5_1", "Q4_K", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS")
 
 # GGUF tensor name -> Hugging Face name (per block: "blk.{i}." -> "model.layers.{i}.").
 BLOCK_TENSORS = {
@@ -56,7 +58,16 @@ BLOCK_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# a whole tensor name (no ".weight" in the Hugging Face name)
+BLOCK_SCALARS = {"layer_output_scale": "layer_scalar"}  # Gemma 4's per-layer residual scalar
+GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+                  # the MTP assistant's projections (architecture gemma4-assistant)
+                  "nextn.pre_projection": "pre_projection", "nextn.post_projection": "post_projection"}
+# tensors whose content the config carries (Gemma 4's RoPE frequency factors: which pairs rotate)
+CONFIG_TENSORS = ("rope_freqs.weight",)
+
+
+ASSISTANT_ARCH = "gemma4-assistant"  # llama.cpp's name for Gemma 4's MTP assistant
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,8 @@ class Architecture:
 
 ARCHITECTURES = {
     "gemma3": Architecture("gemma3_text", norms_store_one_plus_w=True, chat_template="gemma3_chat_template.jinja"),
+    "gemma4": Architecture("gemma4_unified_text", norms_store_one_plus_w=False,
+                           chat_template="gemma4_chat_template.jinja"),
 }
 
 
@@ -179,38 +192,59 @@ class GGUFFile:
     def architecture(self) -> str:
         return self.metadata.get("general.architecture", "?")
 
-    def blocks(self, info: TensorInfo) -> np.ndarray:
-        """A tensor's stored bytes as uint8 ``[rows, bytes per row]`` (a view of the mapped file)."""
-        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-        return raw.reshape(int(np.prod(info.shape[:-1])), -1)
+    def rows(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor's stored bytes as uint8 ``[rows, bytes per row]``, read
+        from the file (not through the mapping: pages read this way do not stay in the resident
+        set, so a repack of a 7 GB file holds one block of rows at a time)."""
+        n_rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+        stop = n_rows if stop is None else min(stop, n_rows)
+        row_bytes = info.nbytes // n_rows
+        buf = np.empty((stop - start) * row_bytes, dtype=np.uint8)
+        with open(self.path, "rb", buffering=0) as fh:
+            fh.seek(info.offset + start * row_bytes)
+            got = fh.readinto(memoryview(buf))
+        if got != buf.nbytes:
+            raise CheckpointError(f"{self.path}: tensor {info.name} is cut short; the file is truncated, download it again")
+        return buf.reshape(stop - start, row_bytes)
 
     def by_hf_name(self) -> dict[str, TensorInfo]:
         """The tensors under their Hugging Face names."""
         return {hf: info for name, info in self.tensors.items() if (hf := hf_name(name)) is not None}
 
-    def tensor(self, info: TensorInfo) -> torch.Tensor:
-        """One tensor dequantized to fp32, in row-major shape."""
+    def check_type(self, info: TensorInfo) -> str:
         name = info.qtype.name
         if name not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"{self.path}: tensor {info.name} is stored as {name}, which this runtime cannot read "
-                f"(supported: {', '.join(SUPPORTED_TYPES)}); use a GGUF quantized as Q4_K_M, Q5_K_M, Q6_K or Q8_0"
+                f"(supported: {', '.join(SUPPORTED_TYPES)}); use a GGUF quantized as Q4_K_M, Q4_0, Q6_K or Q8_0"
             )
-        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        return name
+
+    def dequantized(self, info: TensorInfo, raw: np.ndarray | None = None) -> torch.Tensor:
+        """A tensor (or the rows ``raw`` holds, from :meth:`rows`) dequantized to fp32."""
+        name = self.check_type(info)
+        raw = self.rows(info) if raw is None else raw
+        shape = (raw.shape[0], *info.shape[1:]) if len(info.shape) > 1 else info.shape
         if name == "F32":
-            return torch.from_numpy(raw.view(np.float32).reshape(info.shape).copy())
+            return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
         if name == "F16":
-            return torch.from_numpy(raw.view(np.float16).reshape(info.shape).astype(np.float32))
+            return torch.from_numpy(raw.view(np.float16).reshape(shape).astype(np.float32))
         if name == "BF16":
-            return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float().reshape(info.shape)
+            return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float().reshape(shape)
         if name == "Q8_0":  # 34-byte blocks: fp16 scale, 32 int8 values
-            blocks = torch.from_numpy(raw.reshape(-1, 34).copy())
+            blocks = torch.from_numpy(raw.reshape(-1, 34))
             out = torch.empty((blocks.shape[0], 32), dtype=torch.float32)
             out.copy_(blocks[:, 2:].contiguous().view(torch.int8))
             out.mul_(blocks[:, :2].contiguous().view(torch.float16).float())
-            return out.reshape(info.shape)
-        rows = raw.reshape(*info.shape[:-1], -1)
-        return torch.from_numpy(dequantize(rows, info.qtype)).reshape(info.shape)
+            return out.reshape(shape)
+        return torch.from_numpy(dequantize(raw, info.qtype)).reshape(shape)
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
+        """One tensor dequantized to fp32, in row-major shape."""
+        try:
+            return self.dequantized(info)
+        except (ValueError, RuntimeError) as exc:  # a size that does not match the shape or the type
+            raise CheckpointError(f"{self.path}: tensor {info.name} cannot be read ({exc}); the file is damaged") from None
 
 
 # -- config ----------------------------------------------------------------------------------
@@ -219,44 +253,123 @@ def gguf_config(g: GGUFFile) -> dict:
     """A Hugging Face ``config.json`` dict for the file's model."""
     arch = g.architecture
     if arch not in ARCHITECTURES:
+        hint = (" (a Gemma 4 MTP assistant: put it beside its model, which finds it)" if arch == ASSISTANT_ARCH
+                else " (a multimodal projector: put it beside its model)" if arch == "clip" else "")
         raise ConfigError(
-            f"{g.path}: GGUF architecture {arch!r} is not supported. Supported: {', '.join(sorted(ARCHITECTURES))} "
-            "(Gemma 4 checkpoints load from their Hugging Face safetensors)"
+            f"{g.path}: GGUF architecture {arch!r} is not supported{hint}. Supported: {', '.join(sorted(ARCHITECTURES))}"
         )
+    common, get, tokens = _common_config(g, arch)
+    config = common | (_gemma3_config(g, get, common) if arch == "gemma3" else _gemma4_config(g, get, common, tokens))
+    return config | {"gemma4_nb_gguf": g.path.name}  # read from a GGUF (a text model: media live in an mmproj)
+
+
+def gguf_assistant_config(g: GGUFFile) -> dict:
+    """The ``config.json`` dict of a Gemma 4 MTP assistant GGUF (``gemma4-assistant``, written by
+    llama.cpp's converter from ``Gemma4UnifiedAssistantForCausalLM``): its decoder as the text
+    config, every layer reading the target's K/V; the target's hidden size from
+    ``embedding_length_out``. The converter leaves out the centroid-masked head's tensors, so
+    the drafter uses its full tied head."""
+    a = ASSISTANT_ARCH
+    common, get, tokens = _common_config(g, a)
+    text = common | _gemma4_config(g, get, common, tokens, a=a)
+    text.update(model_type="gemma4_unified_text", num_kv_shared_layers=0)
+    return {"model_type": "gemma4_unified_assistant", "backbone_hidden_size": get.int(f"{a}.embedding_length_out"),
+            "use_ordered_embeddings": False, "text_config": text}
+
+
+def _common_config(g: GGUFFile, arch: str):
     get = _MetadataReader(g)
-    n_layers = get.int(f"{arch}.block_count")
-    hidden, n_heads = get.int(f"{arch}.embedding_length"), get.int(f"{arch}.attention.head_count")
-    head_dim = get.int(f"{arch}.attention.key_length", hidden // n_heads)
-    # llama.cpp's rule: the 27B model scales queries by hidden/heads, the others by head_dim
-    scalar = hidden // n_heads if n_layers == 62 else head_dim
-    full_rope = {"rope_type": "default", "rope_theta": get.float(f"{arch}.rope.freq_base", 1_000_000.0)}
-    factor = get.float(f"{arch}.rope.scaling.factor", None)
-    if factor and factor != 1.0:
-        full_rope.update(rope_type="linear", factor=factor)
     tokens = get.strings("tokenizer.ggml.tokens")
-    return {
-        "model_type": ARCHITECTURES[arch].model_type,
+    common = {
+        "model_type": ARCHITECTURES[arch].model_type if arch in ARCHITECTURES else None,
         "vocab_size": len(tokens),
-        "hidden_size": hidden,
-        "intermediate_size": get.int(f"{arch}.feed_forward_length"),
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": get.int(f"{arch}.attention.head_count_kv", n_heads),
-        "head_dim": head_dim,
-        "query_pre_attn_scalar": scalar,
+        "hidden_size": get.int(f"{arch}.embedding_length"),
+        "num_hidden_layers": get.int(f"{arch}.block_count"),
+        "num_attention_heads": get.int(f"{arch}.attention.head_count"),
         "rms_norm_eps": get.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "sliding_window": get.int(f"{arch}.attention.sliding_window", 4096),
-        "sliding_window_pattern": 6,
-        "max_position_embeddings": get.int(f"{arch}.context_length", 8192),
         "final_logit_softcapping": get.float(f"{arch}.final_logit_softcapping", None),
-        "attn_logit_softcapping": get.float(f"{arch}.attn_logit_softcapping", None),
-        "rope_parameters": {"full_attention": full_rope,
-                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
         "hidden_activation": "gelu_pytorch_tanh",
         "tie_word_embeddings": "output.weight" not in g.tensors,
         "pad_token_id": get.token_id("tokenizer.ggml.padding_token_id", 0, len(tokens)),
         "bos_token_id": get.token_id("tokenizer.ggml.bos_token_id", 2, len(tokens)),
         "eos_token_id": get.token_id("tokenizer.ggml.eos_token_id", 1, len(tokens)),
+    }
+    return common, get, tokens
+
+
+def _gemma3_config(g: GGUFFile, get: "_MetadataReader", common: dict) -> dict:
+    n_layers, hidden, n_heads = common["num_hidden_layers"], common["hidden_size"], common["num_attention_heads"]
+    head_dim = get.int("gemma3.attention.key_length", hidden // n_heads)
+    # llama.cpp's rule: the 27B model scales queries by hidden/heads, the others by head_dim
+    scalar = hidden // n_heads if n_layers == 62 else head_dim
+    full_rope = {"rope_type": "default", "rope_theta": get.float("gemma3.rope.freq_base", 1_000_000.0)}
+    factor = get.float("gemma3.rope.scaling.factor", None)
+    if factor and factor != 1.0:
+        full_rope.update(rope_type="linear", factor=factor)
+    return {
+        "intermediate_size": get.int("gemma3.feed_forward_length"),
+        "num_key_value_heads": get.int("gemma3.attention.head_count_kv", n_heads),
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": scalar,
+        "sliding_window_pattern": 6,
+        "max_position_embeddings": get.int("gemma3.context_length", 8192),
+        "attn_logit_softcapping": get.float("gemma3.attn_logit_softcapping", None),
+        "rope_parameters": {"full_attention": full_rope,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+    }
+
+
+def _gemma4_config(g: GGUFFile, get: "_MetadataReader", common: dict, tokens: list, a: str = "gemma4") -> dict:
+    """Gemma 4 as llama.cpp's converter writes it: per-layer arrays for the KV heads (and the MLP
+    width, with double-wide MLPs), the sliding/full pattern as booleans, the head sizes of the two
+    kinds of layer (``key_length`` full, ``key_length_swa`` sliding), K=V layers without
+    ``attn_v``, and the full layers' partial RoPE as frequency factors (``rope_freqs``: 1 for a
+    rotated pair, 1e30 for one left alone)."""
+    n = common["num_hidden_layers"]
+    if get.int(f"{a}.embedding_length_per_layer_input", 0, minimum=0):
+        raise ConfigError(f"{g.path}: this Gemma 4 has per-layer input embeddings (E2B/E4B), which this runtime "
+                          "does not run; use Gemma 4 12B (or its safetensors checkpoint)")
+    if get.int(f"{a}.expert_count", 0, minimum=0):
+        raise ConfigError(f"{g.path}: this Gemma 4 is a mixture of experts (26B-A4B), which this runtime does not run")
+    swa = get.per_layer(f"{a}.attention.sliding_window_pattern", n, bool)
+    kv = get.per_layer(f"{a}.attention.head_count_kv", n, int)
+    ff = get.per_layer(f"{a}.feed_forward_length", n, int)
+    n_shared = get.int(f"{a}.attention.shared_kv_layers", 0, minimum=0)
+    head_dim, global_head_dim = get.int(f"{a}.attention.key_length_swa"), get.int(f"{a}.attention.key_length")
+    full = [i for i in range(n) if not swa[i]]
+    sliding = [i for i in range(n) if swa[i]]
+    owners = range(n - n_shared)
+    k_eq_v = bool(full) and all(f"blk.{i}.attn_v.weight" not in g.tensors for i in full if i in owners)
+    rotated = 1.0
+    if "rope_freqs.weight" in g.tensors:
+        freqs = g.tensor(g.tensors["rope_freqs.weight"]).flatten()
+        rotated = float((freqs < 1e3).sum()) * 2 / global_head_dim
+    swa_rot = get.int(f"{a}.rope.dimension_count_swa", head_dim) / head_dim
+    sliding_rope = {"rope_type": "default", "rope_theta": get.float(f"{a}.rope.freq_base_swa", 10_000.0)}
+    if swa_rot < 1.0:
+        sliding_rope.update(rope_type="proportional", partial_rotary_factor=swa_rot)
+    double_wide = n_shared > 0 and ff[-1] == 2 * ff[0]
+    if any(f != ff[0] for f in ff[: n - n_shared]) or any(f != ff[-1] for f in ff[n - n_shared:]):
+        raise ConfigError(f"{g.path}: gemma4.feed_forward_length varies by layer ({sorted(set(ff))}) in a way this "
+                          "runtime does not run")
+    eos = [common["eos_token_id"]] + [tokens.index(t) for t in ("<turn|>", "<|tool_response>") if t in tokens]
+    return {
+        "intermediate_size": ff[0],
+        "num_key_value_heads": kv[sliding[0]] if sliding else kv[0],
+        "head_dim": head_dim,
+        "global_head_dim": global_head_dim,
+        "attention_k_eq_v": k_eq_v,
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in swa],
+        "per_layer_config": {str(i): {"head_dim": global_head_dim, "num_key_value_heads": kv[i]} for i in full},
+        "num_kv_shared_layers": n_shared,
+        "use_double_wide_mlp": double_wide,
+        "max_position_embeddings": get.int(f"{a}.context_length", 131072),
+        "rope_parameters": {
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": rotated,
+                               "rope_theta": get.float(f"{a}.rope.freq_base", 1_000_000.0)},
+            "sliding_attention": sliding_rope},
+        "eos_token_id": eos,
     }
 
 
@@ -301,6 +414,14 @@ class _MetadataReader:
             raise self._wrong(key, value, "a finite number")
         return float(value)
 
+    def per_layer(self, key: str, n: int, kind) -> list:
+        """A per-layer value: an array of ``n`` (or one value for every layer)."""
+        value = self._value(key, _MISSING)
+        values = list(value) if isinstance(value, (list, np.ndarray)) else [value] * n
+        if len(values) != n or not all(isinstance(v, (bool, int, np.integer, np.bool_)) for v in values):
+            raise self._wrong(key, value, f"{n} per-layer values")
+        return [kind(v) for v in values]
+
     def strings(self, key: str) -> list:
         value = self._value(key, _MISSING)
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
@@ -318,52 +439,82 @@ def hf_name(gguf_name: str) -> str | None:
     stem, _, suffix = gguf_name.rpartition(".")
     if stem.startswith("blk."):
         _, index, part = stem.split(".", 2)
+        if part in BLOCK_SCALARS and suffix == "weight":
+            return f"model.layers.{index}.{BLOCK_SCALARS[part]}"
         mapped = BLOCK_TENSORS.get(part)
         return f"model.layers.{index}.{mapped}.{suffix}" if mapped else None
     mapped = GLOBAL_TENSORS.get(stem)
     return f"{mapped}.{suffix}" if mapped else None
 
 
-def gguf_tensors(g: GGUFFile) -> dict[str, torch.Tensor]:
-    """Every tensor, dequantized to fp32 under its Hugging Face name."""
-    arch = ARCHITECTURES[g.architecture]
-    out = {}
-    unknown = [n for n in g.tensors if hf_name(n) is None]
-    if unknown:
-        raise CheckpointError(f"{g.path}: tensors this runtime does not know: {', '.join(unknown[:8])}")
-    for name, info in g.tensors.items():
-        try:
-            t = g.tensor(info)
-        except (ValueError, RuntimeError) as exc:  # a size that does not match the shape or the type
-            raise CheckpointError(f"{g.path}: tensor {name} cannot be read ({exc}); the file is damaged") from None
-        check_finite(name, t, g.path)  # a damaged block: refused by its GGUF name before anything is cached
-        if arch.norms_store_one_plus_w and name.endswith("norm.weight"):
-            t = t - 1.0  # back to the Hugging Face convention, where the model adds the 1
-        out[hf_name(name)] = t.contiguous()
-    return out
-
-
 # -- tokenizer -------------------------------------------------------------------------------
 
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
+# end-of-generation tokens llama.cpp treats as control whatever type the file gives them (a
+# converter may write them as normal tokens); the same here, so both tokenize alike
+ALWAYS_CONTROL = frozenset({"<end_of_turn>", "<eos>", "<turn|>", "<|tool_response>"})
 
 
 def gguf_tokenizer(g: GGUFFile) -> Tokenizer:
-    """Gemma's byte-fallback BPE rebuilt from the vocabulary.
+    """The file's tokenizer: Gemma 3's SentencePiece vocabulary (``llama``) or Gemma 4's BPE
+    with merges (``gemma4``)."""
+    model = g.metadata.get("tokenizer.ggml.model")
+    if model == "gemma4":
+        return _bpe_tokenizer(g)
+    if model != "llama":
+        raise ConfigError(f"{g.path}: tokenizer model {model!r} is not supported (llama/SentencePiece, gemma4)")
+    return _spm_tokenizer(g)
 
-    GGUF keeps no merges for Gemma; they follow from the vocabulary: every token that splits into
-    two tokens yields a merge, ranked by the token's position in the file (earlier merges first),
-    the longer left part first among splits of the same token.
-    """
-    md = g.metadata
+
+def _bpe_tokenizer(g: GGUFFile) -> Tokenizer:
+    """Gemma 4's byte-fallback BPE from the vocabulary and merges, as llama.cpp runs it: spaces
+    become "\u2581" and the merges run over the whole text, split only at runs of newlines."""
+    from tokenizers import Regex
+
     get = _MetadataReader(g)
-    if md.get("tokenizer.ggml.model") != "llama":
-        raise ConfigError(f"{g.path}: tokenizer model {md.get('tokenizer.ggml.model')!r} is not supported (llama/SentencePiece)")
-    # A token of only spaces is stored with real spaces; the normalizer turns spaces into "▁".
-    tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in get.strings("tokenizer.ggml.tokens")]
+    tokens = get.strings("tokenizer.ggml.tokens")
+    merges = g.metadata.get("tokenizer.ggml.merges")
+    if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m[1:] for m in merges):
+        raise get._wrong("tokenizer.ggml.merges", merges, "a list of 'left right' merges")
+    pairs = [tuple(m.split(" ", 1)) if not m.startswith(" ") else (m[:m.index(" ", 1)], m[m.index(" ", 1) + 1:])
+             for m in merges]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    unk = tokens[get.token_id("tokenizer.ggml.unknown_token_id", 3, len(tokens))]
+    tok = Tokenizer(BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("\n+"), behavior="isolated")
+    return _finish_tokenizer(g, tok, tokens)
+
+
+def _finish_tokenizer(g: GGUFFile, tok: Tokenizer, tokens: list) -> Tokenizer:
+    """The decoder, the control and user-defined tokens, and BOS, as the metadata says."""
+    get = _MetadataReader(g)
+    md = g.metadata
     types = md.get("tokenizer.ggml.token_type", np.ones(len(tokens), dtype=np.int32))
     if not isinstance(types, np.ndarray) or types.ndim != 1 or len(types) != len(tokens):
         raise get._wrong("tokenizer.ggml.token_type", types, f"an array of {len(tokens)} token types")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL or t in ALWAYS_CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
+    if md.get("tokenizer.ggml.add_bos_token", True):
+        bos_id = get.token_id("tokenizer.ggml.bos_token_id", 2, len(tokens))
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos_id]} $A", pair=f"{tokens[bos_id]} $A $B", special_tokens=[(tokens[bos_id], bos_id)])
+    return tok
+
+
+def _spm_tokenizer(g: GGUFFile) -> Tokenizer:
+    """Gemma 3's byte-fallback BPE rebuilt from the vocabulary.
+
+    GGUF keeps no merges for Gemma 3; they follow from the vocabulary: every token that splits into
+    two tokens yields a merge, ranked by the token's position in the file (earlier merges first),
+    the longer left part first among splits of the same token.
+    """
+    get = _MetadataReader(g)
+    # A token of only spaces is stored with real spaces; the normalizer turns spaces into "▁".
+    tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in get.strings("tokenizer.ggml.tokens")]
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for index, token in enumerate(tokens):
@@ -377,16 +528,7 @@ def gguf_tokenizer(g: GGUFFile) -> Tokenizer:
                         fuse_unk=True, byte_fallback=True, dropout=None))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                            for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False)
-                    for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED])
-    if md.get("tokenizer.ggml.add_bos_token", True):
-        bos_id = get.token_id("tokenizer.ggml.bos_token_id", 2, len(tokens))
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{tokens[bos_id]} $A", pair=f"{tokens[bos_id]} $A $B", special_tokens=[(tokens[bos_id], bos_id)])
-    return tok
+    return _finish_tokenizer(g, tok, tokens)
 
 
 # -- conversion cache ------------------------------------------------------------------------
@@ -396,38 +538,38 @@ def cache_root() -> Path:
     return Path(base) / "gguf"
 
 
-def cache_dir_for(path: Path) -> Path:
+def cache_dir_for(path: Path, fmt: str | None = None) -> Path:
+    """The cache directory of a GGUF loaded in ``fmt`` (int8/int4: its repacked weights; None: the
+    config and tokenizer only, the weights then come from the file itself)."""
     st = path.stat()
     key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CONVERTER_VERSION}".encode()).hexdigest()[:16]
-    return cache_root() / f"{path.stem}-{key}"
+    return cache_root() / f"{path.stem}-{fmt or 'plain'}-{key}"
 
 
-def check_conversion_memory(g: GGUFFile) -> None:
-    """Refuse, with the numbers, a conversion that cannot fit: every tensor is held in fp32 until
-    it is written, plus the dequantization of the largest one in flight and the tokenizer's merges
-    (the embedded 270M: 1.0 GiB of fp32 tensors, 1.5 GB measured at the peak, 1.6 GiB estimated)."""
+def check_repack_memory(g: GGUFFile) -> None:
+    """Refuse, with the numbers, a repack that cannot fit: one block of rows in fp32 with its raw
+    bytes and codes, and the tokenizer's vocabulary and merges (its weights are written as they are
+    converted, never held)."""
+    from .gguf_weights import BLOCK_ELEMENTS
     from .memory import GiB, MemoryPlanError, available_memory
 
-    sizes = [4 * int(np.prod(t.shape)) for t in g.tensors.values()]
     vocab = len(g.metadata.get("tokenizer.ggml.tokens") or [])
-    need = sum(sizes) + max(sizes, default=0) // 2 + vocab * 1024
+    need = BLOCK_ELEMENTS * 7 + vocab * 1024
     free = available_memory("cpu")
     if need > free:
         raise MemoryPlanError(
-            f"{g.path.name}: converting it needs about {need / GiB:.1f} GiB of memory (its tensors in fp32) but only "
-            f"{free / GiB:.1f} GiB is available; free memory or raise the process's memory limit, then load it again "
-            "(the conversion is cached: it runs once)"
+            f"{g.path.name}: reading it needs about {need / GiB:.1f} GiB of memory but only {free / GiB:.1f} GiB is "
+            "available; free memory or raise the process's memory limit, then load it again"
         )
 
 
-def convert(path: Path, out_dir: Path) -> None:
-    """Write the runtime's model directory for a GGUF file."""
-    g = GGUFFile(path)
+def write_model_files(g: GGUFFile, out_dir: Path) -> dict:
+    """The config, tokenizer, chat template and generation config of a GGUF, as a Hugging Face
+    model directory holds them; returns the config."""
+    path = g.path
     config = gguf_config(g)
     arch = ARCHITECTURES[g.architecture]
-    check_conversion_memory(g)
     tok = gguf_tokenizer(g)
-    tensors = gguf_tensors(g)
     tokens = g.metadata["tokenizer.ggml.tokens"]  # checked by gguf_config
     get = _MetadataReader(g)
     special = {key: tokens[get.token_id(f"tokenizer.ggml.{field}", 0, len(tokens))]
@@ -443,31 +585,74 @@ def convert(path: Path, out_dir: Path) -> None:
     template = own_template or resources.files("gemma4_nb").joinpath(
         f"data/{arch.chat_template}").read_text(encoding="utf-8")
     (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
-    eos = [config["eos_token_id"]] + [i for t in ("<end_of_turn>",) if (i := tok.token_to_id(t)) is not None]
+    eos = config["eos_token_id"]
+    eos = ([eos] if isinstance(eos, int) else list(eos)) + [
+        i for t in ("<end_of_turn>",) if (i := tok.token_to_id(t)) is not None]
     (out_dir / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": config["bos_token_id"], "eos_token_id": eos, "pad_token_id": config["pad_token_id"]}, indent=2))
-    save_file(tensors, str(out_dir / "model.safetensors"),
-              metadata={"format": "pt", "source": path.name, CHECKED_FINITE: "yes"})  # gguf_tensors checked them
     (out_dir / SOURCE_TYPES_FILE).write_text(json.dumps(
-        {hf_name(n): t.qtype.name for n, t in g.tensors.items()}, indent=0))
+        {hf: t.qtype.name for n, t in g.tensors.items() if (hf := hf_name(n))}, indent=0))
+    return config
+
+
+def convert(path: Path, out_dir: Path, fmt: str | None) -> None:
+    """Write the runtime's model directory for a GGUF file: config and tokenizer, and with ``fmt``
+    the weights repacked in it (:func:`.gguf_weights.repack`)."""
+    from .config import parse_config
+    from .gguf_weights import repack
+
+    g = GGUFFile(path)
+    check_repack_memory(g)
+    config = write_model_files(g, out_dir)
+    if fmt is not None:
+        repack(g, parse_config(config, where=str(path)), fmt, out_dir)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))  # written last: marks completion
 
 
-def prepare_gguf(path: Path, progress: bool = True) -> Path:
-    """The cached model directory for a GGUF file, converting it on first use."""
+def gguf_format(path: Path, quant: str | None, plain: bool = False) -> str | None:
+    """The weight format a GGUF loads in: none when ``plain`` (unquantized weights were asked for),
+    else ``quant``, else the file's own (:func:`.gguf_weights.own_format`)."""
+    from .gguf_weights import own_format
+
+    if plain:
+        return None
+    if quant:
+        return quant
+    # the file's own format is remembered beside the cache: finding it parses the whole header
+    # (2 s for a 262,144-token vocabulary), which a cached load otherwise never needs
+    memo = cache_root() / f"{cache_dir_for(path, 'own').name}.json"
+    try:
+        return json.loads(memo.read_text(encoding="utf-8"))["format"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    fmt = own_format(GGUFFile(path))
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps({"format": fmt}), encoding="utf-8")
+    except OSError:
+        pass  # not remembered: found again next time
+    return fmt
+
+
+def prepare_gguf(path: Path, quant: str | None = None, plain: bool = False, progress: bool = True) -> Path:
+    """The cached model directory for a GGUF file, written on first use: with quantized weights
+    (``quant``, or the file's own format) a directory :func:`~.quant.load_saved_quantized` reads;
+    for unquantized weights (``plain``, or a F32/F16/BF16 file) the config and tokenizer only."""
     path = Path(path)
-    target = cache_dir_for(path)
+    fmt = gguf_format(path, quant, plain)
+    target = cache_dir_for(path, fmt)
     if (target / "config.json").is_file():
         return target
     if progress:
-        print(f"gemma4-nb: converting {path.name} once (cached in {target})", file=sys.stderr, flush=True)
+        what = f"repacking its weights as {fmt} once" if fmt else "reading its metadata once"
+        print(f"gemma4-nb: {path.name}: {what} (cached in {target})", file=sys.stderr, flush=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     except OSError as exc:
         raise CheckpointError(f"cannot create the conversion cache {target.parent} ({exc}); set GEMMA4_NB_CACHE") from None
     try:
-        convert(path, tmp)
+        convert(path, tmp, fmt)
         try:
             tmp.rename(target)  # atomic: a directory with config.json is always complete
         except OSError:
@@ -476,7 +661,7 @@ def prepare_gguf(path: Path, progress: bool = True) -> Path:
     except OSError as exc:
         raise CheckpointError(
             f"cannot write the converted model to {target.parent} ({exc}); free disk space "
-            "(about 4 bytes per parameter) or point GEMMA4_NB_CACHE elsewhere"
+            "(about the GGUF's size) or point GEMMA4_NB_CACHE elsewhere"
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

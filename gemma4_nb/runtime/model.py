@@ -293,7 +293,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     ``"bf16"`` unquantized bf16 weights; ``"int8"`` or ``"int4"`` (groups of 32 weights, see docs/kernels.md),
     quantized while the checkpoint streams in (on the CPU, where fused numba kernels run them; with
     ``device="cuda"`` they then move to the GPU, where a fused Triton kernel runs them). A directory
-    written by :meth:`Model.save_quantized` loads as saved, without quantizing again. The MTP
+    written by :meth:`Model.save_quantized` loads as saved, without quantizing again. A ``.gguf``
+    keeps its own format by default (Q4_K_M/Q4_0 as int4, Q8_0/Q6_K as int8, F16/F32 unquantized;
+    repacked once and cached, docs/gguf.md); ``quant="fp32"`` or ``"bf16"`` dequantizes it. The MTP
     assistant, when used, is int8 beside quantized weights on the CPU, else in the activation dtype.
     """
     from . import quant as qmod
@@ -301,13 +303,15 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     from .local_stores import is_gguf
     from .weight_choice import choose_weights, quant_setting
 
-    quant_setting(quant)  # a misspelt format is refused before anything is read
+    setting, _ = quant_setting(quant)  # a misspelt format is refused before anything is read
     located = locate(model, download=download)
     model_dir = source = located.path
-    if is_gguf(source):
+    gguf = is_gguf(source)
+    if gguf:  # repacked in its own format (or the one asked for) once, or read as it is
         from .gguf_file import prepare_gguf
 
-        model_dir = prepare_gguf(model_dir, progress=progress)
+        model_dir = prepare_gguf(model_dir, setting if setting in qmod.QUANT_FORMATS else None,
+                                 plain=setting in qmod.UNQUANTIZED, progress=progress)
     cfg = load_config(model_dir)
     limit = cfg.max_position_embeddings
     if max_context is None:
@@ -318,7 +322,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         )
     saved_quant = qmod.is_quantized_dir(model_dir)
     choice = choose_weights(cfg, quant=quant, device=device, dtype=dtype, max_context=max_context,
-                            stored="gguf" if is_gguf(source) else qmod.read_marker(model_dir)["format"] if saved_quant else None,
+                            stored="gguf" if gguf else qmod.read_marker(model_dir)["format"] if saved_quant else None,
                             probe=available_memory)
     quant, device, dtype = qmod.check_quant(choice.quant), choice.device, choice.dtype
     if choice.note and progress:
@@ -342,7 +346,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"available on {device}; free memory, use dtype='bf16', or a smaller model"
         )
     tokenizer = Tokenizer(model_dir)
-    assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download)
+    assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download, source)
     if saved_quant:
         weights = qmod.load_saved_quantized(cfg, model_dir, dtype, quant, progress=progress)
         check_finite_weights(weights, model_dir)
@@ -352,20 +356,33 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
 
         shards = find_shards(model_dir)
         check_checkpoint(cfg, shards)
-        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress,
-                                                  gguf=source if is_gguf(source) else None)
+        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress)
+    elif gguf:
+        from .gguf_file import GGUFFile
+        from .gguf_weights import plain_weights
+
+        weights = {k: t.to(device) for k, t in plain_weights(GGUFFile(source), cfg, dtype).items()}
     else:
         weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
     if quant and device.type != "cpu":
-        # quantized while streaming on the CPU; codes and scales then move to the GPU (kernels/gpu.py)
-        weights = {name: t.to(device) for name, t in weights.items()}
+        # quantized while streaming on the CPU; codes and scales then move to the GPU (kernels/gpu.py),
+        # a head saved in nibble planes (a repacked GGUF) as plain int8
+        from ..kernels.qweight import QWeight
+
+        weights = {name: (QWeight("int8", t.int8_codes(), t.scales, None, t.shape, t.dtype)
+                          if getattr(t, "planes", False) else t).to(device) for name, t in weights.items()}
     drafter = None
     if assistant_dir is not None:
         from .mtp import load_assistant
 
         # with quantized weights on the CPU the drafter is int8 too (it stays in the activation dtype on a GPU)
-        drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=progress,
-                                 quant="int8" if quant and device.type == "cpu" else None)
+        draft_quant = "int8" if quant and device.type == "cpu" else None
+        if assistant_dir.suffix == ".gguf":  # llama.cpp's gemma4-assistant file
+            from .gguf_assistant import load_gguf_assistant
+
+            drafter = load_gguf_assistant(assistant_dir, cfg, dtype, device, quant=draft_quant)
+        else:
+            drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=progress, quant=draft_quant)
     elif drafting in ("auto", "prompt_lookup"):
         drafter = PromptLookupDrafter()
     generation_config = _read_json(model_dir / "generation_config.json")
@@ -378,17 +395,25 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
 DRAFTING = ("auto", "mtp", "prompt_lookup", None)
 
 
-def _assistant_dir(drafting, assistant, model_dir: Path, cfg: ModelConfig, download: bool) -> Path | None:
-    """Where the MTP assistant to load is, or None (checked before the target's weights load)."""
+def _assistant_dir(drafting, assistant, model_dir: Path, cfg: ModelConfig, download: bool,
+                   source: Path | None = None) -> Path | None:
+    """Where the MTP assistant to load is (a directory, or a ``gemma4-assistant`` GGUF), or None
+    (checked before the target's weights load)."""
     from .mtp import find_assistant, resolve_assistant
 
     if drafting not in DRAFTING:
         raise Gemma4Error(f"drafting {drafting!r} is not supported: use 'auto', 'mtp', 'prompt_lookup' or None")
     if drafting not in ("auto", "mtp"):
         return None
+    if assistant is not None and str(assistant).endswith(".gguf") and Path(assistant).expanduser().is_file():
+        return Path(assistant).expanduser().resolve()
     if assistant is not None:
         return resolve_assistant(assistant, download=download)
     found = find_assistant(model_dir) if cfg.family.name == "gemma4" else None
+    if found is None and cfg.family.name == "gemma4" and source is not None and source.suffix == ".gguf":
+        from .gguf_assistant import find_assistant_gguf
+
+        found = find_assistant_gguf(source)
     if found is None and drafting == "mtp":
         raise ModelNotFoundError(
             f"drafting='mtp' needs the model's MTP assistant, and none was found next to {model_dir}: pass "

@@ -4,10 +4,11 @@ a checkpoint loads, and saving and reloading quantized checkpoints.
 The format itself (:class:`~gemma4_nb.kernels.qweight.QWeight`: int8 and int4 codes with a scale
 per group of 32 weights) lives with the kernels that read it, in :mod:`gemma4_nb.kernels.qweight`.
 
-Weights converted from a GGUF file are already quantized: Q4_K blocks become int4 and Q8_0
-blocks int8 straight from the file's bytes, without loss; other types are quantized from their
-fp32 values with a scale search (``search=True``, which reproduces Q5_0 blocks in int8 exactly);
-``int4`` keeps int8 for tensors the GGUF stores with more than 4 bits (see :func:`fmt_for`).
+Weights from a GGUF file are already quantized: :mod:`.gguf_weights` repacks them once (Q4_K
+blocks become int4 and Q8_0/Q4_0 blocks int8 straight from the file's bytes, without loss; Q4_0
+becomes int4 keeping its codes, see :data:`BLOCK_MAPPINGS`; other types are quantized from their
+values with a scale search); ``int4`` keeps int8 for tensors the GGUF stores with more than 4 bits
+(see :func:`fmt_for`).
 
 Quantization runs while the checkpoint streams in, a block of rows at a time, so the peak memory
 of a load stays near the quantized size plus one block. Quantized checkpoints are saved as
@@ -24,7 +25,7 @@ import torch
 
 from ..errors import CheckpointError, Gemma4Error
 from ..kernels.qweight import FORMATS as QUANT_FORMATS
-from ..kernels.qweight import GROUP, QWeight, from_q4_k, from_q8_0, quantize
+from ..kernels.qweight import GROUP, QWeight, from_q4_0_int4, from_q4_0_int8, from_q4_k, from_q8_0, quantize
 
 # version 2: int4 in super-blocks (4.625 bits a weight); version 1 stored int4 with an fp32 scale
 # and minimum per group (6 bits) and is refused; its int8 is the same as version 2's
@@ -33,16 +34,21 @@ MARKER_FILE = "gemma4_nb_quant.json"
 ROW_BLOCK = 8192  # rows converted at a time while streaming (bounds the temporary fp32 copy)
 
 
+# quant= values that ask for unquantized weights in that dtype (a quantized GGUF then dequantized)
+UNQUANTIZED = ("bf16", "fp32")
+
+
 def check_quant(quant) -> str | None:
-    if quant is None:
-        return None
+    if quant is None or quant in UNQUANTIZED:
+        return quant
     if quant not in QUANT_FORMATS:
-        raise Gemma4Error(f"quant {quant!r} is not supported: use 'int8', 'int4' or None (unquantized weights)")
+        raise Gemma4Error(f"quant {quant!r} is not supported: use 'int8', 'int4', 'bf16', 'fp32' or None (a "
+                          "checkpoint's own format: unquantized safetensors, a GGUF's own blocks)")
     return quant
 
 
 # GGUF types stored with more than 4 bits per weight: under int4 these tensors stay int8
-WIDE_GGUF_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K")
+WIDE_GGUF_TYPES = ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K", "F32", "F16", "BF16")
 
 
 def fmt_for(name: str, shape: tuple[int, ...], fmt: str, source_type: str | None = None) -> str | None:
@@ -66,16 +72,16 @@ def fmt_for(name: str, shape: tuple[int, ...], fmt: str, source_type: str | None
 
 # -- streaming load ----------------------------------------------------------------------------
 
-# GGUF block types whose bytes map to a format without loss (and without quantizing again)
-BLOCK_MAPPINGS = {("Q4_K", "int4"): from_q4_k, ("Q8_0", "int8"): from_q8_0}
+# GGUF block types whose bytes map to a format without quantizing again: (type, format) -> the
+# mapping. Exact but for Q4_0 -> int4, whose per-group scales become 8-bit multiples of a
+# super-block scale (its codes kept; error about 1% of a quantization step, docs/gguf.md).
+BLOCK_MAPPINGS = {("Q4_K", "int4"): from_q4_k, ("Q8_0", "int8"): from_q8_0,
+                  ("Q4_0", "int8"): from_q4_0_int8, ("Q4_0", "int4"): from_q4_0_int4}
 
 
-def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype, progress: bool = True,
-                               gguf: Path | None = None) -> dict:
+def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype, progress: bool = True) -> dict:
     """Stream ``names`` from safetensors shards: each matrix is read ``ROW_BLOCK`` rows at a time
-    and quantized, so only one block is ever held in full precision. ``gguf``: the file the
-    shards were converted from; tensors it stores in a block type of :data:`BLOCK_MAPPINGS` are
-    taken from its bytes instead."""
+    and quantized, so only one block is ever held in full precision."""
     from safetensors import SafetensorError
     from tqdm.auto import tqdm
 
@@ -85,14 +91,6 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(shards.weight_map[name], []).append(name)
-    sources = gguf_source_types(shards.model_dir)
-    search = bool(sources)  # converted from a GGUF: the weights are already block-quantized
-    stored = {}
-    if gguf is not None and sources:
-        from .gguf_file import GGUFFile
-
-        source = GGUFFile(gguf)
-        stored = source.by_hf_name()
     bar = tqdm(total=len(names), desc=f"Loading weights ({fmt})", unit="tensor", disable=not progress, leave=False)
     try:
         for path, file_names in by_file.items():
@@ -103,15 +101,11 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
                     try:
                         sl = handle.get_slice(name)
                         shape = tuple(sl.get_shape())
-                        f = fmt_for(name, shape, fmt, sources.get(name))
-                        mapping = BLOCK_MAPPINGS.get((sources.get(name), f))
+                        f = fmt_for(name, shape, fmt)
                         if f is None:
                             out[canonical_name(cfg, name)] = handle.get_tensor(name).to(dtype)
-                        elif mapping is not None and name in stored:
-                            info = stored[name]
-                            out[canonical_name(cfg, name)] = mapping(source.blocks(info).copy(), shape, dtype)
                         else:
-                            out[canonical_name(cfg, name)] = _quantize_streamed(shards, path, name, shape, f, search, dtype)
+                            out[canonical_name(cfg, name)] = _quantize_streamed(shards, path, name, shape, f, False, dtype)
                     except (SafetensorError, OSError, ValueError) as exc:
                         raise CheckpointError(f"{path}: cannot read tensor {name} ({exc}); the shard may be corrupt") from None
                 bar.update(1)
@@ -134,19 +128,6 @@ def _quantize_streamed(shards, path, name, shape, fmt: str, search: bool, dtype)
         codes[r : r + len(c)] = c
         scales[r : r + len(c)] = s
     return QWeight(fmt, codes, scales, None, tuple(shape), dtype)
-
-
-def gguf_source_types(model_dir: Path) -> dict[str, str]:
-    """Checkpoint name -> GGUF type, for a directory converted from a GGUF file (else empty)."""
-    from .gguf_file import SOURCE_TYPES_FILE
-
-    path = Path(model_dir) / SOURCE_TYPES_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
 
 
 # -- saving and reloading ----------------------------------------------------------------------
@@ -221,6 +202,7 @@ def load_saved_quantized(cfg, model_dir: Path, dtype: torch.dtype, quant: str | 
             f"quant={marker['format']!r} (or None), or quantize the original checkpoint")
     path = Path(model_dir) / "model.safetensors"
     formats = marker["tensors"]
+    planes = set(marker.get("planes") or ())  # an int8 head stored in nibble planes (a repacked GGUF)
     out: dict = {}
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -232,6 +214,11 @@ def load_saved_quantized(cfg, model_dir: Path, dtype: torch.dtype, quant: str | 
                     f, saved_shape = formats[canon]
                     if tuple(saved_shape) != tuple(shape):
                         raise CheckpointError(f"{path}: {name} was saved as {saved_shape}, config expects {list(shape)}")
+                    if canon in planes:
+                        out[canon] = QWeight(f, handle.get_tensor(canon + ".qcodes"), handle.get_tensor(canon + ".qscales"),
+                                             None, tuple(shape), dtype, handle.get_tensor(canon + ".qlow"),
+                                             handle.get_tensor(canon + ".qrowerr"))
+                        continue
                     out[canon] = QWeight(f, handle.get_tensor(canon + ".qcodes"), handle.get_tensor(canon + ".qscales"),
                                          None, tuple(shape), dtype)
                 elif canon in keys:

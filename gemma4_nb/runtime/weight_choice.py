@@ -28,7 +28,7 @@ from .config import ModelConfig
 from .memory import GiB, MemoryPlanError, plan_memory, weight_bytes
 
 QUANT_ENV = "GEMMA4_NB_QUANT"
-QUANT_SETTINGS = ("auto", "bf16", "int8", "int4")
+QUANT_SETTINGS = ("auto", "bf16", "fp32", "int8", "int4")
 PLANNED_CONTEXT = 32768  # a long notebook conversation; each request is checked again on its own
 COMFORTABLE = 0.7  # of the free memory; the rest is left to the notebook's data and the system
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
@@ -86,13 +86,13 @@ def choose_weights(cfg: ModelConfig, *, quant=None, device=None, dtype=None, max
         raise Gemma4Error("device='cuda' was asked for but PyTorch sees no CUDA GPU; use device='cpu'")
     if setting in ("int8", "int4"):
         return WeightChoice(setting, device, dtype, f"gemma4-nb: {setting} weights ({origin})")
-    if setting == "bf16":
+    if setting in ("bf16", "fp32"):
         if stored not in (None, "gguf"):
             raise Gemma4Error(f"this directory holds {stored} weights (written by save_quantized) but {origin} asks "
-                              "for bf16: load the original checkpoint for bf16 weights")
-        if asked_dtype not in (None, "bf16"):
-            raise Gemma4Error(f"{origin} asks for bf16 weights but dtype={dtype!r}: give one of the two")
-        return WeightChoice(None, device, "bf16", f"gemma4-nb: bf16 weights ({origin})")
+                              f"for {setting}: load the original checkpoint for {setting} weights")
+        if asked_dtype not in (None, setting):
+            raise Gemma4Error(f"{origin} asks for {setting} weights but dtype={dtype!r}: give one of the two")
+        return WeightChoice(None, device, setting, f"gemma4-nb: {setting} weights ({origin})")
     if stored is not None or asked_dtype is not None:
         return WeightChoice(None, device, dtype)  # the file's own format, or the dtype asked for
     return _widest_that_fits(cfg, device, min(max_context or cfg.max_position_embeddings, PLANNED_CONTEXT), probe)
