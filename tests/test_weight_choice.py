@@ -109,9 +109,9 @@ def test_forced_formats_and_where_they_come_from(cfg_12b, monkeypatch):
     assert choose_weights(cfg_12b, quant="int4", device="cpu", probe=roomy).quant == "int4"  # the argument wins
     assert choose_weights(cfg_12b, quant="auto", device="cpu", probe=roomy).quant is None  # auto: bf16 fits
     monkeypatch.setenv(QUANT_ENV, "int5")
-    with pytest.raises(Gemma4Error, match=rf"\${QUANT_ENV}='int5' is not a weight format: use one of auto, bf16, int8, int4"):
+    with pytest.raises(Gemma4Error, match=rf"\${QUANT_ENV}='int5' is not a weight format: use one of auto, bf16, fp32, int8, int4"):
         choose_weights(cfg_12b, device="cpu", probe=roomy)
-    with pytest.raises(Gemma4Error, match=r"quant='q4' is not a weight format: use one of auto, bf16, int8, int4"):
+    with pytest.raises(Gemma4Error, match=r"quant='q4' is not a weight format: use one of auto, bf16, fp32, int8, int4"):
         choose_weights(cfg_12b, quant="q4", device="cpu", probe=roomy)
 
 
