@@ -310,7 +310,7 @@ def test_in_a_real_kernel(ollama_store, tiny_dir, tmp_path, store_cache):
     assert not any(o.get("output_type") == "error" for c in cells for o in c.outputs), out
     assert "gemma4-nb: int4 weights on cpu" in out[3], out[3]  # chosen with no setting, said in one line
     assert "int4 weights" in out[4]
-    assert "quant must be one of auto, bf16, int8, int4" in out[5]
+    assert "quant must be one of auto, bf16, fp32, int8, int4" in out[5]
     assert "quant = bf16" in out[6] and "reloads with quant=bf16" in out[6]
     assert "gemma4-nb: bf16 weights (quant='bf16')" in out[7] and "torch.bfloat16" in out[8]
     assert "int4 weights" not in out[8]

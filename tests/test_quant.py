@@ -187,7 +187,7 @@ def test_planned_weight_bytes_are_the_loaded_bytes(hf_checkpoints, quant):
 
 
 def test_bad_quant_requests(tiny_dir):
-    with pytest.raises(Gemma4Error, match="quant 'int3' is not supported: use 'int8', 'int4', 'bf16', 'fp32' or None"):
+    with pytest.raises(Gemma4Error, match="quant='int3' is not a weight format: use one of auto, bf16, fp32, int8, int4"):
         gemma4_nb.load(tiny_dir, quant="int3", progress=False)
     with pytest.raises(Gemma4Error, match="CPU or a CUDA GPU"):
         gemma4_nb.load(tiny_dir, quant="int8", device="meta", progress=False)
