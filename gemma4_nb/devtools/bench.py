@@ -88,8 +88,8 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
     else:
         import json
 
-        from ..runtime.model import load
         from ..runtime.local_stores import is_gguf
+        from ..runtime.model import load
         from ..runtime.resolve import resolve_model
 
         src = resolve_model(model)

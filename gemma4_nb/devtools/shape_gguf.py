@@ -47,7 +47,8 @@ def shape_gguf(shape: str, llama_type: str = "Q4_0", seed: int = 0) -> Path:
 
 def _random_blocks(rng, rows: int, cols: int, qtype) -> np.ndarray:
     """``rows`` rows of ``cols`` weights as random blocks of ``qtype`` (uint8 ``[rows, bytes]``)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
 
     block, size = GGML_QUANT_SIZES[qtype]
     nblocks = cols // block

@@ -553,7 +553,8 @@ def check_repack_memory(g: GGUFFile) -> None:
     from .gguf_weights import BLOCK_ELEMENTS
     from .memory import GiB, MemoryPlanError, available_memory
 
-    vocab = len(g.metadata.get("tokenizer.ggml.tokens") or [])
+    tokens = g.metadata.get("tokenizer.ggml.tokens")  # its type is checked later, with the config
+    vocab = len(tokens) if isinstance(tokens, (list, tuple, np.ndarray)) else 0
     need = BLOCK_ELEMENTS * 7 + vocab * 1024
     free = available_memory("cpu")
     if need > free:

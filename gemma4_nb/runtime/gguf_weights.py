@@ -124,9 +124,8 @@ def repack(g: GGUFFile, cfg: ModelConfig, fmt: str, out_dir: Path) -> None:
     """Write ``out_dir/model.safetensors`` and the quantization marker: every matrix in ``fmt``
     (or int8, as :func:`~.quant.fmt_for` decides), the rest in fp32, converted a block of rows at a
     time and written in place (the header first, from the shapes alone)."""
-    from .quant import BLOCK_MAPPINGS, FORMAT_VERSION, MARKER_FILE, fmt_for
-
     from .decoder import GemmaModel
+    from .quant import BLOCK_MAPPINGS, FORMAT_VERSION, MARKER_FILE, fmt_for
 
     tensors = checked_tensors(g, cfg)
     head = "lm_head.weight" if "lm_head.weight" in tensors else next(n for n in tensors if n.endswith("embed_tokens.weight"))

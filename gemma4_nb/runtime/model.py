@@ -299,7 +299,6 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     assistant, when used, is int8 beside quantized weights on the CPU, else in the activation dtype.
     """
     from . import quant as qmod
-
     from .local_stores import is_gguf
     from .weight_choice import choose_weights, quant_setting
 
