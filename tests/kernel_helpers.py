@@ -27,3 +27,12 @@ def execute(km, kc, code: str, *, interrupt_after: float | None = None, timeout:
             break
         messages.append(msg)
     return messages, interrupted
+
+
+def gemma_errors(text: str) -> list[str]:
+    """The ``gemma4-nb:`` lines of a cell's output that are not the one-line note of the weight
+    format a load chose (``gemma4-nb: int4 weights on cpu: ...``, runtime/weight_choice.py)."""
+    import re
+
+    return [line for line in text.splitlines()
+            if "gemma4-nb:" in line and not re.match(r"\s*gemma4-nb: \w+ weights ", line)]

@@ -9,10 +9,11 @@ import wave
 
 import numpy as np
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
-from test_notebook_kernel import run_cells, text_of
-
 from gemma4_nb.notebook.context import build_context
+from IPython.core.interactiveshell import InteractiveShell
+
+from kernel_helpers import gemma_errors
+from test_notebook_kernel import run_cells, text_of
 
 ODD_VARIABLES = r'''
 import pandas as pd, numpy as np
@@ -152,7 +153,7 @@ def test_an_untidy_notebook_in_a_real_kernel(endless_tiny, tmp_path):
     assert "`dup`: DataFrame, 2 rows x 3 columns" in out[3] and "- hostile: Hostile" in out[3]
     for i in (4, 5, 8):
         assert "Markdown" in out[i] or any(o.get("output_type") == "display_data" for o in cells[i].outputs), out[i]
-    assert "gemma4-nb:" not in out[4] + out[5]
+    assert not gemma_errors(out[4] + out[5])
 
     # a cell's flags apply to that cell; the settings and the panels' sampling are untouched
     assert "USAGE 3 {'max_new_tokens': 12, 'draft': True}" in out[7]
@@ -177,7 +178,7 @@ def test_an_untidy_notebook_in_a_real_kernel(endless_tiny, tmp_path):
     assert "must start with http:// or https://; did you mean http://localhost:8000?" in out[24]
     assert "did you mean http://localhost:9?" in out[25]
     assert "local (the in-kernel model)" in out[26]
-    assert any(o.get("output_type") == "display_data" for o in cells[27].outputs) and "gemma4-nb:" not in out[27]
+    assert any(o.get("output_type") == "display_data" for o in cells[27].outputs) and not gemma_errors(out[27])
 
     # the way back to the default model
     assert "back to the default" in out[28]

@@ -87,7 +87,7 @@ def describe_model(copilot) -> dict:
         dtype = str(getattr(net, "dtype", "") or "").replace("torch.", "")
         kind = "GGUF" if source.suffix.lower() == ".gguf" else "safetensors"
         quant = getattr(m, "quant", None)
-        fmt = " ".join(x for x in (kind, quant, dtype) if x)
+        fmt = " ".join(x for x in (kind, quant or dtype) if x)  # quantized: the format, not the activations' dtype
         return {"model": source.name or str(source), "model_format": fmt, "device": str(getattr(net, "device", "") or "")}
     if b is not None:
         url = getattr(b, "url", None)
