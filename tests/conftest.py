@@ -124,3 +124,12 @@ def fresh_copy(tmp_path):
         return dst
 
     return copy
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A real JupyterLab server (test_browser_e2e.serve) for the browser tests: ``(url, root)``."""
+    from test_browser_e2e import serve
+
+    yield from serve(tmp_path, "jupyterlab", ["--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
+                                              "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"])

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import re
 
-import pytest
-from test_browser_e2e import ARTIFACTS, KERNEL_IDLE, TOKEN, launch, serve
+from test_browser_e2e import ARTIFACTS, KERNEL_IDLE, TOKEN, launch
 
 # A backend that streams a fixed reply (or fails), installed in the kernel's copilot.
 SCRIPTED = '''
@@ -101,12 +100,6 @@ KERNEL_RUN = """async (code) => {
   await f.done;
   return out;
 }"""
-
-
-@pytest.fixture
-def lab(tmp_path):
-    yield from serve(tmp_path, "jupyterlab", ["--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
-                                              "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"])
 
 
 def test_chat_view_and_status_in_a_real_jupyter_lab(lab):

@@ -90,12 +90,6 @@ def serve(tmp_path, module: str, app_args: list[str]):
 
 
 @pytest.fixture
-def lab(tmp_path):
-    yield from serve(tmp_path, "jupyterlab", ["--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
-                                              "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"])
-
-
-@pytest.fixture
 def notebook7(tmp_path):
     yield from serve(tmp_path, "notebook", ["--JupyterNotebookApp.expose_app_in_browser=True"])
 
