@@ -1,4 +1,5 @@
-"""One decode step of a decoder layer in two numba calls (quantized weights, one position).
+"""A decoder layer in two numba calls for a few positions (quantized weights): a decode step, or
+a verification's handful of drafted positions.
 
 A decode step of a small model is dominated by per-operation overhead when every norm, rope and
 projection is its own Python-level call (the 270M runs ~15 operations per layer, 18 layers). Here
@@ -20,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_numba import gate_up_gelu, gemm, quantize_activations_fine, row_dot
+from .cpu_numba import gate_up_gelu, gemm, quantize_activations_fine, row_dot, row_dot2, row_dot4
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -49,17 +50,34 @@ def rope_in_place(x, cos, sin):
         x[half + j] = b * cos[j] + a * sin[j]
 
 
+@njit(inline="always", fastmath=True)
+def _row_all_positions(ya, w, n, out, col):
+    """``out[t, col]`` = row ``n`` of ``w`` dotted with every activation row ``t`` (the row's
+    groups read once for up to four positions)."""
+    t_n = out.shape[0]
+    t = 0
+    while t + 4 <= t_n:
+        out[t, col], out[t + 1, col], out[t + 2, col], out[t + 3, col] = row_dot4(ya, t, w, n)
+        t += 4
+    if t + 2 <= t_n:
+        out[t, col], out[t + 1, col] = row_dot2(ya, t, w, n)
+        t += 2
+    if t < t_n:
+        out[t, col] = row_dot(ya, t, w, n)
+
+
 @njit(**_OPTS)
 def _qkv_rows(ya, wq, wk, wv, n_k, n_v, qf, raw_k, raw_v):
-    """The rows of the q, k and v projections in one parallel pass."""
-    n_q = qf.shape[0]
+    """The rows of the q, k and v projections in one parallel pass, every position at once
+    (``qf`` ``[T, Hq * D]``, ``raw_k``/``raw_v`` ``[T, Hkv * D]``)."""
+    n_q = qf.shape[1]
     for r in prange(n_q + n_k + n_v):
         if r < n_q:
-            qf[r] = row_dot(ya, 0, wq, r)
+            _row_all_positions(ya, wq, r, qf, r)
         elif r < n_q + n_k:
-            raw_k[r - n_q] = row_dot(ya, 0, wk, r - n_q)
+            _row_all_positions(ya, wk, r - n_q, raw_k, r - n_q)
         else:
-            raw_v[r - n_q - n_k] = row_dot(ya, 0, wv, r - n_q - n_k)
+            _row_all_positions(ya, wv, r - n_q - n_k, raw_v, r - n_q - n_k)
 
 
 # The two layer functions are serial code around parallel product kernels, not one parallel
@@ -69,56 +87,61 @@ def _qkv_rows(ya, wq, wk, wv, n_k, n_v, qf, raw_k, raw_v):
 
 @njit(**_SERIAL)
 def attention_inputs(x, in_norm, eps, wq, wk, wv, q_norm, k_norm, cos, sin, kv_mode, v_norm, q_out, k_out, v_out):
-    """``x`` ``[1, hidden]`` -> ``q_out`` ``[Hq, D]``, ``k_out``/``v_out`` ``[Hkv, D]``.
+    """``x`` ``[T, hidden]`` -> ``q_out`` ``[T, Hq, D]``, ``k_out``/``v_out`` ``[T, Hkv, D]``
+    (``cos``/``sin`` ``[T, pairs]``).
 
     ``kv_mode``: 0 the layer reads another layer's K/V (only q is computed); 1 separate K and V
     projections (K normed and rotated; V through the weight-free norm when ``v_norm``); 2 K=V
     (V is the weight-free norm of the raw k projection, K is rebuilt from V by the cache's reader,
     so ``k_out`` is left alone)."""
-    hq, d = q_out.shape
-    hkv, dk = v_out.shape
-    y = np.empty((1, x.shape[1]), dtype=np.float32)
-    rms_into(x[0], y[0], in_norm, eps)
+    t_n, hq, d = q_out.shape
+    hkv, dk = v_out.shape[1], v_out.shape[2]
+    y = np.empty((t_n, x.shape[1]), dtype=np.float32)
+    for t in range(t_n):
+        rms_into(x[t], y[t], in_norm, eps)
     ya = quantize_activations_fine(y)
     n_k = hkv * dk if kv_mode > 0 else 0
     n_v = hkv * dk if kv_mode == 1 else 0
-    raw_k = np.empty(hkv * dk, dtype=np.float32)
-    raw_v = np.empty(hkv * dk, dtype=np.float32)
-    _qkv_rows(ya, wq, wk, wv, n_k, n_v, q_out.reshape(hq * d), raw_k, raw_v)
-    for h in range(hq):
-        rms_into(q_out[h], q_out[h], q_norm, eps)
-        rope_in_place(q_out[h], cos, sin)
+    raw_k = np.empty((t_n, hkv * dk), dtype=np.float32)
+    raw_v = np.empty((t_n, hkv * dk), dtype=np.float32)
+    _qkv_rows(ya, wq, wk, wv, n_k, n_v, q_out.reshape(t_n, hq * d), raw_k, raw_v)
     ones = np.ones(dk, dtype=np.float32)
-    for h in range(hkv if kv_mode > 0 else 0):
-        if kv_mode == 2:
-            rms_into(raw_k[h * dk:(h + 1) * dk], v_out[h], ones, eps)
-            continue
-        rms_into(raw_k[h * dk:(h + 1) * dk], k_out[h], k_norm, eps)
-        rope_in_place(k_out[h], cos, sin)
-        if v_norm:
-            rms_into(raw_v[h * dk:(h + 1) * dk], v_out[h], ones, eps)
-        else:
-            v_out[h, :] = raw_v[h * dk:(h + 1) * dk]
+    for t in range(t_n):
+        for h in range(hq):
+            rms_into(q_out[t, h], q_out[t, h], q_norm, eps)
+            rope_in_place(q_out[t, h], cos[t], sin[t])
+        for h in range(hkv if kv_mode > 0 else 0):
+            if kv_mode == 2:
+                rms_into(raw_k[t, h * dk:(h + 1) * dk], v_out[t, h], ones, eps)
+                continue
+            rms_into(raw_k[t, h * dk:(h + 1) * dk], k_out[t, h], k_norm, eps)
+            rope_in_place(k_out[t, h], cos[t], sin[t])
+            if v_norm:
+                rms_into(raw_v[t, h * dk:(h + 1) * dk], v_out[t, h], ones, eps)
+            else:
+                v_out[t, h, :] = raw_v[t, h * dk:(h + 1) * dk]
 
 
 @njit(**_SERIAL)
 def attention_output_and_mlp(x, attn, wo, post_attn_norm, pre_ffn_norm, wg, wu, wd, post_ffn_norm,
                              layer_scalar, eps, out):
     """``out = (h + post_ffn_norm(mlp(pre_ffn_norm(h)))) * layer_scalar`` with
-    ``h = x + post_attn_norm(attn @ wo^T)``; ``x``, ``out`` ``[1, hidden]``, ``attn`` ``[1, Hq * D]``."""
-    hidden = x.shape[1]
-    o = np.empty((1, hidden), dtype=np.float32)
+    ``h = x + post_attn_norm(attn @ wo^T)``; ``x``, ``out`` ``[T, hidden]``, ``attn`` ``[T, Hq * D]``."""
+    t_n, hidden = x.shape
+    o = np.empty((t_n, hidden), dtype=np.float32)
     gemm(attn, wo, o)
-    h = np.empty(hidden, dtype=np.float32)
-    rms_into(o[0], h, post_attn_norm, eps)
-    for i in range(hidden):
-        h[i] += x[0, i]
-    y = np.empty((1, hidden), dtype=np.float32)
-    rms_into(h, y[0], pre_ffn_norm, eps)
-    act = np.empty((1, wg[0].shape[0]), dtype=np.float32)
+    h = np.empty((t_n, hidden), dtype=np.float32)
+    y = np.empty((t_n, hidden), dtype=np.float32)
+    for t in range(t_n):
+        rms_into(o[t], h[t], post_attn_norm, eps)
+        for i in range(hidden):
+            h[t, i] += x[t, i]
+        rms_into(h[t], y[t], pre_ffn_norm, eps)
+    act = np.empty((t_n, wg[0].shape[0]), dtype=np.float32)
     gate_up_gelu(y, wg, wu, act)
-    m = np.empty((1, hidden), dtype=np.float32)
+    m = np.empty((t_n, hidden), dtype=np.float32)
     gemm(act, wd, m)
-    rms_into(m[0], out[0], post_ffn_norm, eps)
-    for i in range(hidden):
-        out[0, i] = (out[0, i] + h[i]) * layer_scalar
+    for t in range(t_n):
+        rms_into(m[t], out[t], post_ffn_norm, eps)
+        for i in range(hidden):
+            out[t, i] = (out[t, i] + h[t, i]) * layer_scalar

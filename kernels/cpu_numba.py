@@ -36,8 +36,8 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .layout import SUPER_SCALE
-from .simd import (PREFETCH, dot2_int4, dot2_int8, dot2_planes, dot2_screen, dot4_int4, dot4_int8, dot4_planes,
-                   dot4_screen, dot8, dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
+from .simd import (PREFETCH, dot2_int4, dot2_int8, dot2_planes, dot2_screen, dot4_int4, dot4_int8, dot4_planes, dot8,
+                   dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
 
 
 def _choose_threading_layer() -> None:
@@ -566,15 +566,52 @@ def _head_topk(x, w, k, parts, part_vals, part_idx):
 
 
 @njit(inline="always")
-def _estimate(v, t, n, use_cols, col_err, x_col, estimates, vals, idx):
+def _estimate(v, t, n, use_cols, col_err, x_col, estimates):
     """Record row ``n``'s estimate ``v`` for position ``t`` (plus the exact columns' share)."""
     if use_cols:
         v += dot8(col_err, n, x_col[t])
     estimates[t, n] = v
-    _push(vals[t], idx[t], v, n)
 
 
 @njit(**_OPTS)
+def _estimates_screen(xa, codes, low, scales, parts, use_cols, col_err, x_col, estimates):
+    """Pass 1's estimates from the high plane (one function per pass: with the choice inside the
+    row loop, the loop ran 30% slower). Positions go by pairs, each row read once for all of them:
+    four at a time ran slower than two (the four-row kernel's registers spill)."""
+    n_rows, t_n = codes.shape[0], estimates.shape[0]
+    per = (n_rows + parts - 1) // parts
+    for p in prange(parts):
+        for n in range(p * per, min(n_rows, p * per + per)):
+            t = 0
+            while t + 2 <= t_n:
+                e0, e1 = dot2_screen(xa, t, codes, low, scales, n)
+                _estimate(e0, t, n, use_cols, col_err, x_col, estimates)
+                _estimate(e1, t + 1, n, use_cols, col_err, x_col, estimates)
+                t += 2
+            if t < t_n:
+                _estimate(dot_screen(xa, t, codes, low, scales, n), t, n, use_cols, col_err, x_col, estimates)
+
+
+@njit(**_OPTS)
+def _estimates_full(xa, codes, low, scales, parts, estimates):
+    """Pass 1's estimates from both planes (the exact weights, one-part activations)."""
+    n_rows, t_n = codes.shape[0], estimates.shape[0]
+    per = (n_rows + parts - 1) // parts
+    for p in prange(parts):
+        for n in range(p * per, min(n_rows, p * per + per)):
+            t = 0
+            while t + 4 <= t_n:
+                estimates[t, n], estimates[t + 1, n], estimates[t + 2, n], estimates[t + 3, n] = \
+                    dot4_planes(xa, t, codes, low, scales, n)
+                t += 4
+            if t + 2 <= t_n:
+                estimates[t, n], estimates[t + 1, n] = dot2_planes(xa, t, codes, low, scales, n)
+                t += 2
+            if t < t_n:
+                estimates[t, n] = dot_planes(xa, t, codes, low, scales, n)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
 def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col_err):
     """Pass 1 of the screened head, for every position ``t`` of ``x`` ``[T, hidden]`` at once (each
     row's bytes read once for all): every row's estimate, and each part's top-k of the estimates.
@@ -582,45 +619,38 @@ def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col
     or, with ``full``, with both planes (the exact weights). The screen takes the exact weights in
     the columns ``cols`` (the activations' largest, learned by :class:`ScreenPolicy`; at most
     ``EXACT_COLUMNS``), whose screen errors ``col_err[n, i] = W[n, cols[i]] - S[n, cols[i]]`` are
-    stored aside: the error bound then covers the other columns only."""
+    stored aside: the error bound then covers the other columns only. The top-k are taken in a
+    second sweep over the estimates (a contiguous fp32 row per position): kept in the product
+    loop, their bookkeeping cost as much as the products of a verification's positions."""
     codes, scales, low, kind = w
-    n_rows = codes.shape[0]
     t_n = x.shape[0]
-    per = (n_rows + parts - 1) // parts
     xa = quantize_activations(x)
     use_cols = cols.shape[0] > 0 and not full
     x_col = np.zeros((t_n, EXACT_COLUMNS), dtype=np.float32)  # the one-part activations there
     for t in range(t_n):
         for i in range(cols.shape[0]):
             x_col[t, i] = np.float32(xa[0][t, cols[i]]) * xa[1][t, cols[i] // 32]
-    for p in prange(parts):
-        vals = np.full((t_n, k), NEG, dtype=np.float32)
-        idx = np.zeros((t_n, k), dtype=np.int64)
+    if full:
+        _estimates_full(xa, codes, low, scales, parts, estimates)
+    else:
+        _estimates_screen(xa, codes, low, scales, parts, use_cols, col_err, x_col, estimates)
+    _part_topk(estimates, k, parts, part_vals, part_idx)
+
+
+@njit(**_OPTS)
+def _part_topk(estimates, k, parts, part_vals, part_idx):
+    """Each part's top-k of the estimates ``[T, rows]``, for every position."""
+    t_n, n_rows = estimates.shape
+    per = (n_rows + parts - 1) // parts
+    for q in prange(parts * t_n):
+        p, t = q // t_n, q % t_n
+        vals = np.full(k, NEG, dtype=np.float32)
+        idx = np.zeros(k, dtype=np.int64)
+        row = estimates[t]
         for n in range(p * per, min(n_rows, p * per + per)):
-            t = 0
-            while t + 4 <= t_n:
-                if full:
-                    e0, e1, e2, e3 = dot4_planes(xa, t, codes, low, scales, n)
-                else:
-                    e0, e1, e2, e3 = dot4_screen(xa, t, codes, low, scales, n)
-                _estimate(e0, t, n, use_cols, col_err, x_col, estimates, vals, idx)
-                _estimate(e1, t + 1, n, use_cols, col_err, x_col, estimates, vals, idx)
-                _estimate(e2, t + 2, n, use_cols, col_err, x_col, estimates, vals, idx)
-                _estimate(e3, t + 3, n, use_cols, col_err, x_col, estimates, vals, idx)
-                t += 4
-            if t + 2 <= t_n:
-                if full:
-                    e0, e1 = dot2_planes(xa, t, codes, low, scales, n)
-                else:
-                    e0, e1 = dot2_screen(xa, t, codes, low, scales, n)
-                _estimate(e0, t, n, use_cols, col_err, x_col, estimates, vals, idx)
-                _estimate(e1, t + 1, n, use_cols, col_err, x_col, estimates, vals, idx)
-                t += 2
-            if t < t_n:
-                e0 = dot_planes(xa, t, codes, low, scales, n) if full else dot_screen(xa, t, codes, low, scales, n)
-                _estimate(e0, t, n, use_cols, col_err, x_col, estimates, vals, idx)
-        part_vals[:, p, :] = vals
-        part_idx[:, p, :] = idx
+            _push(vals, idx, row[n], n)
+        part_vals[t, p, :] = vals
+        part_idx[t, p, :] = idx
 
 
 @njit(**_OPTS)

@@ -237,27 +237,42 @@ def gated_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
 
 
 def attention(q, k, v, q_pos, k_pos, window, scale, cap=None, blocks=None, *, fused: bool = False):
-    """Grouped-query attention (see :func:`torch_ops.attention`). With ``fused`` on the CPU, a
-    single query position runs the numba decode kernel (each K/V row read once per KV head)."""
-    if fused and q.shape[1] == 1 and blocks is None and q.device.type == "cpu":
+    """Grouped-query attention (see :func:`torch_ops.attention`). With ``fused`` on the CPU, each
+    query position runs the numba decode kernel (each K/V row read once per KV head), one after
+    the other: a verification's positions then compute exactly as decode steps would, so drafted
+    and plain greedy decoding agree bit for bit."""
+    if fused and blocks is None and q.device.type == "cpu":
         qp = q_pos.start if isinstance(q_pos, range) else int(q_pos[0])
         k0 = k_pos.start if isinstance(k_pos, range) else int(k_pos[0])
-        lo = 0 if window is None else max(0, qp - window + 1 - k0)
-        hi = min(k.shape[1], qp - k0 + 1)
-        out = _nb().decode_attention(_np(q[:, 0]), _np(k), _np(v), lo, hi, scale, cap)
-        return torch.from_numpy(out).to(v.dtype).unsqueeze(0)
+        qn = _np(q)
+        kn, vn = _np(k), _np(v)
+        out = np.empty((q.shape[1], q.shape[0], v.shape[2]), dtype=np.float32)
+        for t in range(q.shape[1]):
+            lo = 0 if window is None else max(0, qp + t - window + 1 - k0)
+            hi = min(k.shape[1], qp + t - k0 + 1)
+            out[t] = _nb().decode_attention(np.ascontiguousarray(qn[:, t]), kn, vn, lo, hi, scale, cap)
+        return torch.from_numpy(out).to(v.dtype)
     if q.device.type == "cuda":
         return _gpu.attention(q, k, v, q_pos, k_pos, window, scale, cap, blocks)
     return _ref.attention(q, k, v, q_pos, k_pos, window, scale, cap, blocks)
 
 
-def attention_chunks(q, view, scale, cap=None) -> torch.Tensor:
-    """One query position (``q``: ``[Hq, 1, D]``) over a chunked cache's storage (``view`` from
-    :meth:`KVCache.chunk_view`): no contiguous K/V copy is made. Returns ``[1, Hq, Dv]``."""
-    kd, vd, ks, vs, skip, n, _ = view
-    out = _nb().decode_attention_chunks(_np(q[:, 0]), kd.numpy(), vd.numpy(), ks.numpy(), vs.numpy(),
-                                        skip, n, scale, cap)
-    return torch.from_numpy(out).to(vd.dtype).unsqueeze(0)
+def attention_chunks(q, view, scale, cap=None, window: int | None = None) -> torch.Tensor:
+    """The last ``T`` positions' queries (``q``: ``[Hq, T, D]``) over a chunked cache's storage
+    (``view`` from :meth:`KVCache.chunk_view`, whose keys end with those positions): no contiguous
+    K/V copy is made. Each query sees the keys up to its own position (and within ``window``),
+    through the same kernel a decode step runs. Returns ``[T, Hq, Dv]``."""
+    kd, vd, ks, vs, skip, n, keys = view
+    t_n = q.shape[1]
+    qn = _np(q)
+    kd, vd, ks, vs = kd.numpy(), vd.numpy(), ks.numpy(), vs.numpy()
+    out = np.empty((t_n, q.shape[0], vd.shape[3]), dtype=np.float32)
+    for t in range(t_n):
+        pos = keys.stop - t_n + t  # this query's position: it sees keys keys.start .. pos
+        start = 0 if window is None else max(0, pos - window + 1 - keys.start)
+        out[t] = _nb().decode_attention_chunks(np.ascontiguousarray(qn[:, t]), kd, vd, ks, vs, skip + start,
+                                               pos + 1 - keys.start - start, scale, cap)
+    return torch.from_numpy(out).to(torch.float32)
 
 
 def kernel_weight(w: QWeight) -> tuple:
@@ -320,24 +335,26 @@ class DecodeLayerArgs:
 
 
 def decode_attention_inputs(a: DecodeLayerArgs, x: torch.Tensor, rope):
-    """Fused norm + q/k/v projections + q/k norms + RoPE (+ v norm) for one position ``x``
-    ``[1, hidden]``: ``(q [1, Hq, D], k [1, Hkv, D] | None, v [1, Hkv, D] | None)``, as
+    """Fused norm + q/k/v projections + q/k norms + RoPE (+ v norm) for a few positions ``x``
+    ``[T, hidden]``: ``(q [T, Hq, D], k [T, Hkv, D] | None, v [T, Hkv, D] | None)``, as
     :meth:`GemmaModel.qkv` returns them."""
     cos, sin = rope
-    q = np.empty(a.q_shape, dtype=np.float32)
-    k = np.empty(a.kv_shape, dtype=np.float32)
-    v = np.empty(a.kv_shape, dtype=np.float32)
-    _decode().attention_inputs(_np(x), a.in_norm, a.eps, a.wq, a.wk, a.wv, a.q_norm, a.k_norm, _np(cos[0]),
-                               _np(sin[0]), a.kv_mode, a.v_norm, q, k, v)
-    q = torch.from_numpy(q)[None]
+    t = x.shape[0]
+    q = np.empty((t, *a.q_shape), dtype=np.float32)
+    k = np.empty((t, *a.kv_shape), dtype=np.float32)
+    v = np.empty((t, *a.kv_shape), dtype=np.float32)
+    _decode().attention_inputs(_np(x), a.in_norm, a.eps, a.wq, a.wk, a.wv, a.q_norm, a.k_norm,
+                               _np(cos.reshape(t, -1)), _np(sin.reshape(t, -1)), a.kv_mode, a.v_norm, q, k, v)
+    q = torch.from_numpy(q)
     if a.kv_mode == 0:
         return q, None, None
-    return q, (torch.from_numpy(k)[None] if a.kv_mode == 1 else None), torch.from_numpy(v)[None]
+    return q, (torch.from_numpy(k) if a.kv_mode == 1 else None), torch.from_numpy(v)
 
 
 def decode_attention_output_and_mlp(a: DecodeLayerArgs, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Fused output projection + sandwich norms + residuals + gated MLP + layer scalar."""
-    out = np.empty((1, x.shape[-1]), dtype=np.float32)
+    """Fused output projection + sandwich norms + residuals + gated MLP + layer scalar (``x``
+    ``[T, hidden]``, ``attn`` ``[T, Hq * D]``)."""
+    out = np.empty(tuple(x.shape), dtype=np.float32)
     _decode().attention_output_and_mlp(_np(x), _np(attn), a.wo, a.post_attn_norm, a.pre_ffn_norm, a.wg, a.wu,
                                        a.wd, a.post_ffn_norm, a.layer_scalar, a.eps, out)
     return torch.from_numpy(out)

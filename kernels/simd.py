@@ -64,7 +64,10 @@ _V32F = ir.VectorType(_F32, 32)
 _V64B = ir.VectorType(_I8, 64)
 _V16I = ir.VectorType(_I32, 16)
 _V16F = ir.VectorType(_F32, 16)
-_FAST = ("fast",)
+# fast-math without reassociation: the sums keep the order written here wherever a kernel is
+# inlined, so a position's product is the same bits alone or beside others (LLVM reordered them
+# differently in different loops under "fast"); multiply-adds may still fuse
+_FAST = ("nnan", "ninf", "nsz", "arcp", "contract", "afn")
 
 
 def _has_vnni() -> bool:
@@ -236,7 +239,9 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
     wrow = _row_ptr(builder, cs, nv, code_width)
     row2 = _row_ptr(builder, s2, nv, builder.extract_value(s2.shape, 1))
     srow = _row_ptr(builder, ss, nv, builder.extract_value(ss.shape, 1))
-    n_acc = {1: 4, 2: 2, 4: 2}[rows]  # independent accumulators per activation row
+    # independent accumulators per activation row, the same for every row count: a position then
+    # sums in the same order whether it is alone or one of a verification's, bit for bit
+    n_acc = 4
     zero8 = ir.Constant(_V8F, [0.0] * 8)
     accs = [[cgutils.alloca_once_value(builder, zero8) for _ in range(n_acc)] for _ in range(rows)]
     corrs = [cgutils.alloca_once_value(builder, zero8) for _ in range(rows)]  # per-group corrections, 8 lanes

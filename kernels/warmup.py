@@ -54,8 +54,8 @@ def warm_up() -> float:
     pool = np.ones((2, 4, 1, 32), dtype=f32)
     sl = np.array([1, 0], dtype=np.int64)
     nb.decode_attention_chunks(np.ones((2, 32), dtype=f32), pool, pool, sl, sl, 1, 6, 0.1, None, splits=2)
-    ones64, ones32, cs = np.ones(64, dtype=f32), np.ones(32, dtype=f32), np.ones(16, dtype=f32)
-    q, k, v = np.empty((2, 32), dtype=f32), np.empty((1, 32), dtype=f32), np.empty((1, 32), dtype=f32)
+    ones64, ones32, cs = np.ones(64, dtype=f32), np.ones(32, dtype=f32), np.ones((1, 16), dtype=f32)
+    q, k, v = np.empty((1, 2, 32), dtype=f32), np.empty((1, 1, 32), dtype=f32), np.empty((1, 1, 32), dtype=f32)
     cpu_decode.attention_inputs(x, ones64, 1e-6, w8, w4, w8, ones32, ones32, cs, cs, 1, True, q, k, v)
     cpu_decode.attention_output_and_mlp(x, x, w8, ones64, ones64, w4, w8, w8, ones64, 1.0, 1e-6, out)
     return time.perf_counter() - t0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gemma4_nb
+from gemma4_nb.kernels import ops
 from gemma4_nb.runtime.sampling import SamplingParams
 from gemma4_nb.runtime.speculative import DraftStats, PromptLookupDrafter, accept_or_resample
 
@@ -55,6 +56,43 @@ def test_greedy_with_drafting_is_identical_to_without(variant, chunk, drafter, h
         assert total.accepted < total.proposed / 2, (total.accepted, total.proposed)
     else:  # prompt lookup on repeated text: most drafts accepted
         assert total.accepted > total.proposed / 2, (total.accepted, total.proposed)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("variant", ["a", "c"])
+def test_verification_forward_is_decode_steps_bit_for_bit(variant, quant, hf_checkpoints):
+    """On quantized CPU weights a forward of a few positions (a verification) computes each
+    position exactly as a decode step of its own would: the same kernels, the same order of every
+    sum. So drafted greedy decoding is plain greedy decoding, never off by a near-tie. Covers
+    sliding windows shorter than the drafts, K=V layers and shared-KV layers. (Variants whose
+    widths are all multiples of 32, as every real Gemma's are: a layer with another width runs
+    the unfused torch path, which promises the tolerance of the reference, not the bits.)"""
+    path, _ = hf_checkpoints[variant]
+    net = gemma4_nb.load(path, device="cpu", dtype="fp32", quant=quant, progress=False, drafting=None).net
+    assert all(a.ok for a in (ops.DecodeLayerArgs(net.cfg, s, net.layer_weights[s.index]) for s in net.cfg.layers))
+    ids = torch.tensor([2] + list(range(40, 80)))
+    cache = net.new_cache(chunk=8)
+    net.forward(ids[:20], cache, logits=False)
+    for t in (2, 5, 8):
+        n = cache.length
+        several = net.forward(ids[n : n + t], cache, outputs="all", logits=False).hidden
+        cache.truncate(n)
+        steps = torch.cat([net.forward(ids[i : i + 1], cache, logits=False).hidden for i in range(n, n + t)])
+        assert torch.equal(several, steps), (t, (several - steps).abs().max().item())
+        assert torch.equal(net.top_k_rows(several, 3)[1], torch.stack([net.top_k(h, 3)[1] for h in steps]))
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_greedy_with_drafting_on_quantized_weights_is_identical(quant, hf_checkpoints):
+    path, _ = hf_checkpoints["c"]
+    plain = gemma4_nb.load(path, device="cpu", dtype="fp32", quant=quant, progress=False, drafting=None)
+    spec = gemma4_nb.load(path, device="cpu", dtype="fp32", quant=quant, progress=False, drafting="prompt_lookup")
+    spec.drafter = NoisyDrafter(7)
+    for seed in range(3):
+        base = torch.randint(30, 512, (10,), generator=torch.Generator().manual_seed(seed)).tolist()
+        prompt = [2] + base * 4
+        assert spec.generate(prompt, max_new_tokens=40, temperature=0) == \
+            plain.generate(prompt, max_new_tokens=40, temperature=0)
 
 
 def test_drafting_can_be_turned_off_per_call(hf_checkpoints):
@@ -124,6 +162,45 @@ def test_cost_aware_draft_length_follows_the_costs():
     assert policy.history[-100:].count(0) > 50 and 1 in policy.history[-100:]
     # drafts rarely accepted on a flat cost: the shortest drafts (or none)
     assert _simulate(CostAwareK(4), 0.05, draft=0.05, c0=1.0, c1=0.05) in (0, 1)
+
+
+def test_cost_estimates_ignore_the_first_forward_and_spikes():
+    from gemma4_nb.runtime.speculative import CostAwareK
+
+    policy = CostAwareK(4)
+    policy.update(4, 4, 0.0, 5.0)  # the first forward of 5 tokens: cold, 50x a warm one
+    assert policy.verify_cost(5) is None
+    for cost in (0.1, 0.1, 3.0, 0.1):  # one spike among warm forwards
+        policy.update(4, 4, 0.0, cost)
+    for _ in range(2):
+        policy.update(0, 0, 0.0, 0.05)
+    for _ in range(4):
+        policy.update(0, 0, 0.0, 0.04)
+    assert policy.verify_cost(5) == 0.1 and policy.verify_cost(1) == 0.04
+    assert abs(policy.verify_cost(3) - (0.04 + 0.06 * 2 / 4)) < 1e-9  # the line through the lengths measured
+
+
+def test_paused_drafting_resumes_when_the_text_starts_copying():
+    """While paused, prompt lookup's proposals are checked against the plain steps' tokens: once
+    they come true, drafting resumes at once (not after the pause runs out)."""
+    from gemma4_nb.runtime.speculative import CostAwareK
+
+    policy = CostAwareK(2, pause=1000)
+    for _ in range(3):  # warm costs: a plain step 1.0, a 3-token forward 2.0
+        policy.update(0, 0, 0.0, 1.0)
+        policy.update(2, 0, 0.0, 2.0)
+    assert policy.k == 0  # rejected drafts: paused
+    policy.shadow(8, 1)
+    assert policy.k == 0  # still not copying
+    for _ in range(6):
+        policy.shadow(8, 8)
+    assert policy.k >= 1, policy.k  # resumed at the best length for what was measured so far
+    k = policy.k
+    policy.shadow(8, 8)  # ignored while drafting runs
+    assert policy.k == k
+    for _ in range(4):  # drafts keep landing: longer ones pay (a 3-token forward costs 2 steps)
+        policy.update(policy.k, policy.k, 0.0, 1.0 + 0.5 * policy.k)
+    assert policy.k > k, (policy.k, k)
 
 
 def test_draft_statistics_estimate_the_speedup_from_plain_steps():

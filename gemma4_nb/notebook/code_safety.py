@@ -556,7 +556,6 @@ class _Module:
             self._check_method(call, call.func)
 
     def _check_known_call(self, q: str, call: ast.Call) -> None:
-        name = q.rsplit(".", 1)[-1]
         if q in ("builtins.exec", "builtins.eval", "builtins.compile", "IPython.shell.run_cell"):
             sources = self.values(call.args[0]) if call.args else set()
             if not sources or any(v[0] != "str" for v in sources):

@@ -158,8 +158,9 @@ class GemmaModel:
         """Store this layer's K/V and attend: ``[T, Hq * D]``."""
         cfg = self.cfg
         t = q.shape[0]
-        # a fused decode step reads K/V straight from the cache's chunks (no contiguous copy)
-        direct = (self.fused and t == 1 and blocks is None and not spec.k_eq_v
+        # a fused decode step (or a verification's few positions) reads K/V straight from the
+        # cache's chunks (no contiguous copy)
+        direct = (self.fused and t <= self.integer_batch and blocks is None and not spec.k_eq_v
                   and getattr(cache, "chunk_view", None) is not None and cache.kv_dtype is None)
         k_all = v_all = k_pos = None
         if spec.owns_kv:
@@ -171,7 +172,7 @@ class GemmaModel:
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         view = cache.chunk_view(spec.kv_source) if direct else None
         if view is not None:
-            out = ops.attention_chunks(q.transpose(0, 1), view, cfg.query_scale, cfg.attn_softcap)
+            out = ops.attention_chunks(q.transpose(0, 1), view, cfg.query_scale, cfg.attn_softcap, spec.window)
             return out.reshape(t, cfg.num_heads * spec.head_dim)
         if v_all is None:  # not representable as chunks after all: gather
             k_all, v_all, k_pos = cache.read(spec.kv_source)
@@ -179,7 +180,8 @@ class GemmaModel:
             k_all = self.keys_from_values(spec.kv_source, v_all, self.rope_at(spec.kv_source, k_pos))
         # images attend to themselves both ways on sliding layers only (full layers stay causal)
         out = ops.attention(q.transpose(0, 1), k_all, v_all, q_pos, k_pos, spec.window, cfg.query_scale,
-                            cfg.attn_softcap, blocks if spec.kind == "sliding" else None, fused=self.fused)
+                            cfg.attn_softcap, blocks if spec.kind == "sliding" else None,
+                            fused=self.fused and t <= self.integer_batch)
         return out.reshape(t, cfg.num_heads * spec.head_dim)
 
     def layer_output(self, w, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -193,9 +195,10 @@ class GemmaModel:
     def layer(self, spec: LayerSpec, x: torch.Tensor, rope, q_pos, cache, blocks=None) -> torch.Tensor:
         """One decoder layer on ``x`` ``[T, hidden]`` (``cache``: anything with the KV cache's
         ``update``/``read`` interface). A decode step on quantized CPU weights runs the two fused
-        kernels of :mod:`gemma4_nb.kernels.cpu_decode` instead of the pieces."""
+        kernels of :mod:`gemma4_nb.kernels.cpu_decode` instead of the pieces, and so do the few
+        positions of a verification (up to :attr:`integer_batch`)."""
         w = self.layer_weights[spec.index]
-        if self.fused and x.shape[0] == 1 and blocks is None and x.dtype == torch.float32:
+        if self.fused and x.shape[0] <= self.integer_batch and blocks is None and x.dtype == torch.float32:
             if self._decode_args is None:
                 self._decode_args = [ops.DecodeLayerArgs(self.cfg, s, self.layer_weights[s.index]) for s in self.cfg.layers]
             args = self._decode_args[spec.index]

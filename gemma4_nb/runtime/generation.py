@@ -190,6 +190,9 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
     k = CostAwareK(draft_k) if (drafter.cost_aware or fused) else AdaptiveK(draft_k)
     usage.drafting = stats
     history = list(req.prompt_ids)
+    # while drafting is paused, a free drafter's proposals are checked against the plain steps
+    shadowing = isinstance(k, CostAwareK) and not drafter.cost_aware
+    shadow, shadow_hits = None, 0
 
     def emit(tok: int):
         """Yield ``tok`` unless it stops the generation; return True when generation ends."""
@@ -214,14 +217,24 @@ def _speculative(model, req, usage, prefix, sampler, token, hidden, budget, draf
         drafts = drafter.propose(history, min(k.k, budget - usage.generated_tokens),
                                  DraftContext(model, prefix.kv, hidden))
         t_verify = time.perf_counter()
+        if shadowing and k.k == 0 and shadow is None:  # paused: propose anyway, verify against plain steps
+            shadow, shadow_hits = drafter.propose(history, k.k_max), 0
         if not drafts and plain_k is not None:  # a plain step, as generate_ids takes it
             out = model.forward(torch.tensor([token], dtype=torch.long), prefix.kv, logits=False)
             prefix.appended([token])
-            stats.record(0, 0, t_verify - t_draft, time.perf_counter() - t_verify)
-            k.update(0, 0, t_verify - t_draft, time.perf_counter() - t_verify)
             hidden = out.hidden[-1]
             token = sampler.pick(*model.top_k(hidden, plain_k))
+            # the step's cost includes its head, as a verification's does
+            stats.record(0, 0, t_verify - t_draft, time.perf_counter() - t_verify)
+            k.update(0, 0, t_verify - t_draft, time.perf_counter() - t_verify)
+            if shadow is not None:  # the round ends at the first miss or when every draft came true
+                hit = bool(shadow) and token == shadow[shadow_hits]
+                shadow_hits += hit
+                if not hit or shadow_hits == len(shadow):
+                    k.shadow(len(shadow), shadow_hits)
+                    shadow = None
             continue
+        shadow = None
         start = prefix.kv.length
         fed = [token] + drafts
         out = model.forward(torch.tensor(fed, dtype=torch.long), prefix.kv, outputs="all" if drafts else "last",

@@ -14,6 +14,8 @@ The verify loop is in :mod:`.generation`.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -162,20 +164,36 @@ class CostAwareK(AdaptiveK):
     """Draft length chosen for tokens per second, from measured costs.
 
     A round of k drafts costs ``k * draft + verify(k + 1)`` and yields :func:`expected_tokens`.
-    The per-draft acceptance and the costs are running estimates (older rounds decay): the draft
-    step's time, and ``verify(t) = c0 + c1 * t`` fitted to the forwards seen (plain steps too).
-    Where a verification is bound by reading the weights (a GPU), c1 is small and long drafts pay;
-    where it is bound by arithmetic (a CPU with few cores), c1 is large and short drafts win. k moves
-    one step per round towards the best length, so new lengths get measured as it goes. When no
-    length beats plain decoding, drafting pauses (k = 0) for ``pause`` steps, then tries k = 1 again.
+    The per-draft acceptance is a running estimate (older rounds decay), and so is the draft step's
+    time. ``verify(t)`` is the median of the last few forwards of ``t`` tokens (plain steps are
+    ``t = 1``), counted from a length's second forward: the first forward of a length pays one-off
+    costs (the head learning its screen, first-use allocations: 10-20x a warm one on the 270M), and
+    a shared machine adds spikes that a median ignores (a minimum would favour the length measured
+    most often, the plain step, by its luckiest sample). Lengths not measured yet follow the
+    straight line through those that were. Each generation measures its own (``costs``, the
+    samples, may be passed in): a seeded sampling run then draws the same random numbers as the
+    last one with the same seed, as far as the machine's timing allows. Where a verification is bound by reading
+    the weights (a GPU) its cost hardly grows with t and long drafts pay; where it is bound by
+    arithmetic (a CPU with few cores) it grows with every token and short drafts win. k moves one
+    step per round towards the best length, so new lengths get measured as it goes. When no length
+    beats plain decoding, drafting pauses (k = 0) for ``pause`` steps, then tries k = 1 again.
+
+    A drafter that costs nothing (prompt lookup) keeps proposing while paused, unverified: its
+    proposals are scored against the tokens the plain steps produce (:meth:`shadow`), so the
+    acceptance estimate follows the text and drafting resumes as soon as the text starts copying
+    (a rewrite that diverges for a line, then repeats its input, is the usual case).
     """
 
-    def __init__(self, k: int = 4, k_min: int = 1, k_max: int = 8, decay: float = 0.95, pause: int = 32) -> None:
+    SAMPLES = 9  # forwards per length the median is taken over
+
+    def __init__(self, k: int = 4, k_min: int = 1, k_max: int = 8, decay: float = 0.95, pause: int = 32,
+                 costs: dict[int, deque] | None = None) -> None:
         super().__init__(k, k_min, k_max)
         self.decay, self.pause = decay, pause
         self.accepted = self.rejected = 0.0
         self.draft_cost = None  # seconds per draft step
-        self._fit = [0.0] * 5  # decayed sums: w, w*t, w*t^2, w*y, w*t*y
+        # tokens -> the last warm forwards' seconds (empty: only the first, cold one so far)
+        self.costs = {} if costs is None else costs
         self._paused = 0
 
     def acceptance(self) -> float:
@@ -184,13 +202,21 @@ class CostAwareK(AdaptiveK):
 
     def verify_cost(self, tokens: int) -> float | None:
         """Seconds for a forward of ``tokens`` tokens, or None before two lengths were seen."""
-        w, st, stt, sy, sty = self._fit
-        var = w * stt - st * st
-        if w == 0.0 or var <= 1e-9 * w * w:
+        warm = {t: statistics.median(ys) for t, ys in self.costs.items() if ys}
+        if tokens in warm:
+            return warm[tokens]
+        if len(warm) < 2:
             return None
-        c1 = max((w * sty - st * sy) / var, 0.0)
-        c0 = max((sy - c1 * st) / w, 0.0)
-        return c0 + c1 * tokens
+        ts, ys = list(warm), list(warm.values())
+        n, st, sy = len(ts), sum(ts), sum(ys)
+        stt, sty = sum(t * t for t in ts), sum(t * y for t, y in zip(ts, ys))
+        c1 = max((n * sty - st * sy) / (n * stt - st * st), 0.0)
+        c0 = (sy - c1 * st) / n
+        # bounds the line may not cross: a forward costs at least what a shorter one does, and at
+        # least its share at the per-token cost of a longer one (which is never higher)
+        shorter = [y for t, y in warm.items() if t < tokens]
+        floor = max(shorter) if shorter else max(y * tokens / t for t, y in warm.items())
+        return max(c0 + c1 * tokens, floor)
 
     def rate(self, k: int) -> float:
         """Expected tokens per second with k drafts per round (0: plain decoding)."""
@@ -200,9 +226,10 @@ class CostAwareK(AdaptiveK):
     def update(self, proposed: int, accepted: int, draft_seconds: float = 0.0, verify_seconds: float = 0.0) -> None:
         d = self.decay
         t = proposed + 1
-        self._fit = [d * x for x in self._fit]
-        for i, v in enumerate((1.0, t, t * t, verify_seconds, t * verify_seconds)):
-            self._fit[i] += v
+        if t in self.costs:
+            self.costs[t].append(verify_seconds)
+        else:
+            self.costs[t] = deque(maxlen=self.SAMPLES)  # a length's first forward is not counted
         if not proposed:  # a plain step: drafting is paused
             self._paused -= 1
             if self.k == 0 and self._paused <= 0:
@@ -212,7 +239,7 @@ class CostAwareK(AdaptiveK):
         self.rejected = d * self.rejected + (accepted < proposed)
         step = draft_seconds / proposed
         self.draft_cost = step if self.draft_cost is None else d * self.draft_cost + (1 - d) * step
-        if self.verify_cost(1) is None:  # no cost model yet: grow on success, shrink on failure
+        if self.verify_cost(1) is None or self.verify_cost(2) is None:  # no cost model yet
             super().update(proposed, accepted)
             return
         best = max(range(self.k_min, self.k_max + 1), key=self.rate)
@@ -220,3 +247,20 @@ class CostAwareK(AdaptiveK):
             self.k, self._paused = 0, self.pause
         elif best != self.k:
             self.k += 1 if best > self.k else -1
+
+    def shadow(self, proposed: int, accepted: int) -> None:
+        """A paused round's unverified proposal of ``proposed`` drafts, of which the plain steps
+        then produced the first ``accepted``: the acceptance estimate learns from it (the costs do
+        not), and drafting resumes at the best length once one beats plain decoding."""
+        if self.k != 0 or not proposed:
+            return
+        d = self.decay
+        self.accepted = d * self.accepted + accepted
+        self.rejected = d * self.rejected + (accepted < proposed)
+        if self.draft_cost is None or self.verify_cost(1) is None or self.verify_cost(2) is None:
+            if self.acceptance() >= 0.5:  # no cost model yet: measure the shortest drafts
+                self.k, self._paused = max(self.k_min, 1), 0
+            return
+        best = max(range(self.k_min, self.k_max + 1), key=self.rate)
+        if self.rate(best) > self.rate(0):
+            self.k, self._paused = best, 0
