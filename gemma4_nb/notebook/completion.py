@@ -90,7 +90,7 @@ class Completer:
             if not prompt.strip():
                 return ""
             reply = backend.complete_text(prompt, stop=STOPS, max_new_tokens=max_new_tokens, temperature=0,
-                                          draft=False, should_stop=lambda: mine != self._latest)
+                                          draft=None, should_stop=lambda: mine != self._latest)
             self.last_latency_s = time.perf_counter() - t0
             if reply.stopped:
                 return ""
@@ -141,7 +141,7 @@ def bench(n: int = 12, threads: int = 2, max_new_tokens: int = MAX_NEW_TOKENS) -
         completer._latest += 1
         backend = completer._backend()
         reply = backend.complete_text(completion_prompt(above, prefix), stop=[], max_new_tokens=max_new_tokens,
-                                      temperature=0, draft=False)
+                                      temperature=0, draft=None)
         times.append(time.perf_counter() - t0)
         tokens.append(reply.usage.generated_tokens if reply.usage is not None else None)
     return {"first_s": round(times[0], 3), "median_s": round(statistics.median(times[1:]), 3),
