@@ -71,7 +71,7 @@ def _cmd_bench(args) -> int:
         from .devtools.bench_notebook import notebook_bench
 
         notebook_bench(model=args.model, shape=args.shape, quant=args.quant, threads=args.threads,
-                       max_new_tokens=args.max_new_tokens, repeat=args.repeat)
+                       max_new_tokens=args.max_new_tokens, repeat=args.repeat, think=args.think, warm=not args.no_warm)
         return 0
     bench_command(model=args.model, shape=args.shape, quant=args.quant, dtype=args.dtype, device=args.device,
                   threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,
@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a scripted notebook session in a real kernel: per question, prompt tokens, tokens reused "
                         "from the cache, time to first token, total time")
     b.add_argument("--max-new-tokens", type=int, help="--notebook: new tokens per request at most (default 24; 8 with --shape)")
+    b.add_argument("--think", type=float, default=2.0,
+                   help="--notebook: seconds from the kernel going idle to each question (the user typing; default 2)")
+    b.add_argument("--no-warm", action="store_true",
+                   help="--notebook: do not prefill the next question's start while the kernel is idle")
     b.add_argument("--cuda-graphs", action="store_true",
                    help="decode with static-shape steps replayed as CUDA graphs (experimental; eager on the CPU)")
     b.set_defaults(func=_cmd_bench)

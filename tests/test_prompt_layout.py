@@ -188,6 +188,41 @@ def test_two_questions_with_a_cell_between_reuse_the_first_prompt(shell, chat_mo
     assert c.turns[-2]["snapshot"] == "changes" and "temp_f" in c.turns[-2]["notebook"]
 
 
+def test_a_follow_up_after_a_cell_computes_only_its_question_once_the_kernel_was_idle(shell, chat_model_dir):
+    """While the kernel is idle after a cell, the copilot prefills the conversation and what the
+    cell changed (``Copilot.warm_up``, which ``warmup.py`` runs after every cell); the question
+    then computes only itself -- also when it names something the model has not seen (added after
+    the prefilled part) -- and a cell run after the warm-up makes the question build its own."""
+    c = Copilot(shell)
+    c.settings.model, c.settings.max_new_tokens, c.settings.temperature = str(chat_model_dir), 6, 0.0
+    assert c.warm_up() == 0  # no conversation yet: the first question's snapshot is its own
+    c.ask("Which city is the warmest?")
+    shell.run_cell("weather['temp_f'] = weather['temp'] * 9 / 5 + 32", store_history=True)
+    warmed = c.warm_up()
+    assert warmed > c.last_usage.prompt_tokens
+    c.ask("What is the mean of temp_f?")
+    u = c.last_usage
+    assert u.cached_tokens >= warmed - 1, (warmed, u)
+    question = len(c.model.tokenizer.encode("What is the mean of temp_f?", add_special_tokens=False))
+    assert u.prompt_tokens - u.cached_tokens <= question + 8, u  # the question and the turn's end
+    assert "temp_f" in c.turns[-2]["notebook"]
+
+    shell.run_cell("ratio = 0.5", store_history=True)
+    warmed = c.warm_up()
+    c.ask("Is ratio above one?")  # named: already in the prefilled changes
+    u = c.last_usage
+    assert u.cached_tokens >= warmed - 1 and "ratio" in c.turns[-2]["notebook"]
+
+    shell.run_cell("weather['wind'] = 3.0", store_history=True)
+    c.warm_up()
+    shell.run_cell("weather['gust'] = 5.0", store_history=True)  # after the warm-up: not prefilled
+    c.ask("What about gust?")
+    assert "gust" in c.turns[-2]["notebook"] and "wind" in c.turns[-2]["notebook"]
+    c.settings.warm = False
+    shell.run_cell("speed = 2", store_history=True)
+    assert c.warm_up() == 0
+
+
 def test_a_long_conversation_drops_its_oldest_turns_and_sends_the_snapshot_again(shell, chat_model_dir):
     c = Copilot(shell)
     c.settings.model, c.settings.max_new_tokens, c.settings.temperature = str(chat_model_dir), 4, 0.0
@@ -207,11 +242,16 @@ def test_a_long_conversation_drops_its_oldest_turns_and_sends_the_snapshot_again
 def test_the_notebook_benchmark_replays_a_session_in_a_real_kernel(chat_model_dir, tmp_path):
     from gemma4_nb.devtools.bench_notebook import SESSION, report, run_session
 
-    turns, description = run_session(SESSION[:5], model=str(chat_model_dir), max_new_tokens=4, workdir=tmp_path)
+    turns, description = run_session(SESSION[:5], model=str(chat_model_dir), max_new_tokens=4, workdir=tmp_path,
+                                     think=1.5)
     assert "6 layers" in description
     asks = [t for t in turns if t.what == "ask"]
     assert [len(t.requests) for t in asks] == [1, 1, 1]
     assert all(0 < t.requests[0]["first_token_s"] < t.total_s for t in asks)
+    # the kernel was idle after the cell: warmup.py prefilled the follow-up's start (the changes),
+    # so the follow-up computed only its question and the turn's end
+    after_cell = asks[2].requests[0]
+    assert after_cell["prompt"] - after_cell["reused"] <= 32, after_cell  # (188 without)
     table, checks = report([turns])
     assert "| follow-up after a cell | " in table
     assert len(checks) == 1 and "(target >= 90%: met)" in checks[0], checks

@@ -40,6 +40,19 @@ class LocalBackend:
         stopped = stopped or stream.usage.finish_reason == "interrupted"
         return Reply(text=stream.text, usage=stream.usage, stopped=stopped, raw=stream.text)
 
+    def warm(self, start: str | list[dict], *, cut: str | None = None, tools=None, should_stop=None) -> int:
+        """Prefill what the next request will start with (plain text, or chat ``messages`` whose
+        rendered prompt is taken up to the marker ``cut``), so only the rest is computed when it
+        comes. Returns the positions cached."""
+        m = self.model
+        if isinstance(start, str):
+            return m.warm(m.encode(start), should_stop=should_stop)
+        text = m.chat_prompt(start, tools=tools if self.supports_tools else None)
+        at = text.find(cut) if cut else -1
+        if at < 0:
+            return 0
+        return m.warm(m.tokenizer.encode(text[:at], add_special_tokens=False), should_stop=should_stop)  # as chat_ids
+
     def _strip(self, text: str) -> str:
         return self._special.sub("", text) if self._special is not None and "<" in text else text
 

@@ -53,6 +53,8 @@ SESSION = [
     ("agent", "agent step", "Compute the mean temperature per city."),
     ("ask", "follow-up after the agent's cell", "Which city had the most rain?"),
 ]
+# a user reads the output and types the next question: the kernel is idle meanwhile
+THINK_SECONDS = 2.0
 SHAPE_SESSION = SESSION[:5]  # the 12B shape prefills a few tokens/s on a laptop CPU: a short session
 
 # Runs in the kernel: records each request of the in-kernel backend (its usage, and when its first
@@ -187,14 +189,17 @@ class Kernel:
 
 
 def run_session(session, *, model: str | None = None, shape: str | None = None, quant: str | None = None,
-                threads: int | None = None, max_new_tokens: int = 24, workdir: Path | None = None) -> tuple[list[Turn], str]:
-    """Replay ``session`` in a fresh kernel; returns the turns and the model's description."""
+                threads: int | None = None, max_new_tokens: int = 24, workdir: Path | None = None,
+                think: float = 0.0, warm: bool = True) -> tuple[list[Turn], str]:
+    """Replay ``session`` in a fresh kernel; returns the turns and the model's description.
+    ``think``: seconds between the kernel going idle and each question (the user reading the
+    output and typing); ``warm``: the copilot prefills the next question's start meanwhile."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="gemma4nb-bench-notebook-"))
     env = {"GEMMA4_NB_MODEL": model} if model else {}
     kernel = Kernel(workdir, env)
     try:
         setup = ["%load_ext gemma4_nb", f"%gemma config max_new_tokens={max_new_tokens} temperature=0",
-                 "%gemma approval auto"]
+                 "%gemma approval auto", f"%gemma config warm={'on' if warm else 'off'}"]
         if threads:
             setup.insert(0, f"import torch as _torch; _torch.set_num_threads({threads}); del _torch")
         for line in setup:
@@ -217,6 +222,7 @@ def run_session(session, *, model: str | None = None, shape: str | None = None, 
                 turns.append(Turn(what, label, total))
                 continue
             before = kernel.value("len(_gemma4_nb_bench_records)")
+            time.sleep(think)
             magic = "%%gemma --agent" if what == "agent" else "%%gemma"
             _, total, _ = kernel.execute(f"{magic}\n{text}")
             records = kernel.value(f"_gemma4_nb_bench_records[{before}:]")
@@ -272,7 +278,8 @@ def report(runs: list[list[Turn]]) -> tuple[str, list[str]]:
 
 
 def notebook_bench(model: str | None = None, shape: str | None = None, quant: str | None = None,
-                   threads: int | None = None, max_new_tokens: int | None = None, repeat: int = 1) -> list[list[Turn]]:
+                   threads: int | None = None, max_new_tokens: int | None = None, repeat: int = 1,
+                   think: float = THINK_SECONDS, warm: bool = True) -> list[list[Turn]]:
     """``gemma4-nb bench --notebook``: the session (``repeat`` times, a fresh kernel each), its
     table and the checks, printed."""
     import torch
@@ -283,11 +290,12 @@ def notebook_bench(model: str | None = None, shape: str | None = None, quant: st
     runs = []
     for _ in range(max(repeat, 1)):
         turns, description = run_session(session, model=model, shape=shape, quant=quant, threads=threads,
-                                          max_new_tokens=max_new)
+                                          max_new_tokens=max_new, think=think, warm=warm)
         runs.append(turns)
     print(f"model: {description}\nmachine: {cpu_name()}, {threads or torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {max_new} new tokens at most per request, greedy; {len(runs)} session(s), "
-          f"{time.perf_counter() - t:.0f} s")
+          f"{time.perf_counter() - t:.0f} s\nthe user: {think:g} s from the kernel going idle to each question; "
+          f"prefilling the next question's start while idle: {'on' if warm else 'off'}")
     print("time to first token: from the %%gemma cell's start in the kernel to the first token generated (the "
           "agent: of its first request)" + (", median of the sessions (range)" if len(runs) > 1 else "")
           + "; reused: prompt tokens taken from the cache of the previous request\n")

@@ -169,6 +169,8 @@ class ChatService:
         except Gemma4Error as exc:
             self.emit({"type": "error", "id": rid, "message": str(exc)})
             return None
+        if not self.busy:
+            self.copilot.quiet()  # a warm-up of this request's start finishes its chunk, then yields
         if self.busy or not self.copilot.lock.acquire(blocking=False):
             self.emit({"type": "error", "id": rid, "message": BUSY})
             return None

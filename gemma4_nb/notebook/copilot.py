@@ -21,6 +21,7 @@ from ..backends.local import LocalBackend
 from ..errors import Gemma4Error
 from .agent import APPROVALS, CODE_PRIMER, TOOLS, Agent, AgentResult, AgentSettings
 from .prompts import (
+    QUESTION_MARK,
     QUESTION_STOPS,
     SYSTEM_PROMPT,
     chat_messages,
@@ -66,6 +67,7 @@ class Settings:
     backend_tools: bool = True
     first_byte_timeout: float | None = None  # seconds a server may take to start answering (None: 60, or the env)
     completion_model: str | None = None  # inline completion's model (None: the embedded Gemma 3 270M; "off")
+    warm: bool = True  # prefill the next question's start while the kernel is idle (warmup.py)
 
     def update(self, key: str, value: str) -> None:
         names = {f.name: f for f in fields(self)}
@@ -136,6 +138,8 @@ class Copilot:
         self.frontend = None  # the chat sidebar's connection, when present
         self.draft = True  # speculative drafting for requests (a cell's --no-draft turns it off for that cell)
         self.lock = threading.Lock()  # one request at a time: %%gemma cells and the chat panels share the model
+        self.warmer = None  # prefills the next question's start while the kernel is idle (warmup.py)
+        self._warmed = None  # (Update, turns, conversation) that warm_up prefilled
         self._restore_history()
 
     # -- the model --------------------------------------------------------------------------
@@ -271,7 +275,11 @@ class Copilot:
         update = None
         if use_context:
             tok = self.model.tokenizer if self.model is not None else None
-            update = self.view.update(question, budget=self.context_budget(), tokenizer=tok, frames=frames)
+            warmed = self._warmed
+            if warmed is not None and frames is None and warmed[1:] == (len(self.turns), self.conversation_id):
+                update = self.view.extend(warmed[0], question, budget=self.context_budget(), tokenizer=tok)
+            if update is None:
+                update = self.view.update(question, budget=self.context_budget(), tokenizer=tok, frames=frames)
         attached = len(images) + len(audios)
         images = list(images)
         if update is not None and update.figures and self.backend is not None and self.backend.supports_images:
@@ -284,6 +292,38 @@ class Copilot:
             text = prefix + self.code_prompt(question, frames) if agent else plain_question(self.turns, turn)
             return PreparedRequest(turn, update, text=text, prefix=prefix, context=context)
         return PreparedRequest(turn, update, messages=chat_messages([*self.turns, turn]), context=context)
+
+    def warm_up(self, should_stop=None) -> int:
+        """Prefill what the next question will start with (the conversation, then what changed in
+        the notebook since the last question) while the kernel is idle, so the question then
+        computes only itself. For the in-kernel model, once a conversation has started, when the
+        changes fit the context budget whole (beyond it, the question decides what comes first);
+        a request under way is never waited for. Returns the positions the cache holds (0: nothing
+        was done)."""
+        if (not self.settings.warm or self.model is None or not isinstance(self.backend, LocalBackend)
+                or not self.view.started or not self.lock.acquire(blocking=False)):
+            return 0
+        try:
+            self._trim()
+            update = self.view.update("", budget=self.context_budget(), tokenizer=self.model.tokenizer)
+            if not update.whole or (update.figures and self.backend.supports_images):
+                return 0  # (a vision model gets new plots as images, placed by the question's request)
+            turn = user_turn(QUESTION_MARK, update)
+            if self.plain:
+                n = self.backend.warm(plain_conversation(self.turns) + plain_block(turn), should_stop=should_stop)
+            else:
+                n = self.backend.warm(chat_messages([*self.turns, turn]), cut=QUESTION_MARK,
+                                      tools=TOOLS if self.tools_declared else None, should_stop=should_stop)
+            self._warmed = (update, len(self.turns), self.conversation_id)
+            return n
+        finally:
+            self.lock.release()
+
+    def quiet(self) -> None:
+        """Stop a warm-up under way and wait for it (its finished chunks stay in the cache): a
+        request is about to use the model."""
+        if self.warmer is not None:
+            self.warmer.stop(wait=True)
 
     def _trim(self) -> None:
         """Drop the oldest exchanges when the conversation would crowd the model's context (its
@@ -376,6 +416,7 @@ class Copilot:
             result = AgentResult(answer=answer, stopped=reply.stopped, notes=[reply.cut] if reply.cut else [])
         if not added or added[-1]["role"] != "assistant":
             added = [*(added or []), {"role": "assistant", "content": result.answer}]
+        self._warmed = None
         if req.update is not None:
             self.view.commit(req.update)
         if agent:

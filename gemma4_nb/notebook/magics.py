@@ -194,6 +194,7 @@ class GemmaMagics(Magics):
             elif kind == "skipped":
                 stream.write(f"\n*{text}*\n")
 
+        c.quiet()  # a warm-up of this very question's start finishes its chunk, then yields
         if not c.lock.acquire(blocking=False):
             raise Gemma4Error(BUSY)
         notes = ""
@@ -314,8 +315,11 @@ class GemmaMagics(Magics):
 def load_ipython_extension(ipython) -> None:
     from .comm import register
 
+    from .warmup import register as warm_between_cells
+
     ipython.register_magics(GemmaMagics)
     register(ipython)  # the JupyterLab sidebar's comm
+    warm_between_cells(ipython)
 
 
 def unload_ipython_extension(ipython) -> None:

@@ -31,6 +31,8 @@ Answer concisely in Markdown. When code helps, write short Python that uses the 
 CHAT_HEADINGS = {"full": "# The notebook", "changes": "# What changed in the notebook since the last question"}
 PLAIN_HEADINGS = {"full": "Notebook data:", "changes": "Notebook changes:"}
 MESSAGE_KEYS = ("role", "content", "tool_calls", "name", "tool_call_id")
+# stands for the question not asked yet where the prompt's start is prefilled ahead of it
+QUESTION_MARK = "\ue000question\ue000"
 # a base model's answer ends where it would start the next turn of the plain layout itself
 QUESTION_STOPS = [*PLAIN_STOPS, *(f"\n{h}" for h in PLAIN_HEADINGS.values())]
 

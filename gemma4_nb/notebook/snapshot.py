@@ -74,6 +74,7 @@ class Update:
     state: dict[str, str]  # every item's text when it was built (the model has now looked at these)
     removed: list[str] = field(default_factory=list)  # variables deleted since the model last looked
     figures: list = field(default_factory=list)  # Figure objects among the items (images for a vision model)
+    whole: bool = True  # everything it meant to describe fit in the budget (nothing left out or cut)
 
 
 # -- what is in the notebook ---------------------------------------------------------------------
@@ -357,7 +358,7 @@ class NotebookView:
         if not self.started:
             sections = [(self._full_heading(it), it, it.text) for it in prioritise(items, question)]
             kept = _fit(sections, budget, tokenizer)
-            return self._update(True, kept, state, [])
+            return self._update(True, kept, state, [], whole=kept == sections)
         q = question.lower()
         words = question_words(q)
 
@@ -375,7 +376,34 @@ class NotebookView:
         kept = _fit(sections, budget, tokenizer)
         removed = sorted(k.split(":", 1)[1] for k in self.known
                          if k not in state and k.split(":", 1)[0] in ("frame", "variable"))
-        return self._update(False, kept, state, removed)
+        return self._update(False, kept, state, removed, whole=kept == sections)
+
+    def extend(self, base: Update, question: str, *, budget: int = 2000, tokenizer=None) -> Update | None:
+        """``base`` (built before the question, while the kernel was idle: see ``warmup.py``) as
+        this question's update, plus what the question names that the model has not seen as it is
+        now, in sections after it, so the request starts with exactly what was prefilled. None when
+        the notebook changed since ``base`` was built, or when ``base`` could not hold everything
+        (then the question decides what comes first within the budget)."""
+        items = gather(self.shell, self.figures)
+        if not base.whole or {it.key: it.text for it in items} != base.state:
+            return None
+        q = question.lower()
+        words = question_words(q)
+        have = {it.key for it in base.items}
+        extra = [it for it in items if it.key not in have and relevance(it, words, q)
+                 and (it.key not in self.sent or self.sent[it.key].text != it.text)]
+        if not extra:
+            return base
+        sections = []
+        for it in prioritise(extra, question):
+            heading, text = change_sections(it, self.sent.get(it.key))
+            sections.append((heading, it, text))
+        used = count_tokens(base.text, tokenizer)
+        kept = _fit(sections, max(0, budget - used), tokenizer)
+        text = base.text + ("\n\n" if base.text and kept else "") + render(kept)
+        items_all = base.items + [it for _, it, _ in kept]
+        return Update(base.full, text, items_all, base.state, base.removed,
+                      [it.figure for it in items_all if it.figure is not None], whole=kept == sections)
 
     @staticmethod
     def _full_heading(item: Item) -> str:
@@ -383,12 +411,12 @@ class NotebookView:
                 "figure": "Figures", "cell": "Recent cells"}[item.kind]
 
     @staticmethod
-    def _update(full: bool, kept, state, removed) -> Update:
+    def _update(full: bool, kept, state, removed, whole: bool = True) -> Update:
         text = render(kept)
         if removed:
             text += ("\n\n" if text else "") + "## Deleted\n" + ", ".join(f"`{n}`" for n in removed)
         items = [it for _, it, _ in kept]
-        return Update(full, text, items, state, removed, [it.figure for it in items if it.figure is not None])
+        return Update(full, text, items, state, removed, [it.figure for it in items if it.figure is not None], whole)
 
     def commit(self, update: Update) -> None:
         """The request carrying ``update`` was sent: the model has now seen it."""

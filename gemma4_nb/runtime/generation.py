@@ -80,12 +80,13 @@ def check_request(req: GenerationRequest, context_length: int) -> int:
     return min(req.max_new_tokens, context_length - n)
 
 
-def prefill(model, ids: list[int], prefix, chunk: int, start: int = 0, prompt=None, should_stop=None):
+def prefill(model, ids: list[int], prefix, chunk: int, start: int = 0, prompt=None, should_stop=None,
+            logits: bool = True):
     """Run ``ids[start:]`` through the model ``chunk`` tokens at a time (bounded activation
-    memory); logits only for the last position. A chunk never splits an image (its tokens attend
-    to each other both ways). Each finished chunk is recorded in ``prefix`` at once, so an
-    interrupted prefill leaves a consistent, reusable cache. Returns None when ``should_stop()``
-    said so before a chunk."""
+    memory); logits only for the last position (none without ``logits``). A chunk never splits an
+    image (its tokens attend to each other both ways). Each finished chunk is recorded in
+    ``prefix`` at once, so an interrupted prefill leaves a consistent, reusable cache. Returns
+    None when ``should_stop()`` said so before a chunk."""
     from .decoder import SoftTokens
 
     keys = prompt.keys if prompt is not None else ids
@@ -103,7 +104,8 @@ def prefill(model, ids: list[int], prefix, chunk: int, start: int = 0, prompt=No
             mask, embeddings, blocks = prompt.span_soft(pos, end)
             if mask is not None and bool(mask.any()):
                 soft = SoftTokens(mask, embeddings, blocks)
-        out = model.forward(torch.tensor(ids[pos:end], dtype=torch.long), prefix.kv, soft=soft, logits=end == len(ids))
+        out = model.forward(torch.tensor(ids[pos:end], dtype=torch.long), prefix.kv, soft=soft,
+                            logits=logits and end == len(ids))
         prefix.appended(keys[pos:end])
         pos = end
     return out

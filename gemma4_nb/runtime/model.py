@@ -166,6 +166,19 @@ class Model:
         """The drafter a request uses: on by default when the model has one; ``draft=False`` turns it off."""
         return self.drafter if draft is not False else None
 
+    def warm(self, prompt_ids: list[int], should_stop=None, chunk: int = 64) -> int:
+        """Prefill ``prompt_ids`` into the prefix cache without generating: what a next request is
+        known to start with, computed while the user is still typing it. ``should_stop`` is asked
+        between chunks of ``chunk`` tokens (small, so a request or a cell that starts waits for
+        little). Returns how many leading positions of ``prompt_ids`` the cache now holds."""
+        from .generation import prefill
+
+        if not prompt_ids or len(prompt_ids) >= self.max_context:
+            return 0
+        start = self.cache.prepare(list(prompt_ids) + [-1])  # keeps the shared prefix, all of it
+        prefill(self.net, list(prompt_ids), self.cache, chunk, start=start, should_stop=should_stop, logits=False)
+        return self.cache.kv.length if self.cache.kv is not None else 0
+
     def stream(self, req: GenerationRequest, draft: bool | None = None) -> TextStream:
         """Text deltas of ``req`` as they are generated (memory checked first; ``last_usage`` is
         this request's usage from now on)."""
