@@ -98,3 +98,37 @@ def test_a_failing_callback_does_not_break_the_load(quantized_gguf, tmp_path, mo
     assert model.generate("the data", max_new_tokens=2, temperature=0) is not None
     assert len(calls) == 1  # told once, then no longer
     assert any("load progress callback failed (ValueError: the display is gone)" in str(w.message) for w in caught)
+
+
+def test_the_chat_status_carries_the_loads_percentage(quantized_gguf, tmp_path, monkeypatch):
+    """The sidebar's status while the model loads: the runtime's stage and its percentage, at each
+    stage's start and end at least, never backwards within a stage; then ready."""
+    import queue
+
+    from gemma4_nb.notebook.comm import ChatProtocol
+    from gemma4_nb.notebook.copilot import Copilot
+
+    monkeypatch.setenv("GEMMA4_NB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    events: queue.Queue = queue.Queue()
+    c = Copilot(None)
+    c.settings.model, c.settings.max_new_tokens = str(quantized_gguf), 2
+    proto = ChatProtocol(c, events.put)
+    proto.handle({"type": "chat", "id": "r1", "text": "the data", "context": False})
+    proto.service.wait(60)
+    seen = []
+    while not events.empty():
+        seen.append(events.get())
+    loading = [e for e in seen if e["type"] == "status" and e["state"] == "loading"]
+    shown = [(e["progress"]["stage"], e["progress"]["percent"]) for e in loading if "progress" in e]
+    stages_shown = list(dict.fromkeys(stage for stage, _ in shown))
+    assert stages_shown == ["repacking tiny-q8.gguf as int8", "loading weights (int8)"], shown
+    for stage in stages_shown:
+        percents = [p for s, p in shown if s == stage]
+        assert percents[0] == 0 and percents[-1] == 100 and percents == sorted(percents), shown
+    progress = next(e["progress"] for e in loading if "progress" in e)
+    assert progress["total"] == sum(info.nbytes for info in GGUFFile(quantized_gguf).tensors.values())
+    assert c.load_progress is None  # nothing loads any more
+    final = [e for e in seen if e["type"] == "status"][-1]
+    assert final["state"] == "ready" and "progress" not in final
+    assert any(e["type"] == "done" for e in seen), seen
