@@ -111,6 +111,11 @@ def _scenario(page, url, root, expect):
 
     page.locator(".lm-TabBar-tab[data-id='gemma4-nb-sidebar']").click()
     sidebar = page.locator(".g4-sidebar")
+    right = page.locator("#jp-right-stack").bounding_box()  # wider, as a user drags it (the README's screenshots)
+    page.mouse.move(right["x"] - 2, right["y"] + 300)
+    page.mouse.down()
+    page.mouse.move(right["x"] - 180, right["y"] + 300, steps=5)
+    page.mouse.up()
     status = sidebar.locator(".g4-status")
     expect(status).to_contain_text("not loaded", timeout=60_000)
     box = sidebar.locator(".g4-input")
