@@ -189,11 +189,14 @@ export class ChatSidebar extends Widget {
     this.model.onInsert = (code, run, ref) => {
       const panel = this.panel;
       if (panel) {
-        const inserted = insertCell(panel, code, run).then(id => {
-          if (ref && id) {
-            this.agentCells.set(ref, { panel, id });
-          }
-        });
+        const inserted = insertCell(panel, code, run)
+          .then(id => {
+            if (ref && id) {
+              this.agentCells.set(ref, { panel, id });
+            }
+          })
+          .catch(() => undefined) // not inserted: the kernel's run_cell finds no cell and says so
+          .finally(() => ref && this.insertions.delete(ref));
         if (ref) {
           this.insertions.set(ref, inserted);
         }
