@@ -67,6 +67,8 @@ def _cmd_bench(args) -> int:
         raise Gemma4Error(f"unknown shape {args.shape!r}; use one of {sorted(SHAPES)}")
     if args.shape and args.model:
         raise Gemma4Error("give --model or --shape, not both")
+    if args.completion:
+        return _bench_completion(args)
     if args.notebook:
         from .devtools.bench_notebook import notebook_bench
 
@@ -77,6 +79,24 @@ def _cmd_bench(args) -> int:
                   threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,
                   compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat, cuda_graphs=args.cuda_graphs,
                   tokens=args.tokens)
+    return 0
+
+
+def _bench_completion(args) -> int:
+    """``gemma4-nb bench --completion``: inline completion latency (devtools/measurements.py)."""
+    import json
+
+    from .devtools.measurements import completion_latency
+
+    if args.shape:
+        raise Gemma4Error("--completion measures a real completion model: give --model (or nothing: the embedded "
+                          "Gemma 3 270M), not --shape")
+    r = completion_latency(requests=args.requests, threads=args.threads, max_new_tokens=args.max_new_tokens,
+                           model=args.model)
+    print(f"inline completion, {r['max_new_tokens']} tokens, {r['threads']} threads: first request (with the "
+          f"model's load) {r['first_s']:.2f} s; median of the next {r['requests'] - 1} {r['median_s']:.3f} s; "
+          f"slowest {r['max_s']:.3f} s")
+    print(json.dumps(r))
     return 0
 
 
@@ -145,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--notebook", action="store_true",
                    help="a scripted notebook session in a real kernel: per question, prompt tokens, tokens reused "
                         "from the cache, time to first token, total time")
-    b.add_argument("--max-new-tokens", type=int, help="--notebook: new tokens per request at most (default 24; 8 with --shape)")
+    b.add_argument("--completion", action="store_true",
+                   help="inline completion latency: completions as a user typing in a cell asks for them (the "
+                        "completion model: the embedded Gemma 3 270M, or --model); first request, median, slowest")
+    b.add_argument("--requests", type=int, default=12, help="--completion: requests (the first loads the model)")
+    b.add_argument("--max-new-tokens", type=int,
+                   help="--notebook: new tokens per request at most (default 24; 8 with --shape); --completion: "
+                        "tokens per completion (default 24)")
     b.add_argument("--think", type=float, default=2.0,
                    help="--notebook: seconds from the kernel going idle to each question (the user typing; default 2)")
     b.add_argument("--no-warm", action="store_true",

@@ -375,3 +375,33 @@ def test_widget_panel_streams_stops_and_reports_bad_input(monkeypatch, tmp_path)
     panel.service.stop()  # what the Stop button does
     panel.service.wait(10)
     assert "(stopped)" in html()
+
+
+def test_an_approval_names_the_agents_cell(monkeypatch):
+    """The agent's cell goes to the sidebar with a name (``ref``); the approval before running it
+    names the same cell, so the sidebar offers Run / Skip on that cell too. Skipped: nothing runs."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    monkeypatch.chdir(__import__("tempfile").mkdtemp())
+    events: queue.Queue = queue.Queue()
+    c = Copilot(InteractiveShell.instance())
+    c.backend = Scripted(["```python\nimport os\nos.remove('data.csv')\n```\n"])
+    c.backend.supports_tools = True  # a chat model: its code block is the agent's run_python call
+    proto = ChatProtocol(c, events.put, runs_cells=True)
+    c.frontend = proto
+    proto.handle({"type": "chat", "id": "r1", "text": "delete the data file", "agent": True, "context": False})
+    seen = []
+    while True:
+        ev = events.get(timeout=20)
+        seen.append(ev)
+        if ev["type"] == "approval":
+            break
+        assert ev["type"] not in ("done", "error", "run_cell"), seen
+    inserted = [e for e in seen if e["type"] == "insert_cell"]
+    assert len(inserted) == 1 and "os.remove('data.csv')" in inserted[0]["code"]
+    assert ev["ref"] == inserted[0]["ref"] and "delete" in ev["why"]
+    proto.handle({"type": "approve", "approval_id": ev["approval_id"], "ok": False})
+    rest = drain(events)
+    assert not [e for e in rest if e["type"] == "run_cell"]  # skipped: the notebook runs nothing
+    assert any(e["type"] == "skipped" for e in rest), rest
+    proto.service.wait(5)

@@ -48,3 +48,23 @@ def test_bench_command_rejects_bad_input(tiny_dir):
     assert res.returncode == 2 and "not both" in res.stderr
     res = run("bench", "--model", str(tiny_dir), "--compare", "llama.cpp", "--prompt", "4", "--decode", "1")
     assert res.returncode != 0 and "needs a GGUF model" in res.stderr
+
+
+def test_bench_completion_measures_the_completers_latency(tiny_dir):
+    """``gemma4-nb bench --completion``: completions by the notebook's completer as a user typing
+    asks for them; the first request (with the load), then the median and slowest of the rest."""
+    import json
+
+    res = run("bench", "--completion", "--model", str(tiny_dir), "--requests", "3", "--max-new-tokens", "4",
+              "--threads", "1")
+    assert res.returncode == 0, res.stderr
+    summary, figures = res.stdout.strip().splitlines()[-2:]
+    assert summary.startswith("inline completion, 4 tokens, 1 threads: first request")
+    r = json.loads(figures)
+    assert r["requests"] == 3 and r["threads"] == 1 and r["max_new_tokens"] == 4
+    assert len(r["generated_tokens"]) == 2 and all(0 < n <= 4 for n in r["generated_tokens"])
+    assert 0 < r["median_s"] <= r["max_s"] and r["first_s"] > 0
+    res = run("bench", "--completion", "--model", str(tiny_dir), "--requests", "1")
+    assert res.returncode == 2 and "--requests must be at least 2" in res.stderr
+    res = run("bench", "--completion", "--shape", "gemma4-12b")
+    assert res.returncode == 2 and "not --shape" in res.stderr

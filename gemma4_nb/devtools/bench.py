@@ -8,6 +8,7 @@
     python -m gemma4_nb.bench --agreement llama.cpp [--model X.gguf] # top-1 agreement and speed vs llama.cpp
     python -m gemma4_nb.bench --draft                               # prompt-lookup drafting on/off
     python -m gemma4_nb.bench --mtp-cost [--layers 6] [--depth 1024] [--quant int4] # MTP draft/verify cost, 12B shape
+    python -m gemma4_nb.bench --completion [--requests 12] [--threads 2]  # inline completion latency
 
 Prints time to first token, prefill and decode tokens/s, and peak memory. ``--agreement`` needs
 the ``bench`` extra (llama-cpp-python).
@@ -22,8 +23,8 @@ import torch
 
 from ..runtime.decoder import GemmaModel
 from .bench_llama_cpp import agreement_llama_cpp, llama_cpp_speed
-from .measurements import (context_speed, drafting_speed, gguf_load_memory, load_memory, load_time, long_context,
-                           mtp_cost, preprocessing)
+from .measurements import (completion_latency, context_speed, drafting_speed, gguf_load_memory, load_memory,
+                           load_time, long_context, mtp_cost, preprocessing)
 from .shapes import SHAPES, on_device, random_model, random_quantized_model
 from .tiny import tiny_config
 from .workload import cpu_name, run, text_ids
@@ -220,7 +221,14 @@ def main(argv=None) -> int:
                    help="first (repacking) and cached load of a GGUF (--model, or --shape's random GGUF): time, peak RSS")
     p.add_argument("--quant", choices=["int8", "int4"], help="--mtp-cost, --draft, --gguf-load: quantized weights (CPU)")
     p.add_argument("--repeat", type=int, default=1, help="--draft: the best of this many runs of each")
+    p.add_argument("--completion", action="store_true", help="inline completion latency (the embedded model, or --model)")
+    p.add_argument("--requests", type=int, default=12, help="--completion: requests (the first loads the model)")
     args = p.parse_args(argv)
+    if args.completion:
+        import json
+
+        print(json.dumps(completion_latency(args.requests, args.threads, model=args.model), indent=1))
+        return 0
     if args.mtp_cost:
         if args.layers < 6 or args.layers % 6:
             p.error("--layers must be a multiple of 6 (the 12B's 5 sliding + 1 full pattern, so the scaling holds)")

@@ -1,7 +1,8 @@
 """Single-purpose measurements behind docs/benchmarks.md: load time, long context, media
-preprocessing, notebook-context building, drafting, MTP draft cost, load memory.
-``python -m gemma4_nb.bench --load-time | --long-context N | --preprocess | --context | --draft |
---mtp-cost | --load-memory F`` runs them."""
+preprocessing, notebook-context building, drafting, MTP draft cost, load memory, inline
+completion latency. ``python -m gemma4_nb.bench --load-time | --long-context N | --preprocess |
+--context | --draft | --mtp-cost | --load-memory F | --completion`` runs them (``--completion``
+also as ``gemma4-nb bench --completion``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import torch
 
+from ..errors import Gemma4Error
 from ..runtime.checkpoint import expected_tensors
 from ..runtime.config import parse_config
 from ..runtime.decoder import GemmaModel
@@ -319,3 +321,41 @@ def gguf_load_memory(gguf_path, quant: str | None = None) -> None:
             print(f"  {label:<28} {r['load_s']:7.1f} s   peak RSS {r['peak'] / gib:5.2f} GiB while loading, "
                   f"{r['used'] / gib:5.2f} GiB once every weight was read   weights {r['weights'] / gib:.2f} GiB as "
                   f"{r['quant']}   (import {r['import_s']:.1f} s)")
+
+
+def completion_latency(requests: int = 12, threads: int | None = None, max_new_tokens: int | None = None,
+                       model: str | None = None) -> dict:
+    """Latency of inline completions (``notebook/completion.py``'s completer, its own model: the
+    embedded Gemma 3 270M unless ``model`` names another) on ``threads`` threads (None: torch's
+    setting, as in the kernel), as a user typing in a cell asks for them: the cells above the
+    same, the current cell one character longer each time, every completion ``max_new_tokens``
+    long (no stop string). The first request (with the model's load), then the median and the
+    slowest of the rest."""
+    import statistics
+
+    from ..notebook.completion import MAX_NEW_TOKENS, Completer, completion_prompt
+    from ..notebook.copilot import Settings
+
+    if requests < 2:
+        raise Gemma4Error("--requests must be at least 2: the first request loads the model, the median is of the rest")
+    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS
+    if threads is not None:
+        torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
+    completer = Completer(Settings(completion_model=model))
+    above = ["import pandas as pd\nimport numpy as np",
+             "sales = pd.DataFrame({'region': ['north', 'south', 'north'], 'revenue': [10.0, 20.0, 5.0]})",
+             "def total(df, column):\n    return df[column].sum()"]
+    line = "by_region = sales.groupby('region')['revenue'].sum()\nprint(by_region.sort_values("
+    times, tokens = [], []
+    for i in range(requests):
+        prefix = line[: max(1, len(line) - requests + i + 1)]
+        t0 = time.perf_counter()
+        backend = completer._backend()  # loads the model on the first request, as in the kernel
+        reply = backend.complete_text(completion_prompt(above, prefix), stop=[], max_new_tokens=max_new_tokens,
+                                      temperature=0, draft=None)  # as Completer.complete
+        times.append(time.perf_counter() - t0)
+        tokens.append(reply.usage.generated_tokens if reply.usage is not None else None)
+    return {"first_s": round(times[0], 3), "median_s": round(statistics.median(times[1:]), 3),
+            "max_s": round(max(times[1:]), 3), "generated_tokens": tokens[1:], "threads": threads,
+            "requests": requests, "max_new_tokens": max_new_tokens}

@@ -23,6 +23,7 @@ from ..runtime.media import AUDIO_SUFFIXES, IMAGE_SUFFIXES, MediaError, load_aud
 from .agent import CODE_BLOCK
 from .attachments import drop_unsupported
 from .interrupts import route_kernel_interrupts
+from .workspace import KernelWorkspace
 
 MAX_ATTACHMENT_BYTES = 32 * 2**20
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff"}
@@ -102,6 +103,41 @@ def describe_model(copilot) -> dict:
     return {"model": f"{name} (loads on first use)", "model_format": None, "device": None}
 
 
+def load_progress(copilot) -> dict | None:
+    """The load under way as the status lines show it: ``stage`` (what the runtime is doing),
+    ``done`` and ``total`` (its own count: bytes or tensors), ``percent`` (whole, 100 only when
+    done); None when nothing loads or the runtime has not reported yet."""
+    p = getattr(copilot, "load_progress", None)
+    if not p:
+        return None
+    stage, done, total = p
+    percent = 100 if total <= 0 or done >= total else int(100 * done // total)
+    return {"stage": stage, "done": done, "total": total, "percent": percent}
+
+
+def progress_line(p: dict | None) -> str:
+    """``load_progress``'s dict as words: "repacking gemma-3-270m-q4_k_m.gguf as int4: 42%"."""
+    return f"{p['stage']}: {p['percent']}%" if p else ""
+
+
+class ProgressPacer:
+    """When to show a load's progress again: a stage's first and last report always, in between
+    when its percentage moved and ``interval`` seconds passed (a repack reports every block)."""
+
+    def __init__(self, show: Callable[[], None], interval: float = 0.25) -> None:
+        self.show, self.interval = show, interval
+        self.last: tuple[str, int] | None = None
+        self.at = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        percent = 100 if total <= 0 or done >= total else int(100 * done // total)
+        now = time.monotonic()
+        edge = self.last is None or self.last[0] != stage or done >= total
+        if edge or (percent != self.last[1] and now - self.at >= self.interval):
+            self.last, self.at = (stage, percent), now
+            self.show()
+
+
 def _rss_mib() -> float | None:
     try:
         with open("/proc/self/statm") as f:
@@ -114,7 +150,7 @@ class ChatService:
     """Requests to a :class:`~gemma4_nb.notebook.copilot.Copilot` on a worker thread.
 
     Events (``emit(dict)``), in order for one request ``id``: ``start``; ``status`` while the model
-    loads; ``token`` (``text``: the next piece of the reply); ``step`` (what the agent is doing:
+    loads (every second, and as the runtime's ``progress`` moves); ``token`` (``text``: the next piece of the reply); ``step`` (what the agent is doing:
     writing code, waiting for approval, running the cell...); ``code`` (a cell the agent wrote);
     then ``done`` (``text``, ``stopped``, ``code_blocks``, ``usage``, ``context``: one line on what
     the model saw of the notebook) or ``error`` (``message``).
@@ -153,6 +189,10 @@ class ChatService:
                "tokens_per_s": round(u.decode_tokens_per_second, 2) if u is not None else None,
                "approval": c.settings.approval, "frontend": c.frontend is not None,
                "conversation": c.conversation_id}
+        if self.loading:
+            progress = load_progress(c)
+            if progress is not None:
+                out["progress"] = progress
         return out
 
     # -- a request ----------------------------------------------------------------------------
@@ -213,12 +253,14 @@ class ChatService:
         if self.thread is not None:
             self.thread.join(timeout)
 
-    def _ask_approval(self, rid: str, code: str, why: str) -> bool:
-        """Asked from the worker thread; answered by an ``approve`` message on the main thread."""
+    def _ask_approval(self, rid: str, code: str, why: str, ref: str | None = None) -> bool:
+        """Asked from the worker thread; answered by an ``approve`` message on the main thread.
+        ``ref``: the sidebar's name for the agent's cell this would run (it offers Run / Skip on
+        that cell too; either answer is the one ``approve``)."""
         aid = uuid.uuid4().hex[:12]
         event, answer = threading.Event(), []
         self._approvals[aid] = (event, answer)
-        self.emit({"type": "approval", "id": rid, "approval_id": aid, "code": code, "why": why})
+        self.emit({"type": "approval", "id": rid, "approval_id": aid, "code": code, "why": why, "ref": ref})
         try:
             while not event.wait(0.2):
                 if self._stop.is_set():
@@ -235,19 +277,20 @@ class ChatService:
         t0 = time.monotonic()
         done = threading.Event()
 
-        def tick():  # loading progress: what loads and for how long, every second
+        def show():  # what loads, how far the runtime is (its own count), for how long
+            st = self.status()
+            st.update(id=rid, elapsed_s=round(time.monotonic() - t0, 1))
+            self.emit(st)
+
+        def tick():  # every second, also while a stage reports nothing (reading the tokenizer)
             while not done.wait(1.0):
-                st = self.status()
-                st.update(id=rid, elapsed_s=round(time.monotonic() - t0, 1))
-                self.emit(st)
+                show()
 
         ticker = threading.Thread(target=tick, daemon=True)
-        st = self.status()
-        st.update(id=rid, elapsed_s=0.0)
-        self.emit(st)
+        show()
         ticker.start()
         try:
-            c.ensure_model()
+            c.ensure_model(on_progress=ProgressPacer(show))
         finally:
             done.set()
             self.loading = False
@@ -283,9 +326,12 @@ class ChatService:
             if self._stop.is_set():
                 raise Stopped()
             question = text or "Describe the attachment."
+            # the agent's hands, kept here: an approval names the cell it just inserted
+            ws = KernelWorkspace(c.shell, c.frontend) if agent else None
             result = c.ask(question, agent=agent, images=images, audios=audios, use_context=use_context,
-                           on_text=on_text, on_event=on_event, should_stop=self._stop.is_set,
-                           ask_approval=lambda code, why: self._ask_approval(rid, code, why))
+                           on_text=on_text, on_event=on_event, should_stop=self._stop.is_set, workspace=ws,
+                           ask_approval=lambda code, why: self._ask_approval(rid, code, why,
+                                                                             getattr(ws, "cell_ref", None)))
             answer = result.answer if not result.stopped else ("".join(pieces) or result.answer)
             for n in result.notes:  # e.g. a reply the server cut off
                 notes.append(n)

@@ -140,6 +140,7 @@ class Copilot:
         self.lock = threading.Lock()  # one request at a time: %%gemma cells and the chat panels share the model
         self.warmer = None  # prefills the next question's start while the kernel is idle (warmup.py)
         self._warmed = None  # (Update, turns, conversation) that warm_up prefilled
+        self.load_progress: tuple[str, int, int] | None = None  # (stage, done, total) of a load under way
         self._restore_history()
 
     # -- the model --------------------------------------------------------------------------
@@ -167,7 +168,10 @@ class Copilot:
         url = self.settings.backend_url or os.environ.get("GEMMA4_NB_BACKEND_URL")
         return None if not url or url.lower() == LOCAL else url
 
-    def ensure_model(self):
+    def ensure_model(self, on_progress=None):
+        """The backend, loading the in-kernel model first if needed. While it loads,
+        ``load_progress`` holds the runtime's latest report (stage, done, total), also passed to
+        ``on_progress``."""
         if self.backend is None and self.remote_url():
             from ..backends.openai_compat import OpenAIBackend
 
@@ -180,8 +184,16 @@ class Copilot:
         if self.backend is None:
             from ..runtime.model import load
 
+            def report(stage: str, done: int, total: int) -> None:
+                self.load_progress = (stage, done, total)
+                if on_progress is not None:
+                    on_progress(stage, done, total)
+
             t = time.perf_counter()
-            self.model = load(self.settings.model, progress=True, quant=self.settings.quant)
+            try:
+                self.model = load(self.settings.model, progress=True, quant=self.settings.quant, on_progress=report)
+            finally:
+                self.load_progress = None
             self.load_seconds = time.perf_counter() - t
             self.backend = LocalBackend(self.model)
         return self.backend

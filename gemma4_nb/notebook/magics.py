@@ -101,13 +101,14 @@ class _Stream:
 
 
 def _load_with_progress(copilot, rich: bool) -> None:
-    """Load the model before a cell's question, saying what loads and for how long (a line that
-    counts the seconds, then how long it took)."""
+    """Load the model before a cell's question, saying what loads, how far the runtime is (its
+    stage and percentage) and for how long (a line updated as the load moves and every second,
+    then how long it took)."""
     import threading
 
     from IPython.display import Markdown, display
 
-    from .chat_service import describe_model
+    from .chat_service import ProgressPacer, describe_model, load_progress, progress_line
 
     name = str(describe_model(copilot)["model"]).replace(" (loads on first use)", "")
     say = lambda text: None  # noqa: E731 - a terminal gets the first and last lines only
@@ -118,14 +119,18 @@ def _load_with_progress(copilot, rich: bool) -> None:
         print(f"loading {name}…", flush=True)
     t0, done = time.monotonic(), threading.Event()
 
+    def show():
+        where = progress_line(load_progress(copilot))
+        say(f"loading {name}… " + (f"{where} · " if where else "") + f"{time.monotonic() - t0:.0f} s")
+
     def tick():
         while not done.wait(1.0):
-            say(f"loading {name}… {time.monotonic() - t0:.0f} s")
+            show()
 
     ticker = threading.Thread(target=tick, daemon=True)
     ticker.start()
     try:
-        copilot.ensure_model()
+        copilot.ensure_model(on_progress=ProgressPacer(show))
     except BaseException:
         done.set()
         ticker.join(2)

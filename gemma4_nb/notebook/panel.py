@@ -11,7 +11,7 @@ import base64
 import html
 import time
 
-from .chat_service import ChatService
+from .chat_service import ChatService, progress_line
 from .copilot import get_copilot
 
 STYLE = "white-space:pre-wrap;font-family:var(--jp-code-font-family,monospace);font-size:12px;margin:2px 0"
@@ -160,6 +160,8 @@ class ChatPanel:
     def _status_html(st: dict) -> str:
         model = ", ".join(str(st[k]) for k in ("model", "model_format", "device") if st.get(k))
         parts = [f"<b>gemma4-nb</b> · {html.escape(str(st.get('state')))}", html.escape(model)]
+        if st.get("state") == "loading" and st.get("progress"):
+            parts.append(html.escape(progress_line(st["progress"])))
         if st.get("elapsed_s") is not None and st.get("state") == "loading":
             parts.append(f"loading {st['elapsed_s']:.0f} s")
         if st.get("memory_mib"):

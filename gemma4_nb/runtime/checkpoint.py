@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from ..errors import CheckpointError
 from .config import ModelConfig
+from .progress import LoadProgress, as_progress
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -244,14 +244,16 @@ def load_tensors(
     names: list[str],
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: bool | LoadProgress = True,
+    stage: str = "loading weights",
 ) -> dict[str, torch.Tensor]:
-    """Load ``names`` (checkpoint names) cast to ``dtype`` on ``device``, keyed by canonical name."""
+    """Load ``names`` (checkpoint names) cast to ``dtype`` on ``device``, keyed by canonical name;
+    each tensor read is reported to ``progress`` as a step of ``stage``."""
     out: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(shards.weight_map[name], []).append(name)
-    bar = tqdm(total=len(names), desc="Loading weights", unit="tensor", disable=not progress, leave=False)
+    bar = as_progress(progress).stage(stage, len(names))
     try:
         for path, file_names in by_file.items():
             with shards.open(path, check=torch.device(device).type == "cpu") as handle:
@@ -271,7 +273,7 @@ def load_tensors(
 
 
 def load_checkpoint(
-    cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device="cpu", progress: bool = True
+    cfg: ModelConfig, model_dir: Path, dtype: torch.dtype, device="cpu", progress: bool | LoadProgress = True
 ) -> dict[str, torch.Tensor]:
     """Check, then load, every tensor of the text decoder."""
     shards = find_shards(model_dir)

@@ -596,9 +596,9 @@ def write_model_files(g: GGUFFile, out_dir: Path) -> dict:
     return config
 
 
-def convert(path: Path, out_dir: Path, fmt: str | None) -> None:
+def convert(path: Path, out_dir: Path, fmt: str | None, progress=False) -> None:
     """Write the runtime's model directory for a GGUF file: config and tokenizer, and with ``fmt``
-    the weights repacked in it (:func:`.gguf_weights.repack`)."""
+    the weights repacked in it (:func:`.gguf_weights.repack`, reporting to ``progress``)."""
     from .config import parse_config
     from .gguf_weights import repack
 
@@ -606,7 +606,7 @@ def convert(path: Path, out_dir: Path, fmt: str | None) -> None:
     check_repack_memory(g)
     config = write_model_files(g, out_dir)
     if fmt is not None:
-        repack(g, parse_config(config, where=str(path)), fmt, out_dir)
+        repack(g, parse_config(config, where=str(path)), fmt, out_dir, progress)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))  # written last: marks completion
 
 
@@ -635,16 +635,20 @@ def gguf_format(path: Path, quant: str | None, plain: bool = False) -> str | Non
     return fmt
 
 
-def prepare_gguf(path: Path, quant: str | None = None, plain: bool = False, progress: bool = True) -> Path:
+def prepare_gguf(path: Path, quant: str | None = None, plain: bool = False, progress=True) -> Path:
     """The cached model directory for a GGUF file, written on first use: with quantized weights
     (``quant``, or the file's own format) a directory :func:`~.quant.load_saved_quantized` reads;
-    for unquantized weights (``plain``, or a F32/F16/BF16 file) the config and tokenizer only."""
+    for unquantized weights (``plain``, or a F32/F16/BF16 file) the config and tokenizer only.
+    ``progress``: True/False or a :class:`~.progress.LoadProgress` (the repack's bytes done)."""
+    from .progress import as_progress
+
+    progress = as_progress(progress)
     path = Path(path)
     fmt = gguf_format(path, quant, plain)
     target = cache_dir_for(path, fmt)
     if (target / "config.json").is_file():
         return target
-    if progress:
+    if progress.show:
         what = f"repacking its weights as {fmt} once" if fmt else "reading its metadata once"
         print(f"gemma4-nb: {path.name}: {what} (cached in {target})", file=sys.stderr, flush=True)
     try:
@@ -653,7 +657,7 @@ def prepare_gguf(path: Path, quant: str | None = None, plain: bool = False, prog
     except OSError as exc:
         raise CheckpointError(f"cannot create the conversion cache {target.parent} ({exc}); set GEMMA4_NB_CACHE") from None
     try:
-        convert(path, tmp, fmt)
+        convert(path, tmp, fmt, progress)
         try:
             tmp.rename(target)  # atomic: a directory with config.json is always complete
         except OSError:

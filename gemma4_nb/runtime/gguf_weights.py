@@ -28,6 +28,7 @@ from ..kernels.qweight import expand_super_blocks, quantize
 from .checkpoint import canonical_name, check_finite, expected_tensors
 from .config import ModelConfig
 from .gguf_file import ARCHITECTURES, CONFIG_TENSORS, FLOAT_TYPES, GGUFFile, TensorInfo, hf_name
+from .progress import LoadProgress, as_progress
 
 BLOCK_ELEMENTS = 16 << 20  # weights converted at a time (64 MB in fp32)
 WEIGHTS_FILE = "model.safetensors"
@@ -82,20 +83,27 @@ def _plain_block(g: GGUFFile, name: str, info: TensorInfo, raw: np.ndarray) -> t
     return t
 
 
-def plain_weights(g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def plain_weights(g: GGUFFile, cfg: ModelConfig, dtype: torch.dtype,
+                  progress: bool | LoadProgress = False) -> dict[str, torch.Tensor]:
     """Every tensor the decoder needs, dequantized to ``dtype`` (canonical names), a block of rows
-    at a time so that only one block is ever in fp32."""
+    at a time so that only one block is ever in fp32; the file's bytes read are ``progress``'s steps."""
     out = {}
-    for name, info in checked_tensors(g, cfg).items():
-        rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
-        if len(info.shape) == 1:
-            out[canonical_name(cfg, name)] = _plain_block(g, name, info, g.rows(info)).to(dtype)
-            continue
-        t = torch.empty(info.shape, dtype=dtype)
-        step = _rows_per_block(info)
-        for r in range(0, rows, step):
-            t[r : r + step] = _plain_block(g, name, info, g.rows(info, r, r + step))
-        out[canonical_name(cfg, name)] = t
+    tensors = checked_tensors(g, cfg)
+    with as_progress(progress).stage(f"reading {g.path.name}", sum(i.nbytes for i in tensors.values()), "B") as bar:
+        for name, info in tensors.items():
+            rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
+            if len(info.shape) == 1:
+                raw = g.rows(info)
+                out[canonical_name(cfg, name)] = _plain_block(g, name, info, raw).to(dtype)
+                bar.update(raw.nbytes)
+                continue
+            t = torch.empty(info.shape, dtype=dtype)
+            step = _rows_per_block(info)
+            for r in range(0, rows, step):
+                raw = g.rows(info, r, r + step)
+                t[r : r + step] = _plain_block(g, name, info, raw)
+                bar.update(raw.nbytes)
+            out[canonical_name(cfg, name)] = t
     return out
 
 
@@ -120,10 +128,11 @@ def _layout(name: str, info: TensorInfo, fmt: str | None,
             (name + ".qscales", torch.uint8, (rows, -(-(cols // GROUP) // SUPER) * META))]
 
 
-def repack(g: GGUFFile, cfg: ModelConfig, fmt: str, out_dir: Path) -> None:
+def repack(g: GGUFFile, cfg: ModelConfig, fmt: str, out_dir: Path, progress: bool | LoadProgress = False) -> None:
     """Write ``out_dir/model.safetensors`` and the quantization marker: every matrix in ``fmt``
     (or int8, as :func:`~.quant.fmt_for` decides), the rest in fp32, converted a block of rows at a
-    time and written in place (the header first, from the shapes alone)."""
+    time and written in place (the header first, from the shapes alone). The file's bytes
+    converted are ``progress``'s steps."""
     from .decoder import GemmaModel
     from .quant import BLOCK_MAPPINGS, FORMAT_VERSION, MARKER_FILE, fmt_for
 
@@ -150,6 +159,7 @@ def repack(g: GGUFFile, cfg: ModelConfig, fmt: str, out_dir: Path) -> None:
     base = 8 + len(blob)
     path = Path(out_dir) / WEIGHTS_FILE
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    bar = as_progress(progress).stage(f"repacking {g.path.name} as {fmt}", sum(p[1].nbytes for p in plan), "B")
     try:
         os.pwrite(fd, len(blob).to_bytes(8, "little") + blob, 0)
         for name, info, f, entries in plan:
@@ -164,8 +174,10 @@ def repack(g: GGUFFile, cfg: ModelConfig, fmt: str, out_dir: Path) -> None:
                 for start, (key, dtype, shape), part in zip(starts, entries, parts):
                     row_bytes = part[0].nbytes if part.dim() > 1 else 0
                     _pwrite_all(fd, part.contiguous().numpy().tobytes(), start + r * row_bytes)
+                bar.update(raw.nbytes)
         os.ftruncate(fd, base + offset)
     finally:
+        bar.close()
         os.close(fd)
     formats = {canonical_name(cfg, name): [f, list(info.shape)] for name, info, f, _ in plan if f is not None}
     (Path(out_dir) / MARKER_FILE).write_text(json.dumps(

@@ -19,6 +19,7 @@ from .generation import GenerationRequest, TextStream, Usage, generate_ids
 from .kv_cache import DEFAULT_CHUNK, PrefixCache
 from .memory import GiB, MemoryPlanError, available_memory, plan_memory, weight_bytes
 from .multimodal import PreparedPrompt, collect_media, prepare_prompt
+from .progress import LoadProgress, ProgressCallback
 from .resolve import locate
 from .sampling import SamplingParams
 from .speculative import PromptLookupDrafter
@@ -280,7 +281,8 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
          progress: bool = True, download: bool = False, kv_dtype: str | None = None,
          kv_chunk: int = DEFAULT_CHUNK, prefill_chunk: int | None = None,
          kv_offload_after: int | None = None, drafting: str | None = "auto",
-         assistant: str | os.PathLike | None = None, quant: str | None = None) -> Model:
+         assistant: str | os.PathLike | None = None, quant: str | None = None,
+         on_progress: ProgressCallback | None = None) -> Model:
     """Load a Gemma checkpoint: a directory, a ``.gguf`` file, a repo id in the local HF cache, a
     model in Ollama's store (``"ollama:gemma4:12b"``) or LM Studio's (``"lmstudio:<publisher>/<repo>"``,
     or a bare ``<publisher>/<repo>`` not in the HF cache), or ``$GEMMA4_NB_MODEL``; with none of
@@ -310,12 +312,16 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     keeps its own format by default (Q4_K_M/Q4_0 as int4, Q8_0/Q6_K as int8, F16/F32 unquantized;
     repacked once and cached, docs/gguf.md); ``quant="fp32"`` or ``"bf16"`` dequantizes it. The MTP
     assistant, when used, is int8 beside quantized weights on the CPU, else in the activation dtype.
+    ``progress`` shows a bar per stage of the load on the terminal; ``on_progress(stage, done, total)``
+    is called as each stage's work is done (a GGUF's repack in bytes, the weights in tensors; see
+    :mod:`.progress`), e.g. for a notebook's status line.
     """
     from . import quant as qmod
     from .local_stores import is_gguf
     from .weight_choice import choose_weights, quant_setting
 
     setting, _ = quant_setting(quant)  # a misspelt format is refused before anything is read
+    reporter = LoadProgress(show=progress, callback=on_progress)
     located = locate(model, download=download)
     model_dir = source = located.path
     gguf = is_gguf(source)
@@ -323,7 +329,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         from .gguf_file import prepare_gguf
 
         model_dir = prepare_gguf(model_dir, setting if setting in qmod.QUANT_FORMATS else None,
-                                 plain=setting in qmod.UNQUANTIZED, progress=progress)
+                                 plain=setting in qmod.UNQUANTIZED, progress=reporter)
     cfg = load_config(model_dir)
     limit = cfg.max_position_embeddings
     if max_context is None:
@@ -360,7 +366,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     tokenizer = Tokenizer(model_dir)
     assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download, source)
     if saved_quant:
-        weights = qmod.load_saved_quantized(cfg, model_dir, dtype, quant, progress=progress)
+        weights = qmod.load_saved_quantized(cfg, model_dir, dtype, quant, progress=reporter)
         check_finite_weights(weights, model_dir)
         quant = qmod.read_marker(model_dir)["format"]
     elif quant:
@@ -368,14 +374,14 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
 
         shards = find_shards(model_dir)
         check_checkpoint(cfg, shards)
-        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, progress)
+        weights = qmod.load_quantized_from_shards(cfg, shards, list(expected_tensors(cfg)), quant, dtype, reporter)
     elif gguf:
         from .gguf_file import GGUFFile
         from .gguf_weights import plain_weights
 
-        weights = {k: t.to(device) for k, t in plain_weights(GGUFFile(source), cfg, dtype).items()}
+        weights = {k: t.to(device) for k, t in plain_weights(GGUFFile(source), cfg, dtype, reporter).items()}
     else:
-        weights = load_checkpoint(cfg, model_dir, dtype, device, progress=progress)
+        weights = load_checkpoint(cfg, model_dir, dtype, device, progress=reporter)
     if quant and device.type != "cpu":
         # quantized while streaming on the CPU; codes and scales then move to the GPU (kernels/gpu.py),
         # a head saved in nibble planes (a repacked GGUF) as plain int8
@@ -394,7 +400,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
 
             drafter = load_gguf_assistant(assistant_dir, cfg, dtype, device, quant=draft_quant)
         else:
-            drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=progress, quant=draft_quant)
+            drafter = load_assistant(assistant_dir, cfg, dtype, device, progress=reporter, quant=draft_quant)
     elif drafting in ("auto", "prompt_lookup"):
         drafter = PromptLookupDrafter()
     generation_config = _read_json(model_dir / "generation_config.json")

@@ -259,7 +259,7 @@ def resolve_assistant(ref: str | os.PathLike, *, download: bool = False) -> Path
     return path
 
 
-def load_assistant(path: Path, target: ModelConfig, dtype: torch.dtype, device, progress: bool = True,
+def load_assistant(path: Path, target: ModelConfig, dtype: torch.dtype, device, progress=True,
                    quant: str | None = None) -> MTPDrafter:
     """The drafter at ``path`` for ``target``, in ``dtype``; ``quant="int8"``: its matrices int8 (the
     CPU path of a quantized target, where a draft step otherwise reads the drafter's fp32 head)."""
@@ -277,7 +277,9 @@ def load_assistant(path: Path, target: ModelConfig, dtype: torch.dtype, device, 
     if quant:
         from .quant import load_quantized_from_shards
 
-        weights = load_quantized_from_shards(acfg.text, shards, list(expected), quant, dtype, progress)
+        weights = load_quantized_from_shards(acfg.text, shards, list(expected), quant, dtype, progress,
+                                             stage="loading the MTP assistant")
     else:
-        weights = load_tensors(acfg.text, shards, list(expected), dtype, device, progress)
+        weights = load_tensors(acfg.text, shards, list(expected), dtype, device, progress,
+                               stage="loading the MTP assistant")
     return MTPDrafter(acfg, weights, source=path)

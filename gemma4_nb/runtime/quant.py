@@ -26,6 +26,7 @@ import torch
 from ..errors import CheckpointError, Gemma4Error
 from ..kernels.qweight import FORMATS as QUANT_FORMATS
 from ..kernels.qweight import GROUP, QWeight, from_q4_0_int4, from_q4_0_int8, from_q4_k, from_q8_0, quantize
+from .progress import LoadProgress, as_progress
 
 # version 2: int4 in super-blocks (4.625 bits a weight); version 1 stored int4 with an fp32 scale
 # and minimum per group (6 bits) and is refused; its int8 is the same as version 2's
@@ -79,11 +80,12 @@ BLOCK_MAPPINGS = {("Q4_K", "int4"): from_q4_k, ("Q8_0", "int8"): from_q8_0,
                   ("Q4_0", "int8"): from_q4_0_int8, ("Q4_0", "int4"): from_q4_0_int4}
 
 
-def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype, progress: bool = True) -> dict:
+def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype, progress: bool | LoadProgress = True,
+                               stage: str = "loading weights") -> dict:
     """Stream ``names`` from safetensors shards: each matrix is read ``ROW_BLOCK`` rows at a time
-    and quantized, so only one block is ever held in full precision."""
+    and quantized, so only one block is ever held in full precision. Each tensor done is a step of
+    ``stage`` for ``progress``."""
     from safetensors import SafetensorError
-    from tqdm.auto import tqdm
 
     from .checkpoint import canonical_name
 
@@ -91,7 +93,7 @@ def load_quantized_from_shards(cfg, shards, names, fmt: str, dtype: torch.dtype,
     by_file: dict[Path, list[str]] = {}
     for name in names:
         by_file.setdefault(shards.weight_map[name], []).append(name)
-    bar = tqdm(total=len(names), desc=f"Loading weights ({fmt})", unit="tensor", disable=not progress, leave=False)
+    bar = as_progress(progress).stage(f"{stage} ({fmt})", len(names))
     try:
         for path, file_names in by_file.items():
             for name in file_names:
@@ -189,8 +191,10 @@ def save_quantized(weights: dict, fmt: str, source_dir: Path, out_dir: Path) -> 
     return out_dir
 
 
-def load_saved_quantized(cfg, model_dir: Path, dtype: torch.dtype, quant: str | None, progress: bool = True) -> dict:
-    """Load a directory written by :func:`save_quantized` (memory-mapped, no requantization)."""
+def load_saved_quantized(cfg, model_dir: Path, dtype: torch.dtype, quant: str | None,
+                         progress: bool | LoadProgress = True) -> dict:
+    """Load a directory written by :func:`save_quantized` (memory-mapped, no requantization);
+    each tensor read is a step reported to ``progress``."""
     from safetensors import SafetensorError, safe_open
 
     from .checkpoint import canonical_name, expected_tensors
@@ -204,27 +208,27 @@ def load_saved_quantized(cfg, model_dir: Path, dtype: torch.dtype, quant: str | 
     formats = marker["tensors"]
     planes = set(marker.get("planes") or ())  # an int8 head stored in nibble planes (a repacked GGUF)
     out: dict = {}
+    expected = expected_tensors(cfg)
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle, \
+                as_progress(progress).stage(f"loading weights ({marker['format']})", len(expected)) as bar:
             keys = set(handle.keys())
             missing = []
-            for name, shape in expected_tensors(cfg).items():
+            for name, shape in expected.items():
                 canon = canonical_name(cfg, name)
                 if canon in formats:
                     f, saved_shape = formats[canon]
                     if tuple(saved_shape) != tuple(shape):
                         raise CheckpointError(f"{path}: {name} was saved as {saved_shape}, config expects {list(shape)}")
-                    if canon in planes:
-                        out[canon] = QWeight(f, handle.get_tensor(canon + ".qcodes"), handle.get_tensor(canon + ".qscales"),
-                                             None, tuple(shape), dtype, handle.get_tensor(canon + ".qlow"),
-                                             handle.get_tensor(canon + ".qrowerr"))
-                        continue
+                    planed = [handle.get_tensor(canon + ".qlow"), handle.get_tensor(canon + ".qrowerr")] \
+                        if canon in planes else []
                     out[canon] = QWeight(f, handle.get_tensor(canon + ".qcodes"), handle.get_tensor(canon + ".qscales"),
-                                         None, tuple(shape), dtype)
+                                         None, tuple(shape), dtype, *planed)
                 elif canon in keys:
                     out[canon] = handle.get_tensor(canon).to(dtype)
                 else:
                     missing.append(name)
+                bar.update()
             if missing:
                 raise CheckpointError(f"{path}: the quantized checkpoint lacks {len(missing)} tensors, e.g. "
                                       f"{missing[0]}; save it again")

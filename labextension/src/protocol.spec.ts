@@ -86,6 +86,52 @@ describe('ChatModel', () => {
     expect(m.turns).toEqual([]);
   });
 
+  it('answers an approval once, from the panel or the cell, and offers none after its request ended', () => {
+    const m = new ChatModel();
+    const offered: string[] = [];
+    const closed: string[] = [];
+    m.onApproval = t => offered.push(`${t.approvalId}@${t.ref}`);
+    m.onApprovalClosed = t => closed.push(`${t.approvalId}: ${t.outcome}`);
+    m.apply({ type: 'start', id: 'r', text: 'total per region', attachments: [] });
+    m.apply({ type: 'code', id: 'r', code: 'sales.groupby("region").sum()' });
+    m.apply({ type: 'approval', id: 'r', approval_id: 'a1', code: 'sales.groupby("region").sum()', why: 'it was written by the model', ref: 'cell7' });
+    expect(offered).toEqual(['a1@cell7']);
+    expect(m.turns.find(t => t.role === 'approval')).toMatchObject({ approvalId: 'a1', ref: 'cell7' });
+    expect(m.turns.find(t => t.role === 'approval')?.answered).toBeFalsy();
+    // answered on the cell: one message for the kernel; the panel's later click sends nothing
+    expect(m.answerApproval('a1', true)).toEqual({ type: 'approve', approval_id: 'a1', ok: true });
+    expect(m.answerApproval('a1', false)).toBeNull();
+    expect(m.turns.find(t => t.role === 'approval')).toMatchObject({ answered: true, outcome: 'approved: it runs in the notebook' });
+    expect(closed).toEqual(['a1: approved: it runs in the notebook']);
+    expect(m.answerApproval('unknown', true)).toBeNull();
+    // skipped
+    m.apply({ type: 'approval', id: 'r', approval_id: 'a2', code: 'import os; os.remove("x")', why: 'it deletes files' });
+    expect(m.answerApproval('a2', false)).toEqual({ type: 'approve', approval_id: 'a2', ok: false });
+    expect(closed[1]).toBe('a2: skipped: not run');
+    // one nobody answered before the request ended (Stop): closed, its buttons gone everywhere
+    m.apply({ type: 'approval', id: 'r', approval_id: 'a3', code: 'x = 1', why: 'it was written by the model', ref: 'cell8' });
+    m.apply({ type: 'done', id: 'r', text: '', stopped: true, code_blocks: [], usage: null });
+    expect(closed[2]).toBe('a3: not run: the request ended');
+    expect(m.answerApproval('a3', true)).toBeNull();
+    // ... and when the kernel goes away
+    m.apply({ type: 'start', id: 's', text: 'again', attachments: [] });
+    m.apply({ type: 'approval', id: 's', approval_id: 'a4', code: 'y = 2', why: 'it was written by the model', ref: 'cell9' });
+    m.kernelGone('the kernel restarted: the conversation starts over');
+    expect(closed[3]).toBe('a4: not run: the request ended');
+    expect(closed).toHaveLength(4);
+  });
+
+  it('shows the load percentage the kernel reports', () => {
+    const m = new ChatModel();
+    m.apply({
+      type: 'status', state: 'loading', model: 'gemma-3-270m-q4_k_m.gguf (loads on first use)', memory_mib: 300,
+      tokens_per_s: null, elapsed_s: 3.2,
+      progress: { stage: 'repacking gemma-3-270m-q4_k_m.gguf as int4', done: 105, total: 250, percent: 42 }
+    });
+    expect(formatStatus(m.status)).toBe(
+      'loading · repacking gemma-3-270m-q4_k_m.gguf as int4: 42% · 3 s · gemma-3-270m-q4_k_m.gguf (loads on first use) · kernel 300 MiB');
+  });
+
   it('keeps the model status', () => {
     const m = new ChatModel();
     m.apply({ type: 'status', state: 'loading', model: null, memory_mib: 300, tokens_per_s: null, elapsed_s: 2.4 });

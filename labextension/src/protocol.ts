@@ -30,6 +30,14 @@ export interface Usage {
   summary?: string;
 }
 
+/** How far a model load is, from the runtime's own count (bytes of a GGUF repacked, tensors read). */
+export interface LoadProgress {
+  stage: string; // what the runtime is doing, e.g. "repacking gemma-3-270m-q4_k_m.gguf as int4"
+  done: number;
+  total: number;
+  percent: number; // whole; 100 only when the stage is done
+}
+
 export interface Status {
   type: 'status';
   state: string; // "not loaded" | "loading" | "ready" | "generating"
@@ -42,6 +50,7 @@ export interface Status {
   approval?: string;
   elapsed_s?: number;
   load_seconds?: number;
+  progress?: LoadProgress; // while loading, once the runtime reported
 }
 
 export type KernelMessage =
@@ -51,7 +60,7 @@ export type KernelMessage =
   | { type: 'token'; id: string; text: string }
   | { type: 'note' | 'skipped' | 'output'; id: string; text: string }
   | { type: 'code'; id: string; code: string }
-  | { type: 'approval'; id: string; approval_id: string; code: string; why: string }
+  | { type: 'approval'; id: string; approval_id: string; code: string; why: string; ref?: string | null }
   | {
       type: 'done';
       id: string;
@@ -91,6 +100,7 @@ export interface Turn {
   usage?: Usage | null;
   context?: string;
   approvalId?: string;
+  ref?: string; // an approval: the kernel's name for the agent's cell it would run
   answered?: boolean;
   step?: string; // what the agent is doing now (a reply under way)
   original?: string; // an edit: the cell's source when it was asked for (text: the proposed source)
@@ -114,6 +124,10 @@ export class ChatModel {
   onInsert: ((code: string, run: boolean, ref?: string) => void) | null = null;
   /** Called when the kernel asks to run a cell it inserted (the agent's, approved). */
   onRunCell: ((ref: string) => void) | null = null;
+  /** Called with each approval the kernel asks for (the sidebar offers it on the cell too). */
+  onApproval: ((t: Turn) => void) | null = null;
+  /** Called once an approval is answered (in the panel or on the cell) or its request ended. */
+  onApprovalClosed: ((t: Turn) => void) | null = null;
 
   chat(text: string, attachments: Attachment[], agent = false, context = true): FrontendMessage {
     return { type: 'chat', id: newId(), text, attachments, agent, context };
@@ -138,8 +152,34 @@ export class ChatModel {
     }
   }
 
+  /** The user's answer to an approval, from the panel or the cell's toolbar: the message for the
+   *  kernel, once; null when it was already answered (the other place's buttons went away). */
+  answerApproval(approvalId: string, ok: boolean): FrontendMessage | null {
+    const t = this.turns.find(x => x.role === 'approval' && x.approvalId === approvalId);
+    if (!t || t.answered) {
+      return null;
+    }
+    t.answered = true;
+    t.outcome = ok ? 'approved: it runs in the notebook' : 'skipped: not run';
+    this.onApprovalClosed?.(t);
+    return { type: 'approve', approval_id: approvalId, ok };
+  }
+
+  /** Approvals nobody answered whose request ended (of request ``id``, or all): the kernel no
+   *  longer waits for them, so they are offered nowhere. */
+  private closeApprovals(id?: string | null): void {
+    for (const t of this.turns) {
+      if (t.role === 'approval' && !t.answered && (id === undefined || t.id === id)) {
+        t.answered = true;
+        t.outcome = 'not run: the request ended';
+        this.onApprovalClosed?.(t);
+      }
+    }
+  }
+
   /** Every streaming reply ends where it is (an empty one goes); nothing runs any more. */
   endStreaming(): void {
+    this.closeApprovals();
     for (const t of [...this.turns]) {
       if (t.role === 'assistant' && t.streaming) {
         t.streaming = false;
@@ -154,7 +194,7 @@ export class ChatModel {
 
   /** The kernel restarted, died or was replaced: its conversation is gone, and so is the chat. */
   kernelGone(why: string): void {
-    this.endStreaming();
+    this.endStreaming(); // its approvals closed too
     this.turns = this.turns.length && why ? [{ id: newId(), role: 'note', text: why }] : [];
     this.conversation = null;
     this.status = null;
@@ -194,9 +234,15 @@ export class ChatModel {
       case 'code':
         this.step({ id: msg.id, role: 'code', text: msg.code, codeBlocks: [msg.code] });
         break;
-      case 'approval':
-        this.step({ id: msg.id, role: 'approval', text: msg.why, approvalId: msg.approval_id });
+      case 'approval': {
+        const t: Turn = { id: msg.id, role: 'approval', text: msg.why, approvalId: msg.approval_id };
+        if (msg.ref) {
+          t.ref = msg.ref;
+        }
+        this.step(t);
+        this.onApproval?.(t);
         break;
+      }
       case 'done': {
         const t = this.reply(msg.id);
         t.text = msg.text;
@@ -207,6 +253,7 @@ export class ChatModel {
         t.context = msg.context;
         t.step = undefined;
         this.busy = false;
+        this.closeApprovals(msg.id);
         break;
       }
       case 'error': {
@@ -215,6 +262,9 @@ export class ChatModel {
         if (t) {
           this.endStreaming();
         }
+        if (msg.id) {
+          this.closeApprovals(msg.id);
+        }
         this.turns.push({ id: msg.id || newId(), role: 'error', text: msg.message });
         break;
       }
@@ -222,6 +272,7 @@ export class ChatModel {
       case 'completion':
         break;
       case 'reset':
+        this.closeApprovals();
         this.turns = [];
         break;
 
@@ -346,7 +397,13 @@ export function formatStatus(s: Status | null): string {
     return 'connecting…';
   }
   const parts = [s.state];
-  if (s.state === 'loading' && s.elapsed_s !== undefined) {
+  if (s.state === 'loading' && s.progress) {
+    // the runtime's own count: "repacking gemma-3-270m-q4_k_m.gguf as int4: 42% · 3 s"
+    parts.push(`${s.progress.stage}: ${s.progress.percent}%`);
+    if (s.elapsed_s !== undefined) {
+      parts.push(`${Math.round(s.elapsed_s)} s`);
+    }
+  } else if (s.state === 'loading' && s.elapsed_s !== undefined) {
     parts.push(`loading the model: ${Math.round(s.elapsed_s)} s`);
   }
   const model = [s.model, s.model_format, s.device].filter(x => x).join(', ');

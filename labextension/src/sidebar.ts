@@ -7,7 +7,8 @@ import { NotebookActions, NotebookPanel, INotebookTracker } from '@jupyterlab/no
 import { IRenderMimeRegistry, MimeModel } from '@jupyterlab/rendermime';
 import { IRenderMime } from '@jupyterlab/rendermime-interfaces';
 import { Kernel, KernelMessage as JupyterMessage } from '@jupyterlab/services';
-import { Widget } from '@lumino/widgets';
+import { Toolbar, ToolbarButton } from '@jupyterlab/ui-components';
+import { PanelLayout, Widget } from '@lumino/widgets';
 
 import {
   Attachment,
@@ -188,14 +189,25 @@ export class ChatSidebar extends Widget {
     this.model.onInsert = (code, run, ref) => {
       const panel = this.panel;
       if (panel) {
-        void insertCell(panel, code, run).then(id => {
-          if (ref && id) {
-            this.agentCells.set(ref, { panel, id });
-          }
-        });
+        const inserted = insertCell(panel, code, run)
+          .then(id => {
+            if (ref && id) {
+              this.agentCells.set(ref, { panel, id });
+            }
+          })
+          .catch(() => undefined) // not inserted: the kernel's run_cell finds no cell and says so
+          .finally(() => ref && this.insertions.delete(ref));
+        if (ref) {
+          this.insertions.set(ref, inserted);
+        }
       }
     };
     this.model.onRunCell = ref => void this.runAgentCell(ref);
+    this.model.onApproval = t => void this.offerOnCell(t);
+    this.model.onApprovalClosed = t => {
+      this.cellApprovals.get(t.approvalId || '')?.dispose();
+      this.cellApprovals.delete(t.approvalId || '');
+    };
     tracker.currentChanged.connect((_, panel) => void this.follow(panel));
     void this.follow(tracker.currentWidget);
   }
@@ -253,6 +265,38 @@ export class ChatSidebar extends Widget {
   private editTargets = new Map<string, { panel: NotebookPanel; cellId: string; source: string }>();
   /** The agent's cells, by the kernel's name for them: where they are, to run them when approved. */
   private agentCells = new Map<string, { panel: NotebookPanel; id: string }>();
+  /** The agent's cells being inserted, by the kernel's name for them (an approval may come first). */
+  private insertions = new Map<string, Promise<void>>();
+  /** The Run / Skip bars on the agent's cells, by approval id (gone once answered anywhere). */
+  private cellApprovals = new Map<string, Toolbar>();
+
+  /** The approval also on the agent's cell itself: a bar at the top of the cell with Run and Skip
+   *  (JupyterLab's toolbar widgets). Answering there or in the panel answers both: one message to
+   *  the kernel, whose approval protocol decides; the other place's buttons go away. */
+  private async offerOnCell(t: Turn): Promise<void> {
+    if (!t.ref || !t.approvalId) {
+      return;
+    }
+    await this.insertions.get(t.ref);
+    const where = this.agentCells.get(t.ref);
+    const cell = where && !where.panel.isDisposed ? where.panel.content.widgets.find(c => c.model.id === where.id) : undefined;
+    if (!cell || t.answered || this.cellApprovals.has(t.approvalId)) {
+      return; // gone, or answered in the panel meanwhile
+    }
+    const bar = new Toolbar();
+    bar.addClass('g4-cell-approval');
+    bar.addItem('question', new Widget({ node: el('span', 'g4-cell-approval-label', `gemma4-nb: run this cell?${t.text ? ` (${t.text})` : ''}`) }));
+    bar.addItem('run', new ToolbarButton({
+      className: 'g4-cell-run', label: 'Run', tooltip: "Run the agent's cell; the agent reads its output",
+      onClick: () => this.answerApproval(t, true)
+    }));
+    bar.addItem('skip', new ToolbarButton({
+      className: 'g4-cell-skip', label: 'Skip', tooltip: 'Do not run it; the cell stays for you to read and run',
+      onClick: () => this.answerApproval(t, false)
+    }));
+    (cell.layout as PanelLayout).insertWidget(0, bar);
+    this.cellApprovals.set(t.approvalId, bar);
+  }
 
   /** The agent's approved cell runs in the notebook; its outputs go back to the agent. */
   private async runAgentCell(ref: string): Promise<void> {
@@ -622,10 +666,12 @@ export class ChatSidebar extends Widget {
     }
   }
 
+  /** Run or Skip, from the panel or the cell's bar: the kernel is told once. */
   private answerApproval(t: Turn, ok: boolean): void {
-    t.answered = true;
-    t.outcome = ok ? 'approved: it runs in the notebook' : 'skipped: not run';
-    this.post({ type: 'approve', approval_id: t.approvalId || '', ok });
+    const msg = this.model.answerApproval(t.approvalId || '', ok);
+    if (msg) {
+      this.post(msg);
+    }
     this.render();
   }
 
