@@ -326,10 +326,11 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     if gguf and cfg.family.name == "gemma4":
         from .gguf_projector import attach_projector
 
+        shown = located.ref if located.store in ("ollama", "lmstudio") else source.name
         projector, media_note = attach_projector(located.projector, cfg, tokenizer.token_id)
         cfg = projector.config_for(cfg) if projector else _with_media_note(cfg, media_note)
         if projector is None and located.projector is not None and progress:
-            print(f"gemma4-nb: {source.name}: images and audio are off: {media_note}", file=sys.stderr, flush=True)
+            print(f"gemma4-nb: {shown}: images and audio are off: {media_note}", file=sys.stderr, flush=True)
     choice = choose_weights(cfg, quant=quant, device=device, dtype=dtype, max_context=max_context,
                             stored="gguf" if gguf else qmod.read_marker(model_dir)["format"] if saved_quant else None,
                             probe=available_memory)
@@ -385,7 +386,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         except Gemma4Error as exc:  # a damaged projector: the text model still works
             cfg = _with_media_note(text_cfg, f"its projector cannot be used: {exc}")
             if progress:
-                print(f"gemma4-nb: {source.name}: images and audio are off: {exc}", file=sys.stderr, flush=True)
+                print(f"gemma4-nb: {shown}: images and audio are off: {exc}", file=sys.stderr, flush=True)
     drafter = None
     if assistant_dir is not None:
         from .mtp import load_assistant
