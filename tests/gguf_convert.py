@@ -4,6 +4,7 @@ llama-cpp-python sdist the Makefile unpacks into ``build/``) and its quantizer
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,32 @@ def convert(checkpoint: Path, out: Path, outtype: str = "f32") -> Path:
     if res.returncode != 0 or not out.is_file():
         raise RuntimeError(f"convert_hf_to_gguf.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return out
+
+
+def convert_many(jobs: list[tuple[Path, Path, str, bool]]) -> list[Path]:
+    """Several conversions, ``(checkpoint, out, outtype, mmproj)`` each (``mmproj``: the vision and
+    audio projector, ``--mmproj``), in one process: the converter's imports (torch, transformers)
+    are paid once."""
+    code = (
+        "import json, runpy, sys\n"
+        "script = sys.argv[1]\n"
+        "main = runpy.run_path(script, run_name='convert_hf_to_gguf')['main']\n"
+        "for args in json.loads(sys.argv[2]):\n"
+        "    sys.argv = [script] + args\n"
+        "    main()\n"
+    )
+    args = [[str(ckpt), "--outfile", str(out), "--outtype", outtype] + (["--mmproj"] if mmproj else [])
+            for ckpt, out, outtype, mmproj in jobs]
+    for _, out, _, _ in jobs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    # the converter imports its `conversion` package from its own folder
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(LLAMA_SRC / "gguf-py"), str(LLAMA_SRC)]))
+    res = subprocess.run([sys.executable, "-c", code, str(converter()), json.dumps(args)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    missing = [str(out) for _, out, _, _ in jobs if not out.is_file()]
+    if res.returncode != 0 or missing:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed ({res.returncode}; not written: {missing}):\n{res.stderr[-3000:]}")
+    return [out for _, out, _, _ in jobs]
 
 
 def quantize(src: Path, out: Path, ftype: str) -> Path:

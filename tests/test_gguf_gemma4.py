@@ -238,14 +238,51 @@ def test_mtp_assistant_gguf_beside_the_model(gemma4_ggufs, tmp_path):
     assert torch.equal(from_gguf.drafter.pre, from_safetensors.drafter.pre)
 
 
+def test_a_folder_of_model_and_assistant_ggufs(gemma4_ggufs, tmp_path, monkeypatch):
+    """A folder (LM Studio's layout) holding the model's GGUF and its ``gemma4-assistant`` GGUF,
+    both written by llama.cpp's converter: ``load(folder)`` and ``lmstudio:`` pick the model, never
+    the assistant, and the assistant drafts as the safetensors assistant does; `gemma4-nb models`
+    lists one model."""
+    from gemma4_nb.runtime.local_stores import gguf_role, list_lmstudio
+    from gemma4_nb.runtime.mtp import MTPDrafter
+
+    _, _, files = gemma4_ggufs
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / ".lmstudio" / "models" / "google" / "gemma-4-tiny-GGUF"
+    folder.mkdir(parents=True)
+    # named so that the assistant sorts first and carries no telling name: its header says what it is
+    shutil.copy(files["assistant"], folder / "gemma-4-tiny-a-Q8_0.gguf")
+    shutil.copy(files["Q8_0"], folder / "gemma-4-tiny-it-Q8_0.gguf")
+    assert [gguf_role(p) for p in sorted(folder.iterdir())] == ["assistant", "model"]
+    for ref in (folder, "lmstudio:google/gemma-4-tiny-GGUF"):
+        model = gemma4_nb.load(ref, progress=False)
+        assert model.source == (folder / "gemma-4-tiny-it-Q8_0.gguf").absolute()
+        assert isinstance(model.drafter, MTPDrafter) and model.drafter.source == folder / "gemma-4-tiny-a-Q8_0.gguf"
+    assert [(m.ref, m.path.name) for m in list_lmstudio()] == [("lmstudio:google/gemma-4-tiny-GGUF",
+                                                                "gemma-4-tiny-it-Q8_0.gguf")]
+    ids = token_ids(40, seed=5)
+    drafted = model.generate(ids, max_new_tokens=24, temperature=0)
+    assert model.last_usage.drafting is not None and model.last_usage.drafting.proposed > 0
+    assert drafted == model.generate(ids, max_new_tokens=24, temperature=0, draft=False)
+    # the same drafter as the safetensors assistant beside the same model
+    from_safetensors = gemma4_nb.load(folder, assistant=files["assistant"].parent.parent / "ckpt-assistant",
+                                      progress=False)
+    mine, theirs = model.drafter.net.weights, from_safetensors.drafter.net.weights
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        a, b = mine[k], theirs[k]
+        assert torch.equal(a.dequantize(), b.dequantize()) if hasattr(a, "dequantize") else torch.equal(a, b), k
+
+
 def test_images_ask_for_what_a_gguf_lacks(gemma4_ggufs):
-    """A Gemma 4 GGUF is the text model (llama.cpp keeps vision and audio in an mmproj file): an
-    image is refused with a note that says so and what to load instead."""
+    """A Gemma 4 GGUF is the text model (llama.cpp keeps vision and audio in an mmproj file): with
+    no projector beside it, an image is refused with a note that says how to add one."""
     from gemma4_nb.errors import PromptError
 
     _, _, files = gemma4_ggufs
     model = gemma4_nb.load(files["Q8_0"], progress=False)
     image = np.zeros((96, 96, 3), dtype=np.uint8)
-    with pytest.raises(PromptError, match="mmproj file, which gemma4-nb does not read yet"):
+    with pytest.raises(PromptError, match=r"no projector \(mmproj\) file was found for this GGUF; to add images and "
+                                          r"audio, put the model's mmproj-\*\.gguf"):
         model.chat([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}]}],
                    max_new_tokens=2)

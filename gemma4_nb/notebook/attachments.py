@@ -26,11 +26,16 @@ def drop_unsupported(copilot, images: list, audios: list) -> tuple[list, list, l
     backend = copilot.backend
     has_vision = bool(getattr(backend, "supports_images", False))
     has_audio = copilot.model is not None and getattr(copilot.model.config, "audio", None) is not None
+    # a Gemma 4 GGUF without a usable projector (mmproj): why, and how to add one
+    gguf_note = getattr(copilot.model, "config", None) and copilot.model.config.raw.get("gemma4_nb_media_note")
     if images and not has_vision:
-        notes.append(f"{len(images)} image(s) not sent: this model has no vision encoder (use Gemma 4 for images)")
+        why = f"this Gemma 4 GGUF takes text only: {gguf_note}" if gguf_note else \
+            "this model has no vision encoder (use Gemma 4 for images)"
+        notes.append(f"{len(images)} image(s) not sent: {why}")
         images = []
     if audios and not has_audio:
-        notes.append(f"{len(audios)} audio clip(s) not sent: this model has no audio encoder "
-                     "(use Gemma 4 for voice questions)")
+        why = f"this Gemma 4 GGUF takes text only: {gguf_note}" if gguf_note else \
+            "this model has no audio encoder (use Gemma 4 for voice questions)"
+        notes.append(f"{len(audios)} audio clip(s) not sent: {why}")
         audios = []
     return images, audios, notes

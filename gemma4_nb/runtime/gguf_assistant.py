@@ -9,18 +9,15 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, Gemma4Error
+from ..errors import CheckpointError
 from ..kernels.qweight import quantize_weight
 from .checkpoint import canonical_name
-from .gguf_file import ASSISTANT_ARCH, FLOAT_TYPES, GGUFFile, gguf_assistant_config, hf_name
+from .gguf_file import ASSISTANT_ARCH, FLOAT_TYPES, GGUFFile, gguf_assistant_config, hf_name, read_architecture
 from .mtp import MTPDrafter, assistant_tensors, check_pair, parse_assistant_config
 
 
 def is_assistant_gguf(path: Path) -> bool:
-    try:
-        return GGUFFile(path).architecture == ASSISTANT_ARCH
-    except Gemma4Error:
-        return False
+    return read_architecture(path) == ASSISTANT_ARCH  # the header's first key: the model beside is not parsed
 
 
 def find_assistant_gguf(model_gguf: Path) -> Path | None:

@@ -68,6 +68,7 @@ CONFIG_TENSORS = ("rope_freqs.weight",)
 
 
 ASSISTANT_ARCH = "gemma4-assistant"  # llama.cpp's name for Gemma 4's MTP assistant
+PROJECTOR_ARCH = "clip"  # llama.cpp's vision/audio projector files (mmproj)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,8 @@ class GGUFFile:
         """A tensor (or the rows ``raw`` holds, from :meth:`rows`) dequantized to fp32."""
         name = self.check_type(info)
         raw = self.rows(info) if raw is None else raw
-        shape = (raw.shape[0], *info.shape[1:]) if len(info.shape) > 1 else info.shape
+        whole = len(info.shape) < 2 or raw.shape[0] == int(np.prod(info.shape[:-1]))
+        shape = info.shape if whole else (raw.shape[0], info.shape[-1])  # some rows: [rows, row length]
         if name == "F32":
             return torch.from_numpy(raw.view(np.float32).reshape(shape).copy())
         if name == "F16":
@@ -247,6 +249,53 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor {info.name} cannot be read ({exc}); the file is damaged") from None
 
 
+def read_architecture(path: Path, max_keys: int = 64) -> str | None:
+    """``general.architecture`` of a GGUF from the start of its header (writers put it first),
+    without parsing the rest (a 262,144-token vocabulary takes seconds); None when the file is
+    not a readable GGUF or the key is not among the first ``max_keys``."""
+    try:
+        with open(path, "rb") as fh:
+            def read(fmt: str):
+                size = struct.calcsize(fmt)
+                raw = fh.read(size)
+                if len(raw) != size:
+                    raise ValueError("short read")
+                return struct.unpack(fmt, raw)[0]
+
+            def string() -> bytes:
+                n = read("<Q")
+                if n > 1 << 20:
+                    raise ValueError("string too long")
+                return fh.read(n)
+
+            def skip(vtype: int) -> None:
+                vtype = GGUFValueType(vtype)
+                if vtype == GGUFValueType.STRING:
+                    fh.seek(read("<Q"), os.SEEK_CUR)
+                elif vtype == GGUFValueType.ARRAY:
+                    itype, count = read("<I"), read("<Q")
+                    if GGUFValueType(itype) in _SCALARS:
+                        fh.seek(count * struct.calcsize(_SCALARS[GGUFValueType(itype)]), os.SEEK_CUR)
+                    else:
+                        for _ in range(count):
+                            skip(itype)
+                else:
+                    fh.seek(struct.calcsize(_SCALARS[vtype]), os.SEEK_CUR)
+
+            if fh.read(4) != GGUF_MAGIC or read("<I") not in (2, 3):
+                return None
+            read("<Q")
+            n_kv = read("<Q")
+            for _ in range(min(n_kv, max_keys)):
+                key, vtype = string(), read("<I")
+                if key == b"general.architecture" and vtype == GGUFValueType.STRING:
+                    return string().decode("utf-8")
+                skip(vtype)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return None
+    return None
+
+
 # -- config ----------------------------------------------------------------------------------
 
 def gguf_config(g: GGUFFile) -> dict:
@@ -254,7 +303,7 @@ def gguf_config(g: GGUFFile) -> dict:
     arch = g.architecture
     if arch not in ARCHITECTURES:
         hint = (" (a Gemma 4 MTP assistant: put it beside its model, which finds it)" if arch == ASSISTANT_ARCH
-                else " (a multimodal projector: put it beside its model)" if arch == "clip" else "")
+                else " (a multimodal projector: put it beside its model)" if arch == PROJECTOR_ARCH else "")
         raise ConfigError(
             f"{g.path}: GGUF architecture {arch!r} is not supported{hint}. Supported: {', '.join(sorted(ARCHITECTURES))}"
         )

@@ -301,17 +301,31 @@ def lmstudio_roots() -> list[Path]:
     return unique
 
 
+def gguf_role(path: Path) -> str:
+    """What a GGUF in a model folder is: ``"projector"`` (llama.cpp's ``mmproj*.gguf``, architecture
+    ``clip``), ``"assistant"`` (a ``gemma4-assistant``, the drafter of the model beside it) or
+    ``"model"``; from the name and the first key of the header."""
+    from .gguf_file import ASSISTANT_ARCH, PROJECTOR_ARCH, read_architecture
+
+    if "mmproj" in path.name.lower():
+        return "projector"
+    arch = read_architecture(path)
+    return "projector" if arch == PROJECTOR_ARCH else "assistant" if arch == ASSISTANT_ARCH else "model"
+
+
 def is_projector(path: Path) -> bool:
-    """llama.cpp's projector files (vision/audio) are named ``mmproj*.gguf``."""
-    return "mmproj" in path.name.lower()
+    """llama.cpp's projector files (vision/audio): named ``mmproj*.gguf``, architecture ``clip``."""
+    return gguf_role(path) == "projector"
 
 
 def pick_gguf(folder: Path, label: str) -> tuple[Path, Path | None]:
     """The one model GGUF of a folder and its projector (``mmproj*.gguf``), or an error listing
-    the choices when the folder holds several models (e.g. quantizations)."""
+    the choices when the folder holds several models (e.g. quantizations). A Gemma 4 MTP
+    assistant GGUF beside the model is not a model to pick: loading the model finds it."""
     ggufs = sorted(p for p in folder.glob("*.gguf") if p.is_file())
-    models = [p for p in ggufs if not is_projector(p)]
-    projectors = [p for p in ggufs if is_projector(p)]
+    roles = {p: gguf_role(p) for p in ggufs}
+    models = [p for p in ggufs if roles[p] == "model"]
+    projectors = [p for p in ggufs if roles[p] == "projector"]
     if not models:
         raise ModelNotFoundError(f"{label} ({folder}) holds no model GGUF file")
     if len(models) > 1:
@@ -347,10 +361,12 @@ def list_lmstudio() -> list[LocalModel]:
     for root in lmstudio_roots():
         for folder in sorted(p for p in root.glob("*/*") if p.is_dir()):
             ggufs = sorted(p for p in folder.glob("*.gguf") if p.is_file())
-            projectors = [p for p in ggufs if is_projector(p)]
+            roles = {p: gguf_role(p) for p in ggufs}
+            projectors = [p for p in ggufs if roles[p] == "projector"]
+            models = [p for p in ggufs if roles[p] == "model"]
             name = f"{folder.parent.name}/{folder.name}"
-            for path in (p for p in ggufs if not is_projector(p)):
-                several = len(ggufs) - len(projectors) > 1
+            for path in models:
+                several = len(models) > 1
                 found.append(LocalModel("lmstudio", str(path) if several else f"{LMSTUDIO_PREFIX}{name}", path,
                                         projectors[0] if projectors else None,
                                         path.stat().st_size + sum(p.stat().st_size for p in projectors[:1]),

@@ -339,6 +339,17 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"max_context={max_context} is outside what this model supports (2 to {limit} tokens)"
         )
     saved_quant = qmod.is_quantized_dir(model_dir)
+    tokenizer = Tokenizer(model_dir)
+    text_cfg = cfg  # what the weight files hold; `cfg` gains a GGUF's projector (mmproj) for images and audio
+    projector = None
+    if gguf and cfg.family.name == "gemma4":
+        from .gguf_projector import attach_projector
+
+        shown = located.ref if located.store in ("ollama", "lmstudio") else source.name
+        projector, media_note = attach_projector(located.projector, cfg, tokenizer.token_id)
+        cfg = projector.config_for(cfg) if projector else _with_media_note(cfg, media_note)
+        if projector is None and located.projector is not None and progress:
+            print(f"gemma4-nb: {shown}: images and audio are off: {media_note}", file=sys.stderr, flush=True)
     choice = choose_weights(cfg, quant=quant, device=device, dtype=dtype, max_context=max_context,
                             stored="gguf" if gguf else qmod.read_marker(model_dir)["format"] if saved_quant else None,
                             probe=available_memory)
@@ -363,10 +374,9 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"{cfg.model_type} weights need {need / GiB:.1f} GiB in {fmt} but only {free / GiB:.1f} GiB is "
             f"available on {device}; free memory, use dtype='bf16', or a smaller model"
         )
-    tokenizer = Tokenizer(model_dir)
     assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download, source)
     if saved_quant:
-        weights = qmod.load_saved_quantized(cfg, model_dir, dtype, quant, progress=reporter)
+        weights = qmod.load_saved_quantized(text_cfg, model_dir, dtype, quant, progress=reporter)
         check_finite_weights(weights, model_dir)
         quant = qmod.read_marker(model_dir)["format"]
     elif quant:
@@ -379,7 +389,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
         from .gguf_file import GGUFFile
         from .gguf_weights import plain_weights
 
-        weights = {k: t.to(device) for k, t in plain_weights(GGUFFile(source), cfg, dtype, reporter).items()}
+        weights = {k: t.to(device) for k, t in plain_weights(GGUFFile(source), text_cfg, dtype, reporter).items()}
     else:
         weights = load_checkpoint(cfg, model_dir, dtype, device, progress=reporter)
     if quant and device.type != "cpu":
@@ -389,6 +399,13 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
 
         weights = {name: (QWeight("int8", t.int8_codes(), t.scales, None, t.shape, t.dtype)
                           if getattr(t, "planes", False) else t).to(device) for name, t in weights.items()}
+    if projector is not None:
+        try:
+            weights.update(projector.weights(dtype, device))
+        except Gemma4Error as exc:  # a damaged projector: the text model still works
+            cfg = _with_media_note(text_cfg, f"its projector cannot be used: {exc}")
+            if progress:
+                print(f"gemma4-nb: {shown}: images and audio are off: {exc}", file=sys.stderr, flush=True)
     drafter = None
     if assistant_dir is not None:
         from .mtp import load_assistant
@@ -408,6 +425,13 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
                  kv_dtype=kv_dtype, kv_chunk=kv_chunk, prefill_chunk=prefill_chunk,
                  kv_offload_after=kv_offload_after, drafter=drafter, quant=quant, projector=located.projector,
                  weight_note=choice.note, name=located.ref if located.store in ("ollama", "lmstudio") else None)
+
+
+def _with_media_note(cfg: ModelConfig, note: str) -> ModelConfig:
+    """``cfg`` with the reason images and audio are off, which a request with media is told."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, raw=cfg.raw | {"gemma4_nb_media_note": note})
 
 
 DRAFTING = ("auto", "mtp", "prompt_lookup", None)

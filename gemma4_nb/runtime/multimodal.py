@@ -180,10 +180,11 @@ def prepare_prompt(text: str, images: list, audios: list, tokenizer, cfg: ModelC
                               "pass media as content parts: {'type': 'image', 'image': ...}")
         return PreparedPrompt(ids, list(ids))
     if tok_ids is None or embedders is None:
-        if cfg.raw.get("gemma4_nb_gguf") and cfg.family.name == "gemma4":
-            raise PromptError("this Gemma 4 GGUF holds the text model only: llama.cpp keeps images and audio in a "
-                              "separate mmproj file, which gemma4-nb does not read yet. Remove the image and audio "
-                              "parts, or load the safetensors checkpoint (google/gemma-4-12B-it) for images and audio")
+        note = cfg.raw.get("gemma4_nb_media_note")
+        if note:  # a Gemma 4 GGUF without a usable projector (load() says why)
+            raise PromptError(f"this Gemma 4 GGUF takes text only as loaded: llama.cpp keeps images and audio in a "
+                              f"separate projector (mmproj) file, and {note}. Then load the model again, or remove "
+                              "the image and audio parts")
         raise PromptError(f"this model ({cfg.model_type}) takes text only; remove the image and audio parts")
     if images and cfg.vision is None:
         raise PromptError("this checkpoint has no image embedder; remove the image parts")
