@@ -82,10 +82,10 @@ demo: install
 	$(BIN)/python -m gemma4_nb.devtools.demo examples/quickstart.ipynb build
 
 # The sidebar's unit tests (vitest), then every Python test, the browser end-to-end test among them
-# (its screenshots land in build/e2e/).
+# (its screenshots land in build/e2e/); the 30 slowest tests are listed at the end.
 test: install-test
 	cd labextension && $(NPM) test --silent
-	cd tests && ../$(BIN)/python -m pytest -q -p no:cacheprovider --rootdir=.. ..
+	cd tests && ../$(BIN)/python -m pytest -q -p no:cacheprovider --rootdir=.. --durations=30 ..
 
 $(VENV)/.deps-bench: $(VENV)/.deps
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install --quiet --no-cache-dir "llama-cpp-python[server]==0.3.36"
