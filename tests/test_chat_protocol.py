@@ -10,10 +10,7 @@ import threading
 import time
 import uuid
 
-import pytest
-
 from gemma4_nb.backends.base import Reply
-from gemma4_nb.errors import Gemma4Error
 from gemma4_nb.notebook.chat_service import BUSY, code_blocks, decode_attachment
 from gemma4_nb.notebook.comm import ChatProtocol
 from gemma4_nb.notebook.copilot import Copilot
@@ -91,7 +88,7 @@ def test_stop_mid_generation_keeps_the_partial_reply(monkeypatch):
     monkeypatch.chdir(__import__("tempfile").mkdtemp())
     c, proto, events = make([f"w{i} " for i in range(2000)], delay=0.005)
     proto.handle({"type": "chat", "id": "r2", "text": "long", "context": False})
-    while (ev := events.get(timeout=10))["type"] != "token":
+    while events.get(timeout=10)["type"] != "token":
         pass
     proto.handle({"type": "stop"})
     evs = drain(events)
@@ -317,7 +314,7 @@ def test_sidebar_protocol_in_a_real_kernel_with_the_embedded_model(tmp_path):
         # stop mid-generation: the kernel handles the stop message while the worker generates
         k.execute("%gemma config max_new_tokens=400")
         k.send({"type": "chat", "id": "q2", "text": "Write a very long story about a dragon, chapter by chapter."})
-        first = k.events(lambda e: e["type"] == "token")
+        k.events(lambda e: e["type"] == "token")
         k.send({"type": "stop"})
         evs = k.events(lambda e: e["type"] in ("done", "error"), timeout=60)
         done = evs[-1]
