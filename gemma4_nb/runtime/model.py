@@ -339,11 +339,15 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"max_context={max_context} is outside what this model supports (2 to {limit} tokens)"
         )
     saved_quant = qmod.is_quantized_dir(model_dir)
-    tokenizer = Tokenizer(model_dir)
+    # the tokenizer (0.4 GiB for a 262,144-token vocabulary) is read after the memory check below,
+    # unless a GGUF's projector needs its media token ids first
+    tokenizer = None
     text_cfg = cfg  # what the weight files hold; `cfg` gains a GGUF's projector (mmproj) for images and audio
     projector = None
     if gguf and cfg.family.name == "gemma4":
         from .gguf_projector import attach_projector
+
+        tokenizer = Tokenizer(model_dir)
 
         shown = located.ref if located.store in ("ollama", "lmstudio") else source.name
         projector, media_note = attach_projector(located.projector, cfg, tokenizer.token_id)
@@ -374,6 +378,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
             f"{cfg.model_type} weights need {need / GiB:.1f} GiB in {fmt} but only {free / GiB:.1f} GiB is "
             f"available on {device}; free memory, use dtype='bf16', or a smaller model"
         )
+    tokenizer = tokenizer or Tokenizer(model_dir)
     assistant_dir = _assistant_dir(drafting, assistant, model_dir, cfg, download, source)
     if saved_quant:
         weights = qmod.load_saved_quantized(text_cfg, model_dir, dtype, quant, progress=reporter)
