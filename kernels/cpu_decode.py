@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_numba import gate_up_gelu, gemm, quantize_activations_fine, row_dot, row_dot2, row_dot4
+from .cpu_numba import gate_up_gelu, gemm, quantize_activations_fine, row_all_positions
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -50,22 +50,6 @@ def rope_in_place(x, cos, sin):
         x[half + j] = b * cos[j] + a * sin[j]
 
 
-@njit(inline="always", fastmath=True)
-def _row_all_positions(ya, w, n, out, col):
-    """``out[t, col]`` = row ``n`` of ``w`` dotted with every activation row ``t`` (the row's
-    groups read once for up to four positions)."""
-    t_n = out.shape[0]
-    t = 0
-    while t + 4 <= t_n:
-        out[t, col], out[t + 1, col], out[t + 2, col], out[t + 3, col] = row_dot4(ya, t, w, n)
-        t += 4
-    if t + 2 <= t_n:
-        out[t, col], out[t + 1, col] = row_dot2(ya, t, w, n)
-        t += 2
-    if t < t_n:
-        out[t, col] = row_dot(ya, t, w, n)
-
-
 @njit(**_OPTS)
 def _qkv_rows(ya, wq, wk, wv, n_k, n_v, qf, raw_k, raw_v):
     """The rows of the q, k and v projections in one parallel pass, every position at once
@@ -73,11 +57,11 @@ def _qkv_rows(ya, wq, wk, wv, n_k, n_v, qf, raw_k, raw_v):
     n_q = qf.shape[1]
     for r in prange(n_q + n_k + n_v):
         if r < n_q:
-            _row_all_positions(ya, wq, r, qf, r)
+            row_all_positions(ya, wq, r, qf, r)
         elif r < n_q + n_k:
-            _row_all_positions(ya, wk, r - n_q, raw_k, r - n_q)
+            row_all_positions(ya, wk, r - n_q, raw_k, r - n_q)
         else:
-            _row_all_positions(ya, wv, r - n_q - n_k, raw_v, r - n_q - n_k)
+            row_all_positions(ya, wv, r - n_q - n_k, raw_v, r - n_q - n_k)
 
 
 # The two layer functions are serial code around parallel product kernels, not one parallel

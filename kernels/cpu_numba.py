@@ -199,17 +199,24 @@ def gemm_quantized(xa, w, out):
     :func:`quantize_activations` or :func:`quantize_activations_fine`): parallel over output rows,
     each row of ``W`` read once for every ``t`` (matrix-vector at decode, small matrix-matrix for
     verification)."""
-    t_n = xa[0].shape[0]
     for n in prange(out.shape[1]):
-        t = 0
-        while t + 4 <= t_n:
-            out[t, n], out[t + 1, n], out[t + 2, n], out[t + 3, n] = row_dot4(xa, t, w, n)
-            t += 4
-        if t + 2 <= t_n:
-            out[t, n], out[t + 1, n] = row_dot2(xa, t, w, n)
-            t += 2
-        if t < t_n:
-            out[t, n] = row_dot(xa, t, w, n)
+        row_all_positions(xa, w, n, out, n)
+
+
+@njit(inline="always", fastmath=True)
+def row_all_positions(xa, w, n, out, col):
+    """``out[t, col]`` = row ``n`` of ``w`` dotted with every activation row ``t`` (the row's
+    groups read once for up to four positions)."""
+    t_n = out.shape[0]
+    t = 0
+    while t + 4 <= t_n:
+        out[t, col], out[t + 1, col], out[t + 2, col], out[t + 3, col] = row_dot4(xa, t, w, n)
+        t += 4
+    if t + 2 <= t_n:
+        out[t, col], out[t + 1, col] = row_dot2(xa, t, w, n)
+        t += 2
+    if t < t_n:
+        out[t, col] = row_dot(xa, t, w, n)
 
 
 @njit(fastmath=True, cache=True, nogil=True)
