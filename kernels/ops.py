@@ -237,20 +237,21 @@ def gated_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor:
 
 
 def attention(q, k, v, q_pos, k_pos, window, scale, cap=None, blocks=None, *, fused: bool = False):
-    """Grouped-query attention (see :func:`torch_ops.attention`). With ``fused`` on the CPU, each
-    query position runs the numba decode kernel (each K/V row read once per KV head), one after
-    the other: a verification's positions then compute exactly as decode steps would, so drafted
-    and plain greedy decoding agree bit for bit."""
+    """Grouped-query attention (see :func:`torch_ops.attention`). With ``fused`` on the CPU, the
+    query positions run the numba decode kernel (each K/V row read once per KV head), all in one
+    call, each computing exactly as a decode step would: drafted and plain greedy decoding agree
+    bit for bit."""
     if fused and blocks is None and q.device.type == "cpu":
         qp = q_pos.start if isinstance(q_pos, range) else int(q_pos[0])
         k0 = k_pos.start if isinstance(k_pos, range) else int(k_pos[0])
-        qn = _np(q)
         kn, vn = _np(k), _np(v)
-        out = np.empty((q.shape[1], q.shape[0], v.shape[2]), dtype=np.float32)
-        for t in range(q.shape[1]):
-            lo = 0 if window is None else max(0, qp + t - window + 1 - k0)
-            hi = min(k.shape[1], qp + t - k0 + 1)
-            out[t] = _nb().decode_attention(np.ascontiguousarray(qn[:, t]), kn, vn, lo, hi, scale, cap)
+        # the keys as one chunk of [Tk, Hkv, D] rows, query t over rows lo .. hi - 1
+        kd, vd = kn.transpose(1, 0, 2)[None], vn.transpose(1, 0, 2)[None]
+        his = [min(k.shape[1], qp + t - k0 + 1) for t in range(q.shape[1])]
+        los = [0 if window is None else max(0, qp + t - window + 1 - k0) for t in range(q.shape[1])]
+        one = np.zeros(1, dtype=np.int64)
+        out = _nb().decode_attention_positions(np.ascontiguousarray(_np(q).transpose(1, 0, 2)), kd, vd, one, one,
+                                               los, [max(hi - lo, 0) for lo, hi in zip(los, his)], scale, cap)
         return torch.from_numpy(out).to(v.dtype)
     if q.device.type == "cuda":
         return _gpu.attention(q, k, v, q_pos, k_pos, window, scale, cap, blocks)
@@ -261,18 +262,18 @@ def attention_chunks(q, view, scale, cap=None, window: int | None = None) -> tor
     """The last ``T`` positions' queries (``q``: ``[Hq, T, D]``) over a chunked cache's storage
     (``view`` from :meth:`KVCache.chunk_view`, whose keys end with those positions): no contiguous
     K/V copy is made. Each query sees the keys up to its own position (and within ``window``),
-    through the same kernel a decode step runs. Returns ``[T, Hq, Dv]``."""
+    all in one call of the kernel a decode step runs. Returns ``[T, Hq, Dv]``."""
     kd, vd, ks, vs, skip, n, keys = view
     t_n = q.shape[1]
-    qn = _np(q)
-    kd, vd, ks, vs = kd.numpy(), vd.numpy(), ks.numpy(), vs.numpy()
-    out = np.empty((t_n, q.shape[0], vd.shape[3]), dtype=np.float32)
+    skips, ns = [], []
     for t in range(t_n):
         pos = keys.stop - t_n + t  # this query's position: it sees keys keys.start .. pos
         start = 0 if window is None else max(0, pos - window + 1 - keys.start)
-        out[t] = _nb().decode_attention_chunks(np.ascontiguousarray(qn[:, t]), kd, vd, ks, vs, skip + start,
-                                               pos + 1 - keys.start - start, scale, cap)
-    return torch.from_numpy(out).to(torch.float32)
+        skips.append(skip + start)
+        ns.append(pos + 1 - keys.start - start)
+    out = _nb().decode_attention_positions(np.ascontiguousarray(_np(q).transpose(1, 0, 2)), kd.numpy(), vd.numpy(),
+                                           ks.numpy(), vs.numpy(), skips, ns, scale, cap)
+    return torch.from_numpy(out)
 
 
 def kernel_weight(w: QWeight) -> tuple:
