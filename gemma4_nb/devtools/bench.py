@@ -7,6 +7,7 @@
     python -m gemma4_nb.bench --load-time                           # embedded GGUF: first and cached load
     python -m gemma4_nb.bench --agreement llama.cpp [--model X.gguf] # top-1 agreement and speed vs llama.cpp
     python -m gemma4_nb.bench --draft                               # prompt-lookup drafting on/off
+    python -m gemma4_nb.bench --verify-cost [--quant int4]          # a verification's cost in plain steps
     python -m gemma4_nb.bench --mtp-cost [--layers 6] [--depth 1024] [--quant int4] # MTP draft/verify cost, 12B shape
     python -m gemma4_nb.bench --completion [--requests 12] [--threads 2]  # inline completion latency
 
@@ -24,7 +25,7 @@ import torch
 from ..runtime.decoder import GemmaModel
 from .bench_llama_cpp import agreement_llama_cpp, llama_cpp_speed
 from .measurements import (completion_latency, context_speed, drafting_speed, gguf_load_memory, load_memory,
-                           load_time, long_context, mtp_cost, preprocessing)
+                           load_time, long_context, mtp_cost, preprocessing, verification_cost)
 from .shapes import SHAPES, on_device, random_model, random_quantized_model
 from .tiny import tiny_config
 from .workload import cpu_name, run, text_ids
@@ -212,6 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--preprocess", action="store_true", help="image and audio preprocessing times")
     p.add_argument("--context", action="store_true", help="notebook context for a 10M-row DataFrame")
     p.add_argument("--draft", action="store_true", help="decode speed with and without prompt-lookup drafting")
+    p.add_argument("--verify-cost", action="store_true",
+                   help="a verification forward of 1-8 positions against a plain decode step (the embedded model)")
     p.add_argument("--mtp-cost", action="store_true",
                    help="12B shape: MTP draft step and k-token verify cost relative to a plain decode step")
     p.add_argument("--layers", type=int, default=6, help="--mtp-cost: target layers actually built (scaled to 48)")
@@ -219,7 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--load-memory", choices=["int8", "int4", "none"], help="peak RSS of a streaming quantized load")
     p.add_argument("--gguf-load", action="store_true",
                    help="first (repacking) and cached load of a GGUF (--model, or --shape's random GGUF): time, peak RSS")
-    p.add_argument("--quant", choices=["int8", "int4"], help="--mtp-cost, --draft, --gguf-load: quantized weights (CPU)")
+    p.add_argument("--quant", choices=["int8", "int4"],
+                   help="--mtp-cost, --draft, --verify-cost, --gguf-load: quantized weights (CPU)")
     p.add_argument("--repeat", type=int, default=1, help="--draft: the best of this many runs of each")
     p.add_argument("--completion", action="store_true", help="inline completion latency (the embedded model, or --model)")
     p.add_argument("--requests", type=int, default=12, help="--completion: requests (the first loads the model)")
@@ -243,6 +247,10 @@ def main(argv=None) -> int:
         from .shape_gguf import shape_gguf
 
         gguf_load_memory(shape_gguf(args.shape) if args.shape else args.model, args.quant)
+        return 0
+    if args.verify_cost:
+        torch.set_num_threads(args.threads)
+        verification_cost(args.model, quant=args.quant)
         return 0
     if args.draft:
         torch.set_num_threads(args.threads)

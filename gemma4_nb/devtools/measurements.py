@@ -1,7 +1,8 @@
 """Single-purpose measurements behind docs/benchmarks.md: load time, long context, media
-preprocessing, notebook-context building, drafting, MTP draft cost, load memory, inline
-completion latency. ``python -m gemma4_nb.bench --load-time | --long-context N | --preprocess |
---context | --draft | --mtp-cost | --load-memory F | --completion`` runs them (``--completion``
+preprocessing, notebook-context building, drafting, verification cost, MTP draft cost, load
+memory, inline completion latency. ``python -m gemma4_nb.bench --load-time | --long-context N |
+--preprocess | --context | --draft | --verify-cost | --mtp-cost | --load-memory F | --completion``
+runs them (``--completion``
 also as ``gemma4-nb bench --completion``)."""
 
 from __future__ import annotations
@@ -174,6 +175,45 @@ def drafting_speed(model_ref: str | None, new_tokens: int = 128, quant: str | No
     mean0 = sum(r[0] for r in rows) / len(rows)
     mean1 = sum(r[1] for r in rows) / len(rows)
     print(f"mean: plain {mean0:.1f} tok/s, drafting {mean1:.1f} tok/s, speedup {mean1 / mean0:.2f}x")
+
+
+def verification_cost(model_ref: str | None, quant: str | None = None, sizes=(1, 2, 3, 4, 5, 6, 8),
+                      repeats: int = 12) -> None:
+    """What a verification forward costs against a plain decode step, on a loaded model (the
+    embedded 270M unless ``model_ref``): after a code prompt, a forward of ``t`` positions
+    (layers), then each position's top-1 (the head), ``t`` in ``sizes``, all sizes in turn
+    ``repeats`` times (the first two rounds not counted); medians. Prompt-lookup drafting pays when
+    ``t`` positions cost well under ``t`` plain steps."""
+    import statistics
+
+    from ..runtime.model import load
+
+    model = load(model_ref, device="cpu", dtype="fp32", quant=quant, progress=False)
+    net = model.net
+    cache = net.new_cache()
+    net.forward(torch.tensor(model.encode(REWRITE_PROMPTS[0] * 2)), cache, logits=False)
+    n = cache.length
+    ids = torch.tensor(model.encode(REWRITE_PROMPTS[1]))[: max(sizes)]
+    times: dict[int, list] = {t: [] for t in sizes}
+    for rep in range(repeats + 2):
+        for t in sizes:
+            t0 = time.perf_counter()
+            hidden = net.forward(ids[:t], cache, outputs="all", logits=False).hidden
+            t1 = time.perf_counter()
+            net.top_k(hidden[0], 1) if t == 1 else net.top_k_rows(hidden, 1)
+            t2 = time.perf_counter()
+            cache.truncate(n)
+            if rep >= 2:
+                times[t].append((t1 - t0, t2 - t1))
+    print(f"model: {model.source.name}   weights: {quant or 'fp32'}   threads: {torch.get_num_threads()}   "
+          f"context {n} tokens, medians of {repeats}")
+    plain = None
+    for t, pairs in times.items():
+        layers = statistics.median(a for a, _ in pairs) * 1e3
+        head = statistics.median(b for _, b in pairs) * 1e3
+        plain = plain or layers + head
+        print(f"{t} position{'s' if t > 1 else ' '}: layers {layers:6.2f} ms  head {head:6.2f} ms  "
+              f"= {(layers + head) / plain:4.2f} plain steps")
 
 
 def mtp_cost(layers: int, context: int, ks=(1, 2, 3, 4, 6), device: str = "cpu", dtype=torch.bfloat16,
