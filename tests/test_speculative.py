@@ -16,6 +16,8 @@ def test_prompt_lookup_proposes_what_followed_the_last_ngram():
     assert d.propose([5, 6, 7, 8, 9, 1, 6, 7], k=3) == [8, 9, 1]  # "6 7" seen before, followed by 8 9 1
     assert d.propose([1, 2, 3, 4], k=3) == []  # nothing repeats
     assert d.propose([4, 9, 4, 9, 4], k=2) == [9, 4]  # the most recent match
+    assert d.propose([3, 5, 8, 1, 2, 5], k=2) == []  # one matching token is not enough by default
+    assert PromptLookupDrafter(min_ngram=1).propose([3, 5, 8, 1, 2, 5], k=2) == [8, 1]
 
 
 class NoisyDrafter:

@@ -49,11 +49,17 @@ class Drafter(Protocol):
 
 
 class PromptLookupDrafter:
-    """Propose the tokens that followed the most recent earlier occurrence of the last n-gram."""
+    """Propose the tokens that followed the most recent earlier occurrence of the last n-gram
+    (the longest of ``max_ngram`` .. ``min_ngram`` tokens that occurs earlier).
+
+    One matching token is weak evidence (whatever followed the last ``(`` or ``,``), and a
+    rejected draft costs a verification forward: with matches of 2 or more tokens the three
+    code-rewriting prompts of ``bench --draft`` ran 1.48-1.53x plain decoding where 1-token
+    matches gave 1.37-1.48x (the 270M, int8 and int4, two runs each, 2026-12-02)."""
 
     cost_aware = False  # a lookup in a list costs next to nothing
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2) -> None:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def __repr__(self) -> str:
