@@ -328,6 +328,25 @@ def test_decode_attention(window, cap, groups, gen):
     assert float((got - want).abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_attention_of_several_positions_is_each_alone_bit_for_bit(window, gen):
+    """A verification's positions attend in one call; each gets the bits it gets alone (a decode
+    step), and the reference's values."""
+    hkv, groups, tk, d, t_n = 2, 3, 200, 32, 5
+    q = torch.randn(hkv * groups, t_n, d, generator=gen)
+    k = torch.randn(hkv, tk, d, generator=gen)
+    v = torch.randn(hkv, tk, d, generator=gen)
+    k_pos = range(10, tk + 10)
+    q_pos = range(tk + 10 - t_n, tk + 10)  # the last t_n keys are the queries' own
+    many = ops.attention(q, k, v, q_pos, k_pos, window, 0.3, None, fused=True)
+    for t in range(t_n):
+        one = ops.attention(q[:, t:t + 1], k[:, :tk - t_n + t + 1], v[:, :tk - t_n + t + 1],
+                            range(q_pos[t], q_pos[t] + 1), range(10, q_pos[t] + 1), window, 0.3, None, fused=True)
+        assert torch.equal(many[t:t + 1], one)
+    want = ref.attention(q, k, v, q_pos, k_pos, window, 0.3, None)
+    assert float((many - want).abs().max()) < 1e-5
+
+
 def test_decode_attention_splits_agree(gen):
     q, k, v = torch.randn(4, 16, generator=gen), torch.randn(1, 300, 16, generator=gen), torch.randn(1, 300, 16, generator=gen)
     one = nb.decode_attention(q.numpy(), k.numpy(), v.numpy(), 5, 290, 0.25, None, splits=1)

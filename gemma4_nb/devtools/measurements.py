@@ -2,8 +2,7 @@
 preprocessing, notebook-context building, drafting, verification cost, MTP draft cost, load
 memory, inline completion latency. ``python -m gemma4_nb.bench --load-time | --long-context N |
 --preprocess | --context | --draft | --verify-cost | --mtp-cost | --load-memory F | --completion``
-runs them (``--completion``
-also as ``gemma4-nb bench --completion``)."""
+runs them (``--completion`` also as ``gemma4-nb bench --completion``)."""
 
 from __future__ import annotations
 
