@@ -831,31 +831,40 @@ def head_topk(x, w, k: int, cap: float | None, parts: int = 64, row_err=None, po
 
 # -- decode attention --------------------------------------------------------------------------
 
+@njit(inline="always")
+def _split_count(n, splits):
+    """Key ranges per KV head for ``n`` keys: ``splits`` when given (> 0), else one per 64 keys
+    (1 to 16)."""
+    return splits if splits > 0 else max(1, min(16, n // 64))
+
+
 @njit(**_OPTS)
 def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
     """Query positions ``q`` ``[T, Hq, D]`` over keys stored in chunks: query ``t``'s key ``i``
     (0..ns[t]-1) is row ``(skips[t] + i) % chunk`` of chunk ``ks[(skips[t] + i) // chunk]`` of ``kd``
-    ``[chunks, chunk, Hkv, D]`` (V likewise). Each query's keys are split in ``splits[t]`` ranges
-    per KV head (flash-decoding): each job keeps a running max, sum and unnormalized output for
-    every query head of its group (each K/V row read once for all of them), then the parts are
-    merged into ``out`` ``[T, Hq, Dv]``. All positions' jobs run in one parallel loop (a
-    verification's positions in one call), and a job computes the same bits whatever the other
-    positions are: a position's output is the one a decode step alone would get."""
+    ``[chunks, chunk, Hkv, D]`` (V likewise). Each query's keys are split in ranges per KV head
+    (:func:`_split_count`, from its own number of keys; flash-decoding): each job keeps a running
+    max, sum and unnormalized output for every query head of its group (each K/V row read once for
+    all of them), then the parts are merged into ``out`` ``[T, Hq, Dv]``. All positions' jobs run in
+    one parallel loop (a verification's positions in one call), and a job computes the same bits
+    whatever the other positions are: a position's output is the one a decode step alone would get."""
     t_n, hq, d = q.shape
     chunk = kd.shape[1]
     hkv = kd.shape[2]
     dv = vd.shape[3]
     groups = hq // hkv
+    parts = np.empty(t_n, dtype=np.int64)
     s_max = 1
     jobs = 0
     for t in range(t_n):
-        s_max = max(s_max, splits[t])
-        jobs += hkv * splits[t]
+        parts[t] = _split_count(ns[t], splits)
+        s_max = max(s_max, parts[t])
+        jobs += hkv * parts[t]
     job_t = np.empty(jobs, dtype=np.int64)  # job -> (position, its job number)
     job_r = np.empty(jobs, dtype=np.int64)
     j = 0
     for t in range(t_n):
-        for r in range(hkv * splits[t]):
+        for r in range(hkv * parts[t]):
             job_t[j] = t
             job_r[j] = r
             j += 1
@@ -864,7 +873,7 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
     acc = np.empty((t_n, hkv, s_max, groups, dv), dtype=np.float32)
     for job in prange(jobs):
         t = job_t[job]
-        n_sp = splits[t]
+        n_sp = parts[t]
         h = job_r[job] // n_sp
         sp = job_r[job] % n_sp
         n = ns[t]
@@ -903,12 +912,12 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
         for h in range(hkv):
             for g in range(groups):
                 m = NEG
-                for sp in range(splits[t]):
+                for sp in range(parts[t]):
                     m = max(m, m_p[t, h, sp, g])
                 total = np.float32(0.0)
                 o = out[t, h * groups + g]
                 o[:] = 0.0
-                for sp in range(splits[t]):
+                for sp in range(parts[t]):
                     if l_p[t, h, sp, g] == 0.0:
                         continue
                     r = np.exp(m_p[t, h, sp, g] - m)
@@ -919,19 +928,13 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
                     o[j] /= total
 
 
-def _splits(n: int, splits: int) -> int:
-    return splits if splits > 0 else max(1, min(16, n // 64))
-
-
 def decode_attention_positions(q, kd, vd, ks, vs, skips, ns, scale: float, cap: float | None, splits: int = 0):
     """Decode attention of several query positions ``q`` ``[T, Hq, D]`` over a chunked cache (see
     :meth:`KVCache.chunk_view`), query ``t`` over the ``ns[t]`` keys from row ``skips[t]``, in one
-    call. Returns ``[T, Hq, Dv]``."""
-    ns = np.asarray(ns, dtype=np.int64)
-    parts = np.array([_splits(int(n), splits) for n in ns], dtype=np.int64)
+    call (``splits``: key ranges per KV head, 0 for the default). Returns ``[T, Hq, Dv]``."""
     out = np.empty((q.shape[0], q.shape[1], vd.shape[3]), dtype=np.float32)
-    _decode_attention(q, kd, vd, ks, vs, np.asarray(skips, dtype=np.int64), ns, np.float32(scale),
-                      np.float32(cap or 0.0), parts, out)
+    _decode_attention(q, kd, vd, ks, vs, np.asarray(skips, dtype=np.int64), np.asarray(ns, dtype=np.int64),
+                      np.float32(scale), np.float32(cap or 0.0), splits, out)
     return out
 
 
@@ -943,11 +946,18 @@ def decode_attention_chunks(q, kd, vd, ks, vs, skip: int, n: int, scale: float, 
 _ONE_CHUNK = np.zeros(1, dtype=np.int64)
 
 
-def decode_attention(q, k, v, lo: int, hi: int, scale: float, cap: float | None, splits: int = 0):
-    """Attention of one query position over keys ``lo..hi-1`` of contiguous ``k``/``v``
-    ``[Hkv, Tk, D]`` (fp32): the same kernel, reading them as one chunk. Returns ``[Hq, Dv]``."""
+def decode_attention_rows(q, k, v, los, his, scale: float, cap: float | None, splits: int = 0):
+    """Query positions ``q`` ``[T, Hq, D]`` over contiguous ``k``/``v`` ``[Hkv, Tk, D]`` (fp32), query
+    ``t`` over keys ``los[t] .. his[t] - 1``: the same kernel, reading them as one chunk. Returns
+    ``[T, Hq, Dv]``."""
     kd, vd = k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None]
-    return decode_attention_chunks(q, kd, vd, _ONE_CHUNK, _ONE_CHUNK, lo, max(hi - lo, 0), scale, cap, splits)
+    ns = [max(hi - lo, 0) for lo, hi in zip(los, his)]
+    return decode_attention_positions(q, kd, vd, _ONE_CHUNK, _ONE_CHUNK, los, ns, scale, cap, splits)
+
+
+def decode_attention(q, k, v, lo: int, hi: int, scale: float, cap: float | None, splits: int = 0):
+    """:func:`decode_attention_rows` of one query position ``q`` ``[Hq, D]``. Returns ``[Hq, Dv]``."""
+    return decode_attention_rows(q[None], k, v, [lo], [hi], scale, cap, splits)[0]
 
 
 def compiled_kernels() -> tuple:

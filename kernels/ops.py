@@ -244,14 +244,10 @@ def attention(q, k, v, q_pos, k_pos, window, scale, cap=None, blocks=None, *, fu
     if fused and blocks is None and q.device.type == "cpu":
         qp = q_pos.start if isinstance(q_pos, range) else int(q_pos[0])
         k0 = k_pos.start if isinstance(k_pos, range) else int(k_pos[0])
-        kn, vn = _np(k), _np(v)
-        # the keys as one chunk of [Tk, Hkv, D] rows, query t over rows lo .. hi - 1
-        kd, vd = kn.transpose(1, 0, 2)[None], vn.transpose(1, 0, 2)[None]
-        his = [min(k.shape[1], qp + t - k0 + 1) for t in range(q.shape[1])]
         los = [0 if window is None else max(0, qp + t - window + 1 - k0) for t in range(q.shape[1])]
-        one = np.zeros(1, dtype=np.int64)
-        out = _nb().decode_attention_positions(np.ascontiguousarray(_np(q).transpose(1, 0, 2)), kd, vd, one, one,
-                                               los, [max(hi - lo, 0) for lo, hi in zip(los, his)], scale, cap)
+        his = [min(k.shape[1], qp + t - k0 + 1) for t in range(q.shape[1])]
+        out = _nb().decode_attention_rows(np.ascontiguousarray(_np(q).transpose(1, 0, 2)), _np(k), _np(v), los, his,
+                                          scale, cap)
         return torch.from_numpy(out).to(v.dtype)
     if q.device.type == "cuda":
         return _gpu.attention(q, k, v, q_pos, k_pos, window, scale, cap, blocks)

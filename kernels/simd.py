@@ -465,7 +465,9 @@ def _multi(rows: int):
 
 
 dot2_int8, dot2_int4, dot2_planes, dot2_screen = _multi(2)
-dot4_int8, dot4_int4, dot4_planes, dot4_screen = _multi(4)
+# four rows: the head's full pass only (the products take positions by pairs, see
+# cpu_numba.row_all_positions)
+dot4_planes = _two_planes("planes", 4)
 
 
 dot_planes = _two_planes("planes")  # an int8 row stored as two nibble planes, exactly

@@ -54,8 +54,8 @@ class PromptLookupDrafter:
 
     One matching token is weak evidence (whatever followed the last ``(`` or ``,``), and a
     rejected draft costs a verification forward: with matches of 2 or more tokens the three
-    code-rewriting prompts of ``bench --draft`` ran 1.48-1.53x plain decoding where 1-token
-    matches gave 1.37-1.48x (the 270M, int8 and int4, two runs each, 2026-12-02)."""
+    code-rewriting prompts of ``bench --draft`` ran 1.45-1.57x plain decoding where 1-token
+    matches gave 1.37-1.48x (the 270M, int8 and int4, docs/benchmarks.md)."""
 
     cost_aware = False  # a lookup in a list costs next to nothing
 
