@@ -78,6 +78,9 @@ _choose_threading_layer()
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 # fastmath lets LLVM assume no infinities, so "minus infinity" is a finite sentinel here
 RESCORE_AHEAD = 4  # rows prefetched ahead in the head's pass 2 (measured 2-8: alike; none: +25%)
+# keys an attention job scores before it rescales and adds their values (one max and one
+# rescale per block instead of per key)
+ATTENTION_BLOCK = 32
 EXACT_COLUMNS = 8  # columns the screened head computes exactly (see ScreenPolicy): simd.dot8's width
 NEG = np.float32(-3.0e38)
 
@@ -833,21 +836,24 @@ def head_topk(x, w, k: int, cap: float | None, parts: int = 64, row_err=None, po
 
 @njit(inline="always")
 def _split_count(n, splits):
-    """Key ranges per KV head for ``n`` keys: ``splits`` when given (> 0), else one per 64 keys
-    (1 to 16)."""
+    """Key ranges for ``n`` keys: ``splits`` when given (> 0), else one per 64 keys (1 to 16)."""
     return splits if splits > 0 else max(1, min(16, n // 64))
 
 
 @njit(**_OPTS)
 def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
     """Query positions ``q`` ``[T, Hq, D]`` over keys stored in chunks: query ``t``'s key ``i``
-    (0..ns[t]-1) is row ``(skips[t] + i) % chunk`` of chunk ``ks[(skips[t] + i) // chunk]`` of ``kd``
-    ``[chunks, chunk, Hkv, D]`` (V likewise). Each query's keys are split in ranges per KV head
-    (:func:`_split_count`, from its own number of keys; flash-decoding): each job keeps a running
-    max, sum and unnormalized output for every query head of its group (each K/V row read once for
-    all of them), then the parts are merged into ``out`` ``[T, Hq, Dv]``. All positions' jobs run in
-    one parallel loop (a verification's positions in one call), and a job computes the same bits
-    whatever the other positions are: a position's output is the one a decode step alone would get."""
+    (0..ns[t]-1) is row ``(skip[t] + i) % chunk`` of chunk ``ks[(skips[t] + i) // chunk]`` of ``kd``
+    ``[chunks, chunk, Hkv, D]`` (V likewise). Each query's keys are split in ranges
+    (:func:`_split_count`, from its own number of keys; flash-decoding). A job takes one range for
+    every KV head, so it reads the range's K and V rows in storage order (a key's heads are
+    contiguous; one head's keys are ``Hkv * D`` apart, a stride the prefetchers followed at a third
+    of the memory's rate), and keeps a running max, sum and unnormalized output for every query
+    head (each K/V row read once for the query heads of its group). Keys go by blocks of
+    ``ATTENTION_BLOCK``: their scores, one rescale, then their values. The parts are merged into
+    ``out`` ``[T, Hq, Dv]``. All positions' jobs run in one parallel loop (a verification's
+    positions in one call), and a job computes the same bits whatever the other positions are: a
+    position's output is the one a decode step alone would get."""
     t_n, hq, d = q.shape
     chunk = kd.shape[1]
     hkv = kd.shape[2]
@@ -859,73 +865,91 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
     for t in range(t_n):
         parts[t] = _split_count(ns[t], splits)
         s_max = max(s_max, parts[t])
-        jobs += hkv * parts[t]
-    job_t = np.empty(jobs, dtype=np.int64)  # job -> (position, its job number)
+        jobs += parts[t]
+    job_t = np.empty(jobs, dtype=np.int64)  # job -> (position, its key range)
     job_r = np.empty(jobs, dtype=np.int64)
     j = 0
     for t in range(t_n):
-        for r in range(hkv * parts[t]):
+        for r in range(parts[t]):
             job_t[j] = t
             job_r[j] = r
             j += 1
-    m_p = np.empty((t_n, hkv, s_max, groups), dtype=np.float32)
-    l_p = np.empty((t_n, hkv, s_max, groups), dtype=np.float32)
-    acc = np.empty((t_n, hkv, s_max, groups, dv), dtype=np.float32)
+    m_p = np.empty((t_n, s_max, hq), dtype=np.float32)
+    l_p = np.empty((t_n, s_max, hq), dtype=np.float32)
+    acc = np.empty((t_n, s_max, hq, dv), dtype=np.float32)
     for job in prange(jobs):
         t = job_t[job]
-        n_sp = parts[t]
-        h = job_r[job] // n_sp
-        sp = job_r[job] % n_sp
+        sp = job_r[job]
         n = ns[t]
         skip = skips[t]
-        per = (n + n_sp - 1) // n_sp
-        for g in range(groups):
-            m_p[t, h, sp, g] = NEG
-            l_p[t, h, sp, g] = 0.0
-            acc[t, h, sp, g, :] = 0.0
-        for i in range(sp * per, min(n, sp * per + per)):
+        per = (n + parts[t] - 1) // parts[t]
+        m = np.full(hq, NEG, dtype=np.float32)
+        l_sum = np.zeros(hq, dtype=np.float32)
+        a = np.zeros((hq, dv), dtype=np.float32)
+        p = np.empty((hq, ATTENTION_BLOCK), dtype=np.float32)
+        i = sp * per
+        end = min(n, sp * per + per)
+        while i < end:  # a block of keys of one chunk: scores, one rescale, then the values
             c = (skip + i) // chunk
             off = (skip + i) % chunk
+            nb = min(ATTENTION_BLOCK, end - i, chunk - off)
             kc = ks[c]
             vc = vs[c]
-            for g in range(groups):
-                qh = h * groups + g
-                s = np.float32(0.0)
-                for j in range(d):
-                    s += q[t, qh, j] * kd[kc, off, h, j]
-                s *= scale
-                if cap > 0:
-                    s = np.tanh(s / cap) * cap
-                m_old = m_p[t, h, sp, g]
-                if s > m_old:  # new maximum: rescale what is accumulated
-                    r = np.exp(m_old - s)
-                    l_p[t, h, sp, g] = l_p[t, h, sp, g] * r + 1.0
+            for b in range(nb):
+                for h in range(hkv):
+                    krow = kd[kc, off + b, h]
+                    for qh in range(h * groups, (h + 1) * groups):
+                        qrow = q[t, qh]
+                        s = np.float32(0.0)
+                        for j in range(d):
+                            s += qrow[j] * krow[j]
+                        s *= scale
+                        if cap > 0:
+                            s = np.tanh(s / cap) * cap
+                        p[qh, b] = s
+            for qh in range(hq):
+                top = m[qh]
+                for b in range(nb):
+                    top = max(top, p[qh, b])
+                if top > m[qh]:  # a new maximum: rescale what is accumulated
+                    r = np.exp(m[qh] - top)
+                    l_sum[qh] *= r
                     for j in range(dv):
-                        acc[t, h, sp, g, j] = acc[t, h, sp, g, j] * r + vd[vc, off, h, j]
-                    m_p[t, h, sp, g] = s
-                else:
-                    p = np.exp(s - m_old)
-                    l_p[t, h, sp, g] += p
-                    for j in range(dv):
-                        acc[t, h, sp, g, j] += p * vd[vc, off, h, j]
+                        a[qh, j] *= r
+                    m[qh] = top
+                for b in range(nb):
+                    e = np.exp(p[qh, b] - top)
+                    p[qh, b] = e
+                    l_sum[qh] += e
+            for b in range(nb):
+                for h in range(hkv):
+                    vrow = vd[vc, off + b, h]
+                    for qh in range(h * groups, (h + 1) * groups):
+                        e = p[qh, b]
+                        aq = a[qh]
+                        for j in range(dv):
+                            aq[j] += e * vrow[j]
+            i += nb
+        m_p[t, sp] = m
+        l_p[t, sp] = l_sum
+        acc[t, sp] = a
     for t in range(t_n):
-        for h in range(hkv):
-            for g in range(groups):
-                m = NEG
-                for sp in range(parts[t]):
-                    m = max(m, m_p[t, h, sp, g])
-                total = np.float32(0.0)
-                o = out[t, h * groups + g]
-                o[:] = 0.0
-                for sp in range(parts[t]):
-                    if l_p[t, h, sp, g] == 0.0:
-                        continue
-                    r = np.exp(m_p[t, h, sp, g] - m)
-                    total += l_p[t, h, sp, g] * r
-                    for j in range(dv):
-                        o[j] += acc[t, h, sp, g, j] * r
+        for qh in range(hq):
+            top = NEG
+            for sp in range(parts[t]):
+                top = max(top, m_p[t, sp, qh])
+            total = np.float32(0.0)
+            o = out[t, qh]
+            o[:] = 0.0
+            for sp in range(parts[t]):
+                if l_p[t, sp, qh] == 0.0:
+                    continue
+                r = np.exp(m_p[t, sp, qh] - top)
+                total += l_p[t, sp, qh] * r
                 for j in range(dv):
-                    o[j] /= total
+                    o[j] += acc[t, sp, qh, j] * r
+            for j in range(dv):
+                o[j] /= total
 
 
 def decode_attention_positions(q, kd, vd, ks, vs, skips, ns, scale: float, cap: float | None, splits: int = 0):
