@@ -841,7 +841,7 @@ def _split_count(n, splits):
 
 
 @njit(**_OPTS)
-def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
+def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos, ksin, rope_rows, out):
     """Query positions ``q`` ``[T, Hq, D]`` over keys stored in chunks: query ``t``'s key ``i``
     (0..ns[t]-1) is row ``(skip[t] + i) % chunk`` of chunk ``ks[(skips[t] + i) // chunk]`` of ``kd``
     ``[chunks, chunk, Hkv, D]`` (V likewise). Each query's keys are split in ranges
@@ -853,7 +853,12 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
     ``ATTENTION_BLOCK``: their scores, one rescale, then their values. The parts are merged into
     ``out`` ``[T, Hq, Dv]``. All positions' jobs run in one parallel loop (a verification's
     positions in one call), and a job computes the same bits whatever the other positions are: a
-    position's output is the one a decode step alone would get."""
+    position's output is the one a decode step alone would get.
+
+    A K=V layer (``kw`` not empty) stores only V; each key is rebuilt from its value row as the
+    model defines it, ``rope(v * kw)`` (rotate-half over the first ``kcos.shape[1]`` pairs), with
+    query ``t``'s key ``i`` at row ``rope_rows[t] + i`` of the cos/sin tables ``kcos``/``ksin``:
+    once per key for all query heads, instead of a gathered copy of every key each step."""
     t_n, hq, d = q.shape
     chunk = kd.shape[1]
     hkv = kd.shape[2]
@@ -887,6 +892,9 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
         l_sum = np.zeros(hq, dtype=np.float32)
         a = np.zeros((hq, dv), dtype=np.float32)
         p = np.empty((hq, ATTENTION_BLOCK), dtype=np.float32)
+        rebuilt = np.empty((hkv, d), dtype=np.float32)
+        pairs = kcos.shape[1]
+        half = d // 2
         i = sp * per
         end = min(n, sp * per + per)
         while i < end:  # a block of keys of one chunk: scores, one rescale, then the values
@@ -898,6 +906,17 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
             for b in range(nb):
                 for h in range(hkv):
                     krow = kd[kc, off + b, h]
+                    if kw.shape[0] > 0:  # K=V: the key from its value row
+                        row = rope_rows[t] + i + b
+                        kr = rebuilt[h]
+                        for j in range(d):
+                            kr[j] = krow[j] * kw[j]
+                        for j in range(pairs):
+                            x1 = kr[j]
+                            x2 = kr[half + j]
+                            kr[j] = x1 * kcos[row, j] - x2 * ksin[row, j]
+                            kr[half + j] = x2 * kcos[row, j] + x1 * ksin[row, j]
+                        krow = kr
                     for qh in range(h * groups, (h + 1) * groups):
                         qrow = q[t, qh]
                         s = np.float32(0.0)
@@ -952,13 +971,26 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, out):
                 o[j] /= total
 
 
-def decode_attention_positions(q, kd, vd, ks, vs, skips, ns, scale: float, cap: float | None, splits: int = 0):
+_NO_KEYS_FROM = (np.zeros(0, dtype=np.float32), np.zeros((1, 1), dtype=np.float32),
+                 np.zeros((1, 1), dtype=np.float32))
+
+
+def decode_attention_positions(q, kd, vd, ks, vs, skips, ns, scale: float, cap: float | None, splits: int = 0,
+                               keys_from=None):
     """Decode attention of several query positions ``q`` ``[T, Hq, D]`` over a chunked cache (see
     :meth:`KVCache.chunk_view`), query ``t`` over the ``ns[t]`` keys from row ``skips[t]``, in one
-    call (``splits``: key ranges per KV head, 0 for the default). Returns ``[T, Hq, Dv]``."""
+    call (``splits``: key ranges, 0 for the default). ``keys_from``: for a K=V layer (``kd`` is then
+    ``vd``), ``(kw, cos, sin, rows)``: the key norm's weight and the RoPE tables of the keys, query
+    ``t``'s first key at table row ``rows[t]``. Returns ``[T, Hq, Dv]``."""
     out = np.empty((q.shape[0], q.shape[1], vd.shape[3]), dtype=np.float32)
+    if keys_from is None:
+        kw, kcos, ksin = _NO_KEYS_FROM
+        rows = np.zeros(q.shape[0], dtype=np.int64)
+    else:
+        kw, kcos, ksin, rows = keys_from
+        rows = np.asarray(rows, dtype=np.int64)
     _decode_attention(q, kd, vd, ks, vs, np.asarray(skips, dtype=np.int64), np.asarray(ns, dtype=np.int64),
-                      np.float32(scale), np.float32(cap or 0.0), splits, out)
+                      np.float32(scale), np.float32(cap or 0.0), splits, kw, kcos, ksin, rows, out)
     return out
 
 

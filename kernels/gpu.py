@@ -128,6 +128,8 @@ def attention_chunks(q: torch.Tensor, view, scale: float, cap: float | None = No
     :meth:`KVCache.chunk_view`): the visible rows are gathered from the chunks and attended with
     :func:`attention`. Returns ``[1, Hq, Dv]``."""
     kd, vd, ks, vs, skip, n, positions = view
+    if kd is None:
+        raise ValueError("a K=V layer's chunk view has no keys; gather them with KVCache.read")
     ks, vs = ks.to(kd.device), vs.to(vd.device)
     k = kd.index_select(0, ks).flatten(0, 1)[skip : skip + n].transpose(0, 1)
     v = vd.index_select(0, vs).flatten(0, 1)[skip : skip + n].transpose(0, 1)

@@ -254,11 +254,13 @@ def attention(q, k, v, q_pos, k_pos, window, scale, cap=None, blocks=None, *, fu
     return _ref.attention(q, k, v, q_pos, k_pos, window, scale, cap, blocks)
 
 
-def attention_chunks(q, view, scale, cap=None, window: int | None = None) -> torch.Tensor:
+def attention_chunks(q, view, scale, cap=None, window: int | None = None, keys_from=None) -> torch.Tensor:
     """The last ``T`` positions' queries (``q``: ``[Hq, T, D]``) over a chunked cache's storage
     (``view`` from :meth:`KVCache.chunk_view`, whose keys end with those positions): no contiguous
     K/V copy is made. Each query sees the keys up to its own position (and within ``window``),
-    all in one call of the kernel a decode step runs. Returns ``[T, Hq, Dv]``."""
+    all in one call of the kernel a decode step runs. A K=V layer's view has no keys
+    (``view[0]`` None): ``keys_from`` ``(key norm weight [D], cos, sin)``, the RoPE tables of the
+    view's key positions, rebuilds them in the kernel. Returns ``[T, Hq, Dv]``."""
     kd, vd, ks, vs, skip, n, keys = view
     t_n = q.shape[1]
     skips, ns = [], []
@@ -267,8 +269,15 @@ def attention_chunks(q, view, scale, cap=None, window: int | None = None) -> tor
         start = 0 if window is None else max(0, pos - window + 1 - keys.start)
         skips.append(skip + start)
         ns.append(pos + 1 - keys.start - start)
+    rebuild = None
+    if kd is None:
+        if keys_from is None:
+            raise ValueError("a K=V layer's chunk view needs keys_from (the key norm weight and RoPE tables)")
+        kw, cos, sin = keys_from
+        rebuild = (_np(kw), _np(cos), _np(sin), [s_ - skip for s_ in skips])
+        kd, ks = vd, vs
     out = _nb().decode_attention_positions(np.ascontiguousarray(_np(q).transpose(1, 0, 2)), kd.numpy(), vd.numpy(),
-                                           ks.numpy(), vs.numpy(), skips, ns, scale, cap)
+                                           ks.numpy(), vs.numpy(), skips, ns, scale, cap, keys_from=rebuild)
     return torch.from_numpy(out)
 
 

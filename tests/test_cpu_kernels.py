@@ -347,6 +347,55 @@ def test_decode_attention_of_several_positions_is_each_alone_bit_for_bit(window,
     assert float((many - want).abs().max()) < 1e-5
 
 
+def test_attention_rebuilds_the_keys_of_a_k_eq_v_layer_from_the_chunked_cache(gen):
+    """A K=V layer stores only V; the fused attention rebuilds each key as rope(v * key norm
+    weight) inside the kernel, reading the cache's chunks (a partial rotation, as Gemma 4's full
+    layers have). A decode step and a verification's positions
+    against the reference over keys rebuilt in float64; each verification position gets the bits
+    of a decode step alone."""
+    from gemma4_nb.devtools.tiny import tiny_config
+    from gemma4_nb.runtime.config import parse_config
+    from gemma4_nb.runtime.kv_cache import KVCache
+
+    cfg = parse_config(tiny_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   global_head_dim=128, attention_k_eq_v=True, sliding_window=24,
+                                   layer_types=["sliding_attention", "full_attention"]))
+    spec = cfg.layers[1]
+    assert spec.k_eq_v and spec.num_kv_heads == 1
+    cache = KVCache(cfg, chunk=8, max_rollback=4)
+    hkv, d, pairs = spec.num_kv_heads, spec.head_dim, 16  # a quarter of the pairs rotated
+    freqs = torch.arange(400, dtype=torch.float64)[:, None] * (0.5 ** torch.arange(pairs, dtype=torch.float64))[None]
+    cos, sin = freqs.cos().float(), freqs.sin().float()
+    kw = (1.0 + torch.rand(d, generator=gen)).contiguous()
+    checked = 0
+    for step in range(40):
+        t = 30 if step == 0 else (3 if step % 5 == 4 else 1)
+        q_pos = cache.begin(t)
+        for s in cfg.layers:
+            v = torch.randn(s.num_kv_heads, t, s.head_dim, generator=gen)
+            k = None if s.k_eq_v else torch.randn(s.num_kv_heads, t, s.head_dim, generator=gen)
+            cache.update(s.index, k, v, gather=False)
+        if step % 3 == 0 or t > 1:
+            view = cache.chunk_view(spec.index)
+            assert view is not None and view[0] is None
+            _, v_all, k_pos = cache.read(spec.index)
+            keys = ref.apply_rope(v_all.double() * kw.double(), cos[k_pos.start:k_pos.stop].double(),
+                                  sin[k_pos.start:k_pos.stop].double(), seq_dim=1)
+            q = torch.randn(cfg.num_heads, t, d, generator=gen) / 4
+            got = ops.attention_chunks(q, view, 0.3, None, None, (kw, cos[view[6].start:view[6].stop],
+                                                                   sin[view[6].start:view[6].stop]))
+            want = ref.attention(q.double(), keys, v_all.double(), q_pos, k_pos, None, 0.3, None)
+            assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max()) + 1e-6
+            for i in range(t if t > 1 else 0):  # each position alone: the cache as a decode step sees it
+                last = q_pos.start + i
+                alone = ops.attention_chunks(q[:, i:i + 1], view[:5] + (view[5] - (t - 1 - i), range(view[6].start, last + 1)),
+                                             0.3, None, None, (kw, cos[view[6].start:last + 1], sin[view[6].start:last + 1]))
+                assert torch.equal(alone[0], got[i])
+            checked += 1
+        cache.commit()
+    assert checked > 10
+
+
 def test_decode_attention_splits_agree(gen):
     q, k, v = torch.randn(4, 16, generator=gen), torch.randn(1, 300, 16, generator=gen), torch.randn(1, 300, 16, generator=gen)
     one = nb.decode_attention(q.numpy(), k.numpy(), v.numpy(), 5, 290, 0.25, None, splits=1)

@@ -52,6 +52,7 @@ class GemmaModel:
                 and self.lm_head.shape[0] >= self.SCREENED_HEAD_MIN_ROWS):
             self._screened_head()
         self._decode_args = None  # per-layer arguments of the fused decode kernels, built on first use
+        self._key_norms = {}  # K=V layers' key norm weights for the fused attention, built on first use
         # forwards of at most this many positions run on the integer kernels (torch single-threaded)
         fmt = getattr(self.layer_weights[0]["q_proj"], "fmt", "int8")
         self.integer_batch = ops.integer_batch(cfg.hidden_size, fmt)
@@ -127,6 +128,14 @@ class GemmaModel:
         """cos/sin of layer ``layer``'s RoPE at ``positions``."""
         return self.rope_tables[self.cfg.layers[layer].rope].get(positions)
 
+    def _key_norm(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s key norm weight with the family's offset, fp32 (built once)."""
+        kw = self._key_norms.get(layer)
+        if kw is None:
+            kw = self._key_norms[layer] = (self.layer_weights[layer]["k_norm"].float()
+                                           + self.cfg.family.norm_offset).contiguous()
+        return kw
+
     def keys_from_values(self, layer: int, v: torch.Tensor, rope, seq_dim: int = 1) -> torch.Tensor:
         """K=V layers store V = rmsnorm(k_proj(x)) once; K = rope(V * k_norm weight) is rebuilt from
         it (``rope``: cos/sin of V's positions; ``seq_dim``: V's position axis)."""
@@ -160,7 +169,7 @@ class GemmaModel:
         t = q.shape[0]
         # a fused decode step (or a verification's few positions) reads K/V straight from the
         # cache's chunks (no contiguous copy)
-        direct = (self.fused and t <= self.integer_batch and blocks is None and not spec.k_eq_v
+        direct = (self.fused and t <= self.integer_batch and blocks is None
                   and getattr(cache, "chunk_view", None) is not None and cache.kv_dtype is None)
         k_all = v_all = k_pos = None
         if spec.owns_kv:
@@ -172,7 +181,11 @@ class GemmaModel:
             k_all, v_all, k_pos = cache.read(spec.kv_source)
         view = cache.chunk_view(spec.kv_source) if direct else None
         if view is not None:
-            out = ops.attention_chunks(q.transpose(0, 1), view, cfg.query_scale, cfg.attn_softcap, spec.window)
+            keys_from = None
+            if view[0] is None:  # K=V: the kernel rebuilds the keys from the values
+                keys_from = (self._key_norm(spec.kv_source), *self.rope_at(spec.kv_source, view[6]))
+            out = ops.attention_chunks(q.transpose(0, 1), view, cfg.query_scale, cfg.attn_softcap, spec.window,
+                                       keys_from)
             return out.reshape(t, cfg.num_heads * spec.head_dim)
         if v_all is None:  # not representable as chunks after all: gather
             k_all, v_all, k_pos = cache.read(spec.kv_source)

@@ -231,10 +231,11 @@ class KVCache:
         """For fused decode kernels: ``(k_data, v_data, k_slots, v_slots, skip, n, key_positions)``
         where ``*_data`` are the pools' ``[chunks, chunk, heads, dim]`` storage, ``*_slots`` the
         layer's chunks oldest first, and the visible keys are rows ``skip .. skip + n - 1`` of
-        those chunks laid end to end. None where a layer is not stored that way (K=V, int8 KV,
-        chunks offloaded to the host)."""
+        those chunks laid end to end. A K=V layer stores no keys: ``k_data`` and ``k_slots`` are
+        None (the reader rebuilds them from the values). None where a layer is not stored that
+        way (int8 KV, chunks offloaded to the host)."""
         lay = self.layers[layer]
-        if lay is None or lay.k_pool is None or lay.v_pool.quantized or lay.host_slots:
+        if lay is None or lay.v_pool.quantized or lay.host_slots:
             return None
         lo = lay.first
         if lay.window is not None:
@@ -242,9 +243,12 @@ class KVCache:
         key = ("view", tuple(lay.slots))
         if lay.index_cache.get("view", (None,))[0] != key:
             slots = torch.tensor(lay.slots, dtype=torch.int64)
-            lay.index_cache["view"] = (key, slots[0::2].contiguous(), slots[1::2].contiguous())
+            ks = None if lay.k_pool is None else slots[0::2].contiguous()
+            vs = slots if lay.k_pool is None else slots[1::2].contiguous()
+            lay.index_cache["view"] = (key, ks, vs)
         _, ks, vs = lay.index_cache["view"]
-        return lay.k_pool.data, lay.v_pool.data, ks, vs, lo - lay.first, self._end - lo, range(lo, self._end)
+        k_data = None if lay.k_pool is None else lay.k_pool.data
+        return k_data, lay.v_pool.data, ks, vs, lo - lay.first, self._end - lo, range(lo, self._end)
 
     def _index(self, lay: _LayerKV, which: int, host: bool) -> torch.Tensor:
         """Slot indices as a tensor on the pool's device, rebuilt only when the slot list changed
