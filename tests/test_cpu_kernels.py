@@ -363,7 +363,7 @@ def test_attention_rebuilds_the_keys_of_a_k_eq_v_layer_from_the_chunked_cache(ge
     spec = cfg.layers[1]
     assert spec.k_eq_v and spec.num_kv_heads == 1
     cache = KVCache(cfg, chunk=8, max_rollback=4)
-    hkv, d, pairs = spec.num_kv_heads, spec.head_dim, 16  # a quarter of the pairs rotated
+    d, pairs = spec.head_dim, 16  # a quarter of the pairs rotated
     freqs = torch.arange(400, dtype=torch.float64)[:, None] * (0.5 ** torch.arange(pairs, dtype=torch.float64))[None]
     cos, sin = freqs.cos().float(), freqs.sin().float()
     kw = (1.0 + torch.rand(d, generator=gen)).contiguous()
