@@ -421,6 +421,26 @@ def test_row_dot_intrinsics(fmt, shape, gen):
     close(out, want, rel=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("k", [768, 800, 3840])
+def test_products_of_several_positions_are_each_alone_bit_for_bit(fmt, k, gen):
+    """Rows of whole super-blocks (int4's four-group blocks on 512-bit VNNI), with a group or a
+    half super-block left over: 1 to 5 positions (pairs and an odd last one) give each position
+    the bits it gets alone, and the reference's values."""
+    w = quantize_weight(torch.randn(45, k, generator=gen), fmt)
+    x = torch.randn(5, k, generator=gen)
+    kw = ops.kernel_weight(w)
+    alone = np.empty((5, 45), dtype=np.float32)
+    for t in range(5):
+        nb.gemm(x[t:t + 1].numpy(), kw, alone[t:t + 1])
+    for t_n in (2, 3, 5):
+        out = np.empty((t_n, 45), dtype=np.float32)
+        nb.gemm(x[:t_n].numpy(), kw, out)
+        assert np.array_equal(out, alone[:t_n])
+    want = fake_quant_for(x, w).double() @ w.dequantize().double().t()
+    close(alone, want, rel=1e-5)
+
+
 @pytest.mark.parametrize("setting", ["HAS_VNNI = WIDE = False", "WIDE = False"], ids=["no-vnni", "vnni-256"])
 def test_products_without_vnni(setting, tmp_path):
     """Machines without AVX-VNNI run the same integer sums in fp32 arithmetic, and machines with
