@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_numba import gate_up_gelu, gemm, quantize_activations_fine, row_all_positions
+from .cpu_numba import gate_up_gelu, gemm, quantize_activations_fine, rope_in_place, row_all_positions
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -36,18 +36,6 @@ def rms_into(src, dst, w, eps):
     inv = np.float32(1.0) / np.sqrt(ss / np.float32(src.shape[0]) + np.float32(eps))
     for i in range(src.shape[0]):
         dst[i] = src[i] * inv * w[i]
-
-
-@njit(inline="always", fastmath=True)
-def rope_in_place(x, cos, sin):
-    """Rotate-half RoPE of one head ``x`` (dim ``j`` pairs with ``j + d/2``) for the first
-    ``len(cos)`` pairs; the other dims pass through."""
-    half = x.shape[0] // 2
-    for j in range(cos.shape[0]):
-        a = x[j]
-        b = x[half + j]
-        x[j] = a * cos[j] - b * sin[j]
-        x[half + j] = b * cos[j] + a * sin[j]
 
 
 @njit(**_OPTS)

@@ -840,6 +840,87 @@ def _split_count(n, splits):
     return splits if splits > 0 else max(1, min(16, n // 64))
 
 
+@njit(inline="always", fastmath=True)
+def rope_in_place(x, cos, sin):
+    """Rotate-half RoPE of one head ``x`` (dim ``j`` pairs with ``j + d/2``) for the first
+    ``len(cos)`` pairs; the other dims pass through."""
+    half = x.shape[0] // 2
+    for j in range(cos.shape[0]):
+        a = x[j]
+        b = x[half + j]
+        x[j] = a * cos[j] - b * sin[j]
+        x[half + j] = b * cos[j] + a * sin[j]
+
+
+# The query heads of a KV head go four (then two) at a time through a key's or a value's row: one
+# 256-512-long loop per head and row cost as much in set-up as in arithmetic. A head's sum has
+# the same order whichever way it goes.
+
+@njit(inline="always", fastmath=True)
+def _scores(qt, lo, hi, krow, scale, cap, p, b):
+    """``p[qh, b]`` = the (soft-capped) score of key row ``krow`` for query heads ``lo .. hi - 1``
+    of ``qt`` ``[Hq, D]``."""
+    qh = lo
+    while qh + 4 <= hi:
+        q0, q1, q2, q3 = qt[qh], qt[qh + 1], qt[qh + 2], qt[qh + 3]
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for j in range(krow.shape[0]):
+            kj = krow[j]
+            s0 += q0[j] * kj
+            s1 += q1[j] * kj
+            s2 += q2[j] * kj
+            s3 += q3[j] * kj
+        p[qh, b], p[qh + 1, b], p[qh + 2, b], p[qh + 3, b] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
+        qh += 4
+    if qh + 2 <= hi:
+        q0, q1 = qt[qh], qt[qh + 1]
+        s0 = s1 = np.float32(0.0)
+        for j in range(krow.shape[0]):
+            kj = krow[j]
+            s0 += q0[j] * kj
+            s1 += q1[j] * kj
+        p[qh, b], p[qh + 1, b] = s0 * scale, s1 * scale
+        qh += 2
+    if qh < hi:
+        q0 = qt[qh]
+        s0 = np.float32(0.0)
+        for j in range(krow.shape[0]):
+            s0 += q0[j] * krow[j]
+        p[qh, b] = s0 * scale
+    if cap > 0:
+        for qh in range(lo, hi):
+            p[qh, b] = np.tanh(p[qh, b] / cap) * cap
+
+
+@njit(inline="always", fastmath=True)
+def _add_values(p, b, lo, hi, vrow, a):
+    """``a[qh] += p[qh, b] * vrow`` for query heads ``lo .. hi - 1``."""
+    qh = lo
+    while qh + 4 <= hi:
+        e0, e1, e2, e3 = p[qh, b], p[qh + 1, b], p[qh + 2, b], p[qh + 3, b]
+        a0, a1, a2, a3 = a[qh], a[qh + 1], a[qh + 2], a[qh + 3]
+        for j in range(vrow.shape[0]):
+            vj = vrow[j]
+            a0[j] += e0 * vj
+            a1[j] += e1 * vj
+            a2[j] += e2 * vj
+            a3[j] += e3 * vj
+        qh += 4
+    if qh + 2 <= hi:
+        e0, e1 = p[qh, b], p[qh + 1, b]
+        a0, a1 = a[qh], a[qh + 1]
+        for j in range(vrow.shape[0]):
+            vj = vrow[j]
+            a0[j] += e0 * vj
+            a1[j] += e1 * vj
+        qh += 2
+    if qh < hi:
+        e0 = p[qh, b]
+        a0 = a[qh]
+        for j in range(vrow.shape[0]):
+            a0[j] += e0 * vrow[j]
+
+
 @njit(**_OPTS)
 def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos, ksin, rope_rows, out):
     """Query positions ``q`` ``[T, Hq, D]`` over keys stored in chunks: query ``t``'s key ``i``
@@ -851,9 +932,7 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
     of the memory's rate), and keeps a running max, sum and unnormalized output for every query
     head (each K/V row read once for the query heads of its group). Keys go by blocks of
     ``ATTENTION_BLOCK``: their scores, one rescale, then their values. The parts are merged into
-    ``out`` ``[T, Hq, Dv]``. The query heads of a KV head go four (then two) at a time through
-    each key's and value's row: a loop of 256-512 products was short enough that its set-up cost
-    as much as its arithmetic. All positions' jobs run in one parallel loop (a verification's
+    ``out`` ``[T, Hq, Dv]``. All positions' jobs run in one parallel loop (a verification's
     positions in one call), and a job computes the same bits whatever the other positions are: a
     position's output is the one a decode step alone would get.
 
@@ -895,8 +974,6 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
         a = np.zeros((hq, dv), dtype=np.float32)
         p = np.empty((hq, ATTENTION_BLOCK), dtype=np.float32)
         rebuilt = np.empty((hkv, d), dtype=np.float32)
-        pairs = kcos.shape[1]
-        half = d // 2
         i = sp * per
         end = min(n, sp * per + per)
         while i < end:  # a block of keys of one chunk: scores, one rescale, then the values
@@ -913,55 +990,9 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
                         kr = rebuilt[h]
                         for j in range(d):
                             kr[j] = krow[j] * kw[j]
-                        for j in range(pairs):
-                            x1 = kr[j]
-                            x2 = kr[half + j]
-                            kr[j] = x1 * kcos[row, j] - x2 * ksin[row, j]
-                            kr[half + j] = x2 * kcos[row, j] + x1 * ksin[row, j]
+                        rope_in_place(kr, kcos[row], ksin[row])
                         krow = kr
-                    qh = h * groups
-                    while qh + 4 <= (h + 1) * groups:
-                        q0 = q[t, qh]
-                        q1 = q[t, qh + 1]
-                        q2 = q[t, qh + 2]
-                        q3 = q[t, qh + 3]
-                        s0 = np.float32(0.0)
-                        s1 = np.float32(0.0)
-                        s2 = np.float32(0.0)
-                        s3 = np.float32(0.0)
-                        for j in range(d):
-                            kj = krow[j]
-                            s0 += q0[j] * kj
-                            s1 += q1[j] * kj
-                            s2 += q2[j] * kj
-                            s3 += q3[j] * kj
-                        p[qh, b] = s0 * scale
-                        p[qh + 1, b] = s1 * scale
-                        p[qh + 2, b] = s2 * scale
-                        p[qh + 3, b] = s3 * scale
-                        qh += 4
-                    if qh + 2 <= (h + 1) * groups:
-                        q0 = q[t, qh]
-                        q1 = q[t, qh + 1]
-                        s0 = np.float32(0.0)
-                        s1 = np.float32(0.0)
-                        for j in range(d):
-                            kj = krow[j]
-                            s0 += q0[j] * kj
-                            s1 += q1[j] * kj
-                        p[qh, b] = s0 * scale
-                        p[qh + 1, b] = s1 * scale
-                        qh += 2
-                    while qh < (h + 1) * groups:
-                        qrow = q[t, qh]
-                        s = np.float32(0.0)
-                        for j in range(d):
-                            s += qrow[j] * krow[j]
-                        p[qh, b] = s * scale
-                        qh += 1
-                    if cap > 0:
-                        for qh in range(h * groups, (h + 1) * groups):
-                            p[qh, b] = np.tanh(p[qh, b] / cap) * cap
+                    _scores(q[t], h * groups, (h + 1) * groups, krow, scale, cap, p, b)
             for qh in range(hq):
                 top = m[qh]
                 for b in range(nb):
@@ -978,40 +1009,7 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
                     l_sum[qh] += e
             for b in range(nb):
                 for h in range(hkv):
-                    vrow = vd[vc, off + b, h]
-                    qh = h * groups
-                    while qh + 4 <= (h + 1) * groups:
-                        e0 = p[qh, b]
-                        e1 = p[qh + 1, b]
-                        e2 = p[qh + 2, b]
-                        e3 = p[qh + 3, b]
-                        a0 = a[qh]
-                        a1 = a[qh + 1]
-                        a2 = a[qh + 2]
-                        a3 = a[qh + 3]
-                        for j in range(dv):
-                            vj = vrow[j]
-                            a0[j] += e0 * vj
-                            a1[j] += e1 * vj
-                            a2[j] += e2 * vj
-                            a3[j] += e3 * vj
-                        qh += 4
-                    if qh + 2 <= (h + 1) * groups:
-                        e0 = p[qh, b]
-                        e1 = p[qh + 1, b]
-                        a0 = a[qh]
-                        a1 = a[qh + 1]
-                        for j in range(dv):
-                            vj = vrow[j]
-                            a0[j] += e0 * vj
-                            a1[j] += e1 * vj
-                        qh += 2
-                    while qh < (h + 1) * groups:
-                        e = p[qh, b]
-                        aq = a[qh]
-                        for j in range(dv):
-                            aq[j] += e * vrow[j]
-                        qh += 1
+                    _add_values(p, b, h * groups, (h + 1) * groups, vd[vc, off + b, h], a)
             i += nb
         m_p[t, sp] = m
         l_p[t, sp] = l_sum

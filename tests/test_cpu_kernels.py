@@ -387,9 +387,10 @@ def test_attention_rebuilds_the_keys_of_a_k_eq_v_layer_from_the_chunked_cache(ge
             want = ref.attention(q.double(), keys, v_all.double(), q_pos, k_pos, None, 0.3, None)
             assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max()) + 1e-6
             for i in range(t if t > 1 else 0):  # each position alone: the cache as a decode step sees it
-                last = q_pos.start + i
-                alone = ops.attention_chunks(q[:, i:i + 1], view[:5] + (view[5] - (t - 1 - i), range(view[6].start, last + 1)),
-                                             0.3, None, None, (kw, cos[view[6].start:last + 1], sin[view[6].start:last + 1]))
+                first, last = view[6].start, q_pos.start + i
+                own = view[:5] + (view[5] - (t - 1 - i), range(first, last + 1))
+                alone = ops.attention_chunks(q[:, i:i + 1], own, 0.3, None, None,
+                                             (kw, cos[first:last + 1], sin[first:last + 1]))
                 assert torch.equal(alone[0], got[i])
             checked += 1
         cache.commit()
