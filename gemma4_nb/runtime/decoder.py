@@ -129,7 +129,8 @@ class GemmaModel:
         return self.rope_tables[self.cfg.layers[layer].rope].get(positions)
 
     def _key_norm(self, layer: int) -> torch.Tensor:
-        """Layer ``layer``'s key norm weight with the family's offset, fp32 (built once)."""
+        """Layer ``layer``'s key norm weight with the family's offset, fp32 (built once): a K=V
+        layer's keys are ``rope(v * weight)``."""
         kw = self._key_norms.get(layer)
         if kw is None:
             kw = self._key_norms[layer] = (self.layer_weights[layer]["k_norm"].float()
@@ -139,9 +140,8 @@ class GemmaModel:
     def keys_from_values(self, layer: int, v: torch.Tensor, rope, seq_dim: int = 1) -> torch.Tensor:
         """K=V layers store V = rmsnorm(k_proj(x)) once; K = rope(V * k_norm weight) is rebuilt from
         it (``rope``: cos/sin of V's positions; ``seq_dim``: V's position axis)."""
-        w = self.layer_weights[layer]["k_norm"].float() + self.cfg.family.norm_offset
         cos, sin = rope
-        return ops.apply_rope((v.float() * w).to(self.dtype), cos, sin, seq_dim=seq_dim)
+        return ops.apply_rope((v.float() * self._key_norm(layer)).to(self.dtype), cos, sin, seq_dim=seq_dim)
 
     def qkv(self, spec: LayerSpec, w, h, rope):
         """Projections of one layer: ``q`` ``[T, Hq, D]`` (normed, rotated) and this layer's new
