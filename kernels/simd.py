@@ -139,13 +139,19 @@ def _group_sum(builder, u, xq):
     return out
 
 
+def _dot512(builder, acc, u, xq):
+    """``acc`` (``<16 x i32>``, or None for zeros) plus the sums of 4 products of 64 unsigned bytes
+    ``u`` and 64 signed bytes ``xq`` in each 32-bit lane (``vpdpbusd`` on 512 bits)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I, [_V16I, _V16I, _V16I]),
+                                        "llvm.x86.avx512.vpdpbusd.512")
+    acc = ir.Constant(_V16I, [0] * 16) if acc is None else acc
+    return builder.call(fn, [acc, builder.bitcast(u, _V16I), builder.bitcast(xq, _V16I)])
+
+
 def _pair_sum(builder, u, xq):
     """:func:`_group_sum` of two groups at once (64 bytes each side; ``vpdpbusd`` on 512 bits): an
     ``<16 x float>``, lanes 0-7 the first group's partial sums, 8-15 the second's."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I, [_V16I, _V16I, _V16I]),
-                                        "llvm.x86.avx512.vpdpbusd.512")
-    s = builder.call(fn, [ir.Constant(_V16I, [0] * 16), builder.bitcast(u, _V16I), builder.bitcast(xq, _V16I)])
-    return builder.sitofp(s, _V16F)
+    return builder.sitofp(_dot512(builder, None, u, xq), _V16F)
 
 
 def _hsum(builder, vec):
@@ -313,19 +319,15 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
         low_half = ir.Constant(ir.VectorType(_I32, 64), [32 * (i // 16) + i % 16 for i in range(64)])
         high_half = ir.Constant(ir.VectorType(_I32, 64), [32 * (i // 16) + 16 + i % 16 for i in range(64)])
         lanes = ir.Constant(ir.VectorType(_I32, 16), [4 * a + i // 4 for i in range(16)])
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I, [_V16I, _V16I, _V16I]),
-                                            "llvm.x86.avx512.vpdpbusd.512")
+        at = builder.mul(g, ir.Constant(_I64, GROUP))
         for r, (activations, _) in enumerate(per_row):
             (xr, _), f = activations[0], factors[r][0]
-            at = builder.mul(g, ir.Constant(_I64, GROUP))
             x0 = _vload(builder, xr, at, _V64B)
             x1 = _vload(builder, xr, builder.add(at, ir.Constant(_I64, 64)), _V64B)
-            s = builder.call(fn, [ir.Constant(_V16I, [0] * 16), builder.bitcast(lo, _V16I),
-                                  builder.bitcast(builder.shuffle_vector(x0, x1, low_half), _V16I)])
-            s = builder.call(fn, [s, builder.bitcast(hi, _V16I),
-                                  builder.bitcast(builder.shuffle_vector(x0, x1, high_half), _V16I)])
+            sums = _dot512(builder, None, lo, builder.shuffle_vector(x0, x1, low_half))
+            sums = _dot512(builder, sums, hi, builder.shuffle_vector(x0, x1, high_half))
             acc = wide[r][a % n_acc]
-            scaled = builder.fmul(builder.sitofp(s, _V16F), builder.shuffle_vector(f, f, lanes), flags=_FAST)
+            scaled = builder.fmul(builder.sitofp(sums, _V16F), builder.shuffle_vector(f, f, lanes), flags=_FAST)
             builder.store(builder.fadd(builder.load(acc), scaled, flags=_FAST), acc)
 
     def octet(o):
