@@ -39,6 +39,7 @@ from numba.extending import overload
 from .layout import SUPER_SCALE
 from .simd import (PREFETCH, dot2_int4, dot2_int8, dot2_planes, dot2_screen, dot4_planes, dot8,
                    dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
+from .simd_float import block_scores, block_values, pow2
 
 
 def _choose_threading_layer() -> None:
@@ -852,73 +853,24 @@ def rope_in_place(x, cos, sin):
         x[half + j] = b * cos[j] + a * sin[j]
 
 
-# The query heads of a KV head go four (then two) at a time through a key's or a value's row: one
-# 256-512-long loop per head and row cost as much in set-up as in arithmetic. A head's sum has
-# the same order whichever way it goes.
-
 @njit(inline="always", fastmath=True)
-def _scores(qt, lo, hi, krow, scale, cap, p, b):
-    """``p[qh, b]`` = the (soft-capped) score of key row ``krow`` for query heads ``lo .. hi - 1``
-    of ``qt`` ``[Hq, D]``."""
-    qh = lo
-    while qh + 4 <= hi:
-        q0, q1, q2, q3 = qt[qh], qt[qh + 1], qt[qh + 2], qt[qh + 3]
-        s0 = s1 = s2 = s3 = np.float32(0.0)
-        for j in range(krow.shape[0]):
-            kj = krow[j]
-            s0 += q0[j] * kj
-            s1 += q1[j] * kj
-            s2 += q2[j] * kj
-            s3 += q3[j] * kj
-        p[qh, b], p[qh + 1, b], p[qh + 2, b], p[qh + 3, b] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-        qh += 4
-    if qh + 2 <= hi:
-        q0, q1 = qt[qh], qt[qh + 1]
-        s0 = s1 = np.float32(0.0)
-        for j in range(krow.shape[0]):
-            kj = krow[j]
-            s0 += q0[j] * kj
-            s1 += q1[j] * kj
-        p[qh, b], p[qh + 1, b] = s0 * scale, s1 * scale
-        qh += 2
-    if qh < hi:
-        q0 = qt[qh]
-        s0 = np.float32(0.0)
-        for j in range(krow.shape[0]):
-            s0 += q0[j] * krow[j]
-        p[qh, b] = s0 * scale
-    if cap > 0:
-        for qh in range(lo, hi):
-            p[qh, b] = np.tanh(p[qh, b] / cap) * cap
-
-
-@njit(inline="always", fastmath=True)
-def _add_values(p, b, lo, hi, vrow, a):
-    """``a[qh] += p[qh, b] * vrow`` for query heads ``lo .. hi - 1``."""
-    qh = lo
-    while qh + 4 <= hi:
-        e0, e1, e2, e3 = p[qh, b], p[qh + 1, b], p[qh + 2, b], p[qh + 3, b]
-        a0, a1, a2, a3 = a[qh], a[qh + 1], a[qh + 2], a[qh + 3]
-        for j in range(vrow.shape[0]):
-            vj = vrow[j]
-            a0[j] += e0 * vj
-            a1[j] += e1 * vj
-            a2[j] += e2 * vj
-            a3[j] += e3 * vj
-        qh += 4
-    if qh + 2 <= hi:
-        e0, e1 = p[qh, b], p[qh + 1, b]
-        a0, a1 = a[qh], a[qh + 1]
-        for j in range(vrow.shape[0]):
-            vj = vrow[j]
-            a0[j] += e0 * vj
-            a1[j] += e1 * vj
-        qh += 2
-    if qh < hi:
-        e0 = p[qh, b]
-        a0 = a[qh]
-        for j in range(vrow.shape[0]):
-            a0[j] += e0 * vrow[j]
+def exp_fast(ex_x):
+    """``exp`` of fp32 in arithmetic the loop vectorizer turns into vector code (numba's ``np.exp``
+    is a libm call per element, about 6 ns): Cody-Waite reduction by ln 2 and Cephes' degree-6
+    polynomial, relative error below 3e-7; inputs below -87 give about 1.6e-38 instead of 0 (a
+    softmax weight that adds nothing at fp32 precision)."""
+    ex_x = min(max(ex_x, np.float32(-87.0)), np.float32(88.0))
+    ex_n = np.floor(ex_x * np.float32(1.4426950408889634) + np.float32(0.5))
+    ex_f = ex_x - ex_n * np.float32(0.693359375)
+    ex_f = ex_f - ex_n * np.float32(-2.12194440e-4)
+    ex_p = np.float32(1.9875691500e-4)
+    ex_p = ex_p * ex_f + np.float32(1.3981999507e-3)
+    ex_p = ex_p * ex_f + np.float32(8.3334519073e-3)
+    ex_p = ex_p * ex_f + np.float32(4.1665795894e-2)
+    ex_p = ex_p * ex_f + np.float32(1.6666665459e-1)
+    ex_p = ex_p * ex_f + np.float32(5.0000001201e-1)
+    ex_p = ex_p * ex_f * ex_f + ex_f + np.float32(1.0)
+    return ex_p * pow2(ex_n)
 
 
 @njit(**_OPTS)
@@ -973,7 +925,7 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
         l_sum = np.zeros(hq, dtype=np.float32)
         a = np.zeros((hq, dv), dtype=np.float32)
         p = np.empty((hq, ATTENTION_BLOCK), dtype=np.float32)
-        rebuilt = np.empty((hkv, d), dtype=np.float32)
+        rebuilt = np.empty((ATTENTION_BLOCK, hkv, d), dtype=np.float32)
         i = sp * per
         end = min(n, sp * per + per)
         while i < end:  # a block of keys of one chunk: scores, one rescale, then the values
@@ -982,17 +934,23 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
             nb = min(ATTENTION_BLOCK, end - i, chunk - off)
             kc = ks[c]
             vc = vs[c]
-            for b in range(nb):
-                for h in range(hkv):
-                    krow = kd[kc, off + b, h]
-                    if kw.shape[0] > 0:  # K=V: the key from its value row
-                        row = rope_rows[t] + i + b
-                        kr = rebuilt[h]
+            rows, first = kd[kc], off
+            if kw.shape[0] > 0:  # K=V: the block's keys from their value rows
+                for b in range(nb):
+                    row = rope_rows[t] + i + b
+                    for h in range(hkv):
+                        krow = kd[kc, off + b, h]
+                        kr = rebuilt[b, h]
                         for j in range(d):
                             kr[j] = krow[j] * kw[j]
                         rope_in_place(kr, kcos[row], ksin[row])
-                        krow = kr
-                    _scores(q[t], h * groups, (h + 1) * groups, krow, scale, cap, p, b)
+                rows, first = rebuilt, 0
+            for h in range(hkv):
+                block_scores(q[t], h * groups, (h + 1) * groups, rows, first, nb, h, scale, p)
+            if cap > 0:
+                for qh in range(hq):
+                    for b in range(nb):
+                        p[qh, b] = np.tanh(p[qh, b] / cap) * cap
             for qh in range(hq):
                 top = m[qh]
                 for b in range(nb):
@@ -1004,12 +962,11 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
                         a[qh, j] *= r
                     m[qh] = top
                 for b in range(nb):
-                    e = np.exp(p[qh, b] - top)
+                    e = exp_fast(p[qh, b] - top)
                     p[qh, b] = e
                     l_sum[qh] += e
-            for b in range(nb):
-                for h in range(hkv):
-                    _add_values(p, b, h * groups, (h + 1) * groups, vd[vc, off + b, h], a)
+            for h in range(hkv):
+                block_values(a, h * groups, (h + 1) * groups, p, nb, vd[vc], off, h)
             i += nb
         m_p[t, sp] = m
         l_p[t, sp] = l_sum
@@ -1068,7 +1025,8 @@ def decode_attention_rows(q, k, v, los, his, scale: float, cap: float | None, sp
     """Query positions ``q`` ``[T, Hq, D]`` over contiguous ``k``/``v`` ``[Hkv, Tk, D]`` (fp32), query
     ``t`` over keys ``los[t] .. his[t] - 1``: the same kernel, reading them as one chunk. Returns
     ``[T, Hq, Dv]``."""
-    kd, vd = k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None]
+    kd = np.ascontiguousarray(k.transpose(1, 0, 2))[None]  # [1, Tk, Hkv, D]: one chunk's layout
+    vd = np.ascontiguousarray(v.transpose(1, 0, 2))[None]
     ns = [max(hi - lo, 0) for lo, hi in zip(los, his)]
     return decode_attention_positions(q, kd, vd, _ONE_CHUNK, _ONE_CHUNK, los, ns, scale, cap, splits)
 
