@@ -530,3 +530,54 @@ def test_kernel_cache_follows_every_source_of_the_folder(tmp_path):
     assert run() == ["2", "1"]  # loaded from the on-disk cache
     (pkg / "helper.py").write_text("from numba import njit\n\n@njit\ndef value():\n    return 5\n")
     assert run() == ["10", "0"]  # main.py unchanged, but the folder changed: recompiled
+
+
+@pytest.mark.parametrize("heads,width", [(7, 40), (4, 256), (3, 16), (1, 9)])
+def test_attention_block_intrinsics(heads, width, gen):
+    """The register-tiled scores and values of a block of keys (kernels/simd_float.py) against
+    float64: every tile shape (4, 2 and 1 query heads; 4 and 1 keys; 4 and 1 column vectors) and
+    a scalar tail where the width is not a multiple of 16."""
+    from numba import njit
+
+    from gemma4_nb.kernels.simd_float import block_scores, block_values
+
+    @njit
+    def scores_and_values(q, lo, hi, rows, first, nb, h, scale, p, a):
+        block_scores(q, lo, hi, rows, first, nb, h, scale, p)
+        block_values(a, lo, hi, p, nb, rows, first, h)
+
+    hkv, block = 3, 32
+    rows = torch.randn(20, hkv, width, generator=gen).numpy()
+    for n_keys in (1, 2, 5, 9):
+        q = torch.randn(heads + 2, width, generator=gen).numpy()
+        a = torch.randn(heads + 2, width, generator=gen).numpy()
+        p = np.full((heads + 2, block), 7.0, dtype=np.float32)
+        a0, first, h = a.astype(np.float64), 6, 1
+        scores_and_values(q, 1, 1 + heads, rows, first, n_keys, h, 0.5, p, a)
+        keys = rows[first:first + n_keys, h].astype(np.float64)
+        want_p = 0.5 * q[1:1 + heads].astype(np.float64) @ keys.T
+        close(p[1:1 + heads, :n_keys], want_p, rel=1e-5)
+        assert (p[:, n_keys:] == 7.0).all() and (p[0] == 7.0).all() and (p[-1] == 7.0).all()  # nothing else written
+        want_a = a0.copy()
+        want_a[1:1 + heads] += p[1:1 + heads, :n_keys].astype(np.float64) @ keys
+        close(a, want_a, rel=1e-5)
+
+
+def test_exp_fast():
+    """The attention's vectorizable exp against float64 over the softmax's range."""
+    from numba import njit
+
+    from gemma4_nb.kernels.cpu_numba import exp_fast
+
+    @njit(fastmath=True)
+    def exps(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp_fast(x[i])
+
+    x = np.linspace(-87.0, 20.0, 200001).astype(np.float32)
+    out = np.empty_like(x)
+    exps(x, out)
+    want = np.exp(x.astype(np.float64))
+    assert float((np.abs(out - want) / want).max()) < 4e-7
+    exps(np.array([-200.0, -1e30], dtype=np.float32), out[:2])
+    assert (out[:2] < 2e-38).all()
