@@ -853,6 +853,17 @@ def rope_in_place(x, cos, sin):
         x[half + j] = b * cos[j] + a * sin[j]
 
 
+def _is_int8(arr):
+    """Whether ``arr`` holds int8 (a constant of the compiled code)."""
+    return arr.dtype == np.int8
+
+
+@overload(_is_int8)
+def _is_int8_typed(arr):
+    value = arr.dtype == types.int8
+    return lambda arr: value
+
+
 @njit(inline="always", fastmath=True)
 def exp_fast(ex_x):
     """``exp`` of fp32 in arithmetic the loop vectorizer turns into vector code (numba's ``np.exp``
@@ -874,7 +885,7 @@ def exp_fast(ex_x):
 
 
 @njit(**_OPTS)
-def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos, ksin, rope_rows, out):
+def _decode_attention(q, kd, vd, ksc, vsc, ks, vs, skips, ns, scale, cap, splits, kw, kcos, ksin, rope_rows, out):
     """Query positions ``q`` ``[T, Hq, D]`` over keys stored in chunks: query ``t``'s key ``i``
     (0..ns[t]-1) is row ``(skip[t] + i) % chunk`` of chunk ``ks[(skips[t] + i) // chunk]`` of ``kd``
     ``[chunks, chunk, Hkv, D]`` (V likewise). Each query's keys are split in ranges
@@ -891,12 +902,17 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
     A K=V layer (``kw`` not empty) stores only V; each key is rebuilt from its value row as the
     model defines it, ``rope(v * kw)`` (rotate-half over the first ``kcos.shape[1]`` pairs), with
     query ``t``'s key ``i`` at row ``rope_rows[t] + i`` of the cos/sin tables ``kcos``/``ksin``:
-    once per key for all query heads, instead of a gathered copy of every key each step."""
+    once per key for all query heads, instead of a gathered copy of every key each step.
+
+    An int8 cache (``kd``/``vd`` int8) stores each row's scale in ``ksc``/``vsc`` ``[chunks,
+    chunk, Hkv]``: a key's scale multiplies its score, a value's scale its softmax weight (fp32
+    rows ignore them: any ``[1, 1, 1]`` array)."""
     t_n, hq, d = q.shape
     chunk = kd.shape[1]
     hkv = kd.shape[2]
     dv = vd.shape[3]
     groups = hq // hkv
+    quantized = _is_int8(kd)
     parts = np.empty(t_n, dtype=np.int64)
     s_max = 1
     jobs = 0
@@ -934,19 +950,23 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
             nb = min(ATTENTION_BLOCK, end - i, chunk - off)
             kc = ks[c]
             vc = vs[c]
-            rows, first = kd[kc], off
+            kq = ksc[min(kc, ksc.shape[0] - 1)]  # this chunk's row scales (int8 rows)
+            vq = vsc[min(vc, vsc.shape[0] - 1)]
             if kw.shape[0] > 0:  # K=V: the block's keys from their value rows
                 for b in range(nb):
                     row = rope_rows[t] + i + b
                     for h in range(hkv):
                         krow = kd[kc, off + b, h]
                         kr = rebuilt[b, h]
+                        row_scale = kq[off + b, h] if quantized else np.float32(1.0)
                         for j in range(d):
-                            kr[j] = krow[j] * kw[j]
+                            kr[j] = krow[j] * row_scale * kw[j]
                         rope_in_place(kr, kcos[row], ksin[row])
-                rows, first = rebuilt, 0
-            for h in range(hkv):
-                block_scores(q[t], h * groups, (h + 1) * groups, rows, first, nb, h, scale, p)
+                for h in range(hkv):
+                    block_scores(q[t], h * groups, (h + 1) * groups, rebuilt, kq, 0, nb, h, scale, p)
+            else:
+                for h in range(hkv):
+                    block_scores(q[t], h * groups, (h + 1) * groups, kd[kc], kq, off, nb, h, scale, p)
             if cap > 0:
                 for qh in range(hq):
                     for b in range(nb):
@@ -966,7 +986,7 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
                     p[qh, b] = e
                     l_sum[qh] += e
             for h in range(hkv):
-                block_values(a, h * groups, (h + 1) * groups, p, nb, vd[vc], off, h)
+                block_values(a, h * groups, (h + 1) * groups, p, nb, vd[vc], vq, off, h)
             i += nb
         m_p[t, sp] = m
         l_p[t, sp] = l_sum
@@ -992,15 +1012,18 @@ def _decode_attention(q, kd, vd, ks, vs, skips, ns, scale, cap, splits, kw, kcos
 
 _NO_KEYS_FROM = (np.zeros(0, dtype=np.float32), np.zeros((1, 1), dtype=np.float32),
                  np.zeros((1, 1), dtype=np.float32))
+_NO_SCALES = np.ones((1, 1, 1), dtype=np.float32)
 
 
 def decode_attention_positions(q, kd, vd, ks, vs, skips, ns, scale: float, cap: float | None, splits: int = 0,
-                               keys_from=None):
+                               keys_from=None, scales=None):
     """Decode attention of several query positions ``q`` ``[T, Hq, D]`` over a chunked cache (see
     :meth:`KVCache.chunk_view`), query ``t`` over the ``ns[t]`` keys from row ``skips[t]``, in one
     call (``splits``: key ranges, 0 for the default). ``keys_from``: for a K=V layer (``kd`` is then
     ``vd``), ``(kw, cos, sin, rows)``: the key norm's weight and the RoPE tables of the keys, query
-    ``t``'s first key at table row ``rows[t]``. Returns ``[T, Hq, Dv]``."""
+    ``t``'s first key at table row ``rows[t]``. An int8 cache (``kd``/``vd`` int8) passes its rows'
+    scales, ``scales = (k_scales, v_scales)``, each ``[chunks, chunk, Hkv]``. Returns ``[T, Hq,
+    Dv]``."""
     out = np.empty((q.shape[0], q.shape[1], vd.shape[3]), dtype=np.float32)
     if keys_from is None:
         kw, kcos, ksin = _NO_KEYS_FROM
@@ -1008,7 +1031,10 @@ def decode_attention_positions(q, kd, vd, ks, vs, skips, ns, scale: float, cap: 
     else:
         kw, kcos, ksin, rows = keys_from
         rows = np.asarray(rows, dtype=np.int64)
-    _decode_attention(q, kd, vd, ks, vs, np.asarray(skips, dtype=np.int64), np.asarray(ns, dtype=np.int64),
+    ksc, vsc = (_NO_SCALES, _NO_SCALES) if scales is None else scales
+    if (kd.dtype == np.int8) != (scales is not None):
+        raise ValueError("int8 K/V rows come with their scales, and only they do")
+    _decode_attention(q, kd, vd, ksc, vsc, ks, vs, np.asarray(skips, dtype=np.int64), np.asarray(ns, dtype=np.int64),
                       np.float32(scale), np.float32(cap or 0.0), splits, kw, kcos, ksin, rows, out)
     return out
 

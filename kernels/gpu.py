@@ -127,7 +127,9 @@ def attention_chunks(q: torch.Tensor, view, scale: float, cap: float | None = No
     """One query position (``q``: ``[Hq, 1, D]``) over a chunked cache's storage (``view`` from
     :meth:`KVCache.chunk_view`): the visible rows are gathered from the chunks and attended with
     :func:`attention`. Returns ``[1, Hq, Dv]``."""
-    kd, vd, ks, vs, skip, n, positions = view
+    kd, vd, ks, vs, skip, n, positions = view[:7]
+    if len(view) > 7 and view[8] is not None:
+        raise ValueError("an int8 cache's chunk view: gather it with KVCache.read")
     if kd is None:
         raise ValueError("a K=V layer's chunk view has no keys; gather them with KVCache.read")
     ks, vs = ks.to(kd.device), vs.to(vd.device)

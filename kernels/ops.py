@@ -260,8 +260,12 @@ def attention_chunks(q, view, scale, cap=None, window: int | None = None, keys_f
     K/V copy is made. Each query sees the keys up to its own position (and within ``window``),
     all in one call of the kernel a decode step runs. A K=V layer's view has no keys
     (``view[0]`` None): ``keys_from`` ``(key norm weight [D], cos, sin)``, the RoPE tables of the
-    view's key positions, rebuilds them in the kernel. Returns ``[T, Hq, Dv]``."""
-    kd, vd, ks, vs, skip, n, keys = view
+    view's key positions, rebuilds them in the kernel. An int8 cache's rows are read as stored,
+    with their scales. Returns ``[T, Hq, Dv]``."""
+    kd, vd, ks, vs, skip, n, keys = view[:7]
+    scales = None
+    if len(view) > 7 and view[8] is not None:  # an int8 cache: each row's scale
+        scales = (_np(view[8]) if view[7] is None else _np(view[7]), _np(view[8]))
     t_n = q.shape[1]
     skips, ns = [], []
     for t in range(t_n):
@@ -277,7 +281,8 @@ def attention_chunks(q, view, scale, cap=None, window: int | None = None, keys_f
         rebuild = (_np(kw), _np(cos), _np(sin), [s_ - skip for s_ in skips])
         kd, ks = vd, vs
     out = _nb().decode_attention_positions(np.ascontiguousarray(_np(q).transpose(1, 0, 2)), kd.numpy(), vd.numpy(),
-                                           ks.numpy(), vs.numpy(), skips, ns, scale, cap, keys_from=rebuild)
+                                           ks.numpy(), vs.numpy(), skips, ns, scale, cap, keys_from=rebuild,
+                                           scales=scales)
     return torch.from_numpy(out)
 
 

@@ -7,15 +7,17 @@ on one core of the test machine (an Intel Xeon doing 47 GFMA/s in torch's GEMM),
 sliding layer read its K/V at half the memory's rate. Here each is ``<16 x float>`` code (one
 AVX-512 register, two AVX2 registers elsewhere) over register tiles:
 
-* ``block_scores(q, lo, hi, rows, first, nb, h, scale, p)``: ``p[qh, b] = scale * dot(q[qh],
+* ``block_scores(q, lo, hi, rows, scales, first, nb, h, scale, p)``: ``p[qh, b] = scale * dot(q[qh],
   rows[first + b, h])``, tiles of up to 4 keys by 4 query heads sharing each load;
-* ``block_values(a, lo, hi, p, nb, rows, first, h)``: ``a[qh] += sum_b p[qh, b] * rows[first +
+* ``block_values(a, lo, hi, p, nb, rows, scales, first, h)``: ``a[qh] += sum_b p[qh, b] * rows[first +
   b, h]``, tiles of up to 4 query heads by 64 columns kept in registers over the block's keys;
 * ``pow2(n)``: ``2 ** n`` from exponent bits (the vectorizable ``exp`` of :mod:`.cpu_numba`).
 
 For query heads ``qh`` in ``lo .. hi - 1`` and keys ``b`` in ``0 .. nb - 1``; ``q``/``a``
 ``[Hq, D]``, ``p`` ``[Hq, B]``, ``rows`` ``[R, Hkv, D]`` (a chunk of the KV cache), all
-C-contiguous fp32. A width that is not a multiple of 16 ends in a scalar loop. A query head's
+C-contiguous fp32; or int8 ``rows`` with each row's scale in ``scales`` ``[R, Hkv]`` (an int8
+cache read as stored: the codes converted in the loads, a key's scale applied to its score and a
+value's to its weight). A width that is not a multiple of 16 ends in a scalar loop. A query head's
 sums run in the same order whichever tile it is in, so a position's attention has the same bits
 alone or beside others.
 """
@@ -27,7 +29,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _FAST, _I32, _I64, _V16F, _row_ptr, _splat, _vload
+from .simd import _F32, _FAST, _I32, _I64, _V16B, _V16F, _row_ptr, _splat, _vload
 
 LANES = 16
 HEADS = 4  # query heads per pass over a row
@@ -113,20 +115,49 @@ def _key_row(builder, data, row_stride, head_stride, first, b, h):
     return builder.gep(data, [at])
 
 
+def _check_rows(rows, scales):
+    if not (isinstance(rows, types.Array) and rows.ndim == 3 and rows.layout == "C"
+            and rows.dtype in (types.float32, types.int8)):
+        raise TypeError(f"expected a C-contiguous 3-D fp32 or int8 array of K/V rows, got {rows}")
+    _check_float((scales, 2))
+
+
+def _vector_at(builder, ptr, j, quantized):
+    """16 values of a K/V row from ``j`` as ``<16 x float>`` (int8 codes converted; their scale is
+    applied by the caller, once per row)."""
+    return builder.sitofp(_vload(builder, ptr, j, _V16B), _V16F) if quantized else _vload(builder, ptr, j, _V16F)
+
+
+def _scalar_at(builder, ptr, j, quantized):
+    x = builder.load(builder.gep(ptr, [j]))
+    return builder.sitofp(x, _F32) if quantized else x
+
+
+def _row_scale(builder, scales, heads, first, b, h):
+    """An int8 row's scale: ``scales[first + b, h]`` of a ``[R, Hkv]`` fp32 array."""
+    return builder.load(builder.gep(scales, [builder.add(builder.mul(builder.add(first, b), heads), h)]))
+
+
 @intrinsic
-def block_scores(typingctx, q, lo, hi, rows, first, nb, h, scale, p):
-    """``p[qh, b] = scale * dot(q[qh], rows[first + b, h])`` for query heads ``qh`` in ``lo .. hi -
-    1`` and keys ``b`` in ``0 .. nb - 1`` (``q`` ``[Hq, D]``, ``rows`` ``[R, Hkv, D]``, ``p``
-    ``[Hq, B]``). Tiles of up to 4 keys by 4 heads share each vector load."""
-    _check_float((q, 2), (rows, 3), (p, 2))
-    sig = types.void(q, lo, hi, rows, first, nb, h, scale, p)
+def block_scores(typingctx, q, lo, hi, rows, scales, first, nb, h, scale, p):
+    """``p[qh, b] = scale * dot(q[qh], key)`` with ``key = rows[first + b, h]`` (times
+    ``scales[first + b, h]`` for int8 rows) for query heads ``qh`` in ``lo .. hi - 1`` and keys
+    ``b`` in ``0 .. nb - 1`` (``q`` ``[Hq, D]``, ``rows`` ``[R, Hkv, D]`` fp32 or int8,
+    ``scales`` ``[R, Hkv]``, unused for fp32 rows; ``p`` ``[Hq, B]``). Tiles of up to 4 keys by 4
+    heads share each vector load."""
+    _check_float((q, 2), (p, 2))
+    _check_rows(rows, scales)
+    sig = types.void(q, lo, hi, rows, scales, first, nb, h, scale, p)
+    quantized = rows.dtype == types.int8
 
     def codegen(context, builder, signature, args):
         qa = context.make_array(signature.args[0])(context, builder, args[0])
-        pa = context.make_array(signature.args[8])(context, builder, args[8])
+        pa = context.make_array(signature.args[9])(context, builder, args[9])
+        sa = context.make_array(signature.args[4])(context, builder, args[4])
         data, rs, hs = _rows_view(context, builder, signature.args[3], args[3])
-        lo_, hi_, first_, nb_, h_ = (_i64(builder, args[i]) for i in (1, 2, 4, 5, 6))
-        scale_ = context.cast(builder, args[7], signature.args[7], types.float32)
+        heads = builder.extract_value(sa.shape, 1)
+        lo_, hi_, first_, nb_, h_ = (_i64(builder, args[i]) for i in (1, 2, 5, 6, 7))
+        scale_ = context.cast(builder, args[8], signature.args[8], types.float32)
         d = builder.extract_value(qa.shape, 1)
         pw = builder.extract_value(pa.shape, 1)
         zero = ir.Constant(_V16F, [0.0] * LANES)
@@ -139,7 +170,7 @@ def block_scores(typingctx, q, lo, hi, rows, first, nb, h, scale, p):
                 accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(m)] for _ in range(n)]
 
                 def step(j):
-                    kv = [_vload(builder, kr, j, _V16F) for kr in krows]
+                    kv = [_vector_at(builder, kr, j, quantized) for kr in krows]
                     for qr, acc_row in zip(qrows, accs):
                         qv = _vload(builder, qr, j, _V16F)
                         for k, acc in zip(kv, acc_row):
@@ -150,15 +181,20 @@ def block_scores(typingctx, q, lo, hi, rows, first, nb, h, scale, p):
                 sums = [[cgutils.alloca_once_value(builder, _tree_sum(builder, builder.load(acc))) for acc in acc_row]
                         for acc_row in accs]
                 with cgutils.for_range_slice(builder, tail, d, _const(1), inc=True) as (j, _):
-                    kv = [builder.load(builder.gep(kr, [j])) for kr in krows]
+                    kv = [_scalar_at(builder, kr, j, quantized) for kr in krows]
                     for qr, sum_row in zip(qrows, sums):
                         qv = builder.load(builder.gep(qr, [j]))
                         for k, s in zip(kv, sum_row):
                             builder.store(builder.fadd(builder.load(s), builder.fmul(qv, k, flags=_FAST), flags=_FAST), s)
+                key_scales = [scale_] * m
+                if quantized:
+                    key_scales = [builder.fmul(scale_, _row_scale(builder, sa.data, heads, first_, builder.add(b, _const(k)),
+                                                                  h_), flags=_FAST) for k in range(m)]
                 for i, sum_row in enumerate(sums):
                     for k, s in enumerate(sum_row):
                         at = builder.add(builder.mul(builder.add(qh, _const(i)), pw), builder.add(b, _const(k)))
-                        builder.store(builder.fmul(builder.load(s), scale_, flags=_FAST), builder.gep(pa.data, [at]))
+                        builder.store(builder.fmul(builder.load(s), key_scales[k], flags=_FAST),
+                                      builder.gep(pa.data, [at]))
 
             _tiles(builder, _const(0), nb_, (4, 1), key_tile)
 
@@ -169,21 +205,33 @@ def block_scores(typingctx, q, lo, hi, rows, first, nb, h, scale, p):
 
 
 @intrinsic
-def block_values(typingctx, a, lo, hi, p, nb, rows, first, h):
-    """``a[qh] += sum over b of p[qh, b] * rows[first + b, h]`` for query heads ``qh`` in ``lo ..
-    hi - 1`` and keys ``b`` in ``0 .. nb - 1`` (``a`` ``[Hq, D]``, ``p`` ``[Hq, B]``, ``rows``
-    ``[R, Hkv, D]``). Tiles of up to 4 heads by 64 columns stay in registers over the keys: each
-    accumulator is loaded and stored once per block, not once per key."""
-    _check_float((a, 2), (p, 2), (rows, 3))
-    sig = types.void(a, lo, hi, p, nb, rows, first, h)
+def block_values(typingctx, a, lo, hi, p, nb, rows, scales, first, h):
+    """``a[qh] += sum over b of p[qh, b] * value`` with ``value = rows[first + b, h]`` (times
+    ``scales[first + b, h]`` for int8 rows) for query heads ``qh`` in ``lo .. hi - 1`` and keys
+    ``b`` in ``0 .. nb - 1`` (``a`` ``[Hq, D]``, ``p`` ``[Hq, B]``, ``rows``/``scales`` as
+    :func:`block_scores` takes them). Tiles of up to 4 heads by 64 columns stay in registers over
+    the keys: each accumulator is loaded and stored once per block, not once per key."""
+    _check_float((a, 2), (p, 2))
+    _check_rows(rows, scales)
+    sig = types.void(a, lo, hi, p, nb, rows, scales, first, h)
+    quantized = rows.dtype == types.int8
 
     def codegen(context, builder, signature, args):
         aa = context.make_array(signature.args[0])(context, builder, args[0])
         pa = context.make_array(signature.args[3])(context, builder, args[3])
+        sa = context.make_array(signature.args[6])(context, builder, args[6])
         data, rs, hs = _rows_view(context, builder, signature.args[5], args[5])
-        lo_, hi_, nb_, first_, h_ = (_i64(builder, args[i]) for i in (1, 2, 4, 6, 7))
+        kv_heads = builder.extract_value(sa.shape, 1)
+        lo_, hi_, nb_, first_, h_ = (_i64(builder, args[i]) for i in (1, 2, 4, 7, 8))
         d = builder.extract_value(aa.shape, 1)
         pw = builder.extract_value(pa.shape, 1)
+
+        def weight(qh, b):
+            """``p[qh, b]``, times the value row's scale for int8 rows."""
+            w = builder.load(builder.gep(pa.data, [builder.add(builder.mul(qh, pw), b)]))
+            if quantized:
+                w = builder.fmul(w, _row_scale(builder, sa.data, kv_heads, first_, b, h_), flags=_FAST)
+            return w
 
         def head_tile(qh, n):
             heads = [builder.add(qh, _const(i)) for i in range(n)]
@@ -195,10 +243,9 @@ def block_values(typingctx, a, lo, hi, p, nb, rows, first, h):
                         for ar in arows]
                 with cgutils.for_range(builder, nb_) as loop:
                     vr = _key_row(builder, data, rs, hs, first_, loop.index, h_)
-                    vv = [_vload(builder, vr, o, _V16F) for o in offsets]
+                    vv = [_vector_at(builder, vr, o, quantized) for o in offsets]
                     for hh, acc_row in zip(heads, accs):
-                        w = builder.load(builder.gep(pa.data, [builder.add(builder.mul(hh, pw), loop.index)]))
-                        e = _splat(builder, w, _V16F)
+                        e = _splat(builder, weight(hh, loop.index), _V16F)
                         for v, acc in zip(vv, acc_row):
                             builder.store(builder.fadd(builder.load(acc), builder.fmul(e, v, flags=_FAST),
                                                        flags=_FAST), acc)
@@ -220,8 +267,7 @@ def block_values(typingctx, a, lo, hi, p, nb, rows, first, h):
                     s = cgutils.alloca_once_value(builder, builder.load(ptr))
                     with cgutils.for_range(builder, nb_) as loop:
                         vr = _key_row(builder, data, rs, hs, first_, loop.index, h_)
-                        w = builder.load(builder.gep(pa.data, [builder.add(builder.mul(hh, pw), loop.index)]))
-                        prod = builder.fmul(w, builder.load(builder.gep(vr, [j])), flags=_FAST)
+                        prod = builder.fmul(weight(hh, loop.index), _scalar_at(builder, vr, j, quantized), flags=_FAST)
                         builder.store(builder.fadd(builder.load(s), prod, flags=_FAST), s)
                     builder.store(builder.load(s), ptr)
 

@@ -397,6 +397,56 @@ def test_attention_rebuilds_the_keys_of_a_k_eq_v_layer_from_the_chunked_cache(ge
     assert checked > 10
 
 
+@pytest.mark.parametrize("layer", [0, 1], ids=["sliding", "full-k-eq-v"])
+def test_attention_reads_an_int8_cache_as_stored(layer, gen):
+    """An int8 KV cache's rows go into the fused attention as stored, each with its scale (no
+    dequantized copy): against the reference over the cache's own dequantized K/V (float64), on a
+    sliding layer with K and V and on a K=V full layer; a verification's positions each get the
+    bits of a decode step alone."""
+    from gemma4_nb.devtools.tiny import tiny_config
+    from gemma4_nb.runtime.config import parse_config
+    from gemma4_nb.runtime.kv_cache import KVCache
+
+    cfg = parse_config(tiny_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                   global_head_dim=128, attention_k_eq_v=True, sliding_window=24,
+                                   layer_types=["sliding_attention", "full_attention"]))
+    spec = cfg.layers[layer]
+    cache = KVCache(cfg, chunk=8, max_rollback=4, kv_dtype="int8")
+    d, pairs = spec.head_dim, spec.head_dim // 2
+    freqs = torch.arange(400, dtype=torch.float64)[:, None] * (0.5 ** torch.arange(pairs, dtype=torch.float64))[None]
+    cos, sin = freqs.cos().float(), freqs.sin().float()
+    kw = (1.0 + torch.rand(d, generator=gen)).contiguous()
+    checked = 0
+    for step in range(30):
+        t = 20 if step == 0 else (3 if step % 4 == 3 else 1)
+        q_pos = cache.begin(t)
+        for s in cfg.layers:
+            v = torch.randn(s.num_kv_heads, t, s.head_dim, generator=gen)
+            k = None if s.k_eq_v else torch.randn(s.num_kv_heads, t, s.head_dim, generator=gen)
+            cache.update(s.index, k, v, gather=False)
+        view = cache.chunk_view(spec.index)
+        assert view.v_data.dtype == torch.int8 and view.v_scale is not None
+        k_all, v_all, k_pos = cache.read(spec.index)  # dequantized
+        keys_from = None
+        if spec.k_eq_v:
+            k_all = ref.apply_rope(v_all.double() * kw.double(), cos[k_pos.start:k_pos.stop].double(),
+                                   sin[k_pos.start:k_pos.stop].double(), seq_dim=1)
+            keys_from = (kw, cos[view.keys.start:view.keys.stop], sin[view.keys.start:view.keys.stop])
+        q = torch.randn(cfg.num_heads, t, d, generator=gen) / 4
+        got = ops.attention_chunks(q, view, 0.3, None, spec.window, keys_from)
+        want = ref.attention(q.double(), k_all.double(), v_all.double(), q_pos, k_pos, spec.window, 0.3, None)
+        assert float((got.double() - want).abs().max()) < 1e-5 * float(want.abs().max()) + 1e-6
+        for i in range(t if t > 1 else 0):  # each position alone: the cache as a decode step sees it
+            last = q_pos.start + i
+            own = view._replace(n=view.n - (t - 1 - i), keys=range(view.keys.start, last + 1))
+            own_from = None if keys_from is None else (kw, cos[own.keys.start:last + 1], sin[own.keys.start:last + 1])
+            alone = ops.attention_chunks(q[:, i:i + 1], own, 0.3, None, spec.window, own_from)
+            assert torch.equal(alone[0], got[i])
+        checked += 1
+        cache.commit()
+    assert checked == 30
+
+
 def test_decode_attention_splits_agree(gen):
     q, k, v = torch.randn(4, 16, generator=gen), torch.randn(1, 300, 16, generator=gen), torch.randn(1, 300, 16, generator=gen)
     one = nb.decode_attention(q.numpy(), k.numpy(), v.numpy(), 5, 290, 0.25, None, splits=1)
@@ -532,29 +582,36 @@ def test_kernel_cache_follows_every_source_of_the_folder(tmp_path):
     assert run() == ["10", "0"]  # main.py unchanged, but the folder changed: recompiled
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
 @pytest.mark.parametrize("heads,width", [(7, 40), (4, 256), (3, 16), (1, 9)])
-def test_attention_block_intrinsics(heads, width, gen):
+def test_attention_block_intrinsics(heads, width, int8, gen):
     """The register-tiled scores and values of a block of keys (kernels/simd_float.py) against
-    float64: every tile shape (4, 2 and 1 query heads; 4 and 1 keys; 4 and 1 column vectors) and
-    a scalar tail where the width is not a multiple of 16."""
+    float64: every tile shape (4, 2 and 1 query heads; 4 and 1 keys; 4 and 1 column vectors), a
+    scalar tail where the width is not a multiple of 16, and int8 rows with a scale each."""
     from numba import njit
 
     from gemma4_nb.kernels.simd_float import block_scores, block_values
 
     @njit
-    def scores_and_values(q, lo, hi, rows, first, nb, h, scale, p, a):
-        block_scores(q, lo, hi, rows, first, nb, h, scale, p)
-        block_values(a, lo, hi, p, nb, rows, first, h)
+    def scores_and_values(q, lo, hi, rows, scales, first, nb, h, scale, p, a):
+        block_scores(q, lo, hi, rows, scales, first, nb, h, scale, p)
+        block_values(a, lo, hi, p, nb, rows, scales, first, h)
 
     hkv, block = 3, 32
     rows = torch.randn(20, hkv, width, generator=gen).numpy()
+    scales = np.ones((20, hkv), dtype=np.float32)
+    values = rows.astype(np.float64)
+    if int8:
+        scales = (0.5 + torch.rand(20, hkv, generator=gen)).numpy() / 40
+        rows = torch.randint(-127, 128, (20, hkv, width), generator=gen, dtype=torch.int8).numpy()
+        values = rows.astype(np.float64) * scales[..., None]
     for n_keys in (1, 2, 5, 9):
         q = torch.randn(heads + 2, width, generator=gen).numpy()
         a = torch.randn(heads + 2, width, generator=gen).numpy()
         p = np.full((heads + 2, block), 7.0, dtype=np.float32)
         a0, first, h = a.astype(np.float64), 6, 1
-        scores_and_values(q, 1, 1 + heads, rows, first, n_keys, h, 0.5, p, a)
-        keys = rows[first:first + n_keys, h].astype(np.float64)
+        scores_and_values(q, 1, 1 + heads, rows, scales, first, n_keys, h, 0.5, p, a)
+        keys = values[first:first + n_keys, h]
         want_p = 0.5 * q[1:1 + heads].astype(np.float64) @ keys.T
         close(p[1:1 + heads, :n_keys], want_p, rel=1e-5)
         assert (p[:, n_keys:] == 7.0).all() and (p[0] == 7.0).all() and (p[-1] == 7.0).all()  # nothing else written

@@ -168,9 +168,9 @@ class GemmaModel:
         cfg = self.cfg
         t = q.shape[0]
         # a fused decode step (or a verification's few positions) reads K/V straight from the
-        # cache's chunks (no contiguous copy)
+        # cache's chunks (no contiguous copy; an int8 cache's rows as stored, with their scales)
         direct = (self.fused and t <= self.integer_batch and blocks is None
-                  and getattr(cache, "chunk_view", None) is not None and cache.kv_dtype is None)
+                  and getattr(cache, "chunk_view", None) is not None)
         k_all = v_all = k_pos = None
         if spec.owns_kv:
             stored = cache.update(spec.index, None if k is None else k.transpose(0, 1), v.transpose(0, 1),

@@ -15,12 +15,14 @@ The model talks to a cache through a narrow interface:
 
 Sliding layers keep ``window + max_rollback`` positions (rounded to chunks): their memory is
 bounded at any context length. Full layers keep every position. With ``kv_dtype="int8"`` each
-token and head is stored as int8 with one scale.
+token and head is stored as int8 with one scale (the fused CPU decode reads them as stored,
+through :meth:`KVCache.chunk_view`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +35,23 @@ DEFAULT_MAX_ROLLBACK = 64
 
 class CacheRollbackError(Gemma4Error):
     """A truncation reached positions a sliding-window layer has already let go of."""
+
+
+class ChunkView(NamedTuple):
+    """A layer's visible K/V in the cache's own storage (:meth:`KVCache.chunk_view`): rows ``skip ..
+    skip + n - 1`` of the chunks ``*_slots`` of ``*_data`` ``[chunks, chunk, heads, dim]`` laid end
+    to end, at positions ``keys``. An int8 cache adds each row's scale, ``*_scale`` ``[chunks,
+    chunk, heads]`` (None otherwise)."""
+
+    k_data: torch.Tensor | None  # None for a K=V layer: the reader rebuilds keys from the values
+    v_data: torch.Tensor
+    k_slots: torch.Tensor | None
+    v_slots: torch.Tensor
+    skip: int
+    n: int
+    keys: range
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 class ChunkPool:
@@ -227,15 +246,12 @@ class KVCache:
             return None, self._gather(lay, lay.v_pool, 0, skip, n), range(lo, end)
         return self._gather(lay, lay.k_pool, 0, skip, n), self._gather(lay, lay.v_pool, 1, skip, n), range(lo, end)
 
-    def chunk_view(self, layer: int):
-        """For fused decode kernels: ``(k_data, v_data, k_slots, v_slots, skip, n, key_positions)``
-        where ``*_data`` are the pools' ``[chunks, chunk, heads, dim]`` storage, ``*_slots`` the
-        layer's chunks oldest first, and the visible keys are rows ``skip .. skip + n - 1`` of
-        those chunks laid end to end. A K=V layer stores no keys: ``k_data`` and ``k_slots`` are
-        None (the reader rebuilds them from the values). None where a layer is not stored that
-        way (int8 KV, chunks offloaded to the host)."""
+    def chunk_view(self, layer: int) -> ChunkView | None:
+        """For fused decode kernels: the layer's visible K/V where they are stored (see
+        :class:`ChunkView`); a K=V layer stores no keys. None where a layer's chunks are not all
+        on the device (some offloaded to the host)."""
         lay = self.layers[layer]
-        if lay is None or lay.v_pool.quantized or lay.host_slots:
+        if lay is None or lay.host_slots:
             return None
         lo = lay.first
         if lay.window is not None:
@@ -247,8 +263,9 @@ class KVCache:
             vs = slots if lay.k_pool is None else slots[1::2].contiguous()
             lay.index_cache["view"] = (key, ks, vs)
         _, ks, vs = lay.index_cache["view"]
-        k_data = None if lay.k_pool is None else lay.k_pool.data
-        return k_data, lay.v_pool.data, ks, vs, lo - lay.first, self._end - lo, range(lo, self._end)
+        k_pool, v_pool = lay.k_pool, lay.v_pool
+        return ChunkView(None if k_pool is None else k_pool.data, v_pool.data, ks, vs, lo - lay.first, self._end - lo,
+                         range(lo, self._end), None if k_pool is None else k_pool.scale, v_pool.scale)
 
     def _index(self, lay: _LayerKV, which: int, host: bool) -> torch.Tensor:
         """Slot indices as a tensor on the pool's device, rebuilt only when the slot list changed
