@@ -78,7 +78,7 @@ def _cmd_bench(args) -> int:
     bench_command(model=args.model, shape=args.shape, quant=args.quant, dtype=args.dtype, device=args.device,
                   threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,
                   compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat, cuda_graphs=args.cuda_graphs,
-                  tokens=args.tokens)
+                  tokens=args.tokens, kv=args.kv)
     return 0
 
 
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quant", choices=["int8", "int4"],
                    help="weight format (default: unquantized with --shape; with --model what load() picks)")
     b.add_argument("--dtype", choices=["bf16", "fp32"], help="unquantized weight / activation dtype")
+    b.add_argument("--kv", choices=["int8"], help="the KV cache's dtype (default: the activations')")
     b.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     b.add_argument("--threads", type=int, help="CPU threads (default: torch's setting)")
     b.add_argument("--prompt", type=int, default=512, help="prompt tokens to prefill (timed)")

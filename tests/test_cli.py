@@ -40,7 +40,19 @@ def test_bench_command_reports_speed_and_memory(tiny_dir):
     row = next(line for line in out.splitlines() if line.startswith("gemma4-nb"))
     depth, prompt, ttft, prefill, decode, peak = row.split()[1:7]
     assert (depth, prompt) == ("0", "8") and float(prefill) > 0 and float(decode) > 0 and float(peak) > 0
-    assert "bytes read per decode token" in out
+    assert "bytes read per decode token" in out and "KV cache: fp32" in out
+
+
+def test_bench_command_with_an_int8_kv_cache(tiny_dir):
+    """``--kv int8`` decodes on an int8 cache and counts its bytes: a byte a value and a scale a row."""
+    kv_gb = {}
+    for kv in ("fp32", "int8"):
+        res = run("bench", "--model", str(tiny_dir), "--quant", "int8", "--prompt", "8", "--decode", "4", "--threads",
+                  "1", *(["--kv", kv] if kv == "int8" else []))
+        assert res.returncode == 0, res.stderr
+        assert f"KV cache: {kv}" in res.stdout
+        kv_gb[kv] = float(res.stdout.split("GB + KV ")[1].split()[0])
+    assert 0 < kv_gb["int8"] < 0.5 * kv_gb["fp32"]
 
 
 def test_bench_command_rejects_bad_input(tiny_dir):

@@ -31,7 +31,7 @@ from .tiny import tiny_config
 from .workload import cpu_name, run, text_ids
 
 
-def decode_bytes(net: GemmaModel, context: int) -> tuple[int, int]:
+def decode_bytes(net: GemmaModel, context: int, kv_dtype: str | None = None) -> tuple[int, int]:
     """Bytes one decode step reads at ``context`` positions: (weights, KV cache). Every matrix is
     read once (the tied embedding as the head; an untied embedding only by rows, not counted)."""
     from ..kernels.qweight import QWeight
@@ -54,13 +54,19 @@ def decode_bytes(net: GemmaModel, context: int) -> tuple[int, int]:
     for spec in net.cfg.layers:
         if spec.owns_kv:
             seen = min(context, spec.window) if spec.window else context
-            kv += seen * spec.num_kv_heads * spec.head_dim * elem * (1 if spec.k_eq_v else 2)
+            # int8: a byte a value and an fp32 scale a row
+            row = spec.head_dim + 4 if kv_dtype == "int8" else spec.head_dim * elem
+            kv += seen * spec.num_kv_heads * row * (1 if spec.k_eq_v else 2)
     return weights, kv
+
+
+def dtype_name(net: GemmaModel) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[net.dtype]
 
 
 def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, threads=None, prompt=512,
                   decode=64, depth=0, compare=None, bandwidth=False, repeat=1, cuda_graphs=False,
-                  tokens="text") -> list[dict]:
+                  tokens="text", kv=None) -> list[dict]:
     """``gemma4-nb bench``: prefill and decode tokens/s, time to first token and peak memory of
     one model, weight format, context depth and device; optionally llama.cpp on the same GGUF in
     the same run, and the measured memory bandwidth with the roofline fraction of decode."""
@@ -102,7 +108,7 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
         encode = loaded.encode
         hf_config = json.loads((loaded.model_dir / "config.json").read_text())
     load_s = time.perf_counter() - t0
-    fmt = quant or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[net.dtype]
+    fmt = quant or dtype_name(net)
     compile_s = None
     if net.fused:
         from ..kernels import warmup
@@ -119,12 +125,13 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
         print("decode: static-shape steps (gemma4_nb/static_decode.py)"
               + (", replayed as CUDA graphs" if device.type == "cuda" else ", eager (no CUDA)"))
     print(f"prompt: {'English text (Python help topics)' if tokens == 'text' else 'random token ids'}; "
-          f"decode: greedy continuation")
+          f"decode: greedy continuation; KV cache: {kv or dtype_name(net)}"
+          + ("; llama.cpp's: f16, its default" if compare == "llama.cpp" else ""))
     print(f"load: {load_s:.1f} s" + (f"   numba kernels ready in {compile_s:.2f} s (compiled or loaded from the on-disk cache)"
                                       if compile_s is not None else ""))
     rows = []
     for i in range(repeat):
-        r = run(net, prompt, decode, ids=ids, depth=depth, cuda_graphs=cuda_graphs)
+        r = run(net, prompt, decode, ids=ids, depth=depth, cuda_graphs=cuda_graphs, kv_dtype=kv)
         r["engine"] = "gemma4-nb"
         rows.append(r)
         if compare == "llama.cpp":
@@ -142,7 +149,7 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
                 torch.cuda.reset_peak_memory_stats()
             rows.insert(2 * i + 1, generate_speed(hf, ids, decode))
         del hf
-    w_bytes, kv_bytes = decode_bytes(net, depth + prompt + decode // 2)
+    w_bytes, kv_bytes = decode_bytes(net, depth + prompt + decode // 2, kv)
     bw = None
     if bandwidth:
         if device.type == "cuda":
@@ -188,7 +195,7 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
         best = max(r["decode_tok_s"] for r in rows if r["engine"] == "gemma4-nb")
         print(f"best decode of {repeat}: {best:.2f} tok/s = {(w_bytes + kv_bytes) * best / 1e9:.1f} GB/s = "
               f"{(w_bytes + kv_bytes) * best / bw * 100:.1f}% of the measured bandwidth")
-    print(f"bytes read per decode token: weights {w_bytes / 1e9:.3f} GB + KV {kv_bytes / 1e9:.4f} GB"
+    print(f"bytes read per decode token: weights {w_bytes / 1e9:.3f} GB + KV {kv_bytes / 1e9:.4g} GB"
           + (f"; measured read bandwidth {bw / 1e9:.1f} GB/s" + (" (device copy, read+write)" if device.type == "cuda" else "")
              if bw else ""))
     if compare == "llama.cpp":

@@ -28,10 +28,11 @@ def greedy_step(net: GemmaModel, tok: torch.Tensor, cache) -> torch.Tensor:
 
 
 def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None = None,
-        ids: list[int] | None = None, depth: int = 0, cuda_graphs: bool = False) -> dict:
+        ids: list[int] | None = None, depth: int = 0, cuda_graphs: bool = False, kv_dtype: str | None = None) -> dict:
     """Time a chunked prefill of ``prompt_len`` random tokens (after ``depth`` untimed context
     tokens), then ``decode`` greedy steps (``cuda_graphs``: with :class:`StaticDecoder`, whose
-    graphs are captured before the timing starts; eager on the CPU)."""
+    graphs are captured before the timing starts; eager on the CPU; ``kv_dtype``: the KV cache's,
+    as :func:`gemma4_nb.load` takes it)."""
     from ..runtime.generation import prefill
     from ..runtime.kv_cache import PrefixCache
 
@@ -39,14 +40,14 @@ def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None
     chunk = prefill_chunk or (2048 if dev.type == "cuda" else 512)
     if ids is None:
         ids = torch.randint(10, net.cfg.vocab_size, (depth + prompt_len,)).tolist()
-    warm = net.new_cache()
+    warm = net.new_cache(kv_dtype=kv_dtype)
     net.forward(torch.tensor(ids[:48]), warm)  # > 16 positions: the prefill path of quantized weights
     net.forward(torch.tensor(ids[:4]), warm)  # small batches: the fused kernels
     greedy_step(net, torch.tensor(ids[0]), warm)
     del warm
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    prefix = PrefixCache(lambda: net.new_cache())
+    prefix = PrefixCache(lambda: net.new_cache(kv_dtype=kv_dtype))
     prefix.prepare(ids + [0])
     if depth:
         prefill(net, ids[:depth], prefix, chunk)
