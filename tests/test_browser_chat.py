@@ -370,14 +370,15 @@ def _scenario(page, url, expect):
     page.screenshot(path=str(ARTIFACTS / "chat-8-ghost-accepted.png"))
     # never queued behind a running cell: while one runs, no completion is asked of the kernel
     # the accepted text may ask once more (debounced; late on a loaded machine): let that pass,
-    # until the count of requests holds for a second
-    asked = int(run("print(_completer._latest)"))
-    for _ in range(8):
+    # until the count of requests holds for two seconds (under load, one was not enough)
+    asked, held = int(run("print(_completer._latest)")), 0
+    for _ in range(12):
         page.wait_for_timeout(1000)
         now = int(run("print(_completer._latest)"))
-        if now == asked:
-            break
+        held = held + 1 if now == asked else 0
         asked = now
+        if held == 2:
+            break
     page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
                   ".requestExecute({code: 'import time; time.sleep(4)'})")
     page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
