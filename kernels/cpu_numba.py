@@ -84,6 +84,7 @@ RESCORE_AHEAD = 4  # rows prefetched ahead in the head's pass 2 (measured 2-8: a
 ATTENTION_BLOCK = 32
 EXACT_COLUMNS = 8  # columns the screened head computes exactly (see ScreenPolicy): simd.dot8's width
 NEG = np.float32(-3.0e38)
+EXP_FLOOR = np.float32(-64.0)  # exp_fast below this: 0
 
 
 # -- matrix products ---------------------------------------------------------------------------
@@ -868,9 +869,13 @@ def _is_int8_typed(arr):
 def exp_fast(ex_x):
     """``exp`` of fp32 in arithmetic the loop vectorizer turns into vector code (numba's ``np.exp``
     is a libm call per element, about 6 ns): Cody-Waite reduction by ln 2 and Cephes' degree-6
-    polynomial, relative error below 3e-7; inputs below -87 give about 1.6e-38 instead of 0 (a
-    softmax weight that adds nothing at fp32 precision)."""
-    ex_x = min(max(ex_x, np.float32(-87.0)), np.float32(88.0))
+    polynomial, relative error below 3e-7. Inputs below ``EXP_FLOOR`` give 0: a softmax weight
+    under 1.6e-28 of the block's largest adds nothing at fp32 precision, and one near fp32's
+    smallest normal number, times an int8 row's scale, made subnormal products that ran the
+    int8 attention 3x slower (Intel's microcode assists)."""
+    if ex_x < EXP_FLOOR:
+        return np.float32(0.0)
+    ex_x = min(ex_x, np.float32(88.0))
     ex_n = np.floor(ex_x * np.float32(1.4426950408889634) + np.float32(0.5))
     ex_f = ex_x - ex_n * np.float32(0.693359375)
     ex_f = ex_f - ex_n * np.float32(-2.12194440e-4)

@@ -347,25 +347,36 @@ def test_decode_attention_of_several_positions_is_each_alone_bit_for_bit(window,
     assert float((many - want).abs().max()) < 1e-5
 
 
+def _sliding_and_k_eq_v_config():
+    """Two layers: a sliding one with K and V (2 KV heads), a K=V full one (1 KV head)."""
+    from gemma4_nb.devtools.tiny import tiny_config
+    from gemma4_nb.runtime.config import parse_config
+
+    return parse_config(tiny_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                    global_head_dim=128, attention_k_eq_v=True, sliding_window=24,
+                                    layer_types=["sliding_attention", "full_attention"]))
+
+
+def _rope_tables(pairs: int, positions: int = 400):
+    freqs = (torch.arange(positions, dtype=torch.float64)[:, None]
+             * (0.5 ** torch.arange(pairs, dtype=torch.float64))[None])
+    return freqs.cos().float(), freqs.sin().float()
+
+
 def test_attention_rebuilds_the_keys_of_a_k_eq_v_layer_from_the_chunked_cache(gen):
     """A K=V layer stores only V; the fused attention rebuilds each key as rope(v * key norm
     weight) inside the kernel, reading the cache's chunks (a partial rotation, as Gemma 4's full
     layers have). A decode step and a verification's positions
     against the reference over keys rebuilt in float64; each verification position gets the bits
     of a decode step alone."""
-    from gemma4_nb.devtools.tiny import tiny_config
-    from gemma4_nb.runtime.config import parse_config
     from gemma4_nb.runtime.kv_cache import KVCache
 
-    cfg = parse_config(tiny_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   global_head_dim=128, attention_k_eq_v=True, sliding_window=24,
-                                   layer_types=["sliding_attention", "full_attention"]))
+    cfg = _sliding_and_k_eq_v_config()
     spec = cfg.layers[1]
     assert spec.k_eq_v and spec.num_kv_heads == 1
     cache = KVCache(cfg, chunk=8, max_rollback=4)
     d, pairs = spec.head_dim, 16  # a quarter of the pairs rotated
-    freqs = torch.arange(400, dtype=torch.float64)[:, None] * (0.5 ** torch.arange(pairs, dtype=torch.float64))[None]
-    cos, sin = freqs.cos().float(), freqs.sin().float()
+    cos, sin = _rope_tables(pairs)
     kw = (1.0 + torch.rand(d, generator=gen)).contiguous()
     checked = 0
     for step in range(40):
@@ -403,18 +414,13 @@ def test_attention_reads_an_int8_cache_as_stored(layer, gen):
     dequantized copy): against the reference over the cache's own dequantized K/V (float64), on a
     sliding layer with K and V and on a K=V full layer; a verification's positions each get the
     bits of a decode step alone."""
-    from gemma4_nb.devtools.tiny import tiny_config
-    from gemma4_nb.runtime.config import parse_config
     from gemma4_nb.runtime.kv_cache import KVCache
 
-    cfg = parse_config(tiny_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                   global_head_dim=128, attention_k_eq_v=True, sliding_window=24,
-                                   layer_types=["sliding_attention", "full_attention"]))
+    cfg = _sliding_and_k_eq_v_config()
     spec = cfg.layers[layer]
     cache = KVCache(cfg, chunk=8, max_rollback=4, kv_dtype="int8")
     d, pairs = spec.head_dim, spec.head_dim // 2
-    freqs = torch.arange(400, dtype=torch.float64)[:, None] * (0.5 ** torch.arange(pairs, dtype=torch.float64))[None]
-    cos, sin = freqs.cos().float(), freqs.sin().float()
+    cos, sin = _rope_tables(pairs)
     kw = (1.0 + torch.rand(d, generator=gen)).contiguous()
     checked = 0
     for step in range(30):
@@ -621,7 +627,8 @@ def test_attention_block_intrinsics(heads, width, int8, gen):
 
 
 def test_exp_fast():
-    """The attention's vectorizable exp against float64 over the softmax's range."""
+    """The attention's vectorizable exp against float64 over the softmax's range, and 0 below its
+    floor (no subnormal weights)."""
     from numba import njit
 
     from gemma4_nb.kernels.cpu_numba import exp_fast
@@ -631,10 +638,10 @@ def test_exp_fast():
         for i in range(x.shape[0]):
             out[i] = exp_fast(x[i])
 
-    x = np.linspace(-87.0, 20.0, 200001).astype(np.float32)
+    x = np.linspace(-64.0, 20.0, 200001).astype(np.float32)
     out = np.empty_like(x)
     exps(x, out)
     want = np.exp(x.astype(np.float64))
     assert float((np.abs(out - want) / want).max()) < 4e-7
-    exps(np.array([-200.0, -1e30], dtype=np.float32), out[:2])
-    assert (out[:2] < 2e-38).all()
+    exps(np.array([-64.01, -87.5, -200.0, -1e30], dtype=np.float32), out[:4])
+    assert (out[:4] == 0.0).all()

@@ -168,12 +168,9 @@ class GemmaModel:
         cfg = self.cfg
         t = q.shape[0]
         # a fused decode step (or a verification's few positions) reads K/V straight from the
-        # cache's chunks (no contiguous copy; an int8 cache's rows as stored, with their scales).
-        # Not an int8 K=V layer: its keys rebuilt in the kernel measured 2-3x slower than gathered
-        # (12B full layer, 512-4,096 positions), against 2-17x faster for layers that store K
+        # cache's chunks (no contiguous copy; an int8 cache's rows as stored, with their scales)
         direct = (self.fused and t <= self.integer_batch and blocks is None
-                  and getattr(cache, "chunk_view", None) is not None
-                  and not (getattr(cache, "kv_dtype", None) == "int8" and cfg.layers[spec.kv_source].k_eq_v))
+                  and getattr(cache, "chunk_view", None) is not None)
         k_all = v_all = k_pos = None
         if spec.owns_kv:
             stored = cache.update(spec.index, None if k is None else k.transpose(0, 1), v.transpose(0, 1),
