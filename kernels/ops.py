@@ -154,11 +154,14 @@ def fused_cpu(weight) -> bool:
     return isinstance(weight, QWeight) and weight.device.type == "cpu" and numba_available()
 
 
-def _np(x: torch.Tensor) -> np.ndarray:
+def as_array(x: torch.Tensor) -> np.ndarray:
     """fp32 C-contiguous numpy view of ``x`` (a copy only when the dtype or layout differs)."""
     if x.dtype is torch.float32 and x.is_contiguous() and not x.requires_grad:
         return x.numpy()
     return x.detach().to(torch.float32).contiguous().numpy()
+
+
+_np = as_array
 
 
 _block_buffers = threading.local()  # per thread: the reused output buffer of dequantized_blocks
@@ -262,11 +265,19 @@ def attention_chunks(q, view, scale, cap=None, window: int | None = None, keys_f
     (``view[0]`` None): ``keys_from`` ``(key norm weight [D], cos, sin)``, the RoPE tables of the
     view's key positions, rebuilds them in the kernel. An int8 cache's rows are read as stored,
     with their scales. Returns ``[T, Hq, Dv]``."""
+    q = np.ascontiguousarray(_np(q).transpose(1, 0, 2))
+    return torch.from_numpy(attention_chunks_array(q, view, scale, cap, window, keys_from))
+
+
+def attention_chunks_array(q: np.ndarray, view, scale, cap=None, window: int | None = None,
+                           keys_from=None) -> np.ndarray:
+    """:func:`attention_chunks` on numpy queries ``q`` ``[T, Hq, D]`` (fp32, C-contiguous), returning
+    numpy ``[T, Hq, Dv]``: the decode step's form, with no torch call around the kernel."""
     kd, vd, ks, vs, skip, n, keys = view[:7]
     scales = None
     if len(view) > 7 and view[8] is not None:  # an int8 cache: each row's scale
         scales = (_np(view[8]) if view[7] is None else _np(view[7]), _np(view[8]))
-    t_n = q.shape[1]
+    t_n = q.shape[0]
     skips, ns = [], []
     for t in range(t_n):
         pos = keys.stop - t_n + t  # this query's position: it sees keys keys.start .. pos
@@ -280,10 +291,8 @@ def attention_chunks(q, view, scale, cap=None, window: int | None = None, keys_f
         kw, cos, sin = keys_from
         rebuild = (_np(kw), _np(cos), _np(sin), [s_ - skip for s_ in skips])
         kd, ks = vd, vs
-    out = _nb().decode_attention_positions(np.ascontiguousarray(_np(q).transpose(1, 0, 2)), kd.numpy(), vd.numpy(),
-                                           ks.numpy(), vs.numpy(), skips, ns, scale, cap, keys_from=rebuild,
-                                           scales=scales)
-    return torch.from_numpy(out)
+    return _nb().decode_attention_positions(q, kd.numpy(), vd.numpy(), ks.numpy(), vs.numpy(), skips, ns, scale, cap,
+                                            keys_from=rebuild, scales=scales)
 
 
 def kernel_weight(w: QWeight) -> tuple:
@@ -349,26 +358,58 @@ def decode_attention_inputs(a: DecodeLayerArgs, x: torch.Tensor, rope):
     """Fused norm + q/k/v projections + q/k norms + RoPE (+ v norm) for a few positions ``x``
     ``[T, hidden]``: ``(q [T, Hq, D], k [T, Hkv, D] | None, v [T, Hkv, D] | None)``, as
     :meth:`GemmaModel.qkv` returns them."""
+    q, k, v = decode_attention_input_arrays(a, _np(x), rope_arrays(rope))
+    return (torch.from_numpy(q), None if k is None else torch.from_numpy(k),
+            None if v is None else torch.from_numpy(v))
+
+
+def decode_attention_input_arrays(a: DecodeLayerArgs, x: np.ndarray, rope: tuple[np.ndarray, np.ndarray]):
+    """:func:`decode_attention_inputs` on numpy ``x`` and ``rope`` (:func:`rope_arrays`), returning
+    numpy arrays."""
     cos, sin = rope
     t = x.shape[0]
     q = np.empty((t, *a.q_shape), dtype=np.float32)
     k = np.empty((t, *a.kv_shape), dtype=np.float32)
     v = np.empty((t, *a.kv_shape), dtype=np.float32)
-    _decode().attention_inputs(_np(x), a.in_norm, a.eps, a.wq, a.wk, a.wv, a.q_norm, a.k_norm,
-                               _np(cos.reshape(t, -1)), _np(sin.reshape(t, -1)), a.kv_mode, a.v_norm, q, k, v)
-    q = torch.from_numpy(q)
+    _decode().attention_inputs(x, a.in_norm, a.eps, a.wq, a.wk, a.wv, a.q_norm, a.k_norm, cos, sin, a.kv_mode,
+                               a.v_norm, q, k, v)
     if a.kv_mode == 0:
         return q, None, None
-    return q, (torch.from_numpy(k) if a.kv_mode == 1 else None), torch.from_numpy(v)
+    return q, (k if a.kv_mode == 1 else None), v
+
+
+_rope_arrays: dict[int, tuple] = {}  # id(cos) -> (cos, cos as numpy, sin as numpy), a few entries
+
+
+def rope_arrays(rope) -> tuple[np.ndarray, np.ndarray]:
+    """A ``(cos, sin)`` pair of ``[T, pairs]`` tensors as fp32 numpy, converted once per pair: the
+    layers of a forward share a few pairs (one per RoPE kind), and a decode step's 18-62 layers
+    would otherwise convert them each time. The entry keeps the tensor alive, so its id stays its
+    own."""
+    cos, sin = rope
+    hit = _rope_arrays.get(id(cos))
+    if hit is not None and hit[0] is cos:
+        return hit[1], hit[2]
+    if len(_rope_arrays) >= 8:
+        _rope_arrays.clear()
+    t = cos.shape[0]
+    arrays = (_np(cos.reshape(t, -1)), _np(sin.reshape(t, -1)))
+    _rope_arrays[id(cos)] = (cos, *arrays)
+    return arrays
 
 
 def decode_attention_output_and_mlp(a: DecodeLayerArgs, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Fused output projection + sandwich norms + residuals + gated MLP + layer scalar (``x``
     ``[T, hidden]``, ``attn`` ``[T, Hq * D]``)."""
-    out = np.empty(tuple(x.shape), dtype=np.float32)
-    _decode().attention_output_and_mlp(_np(x), _np(attn), a.wo, a.post_attn_norm, a.pre_ffn_norm, a.wg, a.wu,
+    return torch.from_numpy(decode_output_and_mlp_array(a, _np(x), _np(attn)))
+
+
+def decode_output_and_mlp_array(a: DecodeLayerArgs, x: np.ndarray, attn: np.ndarray) -> np.ndarray:
+    """:func:`decode_attention_output_and_mlp` on numpy arrays."""
+    out = np.empty(x.shape, dtype=np.float32)
+    _decode().attention_output_and_mlp(x, attn, a.wo, a.post_attn_norm, a.pre_ffn_norm, a.wg, a.wu,
                                        a.wd, a.post_ffn_norm, a.layer_scalar, a.eps, out)
-    return torch.from_numpy(out)
+    return out
 
 
 def head_logits(hidden: torch.Tensor, head, cap: float | None) -> torch.Tensor:

@@ -209,3 +209,46 @@ def test_interrupted_prefill_leaves_a_reusable_cache(hf_checkpoints, monkeypatch
     assert model.cache.kv.length == len(model.cache.ids) == 24  # three chunks committed, consistent
     assert model.generate(prompt, max_new_tokens=8, temperature=0) == expected
     assert model.last_usage.cached_tokens == 24
+
+
+class _UpdateOnly:
+    """A KV cache seen without ``store_rows``: the decoder then takes its torch path
+    (``update``, then ``chunk_view``), the one other caches (the MTP drafter's) use."""
+
+    def __init__(self, cache) -> None:
+        self._cache = cache
+
+    def __getattr__(self, name):
+        if name == "store_rows":
+            raise AttributeError(name)
+        return getattr(self._cache, name)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("variant", ["a", "b", "c"])
+def test_fused_decode_in_numpy_equals_the_torch_path(variant, kv_dtype, hf_checkpoints, monkeypatch):
+    """A decode step on quantized CPU weights runs each layer in numpy from end to end (q/k/v
+    stored straight into the chunks): its logits are the same bits as the torch path's over the
+    same kernels, across chunk boundaries and sliding-window evictions."""
+    from gemma4_nb.runtime.kv_cache import KVCache
+
+    net = gemma4_nb.load(hf_checkpoints[variant][0], quant="int8", progress=False).net
+    stored = []
+    real = KVCache.store_rows
+    monkeypatch.setattr(KVCache, "store_rows", lambda self, *a: stored.append(1) or real(self, *a))
+    ids = ids_for(40, seed=3)
+    fast = net.new_cache(kv_dtype=kv_dtype, **SMALL)
+    plain = net.new_cache(kv_dtype=kv_dtype, **SMALL)
+    a = [net.forward(ids[:6], fast, outputs="all").logits]
+    b = [net.forward(ids[:6], _UpdateOnly(plain), outputs="all").logits]
+    for i in range(6, len(ids)):
+        a.append(net.forward(ids[i : i + 1], fast).logits)
+        b.append(net.forward(ids[i : i + 1], _UpdateOnly(plain)).logits)
+    assert torch.equal(torch.cat(a), torch.cat(b))
+    assert fast.length == plain.length == len(ids)
+    fused_layers = sum(1 for args in (net._decode_args or []) if args.ok)
+    if variant == "a":  # every matrix of variant a has a width the kernels take
+        assert fused_layers == len(net.cfg.layers) and stored
+    forwards = len(ids) - 6 + (6 <= net.integer_batch)  # the first 6 positions too, when that few fuse
+    assert len(stored) == forwards * sum(
+        1 for s, args in zip(net.cfg.layers, net._decode_args or []) if args.ok and s.owns_kv)

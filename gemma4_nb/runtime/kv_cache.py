@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ..errors import Gemma4Error
@@ -65,6 +66,7 @@ class ChunkPool:
         self.data = torch.empty((0, chunk, heads, dim), dtype=torch.int8 if quantized else dtype, device=self.device)
         self.scale = torch.empty((0, chunk, heads), dtype=torch.float32, device=self.device) if quantized else None
         self.free: list[int] = []
+        self._array = self._as_array()
 
     @property
     def capacity(self) -> int:
@@ -80,6 +82,7 @@ class ChunkPool:
             return out
 
         self.data = grown(self.data)
+        self._array = self._as_array()
         if self.scale is not None:
             self.scale = grown(self.scale)
         self.free.extend(range(new - 1, old - 1, -1))
@@ -92,17 +95,27 @@ class ChunkPool:
     def release(self, slots) -> None:
         self.free.extend(slots)
 
-    def write(self, slot: int, offset: int, x: torch.Tensor) -> None:
-        """Store ``x`` (``[n, heads, dim]``) at positions ``offset:offset+n`` of chunk ``slot``."""
+    def _as_array(self) -> np.ndarray | None:
+        """``data`` as a numpy view where rows can be stored as they are (fp32/fp16 on the CPU)."""
+        if self.quantized or self.device.type != "cpu" or self.dtype not in (torch.float32, torch.float16):
+            return None
+        return self.data.numpy()
+
+    def write(self, slot: int, offset: int, x: torch.Tensor | np.ndarray) -> None:
+        """Store ``x`` (``[n, heads, dim]``, a tensor or an fp32 array) at positions
+        ``offset:offset+n`` of chunk ``slot``."""
         n = x.shape[0]
+        if self._array is not None and (isinstance(x, np.ndarray) or x.dtype == self.dtype):
+            # a numpy copy: no torch dispatch (a decode step writes twice per layer)
+            self._array[slot, offset : offset + n] = x if isinstance(x, np.ndarray) else x.numpy()
+            return
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
         if self.quantized:
             xf = x.float()
             scale = xf.abs().amax(-1).clamp_min(1e-12) / 127.0
             self.data[slot, offset : offset + n] = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
             self.scale[slot, offset : offset + n] = scale
-        elif self.device.type == "cpu" and x.dtype == self.dtype and x.dtype in (torch.float32, torch.float16):
-            # a numpy copy: no torch dispatch (about 5 us less per write, twice per layer per token)
-            self.data.numpy()[slot, offset : offset + n] = x.numpy()
         else:
             self.data[slot, offset : offset + n] = x.to(self.dtype)
 
@@ -197,11 +210,22 @@ class KVCache:
         return range(self.length, self._end)
 
     def update(self, layer: int, k: torch.Tensor | None, v: torch.Tensor, gather: bool = True):
-        """``gather=False`` stores without building the contiguous K/V (fused kernels then read the
-        chunks through :meth:`chunk_view`) and returns None."""
+        """Store the forward's new K/V (``[heads, T, dim]``; ``k`` None for a K=V layer) and return
+        the layer's visible ``(k, v, positions)``. ``gather=False`` stores without building the
+        contiguous K/V (fused kernels then read the chunks through :meth:`chunk_view`) and returns
+        None."""
         lay = self.layers[layer]
+        self._store(lay, None if k is None else k.transpose(0, 1), v.transpose(0, 1))
+        return self._read(lay, self._end) if gather else None
+
+    def store_rows(self, layer: int, k: np.ndarray | torch.Tensor | None, v: np.ndarray | torch.Tensor) -> None:
+        """Store the forward's new K/V given position first (``[T, heads, dim]``, numpy fp32 or
+        tensors; ``k`` None for a K=V layer): the fused decode step's form of :meth:`update`."""
+        self._store(self.layers[layer], k, v)
+
+    def _store(self, lay: _LayerKV, k, v) -> None:
         start, end = self.length, self._end
-        assert v.shape[1] == end - start, "update() must follow begin() with the same length"
+        assert v.shape[0] == end - start, "storing must follow begin() with the same length"
         need = -(-(end - lay.first) // self.chunk)
         while lay.n_chunks < need:
             lay.slots.append(lay.v_pool.alloc())
@@ -213,12 +237,16 @@ class KVCache:
             n = min(self.chunk - off, end - pos)
             rows = slice(pos - start, pos - start + n)
             if lay.k_pool is None:
-                lay.v_pool.write(lay.slots[c], off, v[:, rows].transpose(0, 1))
+                lay.v_pool.write(lay.slots[c], off, v[rows])
             else:
-                lay.k_pool.write(lay.slots[2 * c], off, k[:, rows].transpose(0, 1))
-                lay.v_pool.write(lay.slots[2 * c + 1], off, v[:, rows].transpose(0, 1))
+                lay.k_pool.write(lay.slots[2 * c], off, k[rows])
+                lay.v_pool.write(lay.slots[2 * c + 1], off, v[rows])
             pos += n
-        return self._read(lay, end) if gather else None
+
+    def in_place(self, layer: int) -> bool:
+        """Whether :meth:`chunk_view` can show this layer's K/V (every chunk on the device)."""
+        lay = self.layers[layer]
+        return lay is not None and not lay.host_slots
 
     def read(self, layer: int):
         return self._read(self.layers[layer], self._end)
