@@ -132,6 +132,14 @@ def _prefetch_weight_row(w, n):
         prefetch_row(low, n)
 
 
+@njit(inline="always")
+def padded_groups(g_n):
+    """Columns of the activations' per-group arrays: ``g_n`` groups padded with zeros to whole
+    octets, so the products read a partial super-block's eight scales as one vector (see
+    :mod:`.simd`)."""
+    return (g_n + 7) // 8 * 8
+
+
 # Not fastmath (and not inlined into the fastmath kernels): the rounding of ``x / d`` is exactly
 # IEEE's, as in the plain-torch reference the tests compare with.
 @njit(cache=True, nogil=True)
@@ -142,8 +150,8 @@ def quantize_activations(x):
     t_n, k_n = x.shape
     g_n = k_n // 32
     xq = np.empty((t_n, k_n), dtype=np.int8)
-    xd = np.empty((t_n, g_n), dtype=np.float32)
-    xs = np.empty((t_n, g_n), dtype=np.float32)
+    xd = np.zeros((t_n, padded_groups(g_n)), dtype=np.float32)
+    xs = np.zeros((t_n, padded_groups(g_n)), dtype=np.float32)
     for t in range(t_n):
         for g in range(g_n):
             amax = np.float32(0.0)
@@ -169,8 +177,8 @@ def quantize_activations_fine(x):
     t_n, k_n = x.shape
     g_n = k_n // 32
     xq2 = np.empty((t_n, k_n), dtype=np.int8)
-    xd2 = np.empty((t_n, g_n), dtype=np.float32)
-    xs = np.empty((t_n, g_n), dtype=np.float32)
+    xd2 = np.zeros((t_n, padded_groups(g_n)), dtype=np.float32)
+    xs = np.zeros((t_n, padded_groups(g_n)), dtype=np.float32)
     for t in range(t_n):
         for g in range(g_n):
             d = xd[t, g]

@@ -479,10 +479,10 @@ def test_row_dot_intrinsics(fmt, shape, gen):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("k", [768, 800, 3840])
+@pytest.mark.parametrize("k", [768, 800, 3840, 640, 960])
 def test_products_of_several_positions_are_each_alone_bit_for_bit(fmt, k, gen):
-    """Rows of whole super-blocks (int4's four-group blocks on 512-bit VNNI), with a group or a
-    half super-block left over: 1 to 5 positions (pairs and an odd last one) give each position
+    """Rows of whole super-blocks (int4's four-group blocks on 512-bit VNNI), with a group, half a
+    super-block (640) or half and two groups (960) left over: 1 to 5 positions (pairs and an odd last one) give each position
     the bits it gets alone, and the reference's values."""
     w = quantize_weight(torch.randn(45, k, generator=gen), fmt)
     x = torch.randn(5, k, generator=gen)
