@@ -78,7 +78,7 @@ def _cmd_bench(args) -> int:
     bench_command(model=args.model, shape=args.shape, quant=args.quant, dtype=args.dtype, device=args.device,
                   threads=args.threads, prompt=args.prompt, decode=args.decode, depth=args.depth,
                   compare=args.compare, bandwidth=args.bandwidth, repeat=args.repeat, cuda_graphs=args.cuda_graphs,
-                  tokens=args.tokens, kv=args.kv)
+                  tokens=args.tokens, kv=args.kv, interleave=args.interleave)
     return 0
 
 
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt: English text (Python's help topics; default) or random token ids")
     b.add_argument("--compare", choices=["llama.cpp", "transformers"],
                    help="llama-cpp-python on the same GGUF, or transformers' generate on the same weights, in the same run")
+    b.add_argument("--interleave", action="store_true",
+                   help="with --compare llama.cpp: decode steps of the two engines alternating one by one, each "
+                        "engine's tok/s from its median step (a shared machine's load bursts then hit both alike)")
     b.add_argument("--bandwidth", action="store_true", help="measure memory bandwidth; print decode's roofline fraction")
     b.add_argument("--notebook", action="store_true",
                    help="a scripted notebook session in a real kernel: per question, prompt tokens, tokens reused "

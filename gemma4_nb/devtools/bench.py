@@ -66,7 +66,7 @@ def dtype_name(net: GemmaModel) -> str:
 
 def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, threads=None, prompt=512,
                   decode=64, depth=0, compare=None, bandwidth=False, repeat=1, cuda_graphs=False,
-                  tokens="text", kv=None) -> list[dict]:
+                  tokens="text", kv=None, interleave=False) -> list[dict]:
     """``gemma4-nb bench``: prefill and decode tokens/s, time to first token and peak memory of
     one model, weight format, context depth and device; optionally llama.cpp on the same GGUF in
     the same run, and the measured memory bandwidth with the roofline fraction of decode."""
@@ -129,8 +129,19 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
           + ("; llama.cpp's: f16, its default" if compare == "llama.cpp" else ""))
     print(f"load: {load_s:.1f} s" + (f"   numba kernels ready in {compile_s:.2f} s (compiled or loaded from the on-disk cache)"
                                       if compile_s is not None else ""))
+    if interleave and compare != "llama.cpp":
+        raise SystemExit("--interleave alternates decode steps with llama.cpp's: it needs --compare llama.cpp")
+    if interleave:
+        print("decode: the two engines' steps alternating one by one, each engine's tok/s from its median step")
     rows = []
     for i in range(repeat):
+        if interleave:
+            if gguf is None:
+                raise SystemExit("--compare llama.cpp needs a GGUF model (the default embedded model is one)")
+            from .bench_llama_cpp import interleaved_speed
+
+            rows.extend(interleaved_speed(net, gguf, ids, depth, decode, threads, kv))
+            continue
         r = run(net, prompt, decode, ids=ids, depth=depth, cuda_graphs=cuda_graphs, kv_dtype=kv)
         r["engine"] = "gemma4-nb"
         rows.append(r)
@@ -191,6 +202,11 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
             print(f"ratio gemma4-nb / {compare}, {label}: " + ", ".join(f"{x:.2f}x" for x in ratios)
                   + (f"; best of {len(ours)} each: {max(a[key] for a in ours):.1f} / {max(b[key] for b in theirs):.1f}"
                      f" = {best:.2f}x" if len(ours) > 1 else ""))
+    if interleave:
+        ours = [r["decode_mean_tok_s"] for r in rows if r["engine"] == "gemma4-nb"]
+        theirs = [r["decode_mean_tok_s"] for r in rows if r["engine"] == "llama.cpp"]
+        print("decode from each engine's mean step instead: " + ", ".join(
+            f"{a:.1f} / {b:.1f} = {a / b:.2f}x" for a, b in zip(ours, theirs)))
     if bw and len(rows) > 1:
         best = max(r["decode_tok_s"] for r in rows if r["engine"] == "gemma4-nb")
         print(f"best decode of {repeat}: {best:.2f} tok/s = {(w_bytes + kv_bytes) * best / 1e9:.1f} GB/s = "

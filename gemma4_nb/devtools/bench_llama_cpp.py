@@ -11,32 +11,85 @@ import torch
 from .workload import AGREEMENT_TEXT, run
 
 
+class LlamaCppSession:
+    """llama-cpp-python on a GGUF: a warm-up, a timed prefill of ``ids[depth:]`` after ``depth``
+    untimed tokens (``prefill_s``), then greedy decode steps one :meth:`step` at a time."""
+
+    def __init__(self, gguf: Path, ids: list[int], depth: int, decode: int, threads: int) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise SystemExit("--compare llama.cpp needs llama-cpp-python: pip install 'gemma4-nb[bench]'") from None
+        import numpy as np
+
+        self._np = np
+        self.llm = Llama(model_path=str(gguf), n_ctx=len(ids) + decode + 16, n_threads=threads,
+                         n_threads_batch=threads, n_batch=512, n_ubatch=512, verbose=False)
+        self.llm.eval(ids[:16])
+        self.llm.reset()
+        if depth:
+            self.llm.eval(ids[:depth])
+        t = time.perf_counter()
+        self.llm.eval(ids[depth:])
+        self.prefill_s = time.perf_counter() - t
+        self.n_vocab = self.llm.n_vocab()
+
+    def step(self) -> None:
+        """One greedy step on the last position's logits (llama.cpp keeps only those)."""
+        last = self._np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+        self.llm.eval([int(self._np.argmax(last))])
+
+    def close(self) -> None:
+        del self.llm
+
+
 def llama_cpp_speed(gguf: Path, ids: list[int], depth: int, decode: int, threads: int) -> dict:
     """llama-cpp-python on the same GGUF and tokens: prefill of ``ids[depth:]`` after ``depth``
     untimed tokens, then ``decode`` greedy steps, with ``threads`` threads."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise SystemExit("--compare llama.cpp needs llama-cpp-python: pip install 'gemma4-nb[bench]'") from None
+    run = LlamaCppSession(gguf, ids, depth, decode, threads)
+    t = time.perf_counter()
+    for _ in range(decode):
+        run.step()
+    decode_s = time.perf_counter() - t
+    run.close()
+    prompt = len(ids) - depth
+    return {"ttft_s": run.prefill_s, "prefill_tok_s": prompt / run.prefill_s, "decode_tok_s": decode / decode_s}
+
+
+def interleaved_speed(net, gguf: Path, ids: list[int], depth: int, decode: int, threads: int,
+                      kv_dtype: str | None = None) -> tuple[dict, dict]:
+    """Both engines prefilled (each timed), then their decode steps alternating one by one (which
+    goes first alternating too), each step timed: on a shared machine whose load comes and goes in
+    bursts of seconds, both see the same bursts. Each engine's decode tok/s is from its median
+    step (``decode_mean_tok_s``: from its mean). Returns ``(ours, llama.cpp's)`` rows."""
     import numpy as np
 
-    llm = Llama(model_path=str(gguf), n_ctx=len(ids) + decode + 16, n_threads=threads, n_threads_batch=threads,
-                n_batch=512, n_ubatch=512, verbose=False)
-    llm.eval(ids[:16])
-    llm.reset()
-    if depth:
-        llm.eval(ids[:depth])
-    t = time.perf_counter()
-    llm.eval(ids[depth:])
-    prefill_s = time.perf_counter() - t
-    t = time.perf_counter()
-    n_vocab = llm.n_vocab()
-    for _ in range(decode):  # greedy on the last position's logits (llama.cpp keeps only those)
-        last = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
-        llm.eval([int(np.argmax(last))])
-    decode_s = time.perf_counter() - t
-    del llm
-    return {"ttft_s": prefill_s, "prefill_tok_s": (len(ids) - depth) / prefill_s, "decode_tok_s": decode / decode_s}
+    from .workload import greedy_step, peak_rss, prefilled
+
+    prefill_s, tok, prefix = prefilled(net, ids, depth, kv_dtype=kv_dtype)
+    theirs = LlamaCppSession(gguf, ids, depth, decode, threads)
+    state = {"tok": tok}
+
+    def ours() -> None:
+        state["tok"] = greedy_step(net, state["tok"], prefix.kv)
+
+    times = {ours: [], theirs.step: []}
+    for i in range(decode):
+        for step in ((ours, theirs.step) if i % 2 == 0 else (theirs.step, ours)):
+            t = time.perf_counter()
+            step()
+            times[step].append(time.perf_counter() - t)
+    theirs.close()
+    prompt = len(ids) - depth
+
+    def row(engine, prefill, steps):
+        steps = np.asarray(steps)
+        return {"engine": engine, "ttft_s": prefill, "prefill_tok_s": prompt / prefill,
+                "decode_tok_s": 1 / float(np.median(steps)), "decode_mean_tok_s": 1 / float(steps.mean())}
+
+    mine = row("gemma4-nb", prefill_s, times[ours])
+    mine["peak_rss_gib"] = peak_rss() / 2**30
+    return mine, row("llama.cpp", theirs.prefill_s, times[theirs.step])
 
 
 def f32_gguf(src, dst) -> None:

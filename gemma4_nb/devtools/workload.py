@@ -27,19 +27,15 @@ def greedy_step(net: GemmaModel, tok: torch.Tensor, cache) -> torch.Tensor:
     return net.top_k(hidden[-1], 1)[1][0]
 
 
-def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None = None,
-        ids: list[int] | None = None, depth: int = 0, cuda_graphs: bool = False, kv_dtype: str | None = None) -> dict:
-    """Time a chunked prefill of ``prompt_len`` random tokens (after ``depth`` untimed context
-    tokens), then ``decode`` greedy steps (``cuda_graphs``: with :class:`StaticDecoder`, whose
-    graphs are captured before the timing starts; eager on the CPU; ``kv_dtype``: the KV cache's,
-    as :func:`gemma4_nb.load` takes it)."""
+def prefilled(net: GemmaModel, ids: list[int], depth: int = 0, prefill_chunk: int | None = None,
+              kv_dtype: str | None = None):
+    """The kernels warmed, then a timed chunked prefill of ``ids[depth:]`` after ``depth`` untimed
+    context tokens: ``(prefill seconds, the greedy next token, the prefix cache)``."""
     from ..runtime.generation import prefill
     from ..runtime.kv_cache import PrefixCache
 
     dev = net.device
     chunk = prefill_chunk or (2048 if dev.type == "cuda" else 512)
-    if ids is None:
-        ids = torch.randint(10, net.cfg.vocab_size, (depth + prompt_len,)).tolist()
     warm = net.new_cache(kv_dtype=kv_dtype)
     net.forward(torch.tensor(ids[:48]), warm)  # > 16 positions: the prefill path of quantized weights
     net.forward(torch.tensor(ids[:4]), warm)  # small batches: the fused kernels
@@ -56,7 +52,19 @@ def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None
     out = prefill(net, ids, prefix, chunk, start=depth)
     tok = out.logits[-1].argmax()
     sync(dev)
-    prefill_s = time.perf_counter() - t0
+    return time.perf_counter() - t0, tok, prefix
+
+
+def run(net: GemmaModel, prompt_len: int, decode: int, prefill_chunk: int | None = None,
+        ids: list[int] | None = None, depth: int = 0, cuda_graphs: bool = False, kv_dtype: str | None = None) -> dict:
+    """Time a chunked prefill of ``prompt_len`` random tokens (after ``depth`` untimed context
+    tokens), then ``decode`` greedy steps (``cuda_graphs``: with :class:`StaticDecoder`, whose
+    graphs are captured before the timing starts; eager on the CPU; ``kv_dtype``: the KV cache's,
+    as :func:`gemma4_nb.load` takes it)."""
+    dev = net.device
+    if ids is None:
+        ids = torch.randint(10, net.cfg.vocab_size, (depth + prompt_len,)).tolist()
+    prefill_s, tok, prefix = prefilled(net, ids, depth, prefill_chunk, kv_dtype)
     step = lambda tok: greedy_step(net, tok, prefix.kv)  # noqa: E731
     if cuda_graphs:
         from ..runtime.static_decode import StaticDecoder
