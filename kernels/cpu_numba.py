@@ -311,6 +311,36 @@ def int4_group_scale(meta, n, g):
     return d * np.float32(meta[n, base + 4 + g % 8]), -dmin * np.float32(meta[n, base + 12 + g % 8])
 
 
+@njit(cache=True, nogil=True)
+def embed_rows(w, ids, factor, out):
+    """Rows ``ids`` of a quantized matrix, dequantized and times ``factor`` (the embedding scale),
+    into ``out`` ``[len(ids), K]``: the embedding lookup of a decode step without the torch calls
+    of :meth:`QWeight.dequantize` (about 0.4 ms a step on the 270M). Not fastmath, so the values
+    are the reference's bit for bit (no fused multiply-add)."""
+    codes, scales, low, kind = w
+    f = np.float32(factor)
+    for i in range(ids.shape[0]):
+        n = ids[i]
+        for g in range(out.shape[1] // 32):
+            if kind == INT4:  # the super-block bytes, viewed as fp32 in the kernel tuple
+                d, m = int4_group_scale(scales.view(np.uint8), n, g)
+                for j in range(16):
+                    b = codes[n, g * 16 + j]
+                    out[i, g * 32 + j] = (np.float32(b & 15) * d + m) * f
+                    out[i, g * 32 + 16 + j] = (np.float32(b >> 4) * d + m) * f
+                continue
+            d = scales[n, g]
+            for j in range(32):
+                if kind == INT8_PLANES:  # the code is (high - 8) * 16 + low, nibbles as int4's
+                    k = g * 16 + j % 16
+                    hi = (codes[n, k] >> 4) if j >= 16 else (codes[n, k] & 15)
+                    lo = (low[n, k] >> 4) if j >= 16 else (low[n, k] & 15)
+                    c = (np.int32(hi) - 8) * 16 + np.int32(lo)
+                else:
+                    c = np.int32(np.int8(codes[n, g * 32 + j]))
+                out[i, g * 32 + j] = (np.float32(c) * d) * f
+
+
 @njit(**_OPTS)
 def dequant_rows_int4(codes, meta, r0, out):
     """Rows ``r0:r0 + len(out)`` of an int4 weight into ``out`` (fp32, or uint16 bf16 bits)."""
@@ -1077,7 +1107,7 @@ def decode_attention(q, k, v, lo: int, hi: int, scale: float, cap: float | None,
 
 def compiled_kernels() -> tuple:
     """This module's compiled kernels that Python calls directly (see :mod:`.warmup`)."""
-    return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, screen_columns, gemm, gate_up_gelu,
+    return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, screen_columns, gemm, gate_up_gelu, embed_rows,
             dequant_rows_int8, dequant_rows_int4, _head_topk, _head_screen, _head_rescore, _exact_rows,
             _decode_attention)
 

@@ -412,6 +412,16 @@ def decode_output_and_mlp_array(a: DecodeLayerArgs, x: np.ndarray, attn: np.ndar
     return out
 
 
+def embedding(weight, ids: torch.Tensor, factor: float) -> torch.Tensor:
+    """``weight[ids] * factor`` (``ids`` 1-D): rows of a quantized matrix on the CPU dequantized by
+    one numba call, the same values as :meth:`QWeight.dequantize`'s; otherwise torch's lookup."""
+    if fused_cpu(weight) and weight.dtype == torch.float32 and ids.dim() == 1 and ids.device.type == "cpu":
+        out = np.empty((ids.shape[0], weight.shape[1]), dtype=np.float32)
+        _nb().embed_rows(kernel_weight(weight), ids.numpy().astype(np.int64, copy=False), factor, out)
+        return torch.from_numpy(out)
+    return weight[ids] * factor
+
+
 def head_logits(hidden: torch.Tensor, head, cap: float | None) -> torch.Tensor:
     """Soft-capped fp32 logits ``[N, vocab]`` of final hidden states ``[N, hidden]``. A quantized
     head on the CPU multiplies activations quantized as every product's (two int8 parts, about 15

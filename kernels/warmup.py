@@ -40,6 +40,7 @@ def warm_up() -> float:
         nb.gemm(x, w, out)
         nb.gate_up_gelu(x, w, w, out)
         nb.head_topk(x, w, 2, 30.0, parts=2)
+        nb.embed_rows(w, np.zeros(1, dtype=np.int64), 1.0, out)
     nb.head_topk(x, w2, 2, 30.0, parts=2, row_err=err)
     policy = nb.ScreenPolicy()
     policy.LEARN_CALLS = 1  # the screen with exact columns (nb.screen_columns) too

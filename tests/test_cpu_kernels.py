@@ -26,7 +26,7 @@ from quant_reference import fake_quant_for  # noqa: E402
 from gemma4_nb.kernels import cpu_numba as nb  # noqa: E402
 from gemma4_nb.kernels import ops  # noqa: E402
 from gemma4_nb.kernels import torch_ops as ref  # noqa: E402
-from gemma4_nb.kernels.qweight import matrix_bytes, quantize_weight  # noqa: E402
+from gemma4_nb.kernels.qweight import matrix_bytes, quantize_weight, to_planes  # noqa: E402
 
 
 def close(got, want, rel=1e-4):
@@ -645,3 +645,16 @@ def test_exp_fast():
     assert float((np.abs(out - want) / want).max()) < 4e-7
     exps(np.array([-64.01, -87.5, -200.0, -1e30], dtype=np.float32), out[:4])
     assert (out[:4] == 0.0).all()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "planes"])
+def test_embedding_rows_equal_the_dequantized_rows(fmt, gen):
+    """A decode step's embedding lookup (one numba call) gives the torch reference's values bit
+    for bit: the table's rows dequantized (int4 from its super-blocks, int8 from nibble planes
+    too), times the embedding scale, repeated and out-of-order ids included."""
+    w = quantize_weight(torch.randn(300, 640, generator=gen), "int4" if fmt == "int4" else "int8")
+    w = to_planes(w) if fmt == "planes" else w
+    ids = torch.tensor([7, 0, 299, 7, 123])
+    scale = torch.tensor(640 ** 0.5).to(torch.float32)
+    got = ops.embedding(w, ids, float(scale))
+    assert torch.equal(got, w[ids] * scale)

@@ -61,12 +61,15 @@ def interleaved_speed(net, gguf: Path, ids: list[int], depth: int, decode: int, 
     """Both engines prefilled (each timed), then their decode steps alternating one by one (which
     goes first alternating too), each step timed: on a shared machine whose load comes and goes in
     bursts of seconds, both see the same bursts. Each engine's decode tok/s is from its median
-    step (``decode_mean_tok_s``: from its mean). Returns ``(ours, llama.cpp's)`` rows."""
+    step (``decode_mean_tok_s``: from its mean). Our peak memory is taken before llama.cpp loads
+    (the process's peak, so a second repeat's includes the first's llama.cpp weights). Returns
+    ``(ours, llama.cpp's)`` rows."""
     import numpy as np
 
     from .workload import greedy_step, peak_rss, prefilled
 
     prefill_s, tok, prefix = prefilled(net, ids, depth, kv_dtype=kv_dtype)
+    peak = peak_rss()  # before llama.cpp maps its weights into this process
     theirs = LlamaCppSession(gguf, ids, depth, decode, threads)
     state = {"tok": tok}
 
@@ -88,7 +91,7 @@ def interleaved_speed(net, gguf: Path, ids: list[int], depth: int, decode: int, 
                 "decode_tok_s": 1 / float(np.median(steps)), "decode_mean_tok_s": 1 / float(steps.mean())}
 
     mine = row("gemma4-nb", prefill_s, times[ours])
-    mine["peak_rss_gib"] = peak_rss() / 2**30
+    mine["peak_rss_gib"] = peak / 2**30
     return mine, row("llama.cpp", theirs.prefill_s, times[theirs.step])
 
 

@@ -47,6 +47,7 @@ class GemmaModel:
         self.device = self.embed_weight.device
         # The reference casts the sqrt(hidden) scale to the weight dtype before multiplying.
         self.embed_scale = torch.tensor(cfg.embed_scale).to(self.dtype)
+        self._embed_factor = float(self.embed_scale)
         self.layer_weights = [self._layer_weights(s) for s in cfg.layers]
         self.fused = ops.fused_cpu(self.lm_head)  # quantized weights on the CPU: numba kernels
         if (self.fused and self.lm_head.fmt == "int8" and not self.lm_head.planes
@@ -103,7 +104,10 @@ class GemmaModel:
     def embed(self, ids: torch.Tensor, soft: SoftTokens | None = None) -> torch.Tensor:
         if soft is not None:
             ids = torch.where(soft.mask, self.cfg.pad_token_id, ids)
-        x = self.embed_weight[ids] * self.embed_scale
+        if self.fused:  # one numba call for a quantized table's rows
+            x = ops.embedding(self.embed_weight, ids, self._embed_factor)
+        else:
+            x = self.embed_weight[ids] * self.embed_scale
         if soft is not None:
             x = x.clone()
             x[soft.mask] = soft.embeddings.to(x.dtype)
