@@ -286,3 +286,24 @@ def test_images_ask_for_what_a_gguf_lacks(gemma4_ggufs):
                                           r"audio, put the model's mmproj-\*\.gguf"):
         model.chat([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "?"}]}],
                    max_new_tokens=2)
+
+
+def test_bench_interleaves_decode_steps_with_llama_cpp(gemma4_ggufs, capsys):
+    """``gemma4-nb bench --compare llama.cpp --interleave`` on a file llama.cpp wrote: both engines
+    prefill and then decode in alternating steps, each row from its own engine's steps, and the
+    ratio lines printed; without ``--compare llama.cpp`` it says what it needs."""
+    from gemma4_nb.devtools.bench import bench_command
+
+    _, _, files = gemma4_ggufs
+    rows = bench_command(model=str(files["Q8_0"]), device="cpu", threads=1, prompt=24, decode=6, repeat=2,
+                         compare="llama.cpp", tokens="random", interleave=True)
+    assert [r["engine"] for r in rows] == ["gemma4-nb", "llama.cpp"] * 2
+    for r in rows:
+        assert r["ttft_s"] > 0 and r["prefill_tok_s"] > 0
+        assert r["decode_tok_s"] > 0 and r["decode_mean_tok_s"] > 0
+    assert all(r["peak_rss_gib"] > 0 for r in rows[::2])
+    out = capsys.readouterr().out
+    assert "steps alternating one by one" in out and "decode from each engine's mean step instead" in out
+    assert "ratio gemma4-nb / llama.cpp, decode:" in out
+    with pytest.raises(SystemExit, match="needs --compare llama.cpp"):
+        bench_command(model=str(files["Q8_0"]), device="cpu", prompt=8, decode=2, interleave=True)
