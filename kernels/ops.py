@@ -383,9 +383,8 @@ _rope_arrays: dict[int, tuple] = {}  # id(cos) -> (cos, cos as numpy, sin as num
 
 def rope_arrays(rope) -> tuple[np.ndarray, np.ndarray]:
     """A ``(cos, sin)`` pair of ``[T, pairs]`` tensors as fp32 numpy, converted once per pair: the
-    layers of a forward share a few pairs (one per RoPE kind), and a decode step's 18-62 layers
-    would otherwise convert them each time. The entry keeps the tensor alive, so its id stays its
-    own."""
+    layers of a forward share a few pairs (one per RoPE kind), and every layer of a decode step
+    would otherwise convert them again. The entry keeps the tensor alive, so its id stays its own."""
     cos, sin = rope
     hit = _rope_arrays.get(id(cos))
     if hit is not None and hit[0] is cos:

@@ -231,8 +231,8 @@ class GemmaModel:
     def _fused_layer(self, spec: LayerSpec, args, x: np.ndarray, rope, cache) -> np.ndarray:
         """:meth:`layer` for a few positions on quantized CPU weights over a cache read in place, in
         numpy from end to end: q/k/v straight into the cache's chunks, the attention over them, the
-        rest of the layer. A decode step of a small model spends as much time between its kernels
-        as in them when each call goes through torch (the 270M: about 0.3 ms a layer)."""
+        rest of the layer. The torch calls around the kernels cost a small model's decode step a
+        few milliseconds (docs/benchmarks.md, seventh session)."""
         q, k, v = ops.decode_attention_input_arrays(args, x, ops.rope_arrays(rope))
         if spec.owns_kv:
             cache.store_rows(spec.index, k, v)
