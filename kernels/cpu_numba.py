@@ -318,12 +318,13 @@ def embed_rows(w, ids, factor, out):
     of :meth:`QWeight.dequantize` (about 0.4 ms a step on the 270M). Not fastmath, so the values
     are the reference's bit for bit (no fused multiply-add)."""
     codes, scales, low, kind = w
+    meta = scales.view(np.uint8)  # int4: the super-block bytes, viewed as fp32 in the kernel tuple
     f = np.float32(factor)
     for i in range(ids.shape[0]):
         n = ids[i]
         for g in range(out.shape[1] // 32):
-            if kind == INT4:  # the super-block bytes, viewed as fp32 in the kernel tuple
-                d, m = int4_group_scale(scales.view(np.uint8), n, g)
+            if kind == INT4:
+                d, m = int4_group_scale(meta, n, g)
                 for j in range(16):
                     b = codes[n, g * 16 + j]
                     out[i, g * 32 + j] = (np.float32(b & 15) * d + m) * f

@@ -28,7 +28,7 @@ import torch
 from . import gpu as _gpu
 from . import torch_ops as _ref
 from .qweight import QWeight
-from .torch_ops import RopeTable, apply_rope, attention_mask, gelu_tanh, rms_norm, score_block_elements, softcap  # noqa: F401
+from .torch_ops import RopePair, RopeTable, apply_rope, attention_mask, gelu_tanh, rms_norm, score_block_elements, softcap  # noqa: F401
 
 SMALL_BATCH = 16  # up to this many positions: numba products; above: dequantized blocks + torch GEMM
 # ... and up to WIDE_ROW_BATCH[fmt] for rows of at least WIDE_ROW weights (Gemma 4 12B's are 3,840
@@ -378,22 +378,17 @@ def decode_attention_input_arrays(a: DecodeLayerArgs, x: np.ndarray, rope: tuple
     return q, (k if a.kv_mode == 1 else None), v
 
 
-_rope_arrays: dict[int, tuple] = {}  # id(cos) -> (cos, cos as numpy, sin as numpy), a few entries
-
-
 def rope_arrays(rope) -> tuple[np.ndarray, np.ndarray]:
-    """A ``(cos, sin)`` pair of ``[T, pairs]`` tensors as fp32 numpy, converted once per pair: the
-    layers of a forward share a few pairs (one per RoPE kind), and every layer of a decode step
-    would otherwise convert them again. The entry keeps the tensor alive, so its id stays its own."""
-    cos, sin = rope
-    hit = _rope_arrays.get(id(cos))
-    if hit is not None and hit[0] is cos:
-        return hit[1], hit[2]
-    if len(_rope_arrays) >= 8:
-        _rope_arrays.clear()
-    t = cos.shape[0]
-    arrays = (_np(cos.reshape(t, -1)), _np(sin.reshape(t, -1)))
-    _rope_arrays[id(cos)] = (cos, *arrays)
+    """A ``(cos, sin)`` pair of ``[T, pairs]`` tensors as fp32 numpy. A :class:`RopePair` keeps
+    them, so the layers of a forward that share it (one per RoPE kind) convert it once, not every
+    layer of a decode step again."""
+    arrays = getattr(rope, "arrays", None)
+    if arrays is None:
+        cos, sin = rope
+        t = cos.shape[0]
+        arrays = (_np(cos.reshape(t, -1)), _np(sin.reshape(t, -1)))
+        if isinstance(rope, RopePair):
+            rope.arrays = arrays
     return arrays
 
 

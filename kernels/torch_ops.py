@@ -25,6 +25,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, offset: f
     return out.to(x.dtype)
 
 
+class RopePair(tuple):
+    """``(cos, sin)`` of some positions, as :meth:`RopeTable.get` returns them; the fused CPU kernels
+    keep the pair's numpy views on it (``arrays``), made once for every layer that shares it."""
+
+    arrays = None
+
+
 class RopeTable:
     """cos/sin of ``position * inv_freq`` for the rotated pairs only, computed once per position
     (fp32 math, stored in the model dtype as the reference casts them) and grown by doubling."""
@@ -39,7 +46,7 @@ class RopeTable:
             n = max(span.stop, 2 * self.cos.shape[0], 256)
             freqs = torch.arange(n, device=self.device, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
             self.cos, self.sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
-        return self.cos[span.start : span.stop], self.sin[span.start : span.stop]
+        return RopePair((self.cos[span.start : span.stop], self.sin[span.start : span.stop]))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int = 0) -> torch.Tensor:

@@ -23,7 +23,7 @@ import time
 import torch
 
 from ..runtime.decoder import GemmaModel
-from .bench_llama_cpp import agreement_llama_cpp, llama_cpp_speed
+from .bench_llama_cpp import agreement_llama_cpp, interleaved_speed, llama_cpp_speed
 from .measurements import (completion_latency, context_speed, drafting_speed, gguf_load_memory, load_memory,
                            load_time, long_context, mtp_cost, preprocessing, verification_cost)
 from .shapes import SHAPES, on_device, random_model, random_quantized_model
@@ -131,23 +131,19 @@ def bench_command(model=None, shape=None, quant=None, dtype=None, device=None, t
                                       if compile_s is not None else ""))
     if interleave and compare != "llama.cpp":
         raise SystemExit("--interleave alternates decode steps with llama.cpp's: it needs --compare llama.cpp")
+    if compare == "llama.cpp" and gguf is None:
+        raise SystemExit("--compare llama.cpp needs a GGUF model (the default embedded model is one)")
     if interleave:
         print("decode: the two engines' steps alternating one by one, each engine's tok/s from its median step")
     rows = []
     for i in range(repeat):
         if interleave:
-            if gguf is None:
-                raise SystemExit("--compare llama.cpp needs a GGUF model (the default embedded model is one)")
-            from .bench_llama_cpp import interleaved_speed
-
             rows.extend(interleaved_speed(net, gguf, ids, depth, decode, threads, kv))
             continue
         r = run(net, prompt, decode, ids=ids, depth=depth, cuda_graphs=cuda_graphs, kv_dtype=kv)
         r["engine"] = "gemma4-nb"
         rows.append(r)
         if compare == "llama.cpp":
-            if gguf is None:
-                raise SystemExit("--compare llama.cpp needs a GGUF model (the default embedded model is one)")
             lc = llama_cpp_speed(gguf, ids, depth, decode, threads)
             lc["engine"] = "llama.cpp"
             rows.append(lc)
