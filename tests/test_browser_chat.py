@@ -379,10 +379,21 @@ def _scenario(page, url, expect):
         asked = now
         if held == 2:
             break
-    page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
-                  ".requestExecute({code: 'import time; time.sleep(4)'})")
-    page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
-                           " === 'busy'", timeout=10_000)
+    # the cell announces that it runs: a busy status alone may be another request's (the sidebar asks
+    # for the kernel's status after each cell), followed by its idle before this cell starts
+    page.evaluate("""() => {
+      window.__g4Sleeping = false;
+      const f = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel
+        .requestExecute({code: "print('sleeping', flush=True); import time; time.sleep(4)"});
+      f.onIOPub = m => { if (m.header.msg_type === 'stream') window.__g4Sleeping = true; };
+    }""")
+    page.wait_for_function("() => window.__g4Sleeping && window.jupyterapp.shell.currentWidget.sessionContext"
+                           ".session.kernel.status === 'busy'", timeout=10_000)
+    # in a new cell: a suggestion still shown at the end of the accepted line (one that starts
+    # with a new line) would otherwise stay on as the typing matches it
+    page.keyboard.press("Escape")
+    page.keyboard.press("Escape")
+    page.keyboard.press("b")
     page.keyboard.press("Enter")
     page.keyboard.type("x = ad", delay=20)
     page.wait_for_timeout(1500)
