@@ -652,7 +652,7 @@ def _estimates_full(xa, codes, low, scales, parts, estimates):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col_err):
+def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col_err, screen_scales):
     """Pass 1 of the screened head, for every position ``t`` of ``x`` ``[T, hidden]`` at once (each
     row's bytes read once for all): every row's estimate, and each part's top-k of the estimates.
     The estimate multiplies one-part activations with the high nibble plane alone (half the bytes)
@@ -661,7 +661,9 @@ def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col
     ``EXACT_COLUMNS``), whose screen errors ``col_err[n, i] = W[n, cols[i]] - S[n, cols[i]]`` are
     stored aside: the error bound then covers the other columns only. The top-k are taken in a
     second sweep over the estimates (a contiguous fp32 row per position): kept in the product
-    loop, their bookkeeping cost as much as the products of a verification's positions."""
+    loop, their bookkeeping cost as much as the products of a verification's positions.
+    ``screen_scales``: the scales the screen reads, ``w``'s own or the same values as fp16 bits
+    (see :meth:`ScreenPolicy.screen_scales`)."""
     codes, scales, low, kind = w
     t_n = x.shape[0]
     xa = quantize_activations(x)
@@ -673,7 +675,7 @@ def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col
     if full:
         _estimates_full(xa, codes, low, scales, parts, estimates)
     else:
-        _estimates_screen(xa, codes, low, scales, parts, use_cols, col_err, x_col, estimates)
+        _estimates_screen(xa, codes, low, screen_scales, parts, use_cols, col_err, x_col, estimates)
     _part_topk(estimates, k, parts, part_vals, part_idx)
 
 
@@ -762,12 +764,48 @@ def _exact_rows(x, w, ids, out):
             out[t, i] = row_dot(xa, t, w, ids[t, i])
 
 
+@njit(cache=True, nogil=True)
+def _merge_top(part_vals, part_idx, vals, ids):
+    """Per position ``t``, the best ``k`` of every part's top-k into ``vals``/``ids`` ``[T, k]``,
+    ties to the earlier part (a stable sort of the parts' lists, flattened in order)."""
+    for t in range(part_vals.shape[0]):
+        vals[t, :] = NEG
+        ids[t, :] = 0
+        for p in range(part_vals.shape[1]):
+            for i in range(part_vals.shape[2]):
+                _push(vals[t], ids[t], part_vals[t, p, i], part_idx[t, p, i])
+
+
 def _top(part_vals, part_idx, k):
     """Per position, the best ``k`` of every part's top-k: ``(vals [T, k], ids [T, k])``."""
-    flat_v = part_vals.reshape(part_vals.shape[0], -1)
-    flat_i = part_idx.reshape(part_idx.shape[0], -1)
-    order = np.argsort(-flat_v, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(flat_v, order, 1), np.take_along_axis(flat_i, order, 1)
+    vals = np.empty((part_vals.shape[0], k), dtype=np.float32)
+    ids = np.empty((part_vals.shape[0], k), dtype=np.int64)
+    _merge_top(part_vals, part_idx, vals, ids)
+    return vals, ids
+
+
+@njit(cache=True, nogil=True)
+def _screened_topk(x, w, row_err, k, parts, full, estimates, cols, col_err, screen_err, screen_scales,
+                   part_vals, part_idx, vals, ids):
+    """Both passes of the screened head (see :func:`head_topk`) in one compiled call: pass 1, the
+    exact values of each position's best estimates, the threshold (their k-th best, less a slack
+    for the fp32 rounding of both sums: ~1e-6 relative, 1e-3 is far above it), pass 2, and the
+    merge of the parts' exact top-k into ``vals``/``ids`` ``[T, k]``. Returns the rows pass 2
+    computed exactly, over all positions."""
+    t_n = x.shape[0]
+    _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col_err, screen_scales)
+    _merge_top(part_vals, part_idx, vals, ids)
+    exact = np.empty(ids.shape, dtype=np.float32)
+    _exact_rows(x, w, ids, exact)
+    threshold = np.empty(t_n, dtype=np.float32)
+    for t in range(t_n):
+        kth = np.float64(np.min(exact[t]))  # the k-th best of the k
+        threshold[t] = np.float32(kth - 1e-3 * (abs(kth) + 1.0))
+    part_count = np.empty(parts, dtype=np.int64)
+    _head_rescore(x, w, row_err, k, parts, full, estimates, threshold, part_vals, part_idx, part_count,
+                  cols, screen_err)
+    _merge_top(part_vals, part_idx, vals, ids)
+    return part_count.sum()
 
 
 _NO_COLUMNS = (np.empty(0, dtype=np.int64), np.zeros((1, EXACT_COLUMNS), dtype=np.float32))
@@ -802,6 +840,19 @@ class ScreenPolicy:
         self._calls = 0
         self.cols, self.col_err = _NO_COLUMNS
         self.screen_err = None
+        self.screen_scale_table = None  # what the screen reads as scales, once chosen (screen_scales)
+
+    def screen_scales(self, w):
+        """The scales the screen reads: when every scale of the head is an fp16 value (a GGUF
+        Q8_0 head, as the embedded 270M's), a copy as fp16 bits, made once: the same values in
+        half the bytes (10.5 of the 113 MB the 270M's screen reads); else the head's fp32 scales."""
+        if self.screen_scale_table is None:
+            scales = w[1]
+            with np.errstate(over="ignore"):  # a scale beyond fp16's range: not exact, kept fp32
+                half = scales.astype(np.float16)
+            exact = bool(np.array_equal(half.astype(np.float32), scales))
+            self.screen_scale_table = half.view(np.uint16) if exact else scales
+        return self.screen_scale_table
 
     def use_screen(self) -> bool:
         if self.skip > 0:
@@ -849,25 +900,20 @@ def head_topk(x, w, k: int, cap: float | None, parts: int = 64, row_err=None, po
     parts = max(1, min(parts, n_rows // max(k, 1)))
     part_vals = np.empty((t_n, parts, k), dtype=np.float32)
     part_idx = np.empty((t_n, parts, k), dtype=np.int64)
-    if row_err is None:
-        _head_topk(x, w, k, parts, part_vals, part_idx)
-    else:
+    if row_err is not None:
         screen = policy is None or policy.use_screen()
         cols, col_err, screen_err = policy.columns(x, w, row_err) if policy is not None else (*_NO_COLUMNS, row_err)
         estimates = np.empty((t_n, n_rows), dtype=np.float32)
-        _head_screen(x, w, k, parts, not screen, estimates, part_vals, part_idx, cols, col_err)
-        _, ids = _top(part_vals, part_idx, k)
-        exact = np.empty(ids.shape, dtype=np.float32)
-        _exact_rows(x, w, ids, exact)
-        kth = np.sort(exact, axis=1)[:, -k].astype(np.float64) if ids.shape[1] >= k else np.full(t_n, float(NEG))
-        # slack for the fp32 rounding of both sums (~1e-6 relative; 1e-3 is far above it)
-        threshold = (kth - 1e-3 * (np.abs(kth) + 1.0)).astype(np.float32)
-        part_count = np.empty(parts, dtype=np.int64)
-        _head_rescore(x, w, row_err, k, parts, not screen, estimates, threshold, part_vals, part_idx, part_count,
-                      cols, screen_err)
+        vals = np.empty((t_n, k), dtype=np.float32)
+        ids = np.empty((t_n, k), dtype=np.int64)
+        screen_scales = w[1] if policy is None else policy.screen_scales(w)
+        rescored = _screened_topk(np.ascontiguousarray(x, dtype=np.float32), w, row_err, k, parts, not screen,
+                                  estimates, cols, col_err, screen_err, screen_scales, part_vals, part_idx, vals, ids)
         if policy is not None:
-            policy.observe(int(part_count.sum()) // t_n, n_rows, screen)
-    vals, ids = _top(part_vals, part_idx, k)
+            policy.observe(int(rescored) // t_n, n_rows, screen)
+    else:
+        _head_topk(x, w, k, parts, part_vals, part_idx)
+        vals, ids = _top(part_vals, part_idx, k)
     if cap is not None:
         vals = (np.tanh(vals / cap) * cap).astype(np.float32)
     return vals, ids

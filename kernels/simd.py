@@ -194,6 +194,18 @@ def _check(*arrays):
 
 _WEIGHT = (types.int8, types.uint8)
 _FLOAT = (types.float32,)
+# the screen's scales may also come as fp16 bits (uint16): half the bytes of fp32 where every
+# scale is an fp16 value (a GGUF Q8_0 head), converted in the load, so the same estimates
+_SCREEN_SCALES = (types.float32, types.uint16)
+_I16 = ir.IntType(16)
+
+
+def _scale_at(builder, srow, g):
+    """Scale ``g`` of a row of fp32 scales, or of fp16 bits (``srow`` an i16 pointer), as fp32."""
+    value = builder.load(builder.gep(srow, [g]))
+    if srow.type.pointee == _I16:
+        value = builder.fpext(builder.bitcast(value, _F16), _F32)
+    return value
 
 
 def _octet_scales(builder, srow, o, mode):
@@ -201,7 +213,11 @@ def _octet_scales(builder, srow, o, mode):
     int4). int8 layouts read 8 fp32 scales; int4 reads its super-block (octet ``o`` is super-block
     ``o``): ``d * sc`` and ``-dmin * mn``."""
     if mode != "int4":
-        return _vload(builder, srow, builder.mul(o, ir.Constant(_I64, SUPER)), _V8F), None
+        at = builder.mul(o, ir.Constant(_I64, SUPER))
+        if srow.type.pointee == _I16:  # fp16 bits
+            bits = _vload(builder, srow, at, ir.VectorType(_I16, 8))
+            return builder.fpext(builder.bitcast(bits, ir.VectorType(_F16, 8)), _V8F), None
+        return _vload(builder, srow, at, _V8F), None
     meta = builder.bitcast(srow, _I8.as_pointer())
     base = builder.mul(o, ir.Constant(_I64, META))
 
@@ -373,7 +389,7 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
         if mode == "int4":
             scale, minimum = _super_block_scales(builder, srow, g)
         else:
-            scale = builder.load(builder.gep(srow, [g]))
+            scale = _scale_at(builder, srow, g)
         u = unpack(g)
         for r, (activations, srow_x) in enumerate(per_row):
             for xr, dr in activations:
@@ -391,7 +407,7 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
         for i in range(2):
             gi = builder.add(g, ir.Constant(_I64, i))
             scales.append(_super_block_scales(builder, srow, gi) if mode == "int4"
-                          else (builder.load(builder.gep(srow, [gi])), None))
+                          else (_scale_at(builder, srow, gi), None))
         halves = ir.Constant(ir.VectorType(_I32, 16), [0] * 8 + [1] * 8)
         for r, (activations, srow_x) in enumerate(per_row):
             for xr, dr in activations:
@@ -503,7 +519,7 @@ def _two_planes(mode: str, rows: int = 1):
 
     def typer(typingctx, xa, t, high, low, scales, n):
         _check_activations(xa)
-        _check((high, _WEIGHT), (low, _WEIGHT), (scales, _FLOAT))
+        _check((high, _WEIGHT), (low, _WEIGHT), (scales, _SCREEN_SCALES if mode == "screen" else _FLOAT))
         return ret(xa, t, high, low, scales, n), \
             lambda context, builder, sig, args: _qdot(context, builder, sig, args, mode, rows=rows)
 
@@ -526,6 +542,7 @@ dot4_planes = _two_planes("planes", 4)
 
 dot_planes = _two_planes("planes")  # an int8 row stored as two nibble planes, exactly
 dot_screen = _two_planes("screen")  # its estimate from the high plane: |error| <= |x| * row_err
+# (the screen's scales: fp32, or fp16 bits as uint16 where each is an fp16 value)
 
 
 @intrinsic

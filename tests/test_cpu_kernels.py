@@ -229,6 +229,45 @@ def test_screened_head_is_exact(k, cap, first_pass, gen):
     assert learned >= {5, 40, 99} if first_pass == "columns" else not learned
 
 
+@pytest.mark.parametrize("first_pass", ["screen", "columns"])
+def test_screen_reads_fp16_scales_when_they_are_exact(first_pass, gen):
+    """A head whose scales are all fp16 values (a GGUF Q8_0 head) is screened with them as fp16
+    bits, half the bytes: the same estimates bit for bit as with the fp32 scales, so the same
+    exact top-k. A head with any other scale keeps its fp32 scales for the screen. Rows of 21
+    groups: two whole octets, two pairs and one group alone, each reading its scales its own way."""
+    import dataclasses
+
+    from gemma4_nb.kernels.cpu_numba import EXACT_COLUMNS, ScreenPolicy
+
+    w = quantize_weight(torch.randn(3000, 672, generator=gen) * 0.05, "int8")
+    assert not ScreenPolicy().screen_scales(ops.kernel_weight(to_planes(w))).dtype == np.uint16
+    w16 = dataclasses.replace(w, scales=w.scales.half().float())
+    p = to_planes(w16)
+    policy = p.__dict__["_screen_policy"] = ScreenPolicy()
+    policy.LEARN_CALLS = 1 if first_pass == "columns" else 10**9
+    kw = ops.kernel_weight(p)
+    for scale in (0.3, 3.0):
+        h = torch.randn(2, 672, generator=gen) * scale
+        h[:, [9, 100]] *= 8  # outlier columns, as in real hidden states
+        vals, ids = ops.head_topk_rows(h, p, 30.0, 4)
+        want = torch.topk(ref.softcap(fake_quant_for(h, w16) @ w16.dequantize().t(), 30.0), 4)
+        assert torch.equal(ids, want.indices)
+        close(vals, want.values, rel=1e-5)
+    half = policy.screen_scales(kw)
+    assert half.dtype == np.uint16 and half.nbytes * 2 == kw[1].nbytes
+    x = h.numpy()
+    cols, col_err = (policy.cols, policy.col_err) if first_pass == "columns" else (
+        np.empty(0, dtype=np.int64), np.zeros((1, EXACT_COLUMNS), dtype=np.float32))
+    assert len(cols) == (EXACT_COLUMNS if first_pass == "columns" else 0)
+    got = []
+    for scales in (half, kw[1]):
+        est = np.empty((2, 3000), dtype=np.float32)
+        pv, pi = np.empty((2, 8, 4), dtype=np.float32), np.empty((2, 8, 4), dtype=np.int64)
+        nb._head_screen(x, kw, 4, 8, False, est, pv, pi, cols, col_err, scales)
+        got.append(est)
+    assert np.array_equal(got[0], got[1])
+
+
 @pytest.mark.parametrize("layout,first_pass", [("int4", None), ("int8", None), ("planes", "screen"),
                                                ("planes", "columns"), ("planes", "full")])
 def test_head_topk_of_several_positions(layout, first_pass, gen):

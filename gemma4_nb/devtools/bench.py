@@ -38,12 +38,14 @@ def decode_bytes(net: GemmaModel, context: int, kv_dtype: str | None = None) -> 
 
     def nbytes(t):
         if isinstance(t, QWeight) and t.planes:
-            # a screened head (qweight.to_planes): pass 1 reads the high plane and the scales (and,
-            # once learned, the screen's errors in its exact columns), pass 2 the row bounds and
-            # the estimates, plus the rows it rescores (not counted: under 1% of them on text)
+            # a screened head (qweight.to_planes): pass 1 reads the high plane and the scales (as
+            # fp16 where they are fp16 values; and, once learned, the screen's errors in its exact
+            # columns), pass 2 the row bounds and the estimates, plus the rows it rescores (not
+            # counted: under 1% of them on text)
             policy = t.__dict__.get("_screen_policy")
             side = (t.row_err,) if policy is None or policy.screen_err is None else (policy.col_err, policy.screen_err)
-            return sum(x.nbytes for x in (t.codes, t.scales, *side)) + 8 * t.shape[0]
+            scales = t.scales if policy is None or policy.screen_scale_table is None else policy.screen_scale_table
+            return sum(x.nbytes for x in (t.codes, scales, *side)) + 8 * t.shape[0]
         return t.nbytes if isinstance(t, QWeight) else t.numel() * t.element_size()
 
     weights = sum(nbytes(t) for n, t in net.weights.items() if "vision" not in n and "audio" not in n)
