@@ -1155,8 +1155,7 @@ def decode_attention(q, k, v, lo: int, hi: int, scale: float, cap: float | None,
 def compiled_kernels() -> tuple:
     """This module's compiled kernels that Python calls directly (see :mod:`.warmup`)."""
     return (quantize_int8_rows, quantize_int4_rows, split_int8_planes, screen_columns, gemm, gate_up_gelu, embed_rows,
-            dequant_rows_int8, dequant_rows_int4, _head_topk, _head_screen, _head_rescore, _exact_rows,
-            _decode_attention)
+            dequant_rows_int8, dequant_rows_int4, _head_topk, _merge_top, _screened_topk, _decode_attention)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
