@@ -37,9 +37,10 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from .layout import SUPER_SCALE
-from .simd import (PREFETCH, dot2_int4, dot2_int8, dot2_planes, dot2_screen, dot4_planes, dot8,
+from .simd import (PREFETCH, WIDE, dot2_int4, dot2_int8, dot2_planes, dot2_screen, dot4_planes, dot8,
                    dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
 from .simd_float import block_scores, block_values, pow2
+from .simd_screen import ROWS as SCREEN_ROWS, scratch_bytes, screen_block
 
 
 def _choose_threading_layer() -> None:
@@ -82,6 +83,8 @@ RESCORE_AHEAD = 4  # rows prefetched ahead in the head's pass 2 (measured 2-8: a
 # keys an attention job scores before it rescales and adds their values (one max and one
 # rescale per block instead of per key)
 ATTENTION_BLOCK = 32
+# positions from which the screen runs sixteen rows at a time (_estimates_blocks)
+SCREEN_BLOCKS_FROM = 2
 EXACT_COLUMNS = 8  # columns the screened head computes exactly (see ScreenPolicy): simd.dot8's width
 NEG = np.float32(-3.0e38)
 EXP_FLOOR = np.float32(-64.0)  # exp_fast below this: 0
@@ -633,6 +636,25 @@ def _estimates_screen(xa, codes, low, scales, parts, use_cols, col_err, x_col, e
 
 
 @njit(**_OPTS)
+def _estimates_blocks(xa, codes, low, scales, use_cols, col_err, x_col, estimates):
+    """:func:`_estimates_screen` sixteen rows at a time, the rows in the vector lanes
+    (:func:`.simd_screen.screen_block`: per position a third of the instructions, for several
+    positions; 512-bit VNNI only). Rows past the last whole block go one by one."""
+    n_rows, t_n = codes.shape[0], estimates.shape[0]
+    blocks = n_rows // SCREEN_ROWS
+    chunks = max(1, min(blocks, 64))
+    per = (blocks + chunks - 1) // chunks
+    size = scratch_bytes(codes.shape[1] * 2 // 32)
+    for c in prange(chunks):
+        scratch = np.empty(size, dtype=np.uint8)
+        for b in range(c * per, min(blocks, c * per + per)):
+            screen_block(xa, codes, scales, b * SCREEN_ROWS, scratch, use_cols, col_err, x_col, estimates)
+    for n in range(blocks * SCREEN_ROWS, n_rows):
+        for t in range(t_n):
+            _estimate(dot_screen(xa, t, codes, low, scales, n), t, n, use_cols, col_err, x_col, estimates)
+
+
+@njit(**_OPTS)
 def _estimates_full(xa, codes, low, scales, parts, estimates):
     """Pass 1's estimates from both planes (the exact weights, one-part activations)."""
     n_rows, t_n = codes.shape[0], estimates.shape[0]
@@ -674,6 +696,8 @@ def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col
             x_col[t, i] = np.float32(xa[0][t, cols[i]]) * xa[1][t, cols[i] // 32]
     if full:
         _estimates_full(xa, codes, low, scales, parts, estimates)
+    elif WIDE and t_n >= SCREEN_BLOCKS_FROM:
+        _estimates_blocks(xa, codes, low, screen_scales, use_cols, col_err, x_col, estimates)
     else:
         _estimates_screen(xa, codes, low, screen_scales, parts, use_cols, col_err, x_col, estimates)
     _part_topk(estimates, k, parts, part_vals, part_idx)

@@ -9,6 +9,7 @@ attention, whose outputs are convex combinations of V rows, with ``atol = 1e-5``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from gemma4_nb.kernels import cpu_numba as nb  # noqa: E402
 from gemma4_nb.kernels import ops  # noqa: E402
 from gemma4_nb.kernels import torch_ops as ref  # noqa: E402
 from gemma4_nb.kernels.qweight import matrix_bytes, quantize_weight, to_planes  # noqa: E402
+from gemma4_nb.kernels.simd import WIDE  # noqa: E402
 
 
 def close(got, want, rel=1e-4):
@@ -266,6 +268,50 @@ def test_screen_reads_fp16_scales_when_they_are_exact(first_pass, gen):
         nb._head_screen(x, kw, 4, 8, False, est, pv, pi, cols, col_err, scales)
         got.append(est)
     assert np.array_equal(got[0], got[1])
+
+
+@pytest.mark.skipif(not WIDE, reason="the sixteen-row screen needs 512-bit VNNI (other machines run the row screen)")
+@pytest.mark.parametrize("k", [352, 640])
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_screen_of_sixteen_rows_against_float64(k, half_scales, gen):
+    """The screen sixteen rows to a vector (kernels/simd_screen.py) against the same estimate in
+    float64 from the arrays it reads: ``sum_g scale * (xd * (16 high) . xq - 120.5 xs)`` plus the
+    exact columns' share, for 1 to 9 positions (tiles of four and the rest), rows past the last
+    whole block, fp32 or fp16 scales. The bound is the fp32 rounding of sums of that size:
+    1e-5 of the sum of the terms' magnitudes. It also equals the row screen's estimate (the
+    kernel a single position runs) to the same bound."""
+    from gemma4_nb.kernels.cpu_numba import EXACT_COLUMNS
+
+    n = 16 * 7 + 5
+    w = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, "int8")
+    if half_scales:
+        w = dataclasses.replace(w, scales=w.scales.half().float())
+    high, scales, low, _ = ops.kernel_weight(to_planes(w))
+    table = scales.astype(np.float16).view(np.uint16) if half_scales else scales
+    u = np.concatenate([(high & 15).astype(np.float64), (high >> 4).astype(np.float64)], axis=1)
+    g_n = k // 32
+    # the nibble plane's byte i of a group holds weights i and 16 + i
+    u = (16 * u).reshape(n, 2, g_n, 16).transpose(0, 2, 1, 3).reshape(n, g_n, 32) - 120.5
+    col_err = torch.randn(n, EXACT_COLUMNS, generator=gen).numpy() * 0.01
+    for t_n in (1, 2, 3, 4, 5, 8, 9):
+        x = (torch.randn(t_n, k, generator=gen) * 2).numpy()
+        xq, xd, xs = nb.quantize_activations(x)
+        x_col = torch.randn(t_n, EXACT_COLUMNS, generator=gen).numpy()
+        prod = np.einsum("ngi,tgi->tng", u, xq.astype(np.float64).reshape(t_n, g_n, 32))
+        terms = scales.astype(np.float64)[None] * xd[:, None, :g_n]
+        for use_cols in (False, True):
+            want = (terms * prod).sum(-1)
+            mag = (np.abs(terms) * np.einsum("ngi,tgi->tng", np.abs(u), np.abs(xq.astype(np.float64))
+                                             .reshape(t_n, g_n, 32))).sum(-1)
+            if use_cols:
+                want = want + x_col.astype(np.float64) @ col_err.astype(np.float64).T
+                mag = mag + np.abs(x_col) @ np.abs(col_err).T
+            got = np.empty((t_n, n), dtype=np.float32)
+            nb._estimates_blocks((xq, xd, xs), high, low, table, use_cols, col_err, x_col, got)
+            assert np.all(np.abs(got - want) <= 1e-5 * mag + 1e-30), (t_n, use_cols)
+            rows = np.empty((t_n, n), dtype=np.float32)
+            nb._estimates_screen((xq, xd, xs), high, low, table, 4, use_cols, col_err, x_col, rows)
+            assert np.all(np.abs(got - rows) <= 1e-5 * mag + 1e-30), (t_n, use_cols)
 
 
 @pytest.mark.parametrize("layout,first_pass", [("int4", None), ("int8", None), ("planes", "screen"),
@@ -561,6 +607,9 @@ for fmt in ("int8", "int4", "planes"):
 h = torch.randn(352, generator=g)
 _, ids = ops.head_topk(h, w, None, 5)
 assert torch.equal(ids, (fake_quant_for(h[None], w) @ w.dequantize().t())[0].topk(5).indices)
+hs = torch.randn(3, 352, generator=g)  # a verification's positions: the row screen, by pairs
+_, ids = ops.head_topk_rows(hs, w, None, 5)
+assert torch.equal(ids, (fake_quant_for(hs, w) @ w.dequantize().t()).topk(5).indices)
 print(worst)
 """
     env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent)}
