@@ -40,7 +40,7 @@ from .layout import SUPER_SCALE
 from .simd import (PREFETCH, WIDE, dot2_int4, dot2_int8, dot2_planes, dot2_screen, dot4_planes, dot8,
                    dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
 from .simd_float import block_scores, block_values, pow2
-from .simd_blocks import ROWS as BLOCK_ROWS, block_int4, block_int8, scratch_bytes, screen_block
+from .simd_screen import ROWS as SCREEN_ROWS, scratch_bytes, screen_block
 
 
 def _choose_threading_layer() -> None:
@@ -85,11 +85,6 @@ RESCORE_AHEAD = 4  # rows prefetched ahead in the head's pass 2 (measured 2-8: a
 ATTENTION_BLOCK = 32
 # positions from which the screen runs sixteen rows at a time (_estimates_blocks)
 SCREEN_BLOCKS_FROM = 2
-# products run sixteen rows at a time (simd_blocks) with rows of at most this many weights: the
-# 270M's (640-2048), whose matrices sit in the cache, so that their arithmetic sets the time; wider
-# rows (the 12B's 3840-15360) keep the row kernels, which stream them at the memory's rate
-BLOCK_WIDTH = 2048
-BLOCKS_PER_JOB = 4  # blocks of sixteen rows a parallel job takes (one scratch buffer each)
 EXACT_COLUMNS = 8  # columns the screened head computes exactly (see ScreenPolicy): simd.dot8's width
 NEG = np.float32(-3.0e38)
 EXP_FLOOR = np.float32(-64.0)  # exp_fast below this: 0
@@ -203,50 +198,13 @@ def quantize_activations_fine(x):
     return xq, xq2, xd, xd2, xs, xs1
 
 
-@njit(inline="always")
-def blocked(w):
-    """Whether products with ``w`` run sixteen rows at a time (:mod:`.simd_blocks`): int8 and int4
-    rows of at most ``BLOCK_WIDTH`` weights on 512-bit VNNI. For one position as for several, so a
-    verification's positions get the bits a decode step gets."""
-    codes, scales, low, kind = w
-    width = codes.shape[1] * 2 if kind == INT4 else codes.shape[1]
-    return WIDE and kind != INT8_PLANES and width <= BLOCK_WIDTH
-
-
-@njit(inline="always")
-def block_scratch(out):
-    """A scratch buffer for :func:`product_blocks` into ``out`` ``[T, N]`` (one per thread)."""
-    return np.empty(scratch_bytes(out.shape[0]), dtype=np.uint8)
-
-
-@njit(inline="always")
-def product_blocks(xa, w, b0, b1, out, col, scratch):
-    """``out[t, col + n]`` for the rows ``n`` of blocks ``b0 .. b1 - 1`` of ``w`` (sixteen rows each)
-    and every position ``t``."""
-    codes, scales, low, kind = w
-    for b in range(b0, b1):
-        if kind == INT4:
-            block_int4(first_part(xa), codes, scales, b * BLOCK_ROWS, scratch, out, col + b * BLOCK_ROWS)
-        else:
-            block_int8(xa, codes, scales, b * BLOCK_ROWS, scratch, out, col + b * BLOCK_ROWS)
-
-
 @njit(**_OPTS)
 def gemm_quantized(xa, w, out):
     """``out[t, n] = sum_k x[t, k] * W[n, k]`` for activations already quantized (``xa`` from
     :func:`quantize_activations` or :func:`quantize_activations_fine`): parallel over output rows,
     each row of ``W`` read once for every ``t`` (matrix-vector at decode, small matrix-matrix for
-    verification); sixteen rows at a time where :func:`blocked`, the rows past the last block one
-    by one."""
-    n_rows = out.shape[1]
-    if not blocked(w):
-        for n in prange(n_rows):
-            row_all_positions(xa, w, n, out, n)
-        return
-    blocks = n_rows // BLOCK_ROWS
-    for c in prange((blocks + BLOCKS_PER_JOB - 1) // BLOCKS_PER_JOB):
-        product_blocks(xa, w, c * BLOCKS_PER_JOB, min(blocks, (c + 1) * BLOCKS_PER_JOB), out, 0, block_scratch(out))
-    for n in range(blocks * BLOCK_ROWS, n_rows):
+    verification)."""
+    for n in prange(out.shape[1]):
         row_all_positions(xa, w, n, out, n)
 
 
@@ -683,16 +641,15 @@ def _estimates_blocks(xa, codes, low, scales, use_cols, col_err, x_col, estimate
     (:func:`.simd_screen.screen_block`: per position a third of the instructions, for several
     positions; 512-bit VNNI only). Rows past the last whole block go one by one."""
     n_rows, t_n = codes.shape[0], estimates.shape[0]
-    blocks = n_rows // BLOCK_ROWS
+    blocks = n_rows // SCREEN_ROWS
     chunks = max(1, min(blocks, 64))
     per = (blocks + chunks - 1) // chunks
-    size = scratch_bytes(t_n)
+    size = scratch_bytes(codes.shape[1] * 2 // 32)
     for c in prange(chunks):
         scratch = np.empty(size, dtype=np.uint8)
         for b in range(c * per, min(blocks, c * per + per)):
-            screen_block(xa, codes, scales, b * BLOCK_ROWS, scratch, estimates, b * BLOCK_ROWS, use_cols, col_err,
-                         x_col)
-    for n in range(blocks * BLOCK_ROWS, n_rows):
+            screen_block(xa, codes, scales, b * SCREEN_ROWS, scratch, use_cols, col_err, x_col, estimates)
+    for n in range(blocks * SCREEN_ROWS, n_rows):
         for t in range(t_n):
             _estimate(dot_screen(xa, t, codes, low, scales, n), t, n, use_cols, col_err, x_col, estimates)
 
