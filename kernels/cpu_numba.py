@@ -638,8 +638,10 @@ def _estimates_screen(xa, codes, low, scales, parts, use_cols, col_err, x_col, e
 @njit(**_OPTS)
 def _estimates_blocks(xa, codes, low, scales, use_cols, col_err, x_col, estimates):
     """:func:`_estimates_screen` sixteen rows at a time, the rows in the vector lanes
-    (:func:`.simd_screen.screen_block`: per position a third of the instructions, for several
-    positions; 512-bit VNNI only). Rows past the last whole block go one by one."""
+    (:func:`.simd_screen.screen_block`; 512-bit VNNI only): a block is transposed once for every
+    position, then each position costs per group eight ``vpdpbusd`` for sixteen rows (the 270M's
+    8-position screen: 41-62 ms by the row kernel, 18-24 ms so). Rows past the last whole block go
+    one by one."""
     n_rows, t_n = codes.shape[0], estimates.shape[0]
     blocks = n_rows // SCREEN_ROWS
     chunks = max(1, min(blocks, 64))
@@ -685,7 +687,8 @@ def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col
     second sweep over the estimates (a contiguous fp32 row per position): kept in the product
     loop, their bookkeeping cost as much as the products of a verification's positions.
     ``screen_scales``: the scales the screen reads, ``w``'s own or the same values as fp16 bits
-    (see :meth:`ScreenPolicy.screen_scales`)."""
+    (see :meth:`ScreenPolicy.screen_scales`). Two positions or more on 512-bit VNNI screen sixteen
+    rows at a time (:func:`_estimates_blocks`)."""
     codes, scales, low, kind = w
     t_n = x.shape[0]
     xa = quantize_activations(x)
