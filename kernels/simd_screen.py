@@ -16,8 +16,9 @@ store per position: no horizontal sums. The transposition is paid once per block
 The estimate is the same quantity as :func:`.simd.dot_screen`'s (the high plane times one-part
 activations, each low nibble taken as 7.5, plus the exact columns' share), summed in another
 order: it differs from it by fp32 rounding only, which the head's threshold slack covers
-(:func:`..kernels.cpu_numba._screened_topk`). 512-bit VNNI only (:data:`.simd.WIDE`); other machines
-keep the row kernel.
+(:func:`.cpu_numba._screened_topk`). Used for two positions or more (one position's screen reads
+its bytes at the memory's rate with the row kernel already); 512-bit VNNI only (:data:`.simd.WIDE`),
+other machines keep the row kernels.
 """
 
 from __future__ import annotations
@@ -28,27 +29,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .layout import GROUP
-from .simd import (
-    _F32,
-    _FAST,
-    _I8,
-    _I32,
-    _I64,
-    _SCREEN_SCALES,
-    _V16F,
-    _V16I,
-    _V64B,
-    _WEIGHT,
-    _bytes,
-    _check,
-    _check_activations,
-    _dot512,
-    _prefetch,
-    _row_ptr,
-    _scale_at,
-    _splat,
-    _vload,
-)
+from .simd import (_F32, _FAST, _I8, _I32, _I64, _SCREEN_SCALES, _V16F, _V16I, _V64B, _WEIGHT, _bytes, _check,
+                   _check_activations, _dot512, _prefetch, _row_ptr, _scale_at, _splat, _vload)
 
 ROWS = 16  # rows per block: one per 32-bit lane of a 512-bit vector
 COLUMNS = 8  # the exact columns' errors per row (cpu_numba.EXACT_COLUMNS)
