@@ -57,6 +57,9 @@ from .layout import GROUP, META, SUPER, SUPER_SCALE
 
 # software prefetch distance in bytes ahead in the weight rows (measured 512-16384: 4096 best)
 PREFETCH = 4096
+# the screen's correction per unit of a group's activation sum: the codes' offset of 128, less the
+# 7.5 every low nibble is taken as (U = 16 * high stands for code + 128 - 7.5)
+SCREEN_CORRECTION = -120.5
 _F32 = ir.FloatType()
 _F16 = ir.HalfType()
 _I8 = ir.IntType(8)
@@ -276,7 +279,7 @@ def _qdot(context, builder, sig, args, mode: str, rows: int = 1):
     corrs = [cgutils.alloca_once_value(builder, zero8) for _ in range(rows)]  # per-group corrections, 8 lanes
     zero16 = ir.Constant(_V16F, [0.0] * 16)
     wide = [[cgutils.alloca_once_value(builder, zero16) for _ in range(n_acc)] for _ in range(rows)] if WIDE else None
-    k_corr = -120.5 if mode == "screen" else -128.0  # int8 layouts: the code offset times the group sum
+    k_corr = SCREEN_CORRECTION if mode == "screen" else -128.0  # int8 layouts: the code offset times the group sum
 
     def unpack(g):
         """The group's 32 weight bytes ``U`` (see the module docstring)."""

@@ -29,7 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .layout import GROUP
-from .simd import (_F32, _FAST, _I8, _I32, _I64, _SCREEN_SCALES, _V16F, _V16I, _V64B, _WEIGHT, _bytes, _check,
+from .simd import (SCREEN_CORRECTION, _F32, _FAST, _I8, _I32, _I64, _SCREEN_SCALES, _V16F, _V16I, _V64B, _WEIGHT, _bytes, _check,
                    _check_activations, _dot512, _prefetch, _row_ptr, _scale_at, _splat, _vload)
 
 ROWS = 16  # rows per block: one per 32-bit lane of a 512-bit vector
@@ -176,14 +176,13 @@ def screen_block(typingctx, xa, high, scales, n0, scratch, use_cols, col_err, x_
                         sums.append(acc)
                     total = builder.sitofp(builder.add(sums[0], sums[1]), _V16F)
                     d = _splat(builder, builder.load(builder.gep(xd, [g])), _V16F)
-                    c = _splat(builder, builder.fmul(builder.load(builder.gep(xs, [g])), ir.Constant(_F32, -120.5),
+                    c = _splat(builder, builder.fmul(builder.load(builder.gep(xs, [g])), ir.Constant(_F32, SCREEN_CORRECTION),
                                                      flags=_FAST), _V16F)
                     fac = builder.fadd(builder.fmul(total, d, flags=_FAST), c, flags=_FAST)
                     builder.store(builder.fadd(builder.load(accs[p]), builder.fmul(sc, fac, flags=_FAST), flags=_FAST),
                                   accs[p])
             for p in range(count):
                 t = builder.add(t0, ir.Constant(_I64, p))
-                out = builder.load(accs[p])
                 with builder.if_then(use_v):
                     xc = _row_ptr(builder, xc_a, t, ir.Constant(_I64, COLUMNS))
                     vec = builder.load(accs[p])
@@ -193,9 +192,8 @@ def screen_block(typingctx, xa, high, scales, n0, scratch, use_cols, col_err, x_
                         vec = builder.fadd(vec, builder.fmul(col, _splat(builder, builder.load(builder.gep(xc, [
                             ir.Constant(_I64, i)])), _V16F), flags=_FAST), flags=_FAST)
                     builder.store(vec, accs[p])
-                out = builder.load(accs[p])
                 dst = builder.gep(est_a.data, [builder.add(builder.mul(t, n_rows), n0_v)])
-                builder.store(out, builder.bitcast(dst, _V16F.as_pointer()), align=4)
+                builder.store(builder.load(accs[p]), builder.bitcast(dst, _V16F.as_pointer()), align=4)
 
         tiles = builder.udiv(t_n, ir.Constant(_I64, TILE))
         with cgutils.for_range(builder, tiles) as loop:
