@@ -83,8 +83,12 @@ RESCORE_AHEAD = 4  # rows prefetched ahead in the head's pass 2 (measured 2-8: a
 # keys an attention job scores before it rescales and adds their values (one max and one
 # rescale per block instead of per key)
 ATTENTION_BLOCK = 32
-# positions from which the screen runs sixteen rows at a time (_estimates_blocks)
+# the screen runs sixteen rows at a time (_estimates_blocks) from this many positions, for rows of
+# at most SCREEN_BLOCKS_WIDTH weights: a block's scratch then stays in L1 (the 270M's 640: 11.5 KB).
+# The 12B's rows of 3840 (69 KB) measured slower by blocks at 2 and 4 positions (an eighth of its
+# head: 8.8 against 4.3 ms, 9.5 against 7.7) and faster only at 8 (12.2 against 15.3)
 SCREEN_BLOCKS_FROM = 2
+SCREEN_BLOCKS_WIDTH = 2048
 EXACT_COLUMNS = 8  # columns the screened head computes exactly (see ScreenPolicy): simd.dot8's width
 NEG = np.float32(-3.0e38)
 EXP_FLOOR = np.float32(-64.0)  # exp_fast below this: 0
@@ -688,7 +692,7 @@ def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col
     loop, their bookkeeping cost as much as the products of a verification's positions.
     ``screen_scales``: the scales the screen reads, ``w``'s own or the same values as fp16 bits
     (see :meth:`ScreenPolicy.screen_scales`). Two positions or more on 512-bit VNNI screen sixteen
-    rows at a time (:func:`_estimates_blocks`)."""
+    rows at a time (:func:`_estimates_blocks`) where the rows are short enough (``SCREEN_BLOCKS_WIDTH``)."""
     codes, scales, low, kind = w
     t_n = x.shape[0]
     xa = quantize_activations(x)
@@ -699,7 +703,7 @@ def _head_screen(x, w, k, parts, full, estimates, part_vals, part_idx, cols, col
             x_col[t, i] = np.float32(xa[0][t, cols[i]]) * xa[1][t, cols[i] // 32]
     if full:
         _estimates_full(xa, codes, low, scales, parts, estimates)
-    elif WIDE and t_n >= SCREEN_BLOCKS_FROM:
+    elif WIDE and t_n >= SCREEN_BLOCKS_FROM and 2 * codes.shape[1] <= SCREEN_BLOCKS_WIDTH:
         _estimates_blocks(xa, codes, low, screen_scales, use_cols, col_err, x_col, estimates)
     else:
         _estimates_screen(xa, codes, low, screen_scales, parts, use_cols, col_err, x_col, estimates)
