@@ -12,6 +12,8 @@ embedded model. Screenshots go to build/e2e/.
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 
 from test_browser_e2e import ARTIFACTS, KERNEL_IDLE, TOKEN, launch
 
@@ -99,6 +101,28 @@ KERNEL_RUN = """async (code) => {
   };
   await f.done;
   return out;
+}"""
+
+# A cell that runs until the file it is given appears (two minutes at most); window.__g4Holding
+# once it runs, window.__g4Held once it ended.
+HOLDING_CELL = """(flag) => {
+  window.__g4Holding = window.__g4Held = false;
+  const code = "print('holding', flush=True)\\nimport os, time\\n_t = time.time()\\n"
+    + "while not os.path.exists(" + JSON.stringify(flag) + ") and time.time() - _t < 120:\\n    time.sleep(0.05)";
+  const f = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.requestExecute({ code });
+  f.onIOPub = m => { if (m.header.msg_type === 'stream') window.__g4Holding = true; };
+  f.done.then(() => { window.__g4Held = true; }, () => { window.__g4Held = true; });
+}"""
+
+# A control-channel request that JupyterLab's status follows (unlike a debugger's or kernel_info).
+USAGE_REQUEST = """() => {
+  const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+  const id = 'usage-' + Math.random().toString(16).slice(2);
+  k.sendControlMessage({
+    header: { msg_id: id, msg_type: 'usage_request', session: k.clientId, username: k.username,
+              date: new Date().toISOString(), version: '5.3' },
+    parent_header: {}, metadata: {}, content: {}, channel: 'control', buffers: []
+  }, true, true);
 }"""
 
 
@@ -379,16 +403,19 @@ def _scenario(page, url, expect):
         asked = now
         if held == 2:
             break
-    # the cell announces that it runs: a busy status alone may be another request's (the sidebar asks
-    # for the kernel's status after each cell), followed by its idle before this cell starts
-    page.evaluate("""() => {
-      window.__g4Sleeping = false;
-      const f = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel
-        .requestExecute({code: "print('sleeping', flush=True); import time; time.sleep(4)"});
-      f.onIOPub = m => { if (m.header.msg_type === 'stream') window.__g4Sleeping = true; };
-    }""")
-    page.wait_for_function("() => window.__g4Sleeping && window.jupyterapp.shell.currentWidget.sessionContext"
+    # the cell announces that it runs, then holds until the test lets it go (a fixed sleep could end
+    # before a loaded machine has typed); a busy status alone may be another request's (the sidebar
+    # asks for the kernel's status after each cell), followed by its idle before this cell starts
+    release = Path(tempfile.mkdtemp()) / "release"
+    page.evaluate(HOLDING_CELL, str(release))
+    page.wait_for_function("() => window.__g4Holding && window.jupyterapp.shell.currentWidget.sessionContext"
                            ".session.kernel.status === 'busy'", timeout=10_000)
+    # a control-channel message (a resource monitor's usage request, as jupyter-resource-usage sends)
+    # makes ipykernel announce busy then idle while the cell still runs: the status reads idle, and
+    # only the cells the extension saw start tell that the kernel is not free
+    page.evaluate(USAGE_REQUEST)
+    page.wait_for_function("() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
+                           " === 'idle' && !window.__g4Held", timeout=10_000)
     # in a new cell: a suggestion still shown at the end of the accepted line (one that starts
     # with a new line) would otherwise stay on as the typing matches it
     page.keyboard.press("Escape")
@@ -398,6 +425,9 @@ def _scenario(page, url, expect):
     page.keyboard.type("x = ad", delay=20)
     page.wait_for_timeout(1500)
     expect(ghost).to_have_count(0)
+    assert not page.evaluate("() => window.__g4Held"), "the holding cell ended before the typing was checked"
+    release.touch()
+    page.wait_for_function("() => window.__g4Held", timeout=30_000)
     page.wait_for_function(KERNEL_IDLE, timeout=30_000)
     assert int(run("print(_completer._latest)")) == asked
     # turned off in the kernel: no ghost text

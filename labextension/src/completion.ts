@@ -12,6 +12,8 @@ import {
 } from '@jupyterlab/completer';
 import { NotebookPanel } from '@jupyterlab/notebook';
 
+import { runningCells } from './running';
+
 /** What the provider needs from the sidebar: ask its kernel for a completion. */
 export interface ICompletionSource {
   complete(panel: NotebookPanel, prefix: string, suffix: string, cells: string[]): Promise<string>;
@@ -32,7 +34,7 @@ export class GemmaInlineProvider implements IInlineCompletionProvider {
     }
     const kernel = panel.sessionContext.session?.kernel;
     const active = panel.content.activeCell;
-    if (!kernel || kernel.status !== 'idle' || !active || active.model.type !== 'code') {
+    if (!kernel || kernel.status !== 'idle' || runningCells(kernel).size > 0 || !active || active.model.type !== 'code') {
       return { items: [] }; // busy: never queue behind a running cell
     }
     const index = panel.content.widgets.indexOf(active);

@@ -13,6 +13,7 @@ import { LabIcon } from '@jupyterlab/ui-components';
 
 import { FRONTEND_TARGET, KernelMessage } from './protocol';
 import { GemmaInlineProvider } from './completion';
+import { watchRunningCells } from './running';
 import { ChatSidebar, insertCell } from './sidebar';
 
 const ICON = new LabIcon({
@@ -106,7 +107,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const sidebar = new ChatSidebar(tracker, rendermime);
     sidebar.title.icon = ICON;
     app.shell.add(sidebar, 'right', { rank: 600 });
-    tracker.widgetAdded.connect((_, panel) => acceptKernelInserts(panel));
+    tracker.widgetAdded.connect((_, panel) => {
+      acceptKernelInserts(panel);
+      watchRunningCells(panel);
+    });
     sendWidgetPanelOnEnter();
     const open = () => app.shell.activateById(sidebar.id);
     const hasCell = () => !!tracker.currentWidget?.content.activeCell;
