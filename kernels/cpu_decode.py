@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_numba import gate_up_gelu, gemm, quantize_activations_fine, rope_in_place, row_all_positions
+from .cpu_numba import (BLOCK_ROWS, block_scratch, blocked, gate_up_gelu, gemm, product_blocks,
+                        quantize_activations_fine, rope_in_place, row_all_positions)
 
 _OPTS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
 _SERIAL = dict(fastmath=True, cache=True, nogil=True)
@@ -43,6 +44,16 @@ def _qkv_rows(ya, wq, wk, wv, n_k, n_v, qf, raw_k, raw_v):
     """The rows of the q, k and v projections in one parallel pass, every position at once
     (``qf`` ``[T, Hq * D]``, ``raw_k``/``raw_v`` ``[T, Hkv * D]``)."""
     n_q = qf.shape[1]
+    if blocked(wq) and (n_k == 0 or blocked(wk)) and (n_v == 0 or blocked(wv)):
+        bq, bk, bv = n_q // BLOCK_ROWS, n_k // BLOCK_ROWS, n_v // BLOCK_ROWS
+        for b in prange(bq + bk + bv):  # a block of one matrix per job
+            if b < bq:
+                product_blocks(ya, wq, b, b + 1, qf, 0, block_scratch(qf))
+            elif b < bq + bk:
+                product_blocks(ya, wk, b - bq, b - bq + 1, raw_k, 0, block_scratch(raw_k))
+            else:
+                product_blocks(ya, wv, b - bq - bk, b - bq - bk + 1, raw_v, 0, block_scratch(raw_v))
+        return
     for r in prange(n_q + n_k + n_v):
         if r < n_q:
             row_all_positions(ya, wq, r, qf, r)

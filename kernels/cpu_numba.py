@@ -40,6 +40,7 @@ from .layout import SUPER_SCALE
 from .simd import (PREFETCH, WIDE, dot2_int4, dot2_int8, dot2_planes, dot2_screen, dot4_planes, dot8,
                    dot_int4, dot_int8, dot_planes, dot_screen, first_part, prefetch_row)
 from .simd_float import block_scores, block_values, pow2
+from .simd_blocks import ROWS as BLOCK_ROWS, block_int4, block_int8, scratch_bytes as block_scratch_bytes
 from .simd_screen import ROWS as SCREEN_ROWS, scratch_bytes, screen_block
 
 
@@ -89,6 +90,12 @@ ATTENTION_BLOCK = 32
 # head: 8.8 against 4.3 ms, 9.5 against 7.7) and faster only at 8 (12.2 against 15.3)
 SCREEN_BLOCKS_FROM = 2
 SCREEN_BLOCKS_WIDTH = 2048
+# a layer's int8/int4 products run sixteen rows at a time (simd_blocks, codes stored in that order
+# at load: ops.kernel_weight) for rows of at most this many weights: the 270M's (640-2048), whose
+# matrices sit in the cache, so that their arithmetic sets the time. Wider rows (the 12B's
+# 3840-15360) keep the row kernels, which stream them at the memory's rate.
+BLOCK_WIDTH = 2048
+BLOCKS_PER_JOB = 4  # blocks of sixteen rows a parallel job takes (one scratch buffer each)
 EXACT_COLUMNS = 8  # columns the screened head computes exactly (see ScreenPolicy): simd.dot8's width
 NEG = np.float32(-3.0e38)
 EXP_FLOOR = np.float32(-64.0)  # exp_fast below this: 0
@@ -202,12 +209,46 @@ def quantize_activations_fine(x):
     return xq, xq2, xd, xd2, xs, xs1
 
 
+@njit(inline="always")
+def blocked(w):
+    """Whether ``w`` carries its codes in sixteen-row blocks (in the tuple's ``low`` slot, from
+    :func:`gemma4_nb.kernels.ops.kernel_weight`): then every product with it, for one position as
+    for several, runs :mod:`.simd_blocks`, so a verification's positions get a decode step's bits.
+    ``WIDE`` first: a constant, so that elsewhere the block kernels' 512-bit VNNI is never compiled."""
+    codes, scales, low, kind = w
+    return WIDE and kind != INT8_PLANES and low.shape[1] >= codes.shape[1] * BLOCK_ROWS
+
+
+@njit(inline="always")
+def product_blocks(xa, w, b0, b1, out, col, scratch):
+    """``out[t, col + 16 b + j]`` for the rows of blocks ``b0 .. b1 - 1`` of a :func:`blocked`
+    ``w`` and every position ``t``."""
+    codes, scales, low, kind = w
+    for b in range(b0, b1):
+        if kind == INT4:
+            block_int4(first_part(xa), low, scales, b, scratch, out, col + b * BLOCK_ROWS)
+        else:
+            block_int8(xa, low, scales, b, scratch, out, col + b * BLOCK_ROWS)
+
+
+@njit(inline="always")
+def block_scratch(out):
+    """A scratch buffer for :func:`product_blocks` into ``out`` ``[T, N]`` (one per job)."""
+    return np.empty(block_scratch_bytes(out.shape[0]), dtype=np.uint8)
+
+
 @njit(**_OPTS)
 def gemm_quantized(xa, w, out):
     """``out[t, n] = sum_k x[t, k] * W[n, k]`` for activations already quantized (``xa`` from
     :func:`quantize_activations` or :func:`quantize_activations_fine`): parallel over output rows,
     each row of ``W`` read once for every ``t`` (matrix-vector at decode, small matrix-matrix for
-    verification)."""
+    verification); sixteen rows at a time where :func:`blocked`."""
+    if blocked(w):
+        blocks = out.shape[1] // BLOCK_ROWS
+        for c in prange((blocks + BLOCKS_PER_JOB - 1) // BLOCKS_PER_JOB):
+            product_blocks(xa, w, c * BLOCKS_PER_JOB, min(blocks, (c + 1) * BLOCKS_PER_JOB), out, 0,
+                           block_scratch(out))
+        return
     for n in prange(out.shape[1]):
         row_all_positions(xa, w, n, out, n)
 

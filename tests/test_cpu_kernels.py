@@ -583,17 +583,75 @@ def test_products_of_several_positions_are_each_alone_bit_for_bit(fmt, k, gen):
     close(alone, want, rel=1e-5)
 
 
-@pytest.mark.parametrize("setting", ["HAS_VNNI = WIDE = False", "WIDE = False"], ids=["no-vnni", "vnni-256"])
-def test_products_without_vnni(setting, tmp_path):
+@pytest.mark.skipif(not WIDE, reason="the sixteen-row block kernels need 512-bit VNNI (other machines keep the rows)")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("k", [256, 640, 1024, 2048, 352])
+def test_block_products_of_several_positions_are_each_alone_bit_for_bit(fmt, k, gen):
+    """A layer's matrix with its codes in sixteen-row blocks (``kernel_weight(w, blocks=True)``):
+    whole super-blocks (256, 1024, 2048: the 270M's widths), two and a half (640) and one and
+    three eighths (352); 1 to 9 positions (tiles of four or two and the rest) give each position the
+    bits it gets alone, and the reference's values (float64) within fp32 rounding of the sums'
+    magnitude. The rows' copy is the blocks'; the products of the rows' tuple agree with them."""
+    w = quantize_weight(torch.randn(48, k, generator=gen), fmt)
+    kw = ops.kernel_weight(w, blocks=True)
+    assert nb.blocked(kw) and not nb.blocked(ops.kernel_weight(w))
+    x = torch.randn(9, k, generator=gen)
+    alone = np.empty((9, 48), dtype=np.float32)
+    for t in range(9):
+        nb.gemm(x[t:t + 1].numpy(), kw, alone[t:t + 1])
+    for t_n in (2, 3, 4, 5, 8, 9):
+        out = np.empty((t_n, 48), dtype=np.float32)
+        nb.gemm(x[:t_n].numpy(), kw, out)
+        assert np.array_equal(out, alone[:t_n]), t_n
+    xq, wd = fake_quant_for(x, w).double(), w.dequantize().double()
+    want = xq @ wd.t()
+    magnitude = xq.abs() @ wd.abs().t()  # the sums' terms' size: what fp32 rounding scales with
+    assert ((torch.from_numpy(alone).double() - want).abs() <= 1e-5 * magnitude + 1e-30).all()
+    rows = np.empty((9, 48), dtype=np.float32)
+    nb.gemm(x.numpy(), ops.kernel_weight(w), rows)
+    assert ((torch.from_numpy(rows).double() - torch.from_numpy(alone).double()).abs() <= 2e-5 * magnitude).all()
+
+
+def test_block_codes_layout():
+    """``block_codes``: group ``g`` of block ``b`` is vectors of 64 bytes whose 4-byte lane ``j``
+    is row ``16 b + j``'s bytes; int8 codes plus 128, then the group's sixteen scales."""
+    from gemma4_nb.kernels.simd_blocks import block_codes
+
+    codes = np.random.default_rng(0).integers(0, 256, size=(32, 64), dtype=np.uint8)
+    b4 = block_codes(codes, int4=True)  # 4 groups of 16 bytes a row
+    assert b4.shape == (2, 16 * 64)
+    for b, g, q, j in ((0, 0, 0, 0), (1, 3, 2, 7), (0, 2, 3, 15)):
+        at = g * 256 + q * 64 + 4 * j
+        assert np.array_equal(b4[b, at:at + 4], codes[16 * b + j, 16 * g + 4 * q:16 * g + 4 * q + 4])
+    scales = np.random.default_rng(1).random((32, 2), dtype=np.float32)
+    b8 = block_codes(codes, int4=False, scales=scales)  # 2 groups of 32 bytes a row, then 16 scales
+    assert b8.shape == (2, 2 * (512 + 64))
+    for b, g, q, j in ((0, 1, 7, 3), (1, 0, 5, 15)):
+        at = g * 576 + q * 64 + 4 * j
+        assert np.array_equal(b8[b, at:at + 4], codes[16 * b + j, 32 * g + 4 * q:32 * g + 4 * q + 4] ^ 0x80)
+        assert b8[b, g * 576 + 512:g * 576 + 576].view(np.float32)[j] == scales[16 * b + j, g]
+
+
+# an x86-64 CPU without AVX-512 or VNNI, as numba's code generator takes it
+HASWELL = ("haswell", "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+lzcnt,+movbe,+popcnt,+sse,+sse2,"
+                      "+sse3,+sse4.1,+sse4.2,+ssse3,+xsave")
+
+
+@pytest.mark.parametrize("flags, cpu", [(("HAS_VNNI", "WIDE"), HASWELL), (("WIDE",), None)],
+                         ids=["no-vnni", "vnni-256"])
+def test_products_without_vnni(flags, cpu, tmp_path):
     """Machines without AVX-VNNI run the same integer sums in fp32 arithmetic, and machines with
     256-bit VNNI only (AVX-VNNI) one group per instruction instead of two (kernels/simd.py):
-    compiled that way in a fresh process (its own numba cache), every layout's product and the
-    screened head still match the reference."""
+    compiled that way in a fresh process (its own numba cache), every layout's product, a layer's
+    matrix (no sixteen-row blocks there) in the fused q/k/v kernel, and the screened head still
+    match the reference. Without VNNI the code is compiled for a CPU without AVX-512 (haswell's
+    features, not this machine's), so an AVX-512 instruction left in a kernel fails its compile."""
     code = f"""
 import numpy as np, torch
 from gemma4_nb.kernels import simd
-simd.{setting}  # before any kernel compiles
-from gemma4_nb.kernels import cpu_numba as nb, ops
+for name in {flags!r}:  # before any kernel compiles
+    setattr(simd, name, False)
+from gemma4_nb.kernels import cpu_decode, cpu_numba as nb, ops
 from gemma4_nb.kernels.qweight import quantize_weight, to_planes
 from quant_reference import fake_quant_for
 g = torch.Generator().manual_seed(5)
@@ -604,6 +662,15 @@ for fmt in ("int8", "int4", "planes"):
     x = torch.randn(2, 352, generator=g)
     want = fake_quant_for(x, w) @ w.dequantize().t()
     worst = max(worst, float((ops.linear(x, w) - want).abs().max() / want.abs().max()))
+for fmt in ("int8", "int4"):
+    wl = quantize_weight(torch.randn(64, 256, generator=g), fmt)
+    kw = ops.kernel_weight(wl, blocks=True)
+    assert not nb.blocked(kw)
+    x = torch.randn(3, 256, generator=g)
+    q, k, v = (np.empty((3, 64), dtype=np.float32) for _ in range(3))
+    cpu_decode._qkv_rows(nb.quantize_activations_fine(x.numpy()), kw, kw, kw, 64, 64, q, k, v)
+    want = fake_quant_for(x, wl) @ wl.dequantize().t()
+    worst = max(worst, max(float((torch.from_numpy(a) - want).abs().max() / want.abs().max()) for a in (q, k, v)))
 h = torch.randn(352, generator=g)
 _, ids = ops.head_topk(h, w, None, 5)
 assert torch.equal(ids, (fake_quant_for(h[None], w) @ w.dequantize().t())[0].topk(5).indices)
@@ -613,6 +680,8 @@ assert torch.equal(ids, (fake_quant_for(hs, w) @ w.dequantize().t()).topk(5).ind
 print(worst)
 """
     env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent)}
+    if cpu:
+        env["NUMBA_CPU_NAME"], env["NUMBA_CPU_FEATURES"] = cpu
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
     assert float(out.stdout.split()[-1]) < 1e-5
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import Gemma4Error
+from ..kernels.ops import layer_blocks_bytes
 from ..kernels.qweight import FORMATS, matrix_bytes
 from ..kernels.torch_ops import score_block_elements
 from .checkpoint import expected_tensors
@@ -57,12 +58,14 @@ def _kv_layer_bytes(heads: int, dim: int, positions: int, kv_format: str, tensor
     return int(positions * per * tensors)
 
 
-def weight_bytes(cfg: ModelConfig, weights: str, rest: str = "fp32") -> int:
+def weight_bytes(cfg: ModelConfig, weights: str, rest: str = "fp32", device: str = "cpu") -> int:
     """Bytes of every tensor the model loads (the media embedders included) with ``weights`` a
     dtype (``"bf16"``...) or a quantized format (``"int8"``, ``"int4"``). Under a quantized
     format each tensor takes the format :func:`~.quant.fmt_for` gives it, at the bytes of
     :func:`~gemma4_nb.kernels.qweight.matrix_bytes`; the tensors it leaves unquantized (norms,
-    media embedders) are held in ``rest``, the activation dtype."""
+    media embedders) are held in ``rest``, the activation dtype. On the CPU, the layers' small
+    matrices (the 270M's) also hold their codes in sixteen-row blocks
+    (:func:`~gemma4_nb.kernels.ops.layer_blocks_bytes`)."""
     total = 0
     for name, shape in expected_tensors(cfg).items():
         n = math.prod(shape)
@@ -71,6 +74,8 @@ def weight_bytes(cfg: ModelConfig, weights: str, rest: str = "fp32") -> int:
             continue
         fmt = fmt_for(name, shape, weights)
         total += matrix_bytes(fmt, shape) if fmt else n * DTYPE_BYTES[rest]
+        if fmt and device == "cpu" and ".layers." in name and name.endswith("_proj.weight"):
+            total += layer_blocks_bytes(fmt, shape)
     return int(total)
 
 
@@ -81,7 +86,7 @@ def plan_memory(cfg: ModelConfig, *, context: int, weights: str = "bf16", kv: st
     activation dtype; by default the weights' dtype, bf16 for quantized weights)."""
     compute = compute or ("bf16" if weights in FORMATS else weights)
     compute_bytes = KV_BYTES[compute]
-    w = weight_bytes(cfg, weights, rest=compute)
+    w = weight_bytes(cfg, weights, rest=compute, device=torch.device(device).type)
     sliding = full = 0
     biggest_layer_kv = 0
     for s in cfg.layers:

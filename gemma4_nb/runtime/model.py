@@ -371,7 +371,7 @@ def load(model: str | os.PathLike | None = None, *, dtype=None, device=None, max
     if kv_dtype not in (None, "int8"):
         raise Gemma4Error(f"kv_dtype {kv_dtype!r} is not supported: use None (the model dtype) or 'int8'")
     fmt = quant or (saved_quant and qmod.read_marker(model_dir)["format"]) or _DTYPE_NAMES[dtype]
-    need = weight_bytes(cfg, fmt, rest=_DTYPE_NAMES[dtype])
+    need = weight_bytes(cfg, fmt, rest=_DTYPE_NAMES[dtype], device=torch.device(device).type)
     free = available_memory(device)
     if need > free:
         raise MemoryPlanError(
