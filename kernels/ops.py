@@ -322,7 +322,9 @@ def kernel_weight(w: QWeight, blocks: bool = False) -> tuple:
         if blocks and kind != INT8_PLANES and (kind == INT8 or w.super_blocks) and layer_blocks_bytes(w.fmt, w.shape):
             from .simd_blocks import block_codes
 
-            low = block_codes(codes, kind == INT4, None if kind == INT4 else scales)
+            if w.block_codes is None:
+                w.block_codes = block_codes(codes, kind == INT4, None if kind == INT4 else scales)
+            low = w.block_codes
         kw = (codes, scales, low, kind)
         w.__dict__[key] = kw
     return kw

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .layout import GROUP, META, SUPER, SUPER_SCALE
@@ -63,6 +64,9 @@ class QWeight:
     # ``low`` the low nibbles, ``row_err`` three norms per row for the head's error bounds
     low: torch.Tensor | None = None
     row_err: torch.Tensor | None = None
+    # a layer's small int8/int4 matrix on a CPU with 512-bit VNNI: its codes again in sixteen-row
+    # blocks (ops.kernel_weight, kernels/simd_blocks.py), made with the decoder
+    block_codes: np.ndarray | None = None
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +79,8 @@ class QWeight:
     @property
     def nbytes(self) -> int:
         parts = (self.codes, self.scales, self.mins, self.low, self.row_err)
-        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+        copy = 0 if self.block_codes is None else self.block_codes.nbytes
+        return sum(t.numel() * t.element_size() for t in parts if t is not None) + copy
 
     def int8_codes(self, rows=None) -> torch.Tensor:
         """The int8 codes (rebuilt from the nibble planes in that layout)."""

@@ -180,10 +180,19 @@ def test_planned_weight_bytes_are_the_loaded_bytes(hf_checkpoints, quant):
     from gemma4_nb.runtime.memory import weight_bytes
     from gemma4_nb.runtime.quant import weights_nbytes
 
+    from gemma4_nb.kernels.qweight import QWeight
+    from gemma4_nb.kernels.simd import WIDE
+
     model = gemma4_nb.load(hf_checkpoints["c"][0], quant=quant, dtype="fp32", progress=False)
     held = weights_nbytes(model.net.weights)
     assert weight_bytes(model.config, quant or "fp32", rest="fp32") == held
     assert model.memory_plan(64).weights == held
+    # the decode kernels' sixteen-row copies of the small layer matrices: made with the model,
+    # counted in both figures, and decoding adds none
+    copies = [w for w in model.net.weights.values() if isinstance(w, QWeight) and w.block_codes is not None]
+    assert bool(copies) == bool(WIDE and quant)
+    model.generate("Hello", max_new_tokens=3, temperature=0)
+    assert weights_nbytes(model.net.weights) == held
 
 
 def test_bad_quant_requests(tiny_dir):

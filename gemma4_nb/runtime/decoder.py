@@ -53,11 +53,16 @@ class GemmaModel:
         if (self.fused and self.lm_head.fmt == "int8" and not self.lm_head.planes
                 and self.lm_head.shape[0] >= self.SCREENED_HEAD_MIN_ROWS):
             self._screened_head()
-        self._decode_args = None  # per-layer arguments of the fused decode kernels, built on first use
         self._key_norms = {}  # K=V layers' key norm weights for the fused attention, built on first use
         # forwards of at most this many positions run on the integer kernels (torch single-threaded)
         fmt = getattr(self.layer_weights[0]["q_proj"], "fmt", "int8")
         self.integer_batch = ops.integer_batch(cfg.hidden_size, fmt)
+        # the fused decode kernels' per-layer arguments, made now: they hold the small matrices'
+        # codes in sixteen-row blocks (counted by the memory planner), so memory after load is
+        # memory while decoding
+        self._decode_args = None
+        if self.fused and self.dtype == torch.float32:
+            self._decode_args = [ops.DecodeLayerArgs(cfg, s, self.layer_weights[s.index]) for s in cfg.layers]
         self.embedders = Embedders(cfg, weights) if (cfg.vision or cfg.audio) else None
         self.rope_tables = {s.rope: ops.RopeTable(s.rope.inv_freq(), s.rope.rotated_pairs, self.dtype, self.device)
                       for s in cfg.layers}
