@@ -36,7 +36,7 @@ from numba.extending import intrinsic
 from .layout import GROUP, META, SUPER, SUPER_SCALE
 from .simd import (_F32, _FAST, _I32, _I64, _V16F, _V16I, _V64B, _bytes, _check, _check_activations, _dot512,
                    _prefetch, _row_ptr, _splat, _vload)
-from .simd_screen import _transpose_group
+from .simd_screen import _transpose_group, group_total
 
 ROWS = 16  # rows per block: one per 32-bit lane of a 512-bit vector
 TILE = 4  # positions whose products interleave (independent dependency chains)
@@ -167,17 +167,7 @@ def _block_codegen(mode: str, n_parts: int):
                     fac = None
                     for xq_a, xd_a in act:
                         xq = _row_ptr(builder, xq_a, t, builder.extract_value(xq_a.shape, 1))
-                        chains = []
-                        for half in range(2):  # two chains per part: weights 0-15 and 16-31
-                            acc = None
-                            for s_ in range(4):
-                                word = builder.load(builder.bitcast(
-                                    builder.gep(xq, [builder.add(x0, ir.Constant(_I64, 16 * half + 4 * s_))]),
-                                    _I32.as_pointer()), align=1)
-                                acc = _dot512(builder, acc, u[4 * half + s_],
-                                              builder.bitcast(_splat(builder, word, _V16I), _V64B))
-                            chains.append(acc)
-                        total = builder.sitofp(builder.add(chains[0], chains[1]), _V16F)
+                        total = group_total(builder, xq, x0, u)
                         xd = builder.load(builder.gep(_row_ptr(builder, xd_a, t, builder.extract_value(xd_a.shape, 1)), [g]))
                         term = builder.fmul(total, _splat(builder, xd, _V16F), flags=_FAST)
                         fac = term if fac is None else builder.fadd(fac, term, flags=_FAST)

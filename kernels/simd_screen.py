@@ -72,6 +72,23 @@ def _transpose_group(builder, rows, offset):
     return [unpack64(t0, t2, True), unpack64(t0, t2, False), unpack64(t1, t3, True), unpack64(t1, t3, False)]
 
 
+def group_total(builder, xq, x0, u):
+    """One group's products for sixteen rows, ``U . xq`` over its 32 weights as ``<16 x float>``:
+    ``u`` the group's eight vectors of unsigned weights (vector ``q``, lane ``j``: row ``j``'s
+    weights ``4q .. 4q + 3``, then ``16 + 4(q - 4) ..``), ``xq`` a position's activation bytes
+    from ``x0``, broadcast four at a time. Two chains of four ``vpdpbusd`` (weights 0-15 and
+    16-31), the same operations in the same order wherever it is used."""
+    sums = []
+    for half in range(2):
+        acc = None
+        for s in range(4):
+            word = builder.load(builder.bitcast(builder.gep(xq, [builder.add(x0, ir.Constant(_I64, 16 * half + 4 * s))]),
+                                                _I32.as_pointer()), align=1)
+            acc = _dot512(builder, acc, u[4 * half + s], builder.bitcast(_splat(builder, word, _V16I), _V64B))
+        sums.append(acc)
+    return builder.sitofp(builder.add(sums[0], sums[1]), _V16F)
+
+
 @intrinsic
 def screen_block(typingctx, xa, high, scales, n0, scratch, use_cols, col_err, x_col, estimates):
     """``estimates[t, n0 + j]`` for the sixteen rows ``n0 .. n0 + 15`` of the high nibble plane
@@ -165,16 +182,7 @@ def screen_block(typingctx, xa, high, scales, n0, scratch, use_cols, col_err, x_
                 x0 = builder.mul(g, ir.Constant(_I64, GROUP))
                 for p in range(count):
                     xq, xd, xs = xrows[p]
-                    sums = []
-                    for half in range(2):  # two chains per position: weights 0-15 and 16-31
-                        acc = None
-                        for s in range(4):
-                            word = builder.load(builder.bitcast(
-                                builder.gep(xq, [builder.add(x0, ir.Constant(_I64, 16 * half + 4 * s))]),
-                                _I32.as_pointer()), align=1)
-                            acc = _dot512(builder, acc, u[4 * half + s], builder.bitcast(_splat(builder, word, _V16I), _V64B))
-                        sums.append(acc)
-                    total = builder.sitofp(builder.add(sums[0], sums[1]), _V16F)
+                    total = group_total(builder, xq, x0, u)
                     d = _splat(builder, builder.load(builder.gep(xd, [g])), _V16F)
                     c = _splat(builder, builder.fmul(builder.load(builder.gep(xs, [g])), ir.Constant(_F32, SCREEN_CORRECTION),
                                                      flags=_FAST), _V16F)

@@ -177,11 +177,10 @@ def test_int8_saved_by_the_first_format_version_still_loads(hf_checkpoints, tmp_
 def test_planned_weight_bytes_are_the_loaded_bytes(hf_checkpoints, quant):
     """The memory planner's weight figure (one bytes-per-weight table, one format choice per
     tensor) is exactly what a load holds, for every format."""
-    from gemma4_nb.runtime.memory import weight_bytes
-    from gemma4_nb.runtime.quant import weights_nbytes
-
     from gemma4_nb.kernels.qweight import QWeight
     from gemma4_nb.kernels.simd import WIDE
+    from gemma4_nb.runtime.memory import weight_bytes
+    from gemma4_nb.runtime.quant import weights_nbytes
 
     model = gemma4_nb.load(hf_checkpoints["c"][0], quant=quant, dtype="fp32", progress=False)
     held = weights_nbytes(model.net.weights)
