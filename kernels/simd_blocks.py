@@ -86,6 +86,7 @@ def _block_codegen(mode: str, n_parts: int):
     col0)``: ``out[t, col0 + j]`` for row ``16 b + j``."""
     tile_n = TILE if n_parts == 1 else TILE // 2  # two parts: twice the chains per position
     vectors = GROUP // 8 if mode == "int4" else GROUP // 4  # 64-byte code vectors per group
+    stride = group_bytes(mode == "int4")
 
     def codegen(context, builder, signature, args):
         ty = signature.args
@@ -103,12 +104,11 @@ def _block_codegen(mode: str, n_parts: int):
         col0_v = builder.sext(col0_v, _I64) if col0_v.type.width < 64 else col0_v
         n0_v = builder.mul(b_v, ir.Constant(_I64, ROWS))
         blk_width = builder.extract_value(bk_a.shape, 1)
-        g_n = builder.udiv(blk_width, ir.Constant(_I64, group_bytes(mode == "int4")))
+        g_n = builder.udiv(blk_width, ir.Constant(_I64, stride))
         s_width = builder.extract_value(sc_a.shape, 1)
         t_n = builder.extract_value(out_a.shape, 0)
         out_width = builder.extract_value(out_a.shape, 1)
         block = _row_ptr(builder, bk_a, b_v, blk_width)
-        srows = [_row_ptr(builder, sc_a, builder.add(n0_v, ir.Constant(_I64, j)), s_width) for j in range(ROWS)]
         f32p, v16p = _F32.as_pointer(), _V16F.as_pointer()
         side_p = builder.bitcast(scr_a.data, f32p)  # the octet's scales and minimums, then a sum per position
         acc_base = builder.bitcast(builder.gep(side_p, [ir.Constant(_I64, SIDE // 4)]), v16p)
@@ -120,18 +120,15 @@ def _block_codegen(mode: str, n_parts: int):
         def acc_at(t):
             return builder.gep(acc_base, [t])
 
-        # the bytes of the block AHEAD blocks on: fetched while this block computes; past the
-        # arrays' end a prefetch is a no-op hint
-        nxt = builder.add(b_v, ir.Constant(_I64, AHEAD))
-        ahead = []
-        if mode == "int4":  # int8's scales are in the blocks
-            ahead.append((_row_ptr(builder, sc_a, builder.mul(nxt, ir.Constant(_I64, ROWS)), s_width),
-                          builder.mul(s_width, ir.Constant(_I64, ROWS * 4))))
-        for ptr, nbytes in ahead:
-            byte_ptr = builder.bitcast(ptr, ir.IntType(8).as_pointer())
-            lines = builder.udiv(builder.add(nbytes, ir.Constant(_I64, 63)), ir.Constant(_I64, 64))
-            with cgutils.for_range(builder, lines) as loop:
-                _prefetch(builder, byte_ptr, builder.mul(loop.index, ir.Constant(_I64, 64)))
+        if mode == "int4":  # the scales of the block AHEAD blocks on (int8's are in the blocks)
+            srows = [_row_ptr(builder, sc_a, builder.add(n0_v, ir.Constant(_I64, j)), s_width) for j in range(ROWS)]
+            ahead = builder.bitcast(_row_ptr(builder, sc_a, builder.mul(builder.add(b_v, ir.Constant(_I64, AHEAD)),
+                                                                       ir.Constant(_I64, ROWS)), s_width),
+                                    ir.IntType(8).as_pointer())
+            lines = builder.udiv(builder.add(builder.mul(s_width, ir.Constant(_I64, ROWS * 4)), ir.Constant(_I64, 63)),
+                                 ir.Constant(_I64, 64))
+            with cgutils.for_range(builder, lines) as loop:  # past the array's end a prefetch is a no-op hint
+                _prefetch(builder, ahead, builder.mul(loop.index, ir.Constant(_I64, 64)))
 
         zero16 = ir.Constant(_V16F, [0.0] * 16)
         with cgutils.for_range(builder, t_n) as loop:
@@ -148,9 +145,9 @@ def _block_codegen(mode: str, n_parts: int):
             with cgutils.for_range(builder, count) as group_loop:
                 i = group_loop.index
                 g = builder.add(g0, i)
-                at = builder.mul(g, ir.Constant(_I64, group_bytes(mode == "int4")))
+                at = builder.mul(g, ir.Constant(_I64, stride))
                 # the codes' stream STREAM_AHEAD bytes on (past this block: the next ones, contiguous)
-                for line in range(0, group_bytes(mode == "int4"), 64):
+                for line in range(0, stride, 64):
                     _prefetch(builder, block, builder.add(at, ir.Constant(_I64, STREAM_AHEAD + line)))
                 u = [_vload(builder, block, builder.add(at, ir.Constant(_I64, 64 * q)), _V64B) for q in range(vectors)]
                 if mode == "int4":  # U = q: low nibbles weights 0-15, high nibbles 16-31

@@ -192,6 +192,10 @@ def test_planned_weight_bytes_are_the_loaded_bytes(hf_checkpoints, quant):
     assert bool(copies) == bool(WIDE and quant)
     model.generate("Hello", max_new_tokens=3, temperature=0)
     assert weights_nbytes(model.net.weights) == held
+    if quant:  # bf16 activations run the unfused path: no copies, none planned
+        model = gemma4_nb.load(hf_checkpoints["c"][0], quant=quant, dtype="bf16", progress=False)
+        assert not any(isinstance(w, QWeight) and w.block_codes is not None for w in model.net.weights.values())
+        assert weight_bytes(model.config, quant, rest="bf16") == weights_nbytes(model.net.weights)
 
 
 def test_bad_quant_requests(tiny_dir):

@@ -63,9 +63,9 @@ def weight_bytes(cfg: ModelConfig, weights: str, rest: str = "fp32", device: str
     dtype (``"bf16"``...) or a quantized format (``"int8"``, ``"int4"``). Under a quantized
     format each tensor takes the format :func:`~.quant.fmt_for` gives it, at the bytes of
     :func:`~gemma4_nb.kernels.qweight.matrix_bytes`; the tensors it leaves unquantized (norms,
-    media embedders) are held in ``rest``, the activation dtype. On the CPU, the layers' small
-    matrices (the 270M's) also hold their codes in sixteen-row blocks
-    (:func:`~gemma4_nb.kernels.ops.layer_blocks_bytes`)."""
+    media embedders) are held in ``rest``, the activation dtype. On the CPU with fp32 activations
+    (where the fused decode kernels run), the layers' small matrices (the 270M's) also hold their
+    codes in sixteen-row blocks (:func:`~gemma4_nb.kernels.ops.layer_blocks_bytes`)."""
     total = 0
     for name, shape in expected_tensors(cfg).items():
         n = math.prod(shape)
@@ -74,7 +74,7 @@ def weight_bytes(cfg: ModelConfig, weights: str, rest: str = "fp32", device: str
             continue
         fmt = fmt_for(name, shape, weights)
         total += matrix_bytes(fmt, shape) if fmt else n * DTYPE_BYTES[rest]
-        if fmt and device == "cpu" and ".layers." in name and name.endswith("_proj.weight"):
+        if fmt and device == "cpu" and rest == "fp32" and ".layers." in name and name.endswith("_proj.weight"):
             total += layer_blocks_bytes(fmt, shape)
     return int(total)
 
